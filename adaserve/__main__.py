@@ -1,0 +1,5 @@
+import sys
+
+from adaserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Requests, SLOs, traces, latency profiles, metrics and result files. No torch."""

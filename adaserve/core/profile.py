@@ -1,0 +1,171 @@
+"""Latency profiles: step time vs tokens, read by the scheduler (predicted iteration time) and by
+the simulator (simulated time). The JSON format is what ``adaserve profile`` writes.
+
+Format (all times in ms)::
+
+    {"name": str, "source": "artifact-table" | "roofline" | "measured" | ...,
+     "hardware": str, "baseline_ms": float,
+     "verify":  {"tokens": [...], "ms": [...],
+                 "context_tokens": [...],            # optional: KV context axis
+                 "ms_by_context": [[...], ...]},     # optional: one row per context_tokens value
+     "draft":   {"tokens": [...], "ms": [...]},      # one draft-model forward with this many tokens
+     "prefill": {"tokens": [...], "ms": [...]},      # optional; defaults to the verify table
+     "limits":  {"max_batch_requests": int, "max_batch_tokens": int, "prefill_chunk": int,
+                 "max_seq_len": int, "kv_capacity_tokens": int}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Table:
+    """Piecewise-linear time vs tokens, optionally also vs KV context tokens (bilinear)."""
+
+    tokens: np.ndarray
+    ms: np.ndarray
+    context_tokens: np.ndarray | None = None
+    ms_by_context: np.ndarray | None = None  # shape (len(context_tokens), len(tokens))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Table":
+        try:
+            tokens = np.asarray(d["tokens"], dtype=np.float64)
+            ms = np.asarray(d["ms"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: needs numeric 'tokens' and 'ms' lists ({e})") from None
+        if tokens.ndim != 1 or tokens.shape != ms.shape or len(tokens) < 2:
+            raise ValueError(f"{where}: 'tokens' and 'ms' must be lists of the same length >= 2")
+        if not (np.all(np.isfinite(tokens)) and np.all(np.isfinite(ms))):
+            raise ValueError(f"{where}: values must be finite")
+        if np.any(np.diff(tokens) <= 0):
+            raise ValueError(f"{where}: 'tokens' must be strictly increasing")
+        if np.any(ms < 0):
+            raise ValueError(f"{where}: 'ms' must be non-negative")
+        ctx = grid = None
+        if "context_tokens" in d:
+            ctx = np.asarray(d["context_tokens"], dtype=np.float64)
+            grid = np.asarray(d["ms_by_context"], dtype=np.float64)
+            if grid.shape != (len(ctx), len(tokens)) or np.any(np.diff(ctx) <= 0):
+                raise ValueError(f"{where}: 'ms_by_context' must be len(context_tokens) x len(tokens)"
+                                 " with increasing context_tokens")
+        return cls(tokens, ms, ctx, grid)
+
+    def to_dict(self) -> dict:
+        d = {"tokens": self.tokens.tolist(), "ms": self.ms.tolist()}
+        if self.context_tokens is not None:
+            d["context_tokens"] = self.context_tokens.tolist()
+            d["ms_by_context"] = self.ms_by_context.tolist()
+        return d
+
+    def __call__(self, tokens, context_tokens: float | None = None):
+        """Interpolated time; linear extrapolation past the last point."""
+        if self.context_tokens is None or context_tokens is None:
+            return _interp(tokens, self.tokens, self.ms)
+        c = float(np.clip(context_tokens, self.context_tokens[0], self.context_tokens[-1]))
+        i = int(np.clip(np.searchsorted(self.context_tokens, c) - 1, 0, len(self.context_tokens) - 2))
+        c0, c1 = self.context_tokens[i], self.context_tokens[i + 1]
+        a = (c - c0) / (c1 - c0)
+        lo = _interp(tokens, self.tokens, self.ms_by_context[i])
+        hi = _interp(tokens, self.tokens, self.ms_by_context[i + 1])
+        return lo * (1 - a) + hi * a
+
+
+def _interp(x, xp: np.ndarray, fp: np.ndarray):
+    y = np.interp(x, xp, fp)
+    slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    y = np.where(np.asarray(x) > xp[-1], fp[-1] + (np.asarray(x) - xp[-1]) * slope, y)
+    return float(y) if np.ndim(y) == 0 else y
+
+
+@dataclass
+class Limits:
+    max_batch_requests: int = 64
+    max_batch_tokens: int = 1024
+    prefill_chunk: int = 1024
+    max_seq_len: int = 2048
+    kv_capacity_tokens: int = 1_000_000
+
+
+@dataclass
+class LatencyProfile:
+    name: str
+    verify: Table
+    draft: Table
+    prefill: Table | None = None
+    baseline_ms: float | None = None
+    source: str = "unknown"
+    hardware: str = ""
+    limits: Limits = field(default_factory=Limits)
+
+    def verify_ms(self, tokens, context_tokens: float | None = None):
+        return self.verify(tokens, context_tokens)
+
+    def draft_ms(self, tokens, context_tokens: float | None = None):
+        return self.draft(tokens, context_tokens)
+
+    def prefill_ms(self, tokens, context_tokens: float | None = None):
+        return (self.prefill or self.verify)(tokens, context_tokens)
+
+    @property
+    def decode_baseline_ms(self) -> float:
+        """Per-token latency of one request without speculation (SPEC §2 baseline latency)."""
+        return self.baseline_ms if self.baseline_ms else float(self.verify_ms(1))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "profile") -> "LatencyProfile":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a profile must be a JSON object")
+        for key in ("verify", "draft"):
+            if key not in d:
+                raise ValueError(f"{where}: missing field '{key}'")
+        limits = d.get("limits", {})
+        unknown = set(limits) - set(Limits.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{where}: unknown limits {sorted(unknown)}")
+        baseline = d.get("baseline_ms")
+        if baseline is not None and not (isinstance(baseline, (int, float)) and math.isfinite(baseline)
+                                         and baseline > 0):
+            raise ValueError(f"{where}: 'baseline_ms' must be a positive number, got {baseline!r}")
+        return cls(
+            name=str(d.get("name", where)),
+            verify=Table.from_dict(d["verify"], f"{where}: verify"),
+            draft=Table.from_dict(d["draft"], f"{where}: draft"),
+            prefill=Table.from_dict(d["prefill"], f"{where}: prefill") if d.get("prefill") else None,
+            baseline_ms=baseline,
+            source=str(d.get("source", "unknown")),
+            hardware=str(d.get("hardware", "")),
+            limits=Limits(**limits),
+        )
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "source": self.source, "hardware": self.hardware,
+             "baseline_ms": self.baseline_ms, "verify": self.verify.to_dict(),
+             "draft": self.draft.to_dict(), "limits": self.limits.__dict__.copy()}
+        if self.prefill is not None:
+            d["prefill"] = self.prefill.to_dict()
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyProfile":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: profile file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, str(path))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)

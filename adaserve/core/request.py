@@ -1,0 +1,75 @@
+"""A request's identity, SLO and progress. Times are milliseconds on the executor's clock."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Phase(str, Enum):
+    PENDING = "pending"      # not yet arrived
+    WAITING = "waiting"      # arrived, prefill not finished
+    DECODING = "decoding"    # prefill done, generating
+    FINISHED = "finished"
+    REJECTED = "rejected"    # cannot be served (e.g. prompt longer than the maximum sequence length)
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    arrival_ms: float
+    input_len: int
+    max_new_tokens: int
+    slo_ratio: float
+    slo_ms: float                       # math.inf for best effort
+    category: str
+    prompt: str = ""
+    phase: Phase = Phase.PENDING
+    prefilled: int = 0                  # prompt tokens whose KV is computed
+    generated: int = 0                  # decode_length: includes the token produced by prefill
+    steps: int = 0                      # verification steps this request took part in
+    admitted_ms: float | None = None    # first scheduled (prefill started)
+    first_decode_ms: float | None = None  # prefill finished: t0 of SPEC §3
+    first_token_ms: float | None = None
+    finish_ms: float | None = None
+    finish_reason: str | None = None    # "length", "eos", "max_seq_len", or a rejection reason
+    preemptions: int = 0
+    token_times_ms: list[float] = field(default_factory=list)  # time of each commit (for TPOT)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens whose KV the request holds once prefill is done (prompt + generated but the last)."""
+        return self.prefilled + max(self.generated - 1, 0)
+
+    @property
+    def remaining_prefill(self) -> int:
+        return self.input_len - self.prefilled
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_new_tokens - self.generated
+
+    @property
+    def has_slo(self) -> bool:
+        return math.isfinite(self.slo_ms)
+
+    @property
+    def decode_latency_ms(self) -> float | None:
+        if self.finish_ms is None or self.first_decode_ms is None:
+            return None
+        return self.finish_ms - self.first_decode_ms
+
+    @property
+    def attained(self) -> bool:
+        """SPEC §2: decode_latency <= slo_ms * decode_length (always true without an SLO)."""
+        lat = self.decode_latency_ms
+        if lat is None:
+            return False
+        return lat <= self.slo_ms * self.generated
+
+    def needed_tokens(self, now_ms: float, t_iter_ms: float) -> float:
+        """A(r) = (l_r + t_iter)/slo_r - o_r: tokens this step must commit to stay on the SLO."""
+        if not self.has_slo or self.first_decode_ms is None:
+            return -math.inf
+        return (now_ms - self.first_decode_ms + t_iter_ms) / self.slo_ms - self.generated

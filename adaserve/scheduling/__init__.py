@@ -1,0 +1,1 @@
+"""Scheduling policies: plans, candidate-tree selection, speculation parameters. No torch import."""
