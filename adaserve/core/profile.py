@@ -78,10 +78,16 @@ class Table:
 
 
 def _interp(x, xp: np.ndarray, fp: np.ndarray):
-    y = np.interp(x, xp, fp)
+    """np.interp with linear extrapolation past the last point; scalars stay Python floats (this
+    sits on the scheduler's hot path)."""
     slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
-    y = np.where(np.asarray(x) > xp[-1], fp[-1] + (np.asarray(x) - xp[-1]) * slope, y)
-    return float(y) if np.ndim(y) == 0 else y
+    if np.ndim(x) == 0:
+        x = float(x)
+        if x <= xp[-1]:
+            return float(np.interp(x, xp, fp))
+        return float(fp[-1] + (x - xp[-1]) * slope)
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * slope, np.interp(x, xp, fp))
 
 
 @dataclass

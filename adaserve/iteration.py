@@ -1,0 +1,196 @@
+"""One serving iteration — plan, speculate, select, execute, commit — and the loop that repeats it
+over a trace. The simulator and the torch engine are two ``Executor``s driven by this same code.
+
+Time: the executor owns the clock (simulated or wall). The loop reads it to stamp requests and to
+split the iteration into the Figure 15 components. The scheduling component is the *measured* CPU
+time of ``Policy.plan`` + ``Policy.select``; a simulated clock does not advance by it (so runs are
+deterministic); a real clock does, since it is real time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from adaserve.core.profile import LatencyProfile
+from adaserve.core.request import Phase, Request
+from adaserve.scheduling.admission import kv_reservation
+from adaserve.scheduling.plan import IterationView, Plan, Policy, SpecShape
+from adaserve.scheduling.trees import CandidateForest
+
+
+@dataclass
+class StepOutput:
+    committed: np.ndarray          # per decoding request: tokens committed (accepted + 1), capped
+    eos: np.ndarray                # per decoding request: the committed tokens end with EOS
+    prefill_eos: list[bool] = field(default_factory=list)  # per prefill chunk that completed a prompt
+
+
+class Executor(Protocol):
+    latency: LatencyProfile        # what the policy predicts with
+    kv_capacity_tokens: int
+
+    def now(self) -> float: ...
+
+    def wait_until(self, t_ms: float) -> None: ...
+
+    def speculate(self, requests: list[Request], shape: SpecShape) -> CandidateForest: ...
+
+    def execute(self, prefill: list[tuple[Request, int]], decode: list[Request],
+                forest: CandidateForest, selected: np.ndarray, max_commit: np.ndarray) -> StepOutput:
+        """One target forward: the prefill chunks and the verification of the selected nodes.
+        Commits at most ``max_commit[i]`` tokens for decoding request i."""
+        ...
+
+    def release(self, request: Request) -> None: ...
+
+
+OVERHEAD_KEYS = ("speculation", "verification", "scheduling", "prefill", "other")
+
+
+@dataclass
+class LoopStats:
+    iterations: int = 0
+    committed_tokens: int = 0      # tokens committed in decode steps (accepted + bonus)
+    request_steps: int = 0         # Σ decoding requests per step
+    overhead_ms: dict = field(default_factory=lambda: dict.fromkeys(OVERHEAD_KEYS, 0.0))
+    budgets: list = field(default_factory=list)
+
+
+class ServingLoop:
+    def __init__(self, policy: Policy, executor: Executor, requests: list[Request],
+                 on_finish: Callable[[Request], None] | None = None):
+        self.policy = policy
+        self.executor = executor
+        self.requests = sorted(requests, key=lambda r: (r.arrival_ms, r.rid))
+        self.pending = deque(self.requests)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.kv_reserved = 0
+        self.stats = LoopStats()
+        self.on_finish = on_finish
+
+    # -- arrivals and bookkeeping -------------------------------------------------------------
+    def admit_arrivals(self) -> None:
+        now = self.executor.now()
+        max_seq = self.executor.latency.limits.max_seq_len
+        while self.pending and self.pending[0].arrival_ms <= now:
+            r = self.pending.popleft()
+            if r.input_len + 1 > max_seq or kv_reservation(r, max_seq) > self.executor.kv_capacity_tokens:
+                r.phase, r.finish_reason = Phase.REJECTED, "prompt_too_long"
+                self._done(r)
+                continue
+            r.phase = Phase.WAITING
+            self.waiting.append(r)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.waiting or self.running)
+
+    def view(self) -> IterationView:
+        return IterationView(self.executor.now(), self.waiting, self.running, self.executor.latency,
+                             self.executor.kv_capacity_tokens - self.kv_reserved)
+
+    # -- one iteration ----------------------------------------------------------------------
+    def step(self) -> None:
+        ex, stats = self.executor, self.stats
+        view = self.view()
+        cpu = time.perf_counter()
+        plan = self.policy.plan(view)
+        sched_ms = (time.perf_counter() - cpu) * 1e3
+        if not plan.prefill and not plan.decode:
+            raise RuntimeError(f"policy {self.policy.name} planned an empty iteration with "
+                               f"{len(self.waiting)} waiting and {len(self.running)} running")
+        for r, _ in plan.prefill:
+            if r.admitted_ms is None:
+                r.admitted_ms = view.now_ms
+                self.kv_reserved += kv_reservation(r, ex.latency.limits.max_seq_len)
+        t0 = ex.now()
+        if plan.decode and plan.shape.speculative:
+            forest = ex.speculate(plan.decode, plan.shape)
+        else:
+            forest = CandidateForest.roots_only(len(plan.decode))
+        t1 = ex.now()
+        cpu = time.perf_counter()
+        selection = self.policy.select(plan, forest, view)
+        sched_ms += (time.perf_counter() - cpu) * 1e3
+        stats.budgets.append(int(selection.selected.sum()))
+        max_commit = np.fromiter((self._commit_cap(r) for r in plan.decode), np.int64, len(plan.decode))
+        out = ex.execute(plan.prefill, plan.decode, forest, selection.selected, max_commit)
+        t2 = ex.now()
+        self._account(plan, int(selection.selected.sum()), t1 - t0, t2 - t1, sched_ms)
+        self._commit(plan, out, t2)
+
+    def _commit_cap(self, r: Request) -> int:
+        max_seq = self.executor.latency.limits.max_seq_len
+        return max(1, min(r.remaining_tokens, max_seq - r.input_len - r.generated))
+
+    def _account(self, plan: Plan, verify_tokens: int, spec_ms: float, step_ms: float,
+                 sched_ms: float) -> None:
+        o = self.stats.overhead_ms
+        prefill_tokens = sum(c for _, c in plan.prefill)
+        share = prefill_tokens / max(prefill_tokens + (verify_tokens if plan.decode else 0), 1)
+        o["speculation"] += spec_ms
+        o["prefill"] += step_ms * share
+        o["verification"] += step_ms * (1 - share)
+        o["scheduling"] += sched_ms
+        self.stats.iterations += 1
+
+    def _commit(self, plan: Plan, out: StepOutput, now: float) -> None:
+        completed = iter(out.prefill_eos)
+        for r, chunk in plan.prefill:
+            r.prefilled += chunk
+            if r.prefilled >= r.input_len:
+                self.waiting.remove(r)
+                r.phase = Phase.DECODING
+                r.generated = 1
+                r.first_token_ms = r.first_decode_ms = now
+                r.token_times_ms.append(now)
+                self.running.append(r)
+                self._maybe_finish(r, bool(next(completed, False)))
+        for i, r in enumerate(plan.decode):
+            c = int(out.committed[i])
+            r.generated += c
+            r.steps += 1
+            r.token_times_ms.extend([now] * c)
+            self.stats.committed_tokens += c
+            self.stats.request_steps += 1
+            self._maybe_finish(r, bool(out.eos[i]))
+
+    def _maybe_finish(self, r: Request, eos: bool) -> None:
+        max_seq = self.executor.latency.limits.max_seq_len
+        if eos:
+            reason = "eos"
+        elif r.generated >= r.max_new_tokens:
+            reason = "length"
+        elif r.input_len + r.generated >= max_seq:
+            reason = "max_seq_len"
+        else:
+            return
+        r.finish_ms = self.executor.now()
+        r.finish_reason = reason
+        r.phase = Phase.FINISHED
+        self.running.remove(r)
+        self.kv_reserved -= kv_reservation(r, self.executor.latency.limits.max_seq_len)
+        self.executor.release(r)
+        self._done(r)
+
+    def _done(self, r: Request) -> None:
+        if self.on_finish is not None:
+            self.on_finish(r)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> list[Request]:
+        """Serve every request; returns them all (finished or rejected)."""
+        while self.busy:
+            self.admit_arrivals()
+            if not self.waiting and not self.running:
+                if self.pending:
+                    self.executor.wait_until(self.pending[0].arrival_ms)
+                continue
+            self.step()
+        return self.requests

@@ -1,0 +1,65 @@
+"""Admission and prefill planning shared by the policies.
+
+KV memory is managed by reservation: a request is admitted (gets its first prefill chunk) only if
+the KV cache can hold its prompt, its maximum output and the deepest speculation tree, so a running
+request never runs out of KV and nothing is preempted. Requests that do not fit wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+from adaserve.core.request import Request
+from adaserve.scheduling.plan import IterationView
+
+SPEC_HEADROOM = 64  # tentative tree tokens a request may hold beyond its committed context
+
+
+def kv_reservation(r: Request, max_seq_len: int) -> int:
+    return min(r.input_len + r.max_new_tokens, max_seq_len) + SPEC_HEADROOM
+
+
+def _free_slots(view: IterationView, n_decoding: int) -> int:
+    admitted = sum(1 for r in view.waiting if r.admitted_ms is not None)
+    return view.limits.max_batch_requests - n_decoding - admitted
+
+
+def _admit(view: IterationView, r: Request, slots: int, kv_free: int) -> tuple[bool, int, int]:
+    """Whether ``r`` may get prefill now; returns (ok, slots, kv_free) after reserving."""
+    if r.admitted_ms is not None:
+        return True, slots, kv_free
+    need = kv_reservation(r, view.limits.max_seq_len)
+    if slots <= 0 or need > kv_free:
+        return False, slots, kv_free
+    return True, slots - 1, kv_free - need
+
+
+def chunked_prefill(view: IterationView, token_room: int, n_decoding: int) -> list[tuple[Request, int]]:
+    """FIFO chunks of at most ``prefill_chunk`` tokens per request, ``token_room`` in total."""
+    out: list[tuple[Request, int]] = []
+    slots = _free_slots(view, n_decoding)
+    kv_free = view.kv_free_tokens
+    for r in view.waiting:
+        if token_room <= 0:
+            break
+        ok, slots, kv_free = _admit(view, r, slots, kv_free)
+        if not ok:
+            break  # FIFO: do not let later requests overtake one that waits for memory
+        chunk = min(r.remaining_prefill, token_room, view.limits.prefill_chunk)
+        out.append((r, chunk))
+        token_room -= chunk
+    return out
+
+
+def whole_prefill(view: IterationView, n_decoding: int) -> list[tuple[Request, int]]:
+    """vLLM without chunked prefill: whole prompts, FIFO, up to ``max_batch_tokens`` in total (a
+    single prompt longer than that still goes alone)."""
+    out: list[tuple[Request, int]] = []
+    slots = _free_slots(view, n_decoding)
+    kv_free = view.kv_free_tokens
+    room = view.limits.max_batch_tokens
+    for r in view.waiting:
+        ok, slots, kv_free = _admit(view, r, slots, kv_free)
+        if not ok or (out and r.remaining_prefill > room):
+            break
+        out.append((r, r.remaining_prefill))
+        room -= r.remaining_prefill
+    return out
