@@ -1,0 +1,134 @@
+"""Result files of SPEC §7: the artifact's text file and a JSON beside it with the same numbers.
+
+``PREFIX.txt`` ends with the artifact's statistics block, one `` name( value)`` line each;
+``PREFIX.json`` holds ``{"complete": true, "meta", "summary", "requests"}`` where ``summary`` is
+``metrics.summarize``'s dict (per-category breakdowns, vLLM ``bench serve`` fields under ``vllm``).
+
+Both files are written to a temporary name and renamed, JSON first, text last: the text file is
+the artifact's "this point is done" marker, so a run cut short never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from adaserve.core.metrics import request_record
+from adaserve.core.request import Request
+from adaserve.core.trace import atomic_write_text
+
+STATS_LINE = re.compile(r"^ (\w+)\( (.*)\)$")
+STATS_NAMES = ("total_time_ms", "total_requests", "total_tokens", "throughput_tokens_per_sec",
+               "mean_generated_tokens_per_step", "slo_attainment", "goodput")
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "nan"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}f}"
+
+
+def stats_block(summary: Mapping[str, Any]) -> list[str]:
+    """The artifact's closing statistics lines (SPEC §7)."""
+    lines = [
+        f" total_time_ms( {_num(summary['total_time_ms'], 3)})",
+        f" total_requests( {summary['completed']}/{summary['registered']})",
+        f" total_tokens( {summary['total_tokens']})",
+        f" throughput_tokens_per_sec( {_num(summary['throughput_tokens_per_sec'])})",
+        f" mean_generated_tokens_per_step( {_num(summary['mean_generated_tokens_per_step'])})",
+        f" slo_attainment( {_num(summary['slo_attainment'])})",
+        f" goodput( {_num(summary['goodput'])})",
+    ]
+    overhead = summary.get("overhead")
+    if overhead is not None:
+        parts = ", ".join(f"{k}: {v:.1f} us" for k, v in overhead["us"].items())
+        lines.append(f" eval_overhead_breakdown( {parts})")
+    return lines
+
+
+def _category_lines(summary: Mapping[str, Any]) -> list[str]:
+    lines = ["per category:"]
+    for cat, m in summary["per_category"].items():
+        att = "-" if m["slo_attainment"] is None else f"{100 * m['slo_attainment']:.1f}%"
+        good = "-" if m["goodput"] is None else f"{m['goodput']:.1f}"
+        lines.append(f"  {cat:<14} completed {m['completed']:>5}/{m['registered']:<5} "
+                     f"attainment {att:>7}  goodput {good} tok/s  "
+                     f"mean TPOT {_num(m['tpot_ms']['mean'], 2)} ms")
+    if summary.get("rejected"):
+        lines.append(f"  rejected: {summary['rejected']} {summary['rejected_reasons']}")
+    return lines
+
+
+def format_text(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """Header with the run's settings, a per-category table, then the statistics block."""
+    head = [f"{k}: {v}" for k, v in meta.items()]
+    return "\n".join(head + [""] + _category_lines(summary) + [""] + stats_block(summary)) + "\n"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null (strict JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_results(prefix: str | Path, summary: Mapping[str, Any], requests: Sequence[Request],
+                  meta: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write ``PREFIX.json`` then ``PREFIX.txt`` atomically; return their paths."""
+    txt, js = _paths(prefix)
+    doc = {"complete": True, "meta": dict(meta), "summary": dict(summary),
+           "requests": [request_record(r) for r in requests]}
+    atomic_write_text(js, json.dumps(_clean(doc), allow_nan=False) + "\n")
+    atomic_write_text(txt, format_text(summary, meta))
+    return txt, js
+
+
+def read_stats_block(path: str | Path) -> dict[str, str]:
+    """The `` name( value)`` lines of a result text file (ours or the artifact's), raw values."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        m = STATS_LINE.match(line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _paths(prefix: str | Path) -> tuple[Path, Path]:
+    """``(PREFIX.txt, PREFIX.json)``; a prefix given with either suffix names the same pair."""
+    prefix = Path(prefix)
+    if prefix.suffix in (".txt", ".json"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".txt"), prefix.with_name(prefix.name + ".json")
+
+
+def result_complete(prefix: str | Path) -> bool:
+    """A sweep point is done when its text file holds the whole statistics block (with
+    ``eval_overhead_breakdown`` when the run measured overhead) and the JSON loads as complete."""
+    txt, js = _paths(prefix)
+    if not txt.is_file() or not js.is_file():
+        return False
+    try:
+        doc = json.loads(js.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(doc, dict) or doc.get("complete") is not True:
+        return False
+    needed = set(STATS_NAMES)
+    summary = doc.get("summary")
+    if isinstance(summary, dict) and summary.get("overhead") is not None:
+        needed.add("eval_overhead_breakdown")
+    return needed <= read_stats_block(txt).keys()
+
+
+def load_result(prefix: str | Path) -> dict[str, Any]:
+    """The JSON document of a finished point."""
+    return json.loads(_paths(prefix)[1].read_text(encoding="utf-8"))

@@ -1,0 +1,257 @@
+"""The artifact's "emission" trace format (SPEC §5): a JSON array of
+``{emission_time_ms, input_length, output_length, prompt, slo_ratio}`` objects, plus our optional
+``category`` string. Loading is all-or-nothing: every problem found (up to ``MAX_PROBLEMS``) is
+reported in one ``TraceError`` so a user can fix a file in one go."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaserve.core import slo
+from adaserve.core.request import Request
+
+MAX_PROBLEMS = 20
+REQUIRED_FIELDS = ("emission_time_ms", "input_length", "output_length", "prompt", "slo_ratio")
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be loaded; ``problems`` lists each issue (one per line in str())."""
+
+    def __init__(self, path: str | os.PathLike, problems: Sequence[str], more: int = 0):
+        self.path = str(path)
+        self.problems = list(problems)
+        lines = [f"trace file '{self.path}': {p}" for p in self.problems]
+        if more:
+            lines.append(f"trace file '{self.path}': ... and {more} more problem(s)")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    emission_time_ms: float  # arrival, ms from the start of the trace
+    input_length: int        # prompt tokens (may be unreliable: engines re-tokenize)
+    output_length: int       # max new tokens
+    prompt: str
+    slo_ratio: float         # SPEC §2 encoding
+    category: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"emission_time_ms": float(self.emission_time_ms),
+                             "input_length": self.input_length,
+                             "output_length": self.output_length,
+                             "prompt": self.prompt, "slo_ratio": float(self.slo_ratio)}
+        if self.category is not None:
+            d["category"] = self.category
+        return d
+
+
+# ----------------------------------------------------------------------------------- validation
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check_number(v: Any) -> str | None:
+    """Why ``v`` is not a finite JSON number, or None if it is."""
+    if not _is_number(v):
+        return f"must be a number, got {_type_name(v)} {v!r}"
+    if isinstance(v, int) and abs(v) > 2**1023:  # math.isfinite would raise OverflowError
+        return "is too large to be a float"
+    if not math.isfinite(v):
+        return f"must be finite, got {v!r}"
+    return None
+
+
+def _check_int(v: Any, minimum: int) -> str | None:
+    if not _is_int(v):
+        return f"must be an integer, got {_type_name(v)} {v!r}"
+    if v < minimum:
+        return f"must be >= {minimum}, got {v}"
+    return None
+
+
+def _record_problems(i: int, obj: Any, prev: tuple[float, int] | None
+                     ) -> tuple[list[str], TraceRecord | None]:
+    """Problems of record ``i`` (each naming the index and field) and the record if it is valid.
+    ``prev`` is the latest emission time seen so far and the index of its record."""
+    if not isinstance(obj, dict):
+        return [f"record {i}: must be a JSON object, got {_type_name(obj)}"], None
+    missing = [f for f in REQUIRED_FIELDS if f not in obj]
+    problems = [f"record {i}: missing field '{f}'" for f in missing]
+
+    def bad(field: str, why: str | None) -> None:
+        if why is not None and field in obj:
+            problems.append(f"record {i}: field '{field}' {why}")
+
+    t = obj.get("emission_time_ms")
+    why = _check_number(t)
+    if why is None and t < 0:
+        why = f"must be >= 0, got {t}"
+    if why is None and prev is not None and t < prev[0]:
+        why = f"decreases: {t} is before {prev[0]} of record {prev[1]} (records must be sorted by time)"
+    bad("emission_time_ms", why)
+    bad("input_length", _check_int(obj.get("input_length"), 0))
+    bad("output_length", _check_int(obj.get("output_length"), 1))
+    p = obj.get("prompt")
+    bad("prompt", f"must be a string, got {_type_name(p)}" if not isinstance(p, str)
+        else ("must not be empty" if not p.strip() else None))
+    r = obj.get("slo_ratio")
+    why = _check_number(r)
+    bad("slo_ratio", why if why is not None else ("must not be 0 (see SPEC §2)" if r == 0 else None))
+    c = obj.get("category")
+    if c is not None and (not isinstance(c, str) or not c.strip()):
+        problems.append(f"record {i}: field 'category' must be a non-empty string or null, "
+                        f"got {_type_name(c)} {c!r}")
+    if problems:
+        return problems, None
+    return [], TraceRecord(float(t), obj["input_length"], obj["output_length"], p, float(r), c)
+
+
+def parse_records(data: Any, path: str | os.PathLike = "<memory>") -> list[TraceRecord]:
+    """Validate decoded JSON ``data``; raise ``TraceError`` listing up to ``MAX_PROBLEMS`` issues."""
+    if not isinstance(data, list):
+        raise TraceError(path, [f"top level must be a JSON array of records, got {_type_name(data)}"])
+    if not data:
+        raise TraceError(path, ["contains no records"])
+    problems: list[str] = []
+    records: list[TraceRecord] = []
+    prev: tuple[float, int] | None = None
+    for i, obj in enumerate(data):
+        probs, rec = _record_problems(i, obj, prev)
+        problems.extend(probs)
+        t = obj.get("emission_time_ms") if isinstance(obj, dict) else None
+        if _check_number(t) is None and (prev is None or t >= prev[0]):
+            prev = (float(t), i)
+        if rec is not None:
+            records.append(rec)
+    if problems:
+        raise TraceError(path, problems[:MAX_PROBLEMS], more=max(len(problems) - MAX_PROBLEMS, 0))
+    return records
+
+
+# ------------------------------------------------------------------------------------------- I/O
+
+def load_trace(path: str | os.PathLike) -> list[TraceRecord]:
+    """Load and validate a trace file: every record loads, or ``TraceError`` is raised."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(p, ["not found" if not p.exists() else "is not a file"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(p, [f"cannot be read: {e}"]) from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TraceError(p, [f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from e
+    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+        raise TraceError(p, [f"is not valid JSON: {e}"]) from e
+    return parse_records(data, p)
+
+
+def save_trace(path: str | os.PathLike, records: Sequence[TraceRecord]) -> None:
+    """Write records atomically (temp file + rename), one record per line.
+
+    The records are validated first, so a saved file always loads back."""
+    p = Path(path)
+    parse_records([r.to_json() for r in records], p)
+    lines = [json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False) for r in records]
+    atomic_write_text(p, "[\n" + ",\n".join(lines) + "\n]\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
+                input_lengths: Sequence[int] | None = None) -> list[Request]:
+    """Requests for the records (rid = index). ``input_lengths`` overrides the records' lengths
+    (engines re-tokenize the prompts: the fig14 trace's field is a character count)."""
+    if input_lengths is not None and len(input_lengths) != len(records):
+        raise ValueError(f"input_lengths has {len(input_lengths)} entries for {len(records)} records")
+    out = []
+    for i, rec in enumerate(records):
+        n_in = rec.input_length if input_lengths is None else int(input_lengths[i])
+        out.append(Request(rid=i, arrival_ms=rec.emission_time_ms, input_len=n_in,
+                           max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
+                           slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
+                           category=slo.category_of(rec.slo_ratio, rec.category), prompt=rec.prompt))
+    return out
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+def length_stats(values: Sequence[int]) -> dict[str, float | None]:
+    """mean, p50, p90 and max (linear-interpolated percentiles); None for no values."""
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"mean": None, "p50": None, "p90": None, "max": None}
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "max": float(a.max())}
+
+
+def _arrival_stats(times: Sequence[float]) -> dict[str, float | None]:
+    """duration_s (last − first arrival), actual RPS (requests / duration) and inter-arrival CV."""
+    t = np.asarray(times, dtype=float)
+    duration_s = float(t[-1] - t[0]) / 1000.0 if t.size else 0.0
+    gaps = np.diff(t)
+    cv = float(gaps.std() / gaps.mean()) if gaps.size >= 2 and gaps.mean() > 0 else None
+    return {"duration_s": duration_s, "rps": t.size / duration_s if duration_s > 0 else None,
+            "interarrival_cv": cv}
+
+
+def category_sort_key(name: str) -> tuple[int, str]:
+    """The paper's categories first (coding, chat, summarization), then the rest by name."""
+    order = [c.name for c in slo.CATEGORIES]
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def trace_stats(records: Sequence[TraceRecord]) -> dict[str, Any]:
+    """Summary of a trace: counts and shares per category, duration, RPS, burstiness (inter-arrival
+    CV; Poisson is 1), prompt/output length statistics overall and per category."""
+    stats: dict[str, Any] = {"requests": len(records),
+                             **_arrival_stats([r.emission_time_ms for r in records]),
+                             "input_length": length_stats([r.input_length for r in records]),
+                             "output_length": length_stats([r.output_length for r in records]),
+                             "categories": {}}
+    groups: dict[str, list[TraceRecord]] = {}
+    for r in records:
+        groups.setdefault(slo.category_of(r.slo_ratio, r.category), []).append(r)
+    duration = stats["duration_s"]
+    for name in sorted(groups, key=category_sort_key):
+        rs = groups[name]
+        stats["categories"][name] = {
+            "count": len(rs), "share": len(rs) / len(records),
+            "rps": len(rs) / duration if duration > 0 else None,
+            "slo_ratios": sorted({r.slo_ratio for r in rs}),
+            "input_length": length_stats([r.input_length for r in rs]),
+            "output_length": length_stats([r.output_length for r in rs])}
+    return stats

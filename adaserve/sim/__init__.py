@@ -1,0 +1,1 @@
+"""The simulator: the shared iteration loop driven by a latency model and an acceptance model."""

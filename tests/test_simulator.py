@@ -1,0 +1,145 @@
+"""The simulator end to end: a hand-computed tiny trace, determinism, every system, Figure 12's
+trend, bad input and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaserve.core.results import read_stats_block, result_complete
+from adaserve.core.trace import TraceRecord, load_trace
+from adaserve.scheduling.policies import SYSTEMS
+from adaserve.sim.run import simulate_file, simulate_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
+FIG89 = SHARED / "fig8,9"
+
+
+@pytest.fixture
+def linear_profile(tmp_path):
+    """Every forward costs 10 ms + 1 ms per token; drafting is free."""
+    path = tmp_path / "linear.json"
+    path.write_text(json.dumps({
+        "name": "linear", "baseline_ms": 11.0,
+        "verify": {"tokens": [0, 1000], "ms": [10, 1010]},
+        "draft": {"tokens": [0, 1000], "ms": [0, 0]}}))
+    return str(path)
+
+
+TINY = [TraceRecord(0.0, 100, 3, "a prompt", 1.0),      # SLO 1.0 x 11 ms
+        TraceRecord(5.0, 50, 2, "another prompt", -12.0)]  # SLO 12 ms absolute
+
+
+def test_tiny_trace_vllm_by_hand(linear_profile):
+    # t=0 prefill r0 (100 tok): 110 ms -> r0's first token at 110. r1 (arrived at 5) is prefilled
+    # whole before any decode: 60 ms -> 170. Decode r0+r1 (2 tok): 12 ms -> 182, r1 done (2 tokens).
+    # Decode r0: 11 ms -> 193, r0 done (3 tokens).
+    # r0: decode latency 193-110 = 83 > 3 x 11 -> missed. r1: 182-170 = 12 <= 2 x 12 -> attained.
+    res = simulate_records(TINY, "vllm", linear_profile)
+    r0, r1 = res.requests
+    assert (r0.first_decode_ms, r0.finish_ms, r1.first_decode_ms, r1.finish_ms) == (110, 193, 170, 182)
+    s = res.summary
+    assert s["slo_attainment"] == 0.5
+    assert s["goodput"] == pytest.approx(2 / 0.193)
+    assert s["throughput_tokens_per_sec"] == pytest.approx(5 / 0.193)
+    assert s["mean_generated_tokens_per_step"] == 1.0
+    assert s["per_category"]["slo-12"]["attained"] == 1 and s["per_category"]["slo1"]["attained"] == 0
+
+
+def test_tiny_trace_sarathi_by_hand(linear_profile):
+    # t=0 prefill r0: 110. Then r0 decodes while r1's 50-token chunk rides along: 10+51 = 61 -> 171
+    # (r0 has 2 tokens, r1 its first). Decode both: 12 -> 183, both done.
+    res = simulate_records(TINY, "sarathi", linear_profile)
+    r0, r1 = res.requests
+    assert (r0.finish_ms, r1.first_decode_ms, r1.finish_ms) == (183, 171, 183)
+    assert [r.attained for r in res.requests] == [False, True]
+
+
+def test_unservable_request_is_reported_not_dropped(linear_profile):
+    records = TINY + [TraceRecord(6.0, 5000, 4, "too long", 1.0)]
+    res = simulate_records(records, "adaserve", linear_profile)
+    s = res.summary
+    assert s["registered"] == 3 and s["completed"] == 2 and s["rejected"] == 1
+    assert s["rejected_requests"] == [{"rid": 2, "category": "slo1", "reason": "prompt_too_long"}]
+    assert res.requests[2].finish_reason == "prompt_too_long"
+
+
+@pytest.fixture(scope="module")
+def fig89_small():
+    path = FIG89 / "emission_rps2.4_ol256.json"
+    if not path.exists():
+        pytest.skip("shared traces not available")
+    return load_trace(path)[:150]
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_every_system_serves_everything(system, fig89_small):
+    res = simulate_records(fig89_small, system, "llama-3.1-70b")
+    s = res.summary
+    assert s["completed"] == len(fig89_small) and s["rejected"] == 0
+    assert 0 <= s["slo_attainment"] <= 1 and s["goodput"] <= s["throughput_tokens_per_sec"] + 1e-9
+    assert all(r.generated == r.max_new_tokens for r in res.requests)
+    if system in ("vllm", "sarathi", "priority"):
+        assert s["mean_generated_tokens_per_step"] == 1.0
+    else:
+        assert s["mean_generated_tokens_per_step"] > 2.0
+
+
+def test_deterministic(fig89_small):
+    a = simulate_records(fig89_small, "adaserve", "qwen2.5-32b", seed=7).summary
+    b = simulate_records(fig89_small, "adaserve", "qwen2.5-32b", seed=7).summary
+    c = simulate_records(fig89_small, "adaserve", "qwen2.5-32b", seed=8).summary
+    strip = lambda s: json.dumps({k: v for k, v in s.items() if k != "overhead"}, sort_keys=True)
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def _tokens_per_step(rps, system):
+    path = FIG89 / f"emission_rps{rps}_ol256.json"
+    if not path.exists():
+        pytest.skip("shared traces not available")
+    # the fig8,9 files are time-rescaled prefixes of one sequence: the first 600 s of requests
+    # of each give the load difference at a fraction of the cost
+    return simulate_records(load_trace(path)[:800], system, "llama-3.1-70b").summary[
+        "mean_generated_tokens_per_step"]
+
+
+def test_figure12_trend():
+    """AdaServe's tokens per step fall as load rises (smaller trees per request); chain
+    speculation's stay flat (the chain is fixed)."""
+    ada_low, ada_high = _tokens_per_step(2.4, "adaserve"), _tokens_per_step(4.8, "adaserve")
+    spec_low, spec_high = _tokens_per_step(2.4, "vllm_spec_6"), _tokens_per_step(4.8, "vllm_spec_6")
+    assert ada_high < ada_low
+    assert abs(spec_high - spec_low) / spec_low < 0.03
+
+
+def test_bad_names_list_valid_ones(fig89_small):
+    with pytest.raises(ValueError, match="valid systems: adaserve, vllm"):
+        simulate_records(fig89_small[:3], "vllm_turbo", "llama-3.1-70b")
+    with pytest.raises(ValueError, match="built-in profiles: .*qwen2.5-32b"):
+        simulate_records(fig89_small[:3], "adaserve", "gpt-5")
+
+
+def test_cli_writes_results_and_reports_bad_input(tmp_path, fig89_small):
+    from adaserve.core.trace import save_trace
+    trace = tmp_path / "t.json"
+    save_trace(trace, fig89_small[:60])
+    out = tmp_path / "res" / "adaserve" / "point"
+    cmd = [sys.executable, "-m", "adaserve", "simulate", "--trace", str(trace), "--system", "adaserve",
+           "--profile", "llama-3.1-70b", "--out", str(out), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert result_complete(out)
+    stats = read_stats_block(out.with_name("point.txt"))
+    assert stats["total_requests"] == "60/60"
+    assert "eval_overhead_breakdown" in stats
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    assert math.isclose(line["slo_attainment"], float(stats["slo_attainment"]), abs_tol=1e-4)
+    bad = subprocess.run(cmd[:7] + ["nope"] + cmd[8:], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "valid systems" in bad.stderr
+    missing = subprocess.run(cmd[:5] + [str(tmp_path / "none.json")] + cmd[6:], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "none.json" in missing.stderr
