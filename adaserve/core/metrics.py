@@ -79,7 +79,7 @@ def serving_time_ms(requests: Sequence[Request]) -> float:
     finished = [r.finish_ms for r in requests if r.phase == Phase.FINISHED and r.finish_ms is not None]
     if not admitted or not finished:
         return 0.0
-    return max(max(finished) - min(admitted), 0.0)
+    return float(max(max(finished) - min(admitted), 0.0))
 
 
 def _per_second(amount: float, time_ms: float) -> float | None:

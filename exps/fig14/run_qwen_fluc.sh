@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Figure 14, Qwen2.5-32B: the fluctuating 6-minute trace.
+# Variables as in the artifact's README (see `adaserve exp --help`); all logic is in `adaserve exp`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+exec "${ADASERVE_BIN:-.venv/bin/adaserve}" exp fig14 qwen

@@ -1,0 +1,111 @@
+"""The exps/ scripts on tiny sweeps: result files, skipping, failures, and bad variables."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from adaserve.core.results import read_stats_block, result_complete
+from adaserve.core.trace import load_trace, save_trace
+from adaserve.harness.sweep import SettingsError, grid, settings_from_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "traces"
+
+
+def small_trace_dir(tmp_path, names, n=40):
+    src = SHARED / "fig8,9" / "emission_rps4.8_ol256.json"
+    if not src.exists():
+        pytest.skip("shared traces not available")
+    records = load_trace(src)[:n]
+    d = tmp_path / "traces"
+    for name in names:
+        save_trace(d / f"emission_{name}.json", records)
+    return d
+
+
+def run_script(script, tmp_path, **env):
+    full = {**os.environ, "RESULTS_DIR": str(tmp_path / "results"), "JOBS": "1", **env}
+    return subprocess.run([str(ROOT / "exps" / script)], capture_output=True, text=True, env=full,
+                          timeout=300, cwd=tmp_path)
+
+
+def test_fig89_llama_writes_eight_points_and_skips_on_rerun(tmp_path):
+    traces = small_trace_dir(tmp_path, ["rps4.6_ol256", "rps4.8_ol256"])
+    env = dict(ADASERVE="ON", VLLM_SPEC="ON", RPS_MIN="4.6", RPS_MAX="4.8", TRACE_DIR=str(traces))
+    p = run_script("fig8,9/run_llama_rps.sh", tmp_path, **env)
+    assert p.returncode == 0, p.stderr
+    assert "8 point(s) run, 0 skipped" in p.stdout
+    res = tmp_path / "results" / "fig8,9" / "llama"
+    for system in ("adaserve", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8"):
+        for point in ("rps4.6_ol256", "rps4.8_ol256"):
+            assert result_complete(res / system / point)
+    doc = json.loads((res / "adaserve" / "rps4.8_ol256.json").read_text())
+    assert doc["meta"]["sweep"] == {"figure": "fig8,9", "model": "llama", "system": "adaserve",
+                                    "x_name": "rps", "x": 4.8, "point": "rps4.8_ol256"}
+    assert read_stats_block(res / "adaserve" / "rps4.8_ol256.txt")["total_requests"] == "40/40"
+    again = run_script("fig8,9/run_llama_rps.sh", tmp_path, **env)
+    assert again.returncode == 0 and "0 point(s) run, 8 skipped" in again.stdout
+
+
+def test_failing_point_is_reported_and_the_sweep_goes_on(tmp_path):
+    traces = small_trace_dir(tmp_path, ["rps4.6_ol256", "rps4.8_ol256"])
+    (traces / "emission_rps4.6_ol256.json").write_text('[{"emission_time_ms": "soon"}]')
+    p = run_script("fig8,9/run_qwen_rps.sh", tmp_path, ADASERVE="ON", RPS_MIN="4.6", RPS_MAX="4.8",
+                   TRACE_DIR=str(traces))
+    assert p.returncode == 1
+    assert "1 point(s) run" in p.stdout and "1 failed" in p.stdout
+    assert "FAILED fig8,9/qwen/adaserve/rps4.6_ol256" in p.stdout and "record 0" in p.stdout
+    res = tmp_path / "results" / "fig8,9" / "qwen" / "adaserve"
+    assert result_complete(res / "rps4.8_ol256") and not (res / "rps4.6_ol256.txt").exists()
+
+
+def test_fig15_and_fig14_scripts(tmp_path):
+    traces = small_trace_dir(tmp_path, ["rps3.6_ol128", "fluc"])
+    p = run_script("fig15/run_overhead_breakdown.sh", tmp_path, QWEN_OVERHEAD="ON", TRACE_DIR=str(traces))
+    assert p.returncode == 0, p.stderr
+    txt = tmp_path / "results" / "fig15" / "qwen" / "adaserve" / "rps3.6_ol128.txt"
+    assert "eval_overhead_breakdown" in read_stats_block(txt)
+    p = run_script("fig14/run_llama_fluc.sh", tmp_path, VLLM="ON", SPECINFER="ON", TRACE_DIR=str(traces))
+    assert p.returncode == 0, p.stderr
+    for system in ("vllm", "specinfer"):
+        assert result_complete(tmp_path / "results" / "fig14" / "llama" / system / "fluc")
+
+
+@pytest.mark.parametrize("script,env,message", [
+    ("fig8,9/run_llama_rps.sh", {"ADASERVE": "ON", "RPS_MIN": "abc"}, "RPS_MIN='abc': expected a number"),
+    ("fig10/run_qwen_prop.sh", {"ADASERVE": "ON", "PROP_MAX": "2"}, "PROP_MAX=2: must be in (0, 1)"),
+    ("fig11/run_llama_slo.sh", {"ADASERVE": "ON", "SLO_SCALE_STEP": "0"}, "SLO_SCALE_STEP=0: must be > 0"),
+    ("fig11/run_qwen_slo.sh", {"ADASERVE": "ON", "OUTPUT_LENGTH": "-3"}, "OUTPUT_LENGTH=-3"),
+    ("fig8,9/run_qwen_rps.sh", {"ADASERVE": "ON", "RPS_MIN": "4", "RPS_MAX": "3"}, "is above RPS_MAX"),
+    ("fig8,9/run_qwen_rps.sh", {"ADASERVE": "maybe"}, "ADASERVE='maybe': expected ON or OFF"),
+    ("fig14/run_qwen_fluc.sh", {}, "no system selected"),
+    ("fig15/run_overhead_breakdown.sh", {}, "LLAMA_OVERHEAD=ON"),
+    ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "BACKEND": "gpu"}, "BACKEND='gpu'"),
+    ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "BACKEND": "http"}, "needs ENDPOINT"),
+    ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "TRACE_DIR": "/nonexistent"}, "TRACE_DIR"),
+])
+def test_bad_variables_stop_before_any_work(tmp_path, script, env, message):
+    p = run_script(script, tmp_path, **env)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_trace_in_trace_dir_is_an_error(tmp_path):
+    traces = small_trace_dir(tmp_path, ["rps4.8_ol256"])
+    p = run_script("fig8,9/run_llama_rps.sh", tmp_path, ADASERVE="ON", RPS_MIN="4.6", RPS_MAX="4.8",
+                   TRACE_DIR=str(traces))
+    assert p.returncode == 2 and "no trace for 1 point(s)" in p.stderr
+
+
+def test_grid_and_defaults():
+    assert grid(2.6, 4.8, 0.2)[-1] == 4.8 and len(grid(2.6, 4.8, 0.2)) == 12
+    assert grid(0.1, 0.9, 0.1) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    s = settings_from_env("fig8,9", "qwen", {"ADASERVE": "on", "VLLM_SPEC": "ON"})
+    assert s.xs["qwen"][0] == 2.4 and s.xs["qwen"][-1] == 4.2
+    assert s.systems == ["adaserve", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8"]
+    with pytest.raises(SettingsError, match="unknown model"):
+        settings_from_env("fig10", "gpt", {"ADASERVE": "ON"})
