@@ -9,6 +9,7 @@ deterministic); a real clock does, since it is real time.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,17 +63,24 @@ class LoopStats:
 
 
 class ServingLoop:
-    def __init__(self, policy: Policy, executor: Executor, requests: list[Request],
-                 on_finish: Callable[[Request], None] | None = None):
+    """Drives a policy and an executor. Offline (``run``): every request is known up front.
+    Online (a server): ``submit`` and ``cancel`` between calls of ``run_once``, all from the one
+    thread that owns the loop; ``on_commit(request, n)`` fires after a request gains ``n`` tokens and
+    ``on_finish(request)`` when it leaves the system (finished, rejected or cancelled)."""
+
+    def __init__(self, policy: Policy, executor: Executor, requests: list[Request] | None = None,
+                 on_finish: Callable[[Request], None] | None = None,
+                 on_commit: Callable[[Request, int], None] | None = None):
         self.policy = policy
         self.executor = executor
-        self.requests = sorted(requests, key=lambda r: (r.arrival_ms, r.rid))
+        self.requests = sorted(requests or [], key=lambda r: (r.arrival_ms, r.rid))
         self.pending = deque(self.requests)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.kv_reserved = 0
         self.stats = LoopStats()
         self.on_finish = on_finish
+        self.on_commit = on_commit
 
     # -- arrivals and bookkeeping -------------------------------------------------------------
     def admit_arrivals(self) -> None:
@@ -125,6 +133,36 @@ class ServingLoop:
         self._account(plan, int(selection.selected.sum()), t1 - t0, t2 - t1, sched_ms)
         self._commit(plan, out, t2)
 
+    # -- online use -------------------------------------------------------------------------
+    def submit(self, r: Request) -> None:
+        """Add a request (arrival on the executor's clock); it is not kept in ``requests``."""
+        r.phase = Phase.PENDING
+        keys = [(q.arrival_ms, q.rid) for q in self.pending]
+        self.pending.insert(bisect.bisect_right(keys, (r.arrival_ms, r.rid)), r)
+
+    def cancel(self, r: Request) -> bool:
+        """Withdraw a request wherever it is, freeing its KV; False if it already left."""
+        if r in self.pending:
+            self.pending.remove(r)
+        elif r in self.waiting or r in self.running:
+            (self.waiting if r in self.waiting else self.running).remove(r)
+            if r.admitted_ms is not None:
+                self.kv_reserved -= kv_reservation(r, self.executor.latency.limits.max_seq_len)
+                self.executor.release(r)
+        else:
+            return False
+        r.phase, r.finish_reason, r.finish_ms = Phase.CANCELLED, "cancelled", self.executor.now()
+        self._done(r)
+        return True
+
+    def run_once(self) -> bool:
+        """Admit what has arrived and run one iteration if there is work; False if idle."""
+        self.admit_arrivals()
+        if not self.waiting and not self.running:
+            return False
+        self.step()
+        return True
+
     def _commit_cap(self, r: Request) -> int:
         max_seq = self.executor.latency.limits.max_seq_len
         return max(1, min(r.remaining_tokens, max_seq - r.input_len - r.generated))
@@ -151,6 +189,7 @@ class ServingLoop:
                 r.first_token_ms = r.first_decode_ms = now
                 r.token_times_ms.append(now)
                 self.running.append(r)
+                self._notify(r, 1)
                 self._maybe_finish(r, bool(next(completed, False)))
         for i, r in enumerate(plan.decode):
             c = int(out.committed[i])
@@ -159,6 +198,7 @@ class ServingLoop:
             r.token_times_ms.extend([now] * c)
             self.stats.committed_tokens += c
             self.stats.request_steps += 1
+            self._notify(r, c)
             self._maybe_finish(r, bool(out.eos[i]))
 
     def _maybe_finish(self, r: Request, eos: bool) -> None:
@@ -179,6 +219,10 @@ class ServingLoop:
         self.executor.release(r)
         self._done(r)
 
+    def _notify(self, r: Request, n: int) -> None:
+        if self.on_commit is not None and n > 0:
+            self.on_commit(r, n)
+
     def _done(self, r: Request) -> None:
         if self.on_finish is not None:
             self.on_finish(r)
@@ -187,10 +231,6 @@ class ServingLoop:
     def run(self) -> list[Request]:
         """Serve every request; returns them all (finished or rejected)."""
         while self.busy:
-            self.admit_arrivals()
-            if not self.waiting and not self.running:
-                if self.pending:
-                    self.executor.wait_until(self.pending[0].arrival_ms)
-                continue
-            self.step()
+            if not self.run_once() and self.pending:
+                self.executor.wait_until(self.pending[0].arrival_ms)
         return self.requests

@@ -13,7 +13,7 @@ from adaserve.sim.profiles import (ARTIFACT_VERIFY_MS, FAMILIES, draft_scale, ge
                                    list_profiles)
 from adaserve.sim.roofline import MODELS, ModelShape, kv_capacity_tokens, step_ms, table_errors
 
-# The bound documented in docs/simulator-latency.md (measured: max 10.1%, mean 2.6%).
+# The bound documented in docs/simulator.md (measured: max 10.1%, mean 2.6%).
 MAX_TABLE_ERROR = 0.11
 MEAN_TABLE_ERROR = 0.03
 MAX_BASELINE_ERROR = 0.05

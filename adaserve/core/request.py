@@ -13,6 +13,7 @@ class Phase(str, Enum):
     DECODING = "decoding"    # prefill done, generating
     FINISHED = "finished"
     REJECTED = "rejected"    # cannot be served (e.g. prompt longer than the maximum sequence length)
+    CANCELLED = "cancelled"  # withdrawn by its client (e.g. a disconnected stream)
 
 
 @dataclass(eq=False)

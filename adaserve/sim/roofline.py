@@ -10,7 +10,7 @@ over all requests in the batch) costs, per layer and per GPU::
 
 plus the LM head (same roofline) and a fixed STEP_OVERHEAD_MS per step. ``OVERLAP = 1`` is the pure
 roofline max(compute, memory); the tuned value below (see ``fit_constants`` and
-docs/simulator-latency.md) says how much of the smaller term the measured tables hide.
+docs/simulator.md) says how much of the smaller term the measured tables hide.
 
 Run ``python -m adaserve.sim.roofline`` to print the comparison with the artifact's measured
 verification tables (SPEC §6); ``--fit`` also refits the tuned constants and prints those fits.
