@@ -136,3 +136,16 @@ def test_priority_cuts_the_batch_for_urgent_requests():
     assert {r.rid for r in plan.decode} >= {0, 1, 2, 3, 4}
     assert ARTIFACT_LLAMA.verify_ms(len(plan.decode)) <= 20.0
     assert len(plan.decode) == 46
+
+
+def test_priority_urgency_is_relative_to_the_tightest_slo():
+    rng = np.random.default_rng(1)
+    running = random_requests(60, 10_000.0, rng)
+    for i, r in enumerate(running):
+        r.slo_ms = 25.0 if i % 10 == 0 else 150.0   # the 25 ms requests are urgent
+    plan = make_policy("priority", "llama").plan(view_with([], running))
+    assert {r.rid for r in running if r.slo_ms == 25.0} <= {r.rid for r in plan.decode}
+    assert len(plan.decode) < 60
+    for r in running:
+        r.slo_ms = float("inf")                       # best effort only: nobody is urgent
+    assert len(make_policy("priority", "llama").plan(view_with([], running)).decode) == 60

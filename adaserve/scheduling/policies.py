@@ -28,7 +28,7 @@ class PolicyConfig:
     spec: SpecParams
     min_prefill_chunk: int = 128       # prefill tokens an iteration always grants when requests wait
     sarathi_token_budget: int = SARATHI_TOKEN_BUDGET
-    urgent_factor: float = 1.25        # priority: urgent iff slo_ms <= urgent_factor * baseline
+    urgent_factor: float = 1.25        # priority: urgent iff slo_ms <= urgent_factor * tightest SLO
 
 
 def context_tokens(requests: list[Request]) -> int:
@@ -184,15 +184,16 @@ class Sarathi(_Base):
 
 class Priority(_Base):
     """Incremental decoding, urgent requests first; while urgent requests decode, the batch is cut
-    so that one step fits the tightest urgent SLO (other requests wait a step)."""
+    so that one step fits the tightest urgent SLO (other requests wait a step). Urgent = an SLO
+    within ``urgent_factor`` of the tightest SLO running (best-effort requests never are)."""
 
     name = "priority"
 
     def plan(self, view: IterationView) -> Plan:
-        baseline = view.latency.decode_baseline_ms
-        urgent_ms = self.config.urgent_factor * baseline
         running = sorted(view.running, key=lambda r: (r.slo_ms, r.arrival_ms))
-        urgent = [r for r in running if r.slo_ms <= urgent_ms]
+        tightest = running[0].slo_ms if running else np.inf
+        urgent = [r for r in running if r.slo_ms <= self.config.urgent_factor * tightest
+                  and np.isfinite(r.slo_ms)]
         if not urgent:
             room = self.config.sarathi_token_budget - len(running)
             return Plan(chunked_prefill(view, room, len(running)), running, SpecShape())
