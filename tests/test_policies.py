@@ -102,7 +102,7 @@ def test_adaserve_prefill_room_follows_slack():
     rng = np.random.default_rng(0)
     running = random_requests(16, 10_000.0, rng)
     waiting = [waiting_request(99, input_len=2000)]
-    policy = make_policy("adaserve", "llama")
+    policy = make_policy("adaserve", "llama", prefill_mode="slack")
     for r in running:  # far ahead of schedule: large chunks allowed
         r.generated = int((10_000.0 - r.first_decode_ms) / r.slo_ms) + 40
     big = policy.plan(view_with(waiting, running)).prefill[0][1]
@@ -149,3 +149,14 @@ def test_priority_urgency_is_relative_to_the_tightest_slo():
     for r in running:
         r.slo_ms = float("inf")                       # best effort only: nobody is urgent
     assert len(make_policy("priority", "llama").plan(view_with([], running)).decode) == 60
+
+
+def test_adaserve_eager_prefill_takes_a_full_chunk():
+    rng = np.random.default_rng(0)
+    running = random_requests(16, 10_000.0, rng)
+    for r in running:
+        r.generated = 1  # far behind: the slack mode would give only the minimum chunk
+    plan = make_policy("adaserve", "llama").plan(view_with([waiting_request(99, input_len=2000)], running))
+    assert plan.prefill[0][1] == ARTIFACT_LLAMA.limits.prefill_chunk
+    with pytest.raises(ValueError, match="valid: eager, slack"):
+        make_policy("adaserve", "llama", prefill_mode="lazy")

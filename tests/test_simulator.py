@@ -112,7 +112,7 @@ def test_figure12_trend():
     speculation's stay flat (the chain is fixed)."""
     ada_low, ada_high = _tokens_per_step(2.4, "adaserve"), _tokens_per_step(4.8, "adaserve")
     spec_low, spec_high = _tokens_per_step(2.4, "vllm_spec_6"), _tokens_per_step(4.8, "vllm_spec_6")
-    assert ada_high < ada_low
+    assert ada_high < 0.97 * ada_low
     assert abs(spec_high - spec_low) / spec_low < 0.03
 
 

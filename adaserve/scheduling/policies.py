@@ -29,6 +29,8 @@ class PolicyConfig:
     min_prefill_chunk: int = 128       # prefill tokens an iteration always grants when requests wait
     sarathi_token_budget: int = SARATHI_TOKEN_BUDGET
     urgent_factor: float = 1.25        # priority: urgent iff slo_ms <= urgent_factor * tightest SLO
+    prefill_mode: str = "eager"        # AdaServe: "eager" (a full prefill chunk every iteration) or
+                                       # "slack" (fit the tightest request's slack); docs/scheduler.md
 
 
 def context_tokens(requests: list[Request]) -> int:
@@ -77,6 +79,8 @@ class AdaServe(_Base):
         super().__init__(config)
         if mode not in ("adaserve", "greedy", "equal"):
             raise ValueError(f"unknown AdaServe mode {mode!r}")
+        if config.prefill_mode not in ("eager", "slack"):
+            raise ValueError(f"unknown prefill mode {config.prefill_mode!r}; valid: eager, slack")
         self.mode = mode
         self.name = mode
 
@@ -94,6 +98,8 @@ class AdaServe(_Base):
             return 0
         if not decode:
             return lim.max_batch_tokens
+        if self.config.prefill_mode == "eager":
+            return lim.prefill_chunk
         floor = self.config.min_prefill_chunk
         base = min(len(decode) * (shape.depth + 1), lim.max_batch_tokens - floor)
         slack = min((r.slo_ms * r.generated - (view.now_ms - r.first_decode_ms) for r in decode),

@@ -34,9 +34,10 @@ def scale_absolute_slos(records: list[TraceRecord], factor: float) -> list[Trace
 
 def simulate_records(records: list[TraceRecord], system: str, profile_name: str, *, seed: int = 0,
                      baseline_ms: float | None = None, scale_slos: bool = False,
-                     acceptance=None, progress: bool = False) -> SimResult:
+                     acceptance=None, progress: bool = False,
+                     policy_options: dict | None = None) -> SimResult:
     profile = get_profile(profile_name)
-    policy = make_policy(system, profile.name)
+    policy = make_policy(system, profile.name, **(policy_options or {}))
     baseline = baseline_ms or profile.decode_baseline_ms
     if scale_slos:
         records = scale_absolute_slos(records, baseline / ARTIFACT_BASELINE_MS)
@@ -60,16 +61,17 @@ def simulate_records(records: list[TraceRecord], system: str, profile_name: str,
 
 def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | Path | None, *,
                   seed: int = 0, baseline_ms: float | None = None, scale_slos: bool = False,
-                  progress: bool = False) -> SimResult:
+                  progress: bool = False, policy_options: dict | None = None) -> SimResult:
     records = load_trace(trace)
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
-                              scale_slos=scale_slos, progress=progress)
+                              scale_slos=scale_slos, progress=progress, policy_options=policy_options)
     if out is not None:
         profile = get_profile(profile_name)
         meta = {"backend": "sim", "system": system, "trace": str(trace), "profile": profile.name,
                 "profile_source": profile.source, "hardware": profile.hardware, "seed": seed,
                 "baseline_ms": baseline_ms or profile.decode_baseline_ms,
                 "hardware_scaled_slos": scale_slos, "iterations": result.iterations,
+                "policy_options": policy_options or {},
                 "simulation_wall_s": round(result.wall_s, 3),
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
                         "scheduling overhead is measured CPU time of the selection code"}
