@@ -109,3 +109,21 @@ def test_grid_and_defaults():
     assert s.systems == ["adaserve", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8"]
     with pytest.raises(SettingsError, match="unknown model"):
         settings_from_env("fig10", "gpt", {"ADASERVE": "ON"})
+
+
+def test_reproduce_runs_sweeps_plots_and_headline(tmp_path):
+    """`adaserve reproduce` on one figure: generated traces, both models, plots, headline table."""
+    import sys
+    results, plots = tmp_path / "results", tmp_path / "plots"
+    cmd = [sys.executable, "-m", "adaserve", "reproduce", "--figures", "fig15", "--results", str(results),
+           "--plots", str(plots), "--no-progress", "--jobs", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    for model in ("llama", "qwen"):
+        assert result_complete(results / "fig15" / model / "adaserve" / "rps3.6_ol128")
+    assert (results / "traces" / "fig15" / "emission_rps3.6_ol128.json").is_file()
+    assert (plots / "fig15.png").is_file() and (plots / "fig15.pdf").is_file()
+    assert "figure 15  llama  speculation" in p.stdout
+    assert json.loads((results / "headline.json").read_text())
+    bad = subprocess.run(cmd[:5] + ["fig13"] + cmd[6:], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown figure" in bad.stderr

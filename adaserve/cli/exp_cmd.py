@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import time
 
 from adaserve.harness.sweep import FIGURES, MAIN_SYSTEMS, MODELS, SWITCHES, settings_from_env
@@ -71,11 +72,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
             print(f"{figure} {model}: {report.summary()}", flush=True)
             failed += len(report.failed)
     print(f"sweeps finished in {time.perf_counter() - start:.0f} s", flush=True)
-    from adaserve.harness.plot import plot_all
-    from adaserve.harness.headline import headline_text
+    from adaserve.cli.plot_cmd import draw_and_report
 
-    plot_all(args.results, args.plots)
-    print(headline_text(args.results))
+    draw_and_report(args.results, args.plots, quiet=True,
+                    json_path=str(Path(args.results) / "headline.json"))
     return 1 if failed else 0
 
 

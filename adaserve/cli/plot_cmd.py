@@ -26,30 +26,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    draw_and_report(args.results, args.out, args.figures, draw=not args.table_only,
+                    table=not args.no_table, json_path=args.json, quiet=args.quiet)
+    return 0
+
+
+def draw_and_report(results: str, out: str, figures: str = "all", *, draw: bool = True,
+                    table: bool = True, json_path: str | None = None, quiet: bool = False) -> None:
+    """Draw the figures and print the headline table (``adaserve plot`` and ``reproduce``)."""
     from pathlib import Path
 
     from adaserve.harness.headline import print_headline
     from adaserve.harness.plot import parse_figures, plot_all
 
-    figures = parse_figures(args.figures)
-    if not Path(args.results).is_dir():
-        raise ValueError(f"results directory '{args.results}' does not exist (run the "
+    chosen = parse_figures(figures)
+    if not Path(results).is_dir():
+        raise ValueError(f"results directory '{results}' does not exist (run the "
                          "experiments first, e.g. `make reproduce`, or pass --results DIR)")
     datasets: dict = {}
-    if not args.table_only:
-        drawn = plot_all(args.results, args.out, figures, verbose=not args.quiet,
-                         datasets=datasets)
+    if draw:
+        drawn = plot_all(results, out, chosen, verbose=not quiet, datasets=datasets)
         if all(d.empty for d in drawn.values()):
-            print(f"no figure drawn: no complete results under '{args.results}'")
-    if args.no_table:
-        return 0
-    if not args.table_only:
+            print(f"no figure drawn: no complete results under '{results}'")
+    if not table:
+        return
+    if draw:
         print()
-    h = print_headline(args.results, figures, datasets=datasets)
-    if args.json:
-        Path(args.json).write_text(json.dumps(_json_safe(h.as_dict()), indent=1) + "\n",
+    h = print_headline(results, chosen, datasets=datasets)
+    if json_path:
+        Path(json_path).write_text(json.dumps(_json_safe(h.as_dict()), indent=1) + "\n",
                                    encoding="utf-8")
-    return 0
 
 
 def _json_safe(obj):

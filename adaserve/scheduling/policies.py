@@ -207,6 +207,8 @@ class Priority(_Base):
         ctx = context_tokens(running)
         sizes = np.arange(1, len(running) + 1)
         fits = sizes[view.latency.verify_ms(sizes, ctx) <= limit]
+        if float(view.latency.verify_ms(len(urgent), ctx)) > limit:
+            fits = sizes  # the urgent SLO cannot be met even alone: cutting the batch only starves
         batch = running[: max(len(urgent), int(fits[-1]) if len(fits) else 0)]
         room = self.config.min_prefill_chunk
         spare = view.latency.verify_ms(len(batch) + np.arange(32, view.limits.prefill_chunk + 1, 32), ctx)
