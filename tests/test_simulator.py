@@ -143,3 +143,23 @@ def test_cli_writes_results_and_reports_bad_input(tmp_path, fig89_small):
     missing = subprocess.run(cmd[:5] + [str(tmp_path / "none.json")] + cmd[6:], capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 2 and "none.json" in missing.stderr
+
+
+def test_cli_replays_recorded_acceptance(tmp_path, linear_profile):
+    from adaserve.core.trace import save_trace
+    trace = tmp_path / "t.json"
+    save_trace(trace, [TraceRecord(0.0, 100, 41, "p", 1.0, "coding")])
+    acc = tmp_path / "acc.jsonl"   # the target always takes the draft's top-1: chains fully accepted
+    acc.write_text("".join(json.dumps({"rid": 0, "category": "coding", "pos": p, "probs": [0.9, 0.1],
+                                       "rank": 0}) + "\n" for p in range(64)))
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "adaserve", "simulate", "--trace", str(trace), "--system", "vllm_spec_4",
+           "--profile", linear_profile, "--acceptance", str(acc), "--out", str(out), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.with_name("r.json").read_text())
+    assert doc["summary"]["mean_generated_tokens_per_step"] == 5.0   # 40 tokens in 8 steps of 4 + 1
+    assert doc["meta"]["acceptance"] == str(acc)
+    acc.write_text("garbage\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "acc.jsonl' line 1" in bad.stderr

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the profile's)")
     p.add_argument("--scale-slos", action="store_true",
                    help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, SPEC §2)")
+    p.add_argument("--acceptance", metavar="FILE",
+                   help="replay acceptance recorded by `adaserve run --record-acceptance` (JSONL) "
+                        "instead of the calibrated synthetic model")
     p.add_argument("--prefill-mode", choices=("eager", "slack"),
                    help="AdaServe's prefill mixing (default eager; see docs/scheduler.md)")
     p.add_argument("--no-progress", action="store_true")
@@ -35,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--baseline-ms must be positive, got {args.baseline_ms}")
     result = simulate_file(args.trace, args.system, args.profile, args.out, seed=args.seed,
                            baseline_ms=args.baseline_ms, scale_slos=args.scale_slos,
-                           progress=not args.no_progress,
+                           progress=not args.no_progress, acceptance=args.acceptance,
                            policy_options={"prefill_mode": args.prefill_mode} if args.prefill_mode else None)
     s = result.summary
     keys = ("slo_attainment", "goodput", "mean_generated_tokens_per_step", "throughput_tokens_per_sec")

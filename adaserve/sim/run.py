@@ -12,7 +12,7 @@ from adaserve.core.results import write_results
 from adaserve.core.trace import TraceRecord, load_trace, to_requests
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
-from adaserve.sim.acceptance import acceptance_for
+from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
 from adaserve.sim.executor import SimExecutor
 from adaserve.sim.profiles import get_profile
 
@@ -61,10 +61,14 @@ def simulate_records(records: list[TraceRecord], system: str, profile_name: str,
 
 def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | Path | None, *,
                   seed: int = 0, baseline_ms: float | None = None, scale_slos: bool = False,
-                  progress: bool = False, policy_options: dict | None = None) -> SimResult:
+                  progress: bool = False, policy_options: dict | None = None,
+                  acceptance: str | Path | None = None) -> SimResult:
+    """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay."""
     records = load_trace(trace)
+    model = RecordedAcceptance.load(acceptance) if acceptance else None
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
-                              scale_slos=scale_slos, progress=progress, policy_options=policy_options)
+                              scale_slos=scale_slos, progress=progress, policy_options=policy_options,
+                              acceptance=model)
     if out is not None:
         profile = get_profile(profile_name)
         meta = {"backend": "sim", "system": system, "trace": str(trace), "profile": profile.name,
@@ -72,6 +76,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                 "baseline_ms": baseline_ms or profile.decode_baseline_ms,
                 "hardware_scaled_slos": scale_slos, "iterations": result.iterations,
                 "policy_options": policy_options or {},
+                "acceptance": str(acceptance) if acceptance else "synthetic (calibrated)",
                 "simulation_wall_s": round(result.wall_s, 3),
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
                         "scheduling overhead is measured CPU time of the selection code"}
