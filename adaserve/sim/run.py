@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adaserve.core.metrics import summarize
 from adaserve.core.request import Request
+from adaserve.core.slo import category_of
 from adaserve.core.results import write_results
 from adaserve.core.trace import TraceRecord, load_trace, to_requests
 from adaserve.iteration import ServingLoop
@@ -29,7 +30,8 @@ class SimResult:
 
 def scale_absolute_slos(records: list[TraceRecord], factor: float) -> list[TraceRecord]:
     """Absolute (negative) SLOs times ``factor`` (SPEC §2 hardware-scaled SLOs)."""
-    return [replace(r, slo_ratio=r.slo_ratio * factor) if r.slo_ratio < 0 else r for r in records]
+    return [replace(r, slo_ratio=r.slo_ratio * factor, category=category_of(r.slo_ratio, r.category))
+            if r.slo_ratio < 0 else r for r in records]
 
 
 def simulate_records(records: list[TraceRecord], system: str, profile_name: str, *, seed: int = 0,

@@ -1,0 +1,194 @@
+"""Paged KV cache: a block allocator (pure bookkeeping) and the per-layer K/V storage.
+
+Token position ``p`` of sequence ``s`` lives at slot ``table[s][p // bs] * bs + p % bs``. A sequence has a
+*committed* length (KV that is final) and may own blocks beyond it: speculative tree nodes are written
+at the tentative positions ``length + i`` (node ``i`` of the tree) and ``KVCache.commit`` later copies
+the accepted nodes to ``length, length + 1, ...`` and releases everything after them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from .config import ModelConfig
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free KV blocks; the allocator state is unchanged."""
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out low ids first
+        self._tables: dict[Hashable, list[int]] = {}
+        self._lengths: dict[Hashable, int] = {}
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._tables
+
+    def seq_ids(self) -> list[Hashable]:
+        return list(self._tables)
+
+    def length(self, seq_id: Hashable) -> int:
+        """Committed KV tokens of the sequence."""
+        return self._lengths[self._check(seq_id)]
+
+    def capacity(self, seq_id: Hashable) -> int:
+        """Token positions covered by the sequence's blocks (committed + tentative room)."""
+        return len(self._tables[self._check(seq_id)]) * self.block_size
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return list(self._tables[self._check(seq_id)])
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_reserve(self, seq_id: Hashable, num_tokens: int) -> bool:
+        have = len(self._tables[seq_id]) if seq_id in self._tables else 0
+        return self.blocks_for(num_tokens) - have <= len(self._free)
+
+    def slots(self, seq_id: Hashable, start: int, end: int) -> list[int]:
+        """Slots of positions ``[start, end)``; they must lie inside the sequence's blocks."""
+        table, bs = self._tables[self._check(seq_id)], self.block_size
+        if start < 0 or end > len(table) * bs:
+            raise IndexError(f"positions [{start}, {end}) outside the {len(table) * bs} reserved for {seq_id!r}")
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    # ---- updates -----------------------------------------------------------------------------
+
+    def add(self, seq_id: Hashable) -> None:
+        if seq_id in self._tables:
+            raise KeyError(f"sequence {seq_id!r} already has a block table")
+        self._tables[seq_id] = []
+        self._lengths[seq_id] = 0
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Make the sequence's blocks cover ``num_tokens`` positions (raises ``OutOfBlocks``, changing nothing)."""
+        table = self._tables[self._check(seq_id)]
+        need = self.blocks_for(num_tokens) - len(table)
+        if need > len(self._free):
+            raise OutOfBlocks(
+                f"sequence {seq_id!r} needs {need} more KV blocks for {num_tokens} tokens; {len(self._free)} free "
+                f"of {self.num_blocks} (block size {self.block_size})")
+        for _ in range(need):
+            table.append(self._free.pop())
+
+    def append(self, seq_id: Hashable, n: int) -> list[int]:
+        """Reserve and commit ``n`` more positions; returns their slots."""
+        start = self.length(seq_id)
+        self.reserve(seq_id, start + n)
+        self._lengths[seq_id] = start + n
+        return self.slots(seq_id, start, start + n)
+
+    def set_length(self, seq_id: Hashable, length: int) -> None:
+        """Set the committed length inside the reserved blocks (blocks are kept)."""
+        if not 0 <= length <= self.capacity(seq_id):
+            raise IndexError(f"length {length} outside the {self.capacity(seq_id)} reserved for {seq_id!r}")
+        self._lengths[seq_id] = length
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Set the committed length and release every block after it."""
+        self.set_length(seq_id, length)
+        table = self._tables[seq_id]
+        keep = self.blocks_for(length)
+        while len(table) > keep:
+            self._free.append(table.pop())
+
+    def free(self, seq_id: Hashable) -> None:
+        table = self._tables.pop(self._check(seq_id))
+        del self._lengths[seq_id]
+        self._free.extend(reversed(table))
+
+    def _check(self, seq_id: Hashable) -> Hashable:
+        if seq_id not in self._tables:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        return seq_id
+
+
+class KVCache:
+    """K and V storage ``[layers, num_blocks, block_size, kv_heads, head_dim]`` plus its allocator."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.config = config
+        self.alloc = BlockAllocator(num_blocks, block_size)
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._workspace = torch.empty(0, dtype=dtype, device=device)
+
+    def workspace(self, numel: int) -> torch.Tensor:
+        """A reused scratch buffer of at least ``numel`` elements (the model gathers K/V blocks into it)."""
+        if self._workspace.numel() < numel:
+            self._workspace = torch.empty(max(numel, 2 * self._workspace.numel()), dtype=self.dtype, device=self.device)
+        return self._workspace[:numel]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+    @classmethod
+    def for_memory(cls, config: ModelConfig, max_bytes: int, block_size: int = 16,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "KVCache":
+        num_blocks = max_bytes // cls.bytes_per_block(config, block_size, dtype)
+        return cls(config, max(1, num_blocks), block_size, dtype, device)
+
+    @property
+    def block_size(self) -> int:
+        return self.alloc.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def add(self, seq_id: Hashable) -> None:
+        self.alloc.add(seq_id)
+
+    def free(self, seq_id: Hashable) -> None:
+        self.alloc.free(seq_id)
+
+    def length(self, seq_id: Hashable) -> int:
+        return self.alloc.length(seq_id)
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Drop committed KV after ``length`` and any tentative tree KV."""
+        self.alloc.truncate(seq_id, length)
+
+    def commit(self, seq_id: Hashable, path: Sequence[int]) -> None:
+        """Keep the tree nodes ``path`` (indices of nodes written at tentative positions ``length + i``).
+
+        Their K/V move to positions ``length, length + 1, ...`` (all layers), the committed length grows by
+        ``len(path)`` and all other tentative KV is released. ``path`` is normally the accepted
+        root-to-node path, e.g. ``[0, 2, 5]``.
+        """
+        base, path = self.alloc.length(seq_id), [int(i) for i in path]
+        if len(set(path)) != len(path) or any(i < 0 for i in path):
+            raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
+        if path and base + max(path) >= self.alloc.capacity(seq_id):
+            raise IndexError(f"node {max(path)} of {seq_id!r} was never reserved")
+        moves = [(base + i, base + j) for j, i in enumerate(path) if i != j]
+        if moves:
+            table, bs = self.alloc.block_table(seq_id), self.block_size
+            src = torch.tensor([table[p // bs] * bs + p % bs for p, _ in moves], device=self.device)
+            dst = torch.tensor([table[p // bs] * bs + p % bs for _, p in moves], device=self.device)
+            for store in (self.k, self.v):
+                flat = store.view(store.shape[0], -1, *store.shape[3:])
+                flat[:, dst] = flat[:, src]  # the right side is gathered first, so overlaps are safe
+        self.alloc.truncate(seq_id, base + len(path))

