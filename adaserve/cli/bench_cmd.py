@@ -1,4 +1,9 @@
-"""``adaserve bench scheduler``: benchmarks that print JSON lines."""
+"""``adaserve bench``: benchmarks.
+
+- ``adaserve bench scheduler ...``: time AdaServe's per-iteration decision (prints JSON lines).
+- ``adaserve bench --endpoint URL --trace T --baseline-ms X --out P``: replay a trace against an
+  OpenAI-compatible server (ours or vLLM/SGLang) and write the SPEC §7 results.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (print JSON lines)")
-    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = sub.add_parser("bench", help="benchmarks: `bench scheduler`, or `bench --endpoint URL` (HTTP replay)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_http_options(p)
+    p.set_defaults(func=_http)
+    bsub = p.add_subparsers(dest="bench_command", required=False, metavar="BENCH")
     s = bsub.add_parser("scheduler", help="time AdaServe's per-iteration decision on random trees")
     s.add_argument("--requests", type=int, default=96)
     s.add_argument("--depth", type=int, default=8)
@@ -18,8 +26,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_scheduler)
 
 
+def _add_http_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP replay (without a sub-command)")
+    g.add_argument("--endpoint", help="server base URL, e.g. http://127.0.0.1:8000")
+    g.add_argument("--trace", help="emission JSON trace to replay")
+    g.add_argument("--baseline-ms", type=float, help="baseline latency for relative SLOs (SPEC §2)")
+    g.add_argument("--out", help="result path prefix: writes PREFIX.txt and PREFIX.json")
+    g.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
+    g.add_argument("--api-key", help="bearer token for the server")
+    g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    g.add_argument("--max-requests", type=int, help="replay only the first N records")
+    g.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival times (e.g. 4 = a 4x slower arrival rate, for CPU speed)")
+    g.add_argument("--output-len-cap", type=int, help="cap every request's output length")
+    g.add_argument("--scale-slos", action="store_true",
+                   help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, SPEC §2)")
+    g.add_argument("--no-ignore-eos", action="store_true", help="do not ask the server to ignore EOS")
+    g.add_argument("--no-slo-fields", action="store_true",
+                   help="send neither the slo_ratio body field nor the x-slo-tpot-ms header")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _http(args: argparse.Namespace) -> int:
+    missing = [f"--{n.replace('_', '-')}" for n in ("endpoint", "trace", "baseline_ms", "out")
+               if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"bench needs a sub-command (scheduler) or an HTTP replay: missing {', '.join(missing)}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    for name in ("max_requests", "output_len_cap"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    from adaserve.bench.http_client import BenchConfig, run_bench
+
+    cfg = BenchConfig(args.endpoint, args.baseline_ms, model=args.model, api_key=args.api_key,
+                      timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
+                      send_slo=not args.no_slo_fields, progress=not args.no_progress,
+                      max_requests=args.max_requests, time_scale=args.time_scale,
+                      output_len_cap=args.output_len_cap, scale_slos=args.scale_slos)
+    txt, js, s = run_bench(args.trace, args.out, cfg)
+    keys = ("completed", "registered", "failed", "slo_attainment", "goodput", "throughput_tokens_per_sec",
+            "mean_generated_tokens_per_step")
+    line = {k: s.get(k) for k in keys}
+    line.update(mean_ttft_ms=s["vllm"]["mean_ttft_ms"], mean_tpot_ms=s["vllm"]["mean_tpot_ms"], out=str(txt))
+    print(json.dumps(line))
+    return 0
+
+
 def _scheduler(args: argparse.Namespace) -> int:
     from adaserve.bench.scheduler import bench_scheduler
+
+    if getattr(args, "endpoint", None) or getattr(args, "trace", None):
+        raise ValueError("--endpoint/--trace belong to the HTTP replay (`adaserve bench --endpoint ...`), "
+                         "not to `bench scheduler`")
 
     for name in ("requests", "depth", "width", "iterations"):
         if getattr(args, name) < 1:

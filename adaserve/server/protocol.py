@@ -1,0 +1,233 @@
+"""OpenAI request schemas (with vLLM's and AdaServe's extensions), response builders and the
+OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``.
+
+Schemas are strict (no string-to-number coercion, no NaN/inf) and allow unknown fields, which
+are ignored as OpenAI-compatible servers commonly do. Known parameters the engine cannot honour are
+rejected with 400 ``unsupported_parameter`` rather than silently ignored (see ``unsupported``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "internal_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def from_validation_error(e: ValidationError) -> ApiError:
+    """The first schema problem as a 400, ``param`` = the top-level field (dotted path in the message)."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    where = ".".join(loc) if loc else "body"
+    param = loc[0] if loc else None
+    if err.get("type") == "missing":
+        return ApiError(400, f"missing required field '{where}'", param, "missing_required_parameter")
+    return ApiError(400, f"invalid value for '{where}': {err.get('msg')}", param, "invalid_value")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class SamplingRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+    user: str | None = None
+    # vLLM extensions
+    ignore_eos: bool = False
+    priority: int = 0
+    return_token_ids: bool = False
+    # AdaServe: the TPOT SLO (SPEC §2): absolute ms, or the encoded ratio
+    slo_ms: float | None = None
+    slo_ratio: float | None = None
+    slo_category: str | None = Field(default=None, min_length=1, max_length=64)  # label for /metrics
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ApiError(400, f"content part of type {part.type!r} is not supported (text only)",
+                               "messages", "unsupported_content")
+            out.append(part.text)
+        return "".join(out)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+def _unsupported(param: str, why: str) -> ApiError:
+    return ApiError(400, f"'{param}' {why}", param, "unsupported_parameter")
+
+
+def unsupported(req: SamplingRequest, engine_temperature: float, engine_ignores_eos: bool) -> ApiError | None:
+    """The first parameter this engine cannot honour, as an error; None if all are fine."""
+    if req.n != 1:
+        return _unsupported("n", f"must be 1 (one choice per request), got {req.n}")
+    if req.temperature is not None:
+        if not 0 <= req.temperature <= 2:
+            return ApiError(400, f"'temperature' must be in [0, 2], got {req.temperature}", "temperature",
+                            "invalid_value")
+        if abs(req.temperature - engine_temperature) > 1e-6:
+            mode = "decodes greedily" if engine_temperature == 0 else f"samples at temperature {engine_temperature:g}"
+            return _unsupported("temperature", f"{req.temperature:g} is not supported: this server {mode} "
+                                "(the engine's temperature is fixed at start-up: adaserve serve --temperature)")
+    if req.top_p not in (None, 1.0):
+        return _unsupported("top_p", "must be 1 (nucleus sampling is not implemented)")
+    if req.top_k not in (None, 0, -1):
+        return _unsupported("top_k", "must be -1 or 0 (top-k sampling is not implemented)")
+    if req.seed is not None and engine_temperature > 0:
+        return _unsupported("seed", "per-request seeds are not supported when sampling")
+    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(req, name) != neutral:
+            return _unsupported(name, f"must be {neutral:g} (penalties are not implemented)")
+    if req.logit_bias:
+        return _unsupported("logit_bias", "is not supported")
+    if req.min_tokens != 0:
+        return _unsupported("min_tokens", "is not supported")
+    if req.ignore_eos and not engine_ignores_eos:
+        return _unsupported("ignore_eos", "per request is not supported; start the server with --ignore-eos")
+    if req.stream_options is not None and not req.stream:
+        return ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
+                        "invalid_value")
+    stops = req.stop_list()
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        return ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop", "invalid_value")
+    return _endpoint_unsupported(req)
+
+
+def _endpoint_unsupported(req: SamplingRequest) -> ApiError | None:
+    if isinstance(req, CompletionRequest):
+        if req.best_of not in (None, 1):
+            return _unsupported("best_of", f"must be 1, got {req.best_of}")
+        if req.logprobs is not None:
+            return _unsupported("logprobs", "is not supported")
+        if req.echo:
+            return _unsupported("echo", "is not supported")
+        if req.suffix is not None:
+            return _unsupported("suffix", "is not supported")
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs or req.top_logprobs:
+            return _unsupported("logprobs", "is not supported")
+        if req.tools or req.tool_choice not in (None, "none"):
+            return _unsupported("tools", "tool calling is not supported")
+        if req.response_format is not None and req.response_format.get("type") != "text":
+            return _unsupported("response_format", "only {'type': 'text'} is supported")
+    return None
+
+
+# ------------------------------------------------------------------------------------- responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None,
+                     token_ids: list[int] | None = None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None,
+               token_ids: list[int] | None = None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [choice]}
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish: str, usage: dict,
+                        token_ids: list[int] | None = None) -> dict:
+    out = completion_chunk(rid, created, model, text, finish, token_ids)
+    out["usage"] = usage
+    return out
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish: str, usage: dict,
+                  token_ids: list[int] | None = None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                              "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage}
