@@ -51,6 +51,7 @@ class Executor(Protocol):
 
 
 OVERHEAD_KEYS = ("speculation", "verification", "scheduling", "prefill", "other")
+BUDGET_HISTORY = 4096  # per-iteration verification budgets kept (a server loop runs for ever)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class LoopStats:
     committed_tokens: int = 0      # tokens committed in decode steps (accepted + bonus)
     request_steps: int = 0         # Σ decoding requests per step
     overhead_ms: dict = field(default_factory=lambda: dict.fromkeys(OVERHEAD_KEYS, 0.0))
-    budgets: list = field(default_factory=list)
+    verified_tokens: int = 0       # Σ verified tree nodes (roots included) over all iterations
+    budgets: deque = field(default_factory=lambda: deque(maxlen=BUDGET_HISTORY))  # recent ones
 
 
 class ServingLoop:
@@ -126,7 +128,9 @@ class ServingLoop:
         cpu = time.perf_counter()
         selection = self.policy.select(plan, forest, view)
         sched_ms += (time.perf_counter() - cpu) * 1e3
-        stats.budgets.append(int(selection.selected.sum()))
+        verified = int(selection.selected.sum())
+        stats.budgets.append(verified)
+        stats.verified_tokens += verified
         max_commit = np.fromiter((self._commit_cap(r) for r in plan.decode), np.int64, len(plan.decode))
         out = ex.execute(plan.prefill, plan.decode, forest, selection.selected, max_commit)
         t2 = ex.now()

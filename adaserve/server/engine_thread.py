@@ -28,7 +28,6 @@ from adaserve.scheduling.admission import kv_reservation
 from adaserve.server.metrics import ServerMetrics
 
 log = logging.getLogger("adaserve.server")
-BUDGET_HISTORY = 10_000  # per-iteration verification budgets kept in the loop's stats
 
 
 @dataclass
@@ -209,8 +208,6 @@ class EngineThread:
     def _publish(self) -> None:
         """Counters that /metrics and /health read from the event loop thread."""
         st = self.loop.stats
-        if len(st.budgets) > 2 * BUDGET_HISTORY:  # a server runs for ever: keep the recent budgets only
-            del st.budgets[:-BUDGET_HISTORY]
         self.snapshot = {
             "running": len(self.loop.running),
             "waiting": len(self.loop.waiting) + len(self.loop.pending),
