@@ -128,3 +128,20 @@ def test_bad_records_name_file_and_line(tmp_path, line, needle):
     with pytest.raises(AcceptanceRecordError) as e:
         RecordedAcceptance.load(path)
     assert needle in str(e.value) and "bad.jsonl" in str(e.value)
+
+
+def test_recorded_misses_leave_no_nodes(tmp_path):
+    """An n-gram miss is recorded as probs [0.0], rank -1: the drafter proposed nothing there, so
+    the simulated tree stops there too (static shapes included) and nothing is verified beyond."""
+    rows = [{"rid": 0, "category": "chat", "pos": p, "probs": [0.8, 0.1] if p % 3 == 0 else [0.0],
+             "rank": 0 if p % 3 == 0 else -1} for p in range(30)]
+    path = tmp_path / "acc.jsonl"
+    write_records(path, rows)
+    model = RecordedAcceptance.load(path)
+    f = model.draft(reqs(1), SpecShape.static((2, 1, 1)), np.random.default_rng(0))
+    f.check()
+    assert f.n_nodes == 3 and f.depth.tolist() == [0, 1, 1]   # only the first level has proposals
+    assert accepted_lengths(f, np.ones(f.n_nodes, bool)).tolist() == [1]
+    two = model.draft(reqs(2), SpecShape.chain(3), np.random.default_rng(0))
+    two.check()
+    assert two.offsets.tolist() == [0, 2, 4]

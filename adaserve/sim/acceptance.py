@@ -72,7 +72,25 @@ def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Ge
         f_prob, f_ok = c_prob, c_ok
         f_local = np.broadcast_to(np.arange(next_local, next_local + size), (n, size))
         next_local += size
-    return _assemble(n, next_local, parents, probs, oks, toks)
+    return drop_impossible(_assemble(n, next_local, parents, probs, oks, toks))
+
+
+def drop_impossible(forest: CandidateForest) -> CandidateForest:
+    """Remove nodes of path probability 0 (a drafter that has nothing to propose, e.g. an n-gram
+    miss in recorded acceptance): real drafters do not emit them, so nobody should verify them.
+    Their descendants have probability 0 too, so the remaining trees stay connected."""
+    keep = forest.prob > 0
+    keep[forest.roots] = True
+    if keep.all():
+        return forest
+    new_index = np.cumsum(keep) - 1
+    parent = forest.parent[keep]
+    counts = np.add.reduceat(keep.astype(np.int64), forest.offsets[:-1])
+    out = CandidateForest(offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+                          parent=np.where(parent >= 0, new_index[np.maximum(parent, 0)], -1),
+                          token=forest.token[keep], prob=forest.prob[keep], depth=forest.depth[keep])
+    out.extra = {k: v[keep] for k, v in forest.extra.items()}
+    return out
 
 
 def _assemble(n: int, m: int, parents, probs, oks, toks) -> CandidateForest:
