@@ -127,3 +127,34 @@ def test_reproduce_runs_sweeps_plots_and_headline(tmp_path):
     assert json.loads((results / "headline.json").read_text())
     bad = subprocess.run(cmd[:5] + ["fig13"] + cmd[6:], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "unknown figure" in bad.stderr
+
+
+@pytest.mark.parametrize("script,env,points", [
+    ("fig10/run_llama_prop.sh", {"PROP_MIN": "0.3", "PROP_MAX": "0.4"}, ["prop0.3_rps4.0", "prop0.4_rps4.0"]),
+    ("fig11/run_qwen_slo.sh", {"SLO_SCALE_MIN": "0.8", "SLO_SCALE_MAX": "1.0", "OUTPUT_LENGTH": "128"},
+     ["slo0.8_ol128", "slo1.0_ol128"]),
+])
+def test_fig10_fig11_tiny_sweeps(tmp_path, script, env, points):
+    traces = small_trace_dir(tmp_path, points, n=30)
+    p = run_script(script, tmp_path, ADASERVE="ON", VLLM_SARATHI="ON", TRACE_DIR=str(traces), **env)
+    assert p.returncode == 0, p.stderr
+    fig, model = script.split("/")[0], "llama" if "llama" in script else "qwen"
+    for system in ("adaserve", "sarathi"):
+        for point in points:
+            assert result_complete(tmp_path / "results" / fig / model / system / point)
+    again = run_script(script, tmp_path, ADASERVE="ON", VLLM_SARATHI="ON", TRACE_DIR=str(traces), **env)
+    assert "0 point(s) run, 4 skipped" in again.stdout
+
+
+def test_generated_traces_are_written_once_and_reused(tmp_path):
+    """Without TRACE_DIR the sweep generates its traces (deterministically) under results/traces."""
+    env = dict(ADASERVE="ON", RPS_MIN="0.2", RPS_MAX="0.2", OUTPUT_LENGTH="16")
+    p = run_script("fig8,9/run_qwen_rps.sh", tmp_path, **env)
+    assert p.returncode == 0, p.stderr
+    trace = tmp_path / "results" / "traces" / "fig8,9" / "emission_rps0.2_ol16.json"
+    first = trace.read_bytes()
+    assert len(load_trace(trace)) == 100   # 0.2 req/s x 360 s, rounded to 100 as the artifact did
+    trace.unlink()
+    (tmp_path / "results" / "fig8,9" / "qwen" / "adaserve" / "rps0.2_ol16.txt").unlink()
+    assert run_script("fig8,9/run_qwen_rps.sh", tmp_path, **env).returncode == 0
+    assert trace.read_bytes() == first
