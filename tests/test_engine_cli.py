@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,69 @@ def test_run_without_profile_measures_a_quick_one(tmp_path):
                  "--threads", "1", "--no-progress", "--max-batch-requests", "2", "--max-batch-tokens", "32"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
     assert meta["profile"] == "quick-measured" and meta["profile_source"] == "measured"
+
+
+# ---- the quick start-up profile ------------------------------------------------------------------
+
+def test_monotone_points_is_a_cumulative_max_per_table():
+    from adaserve.engine.profiler import monotone_points
+
+    pts = {"baseline": 50.0, "verify:1": 383.0, "verify:4": 120.0, "verify:8": 344.0, "verify:16": 400.0,
+           "context:0": 10.0, "context:4096": 8.0, "prefill:16": 30.0, "prefill:64": 90.0, "draft:1": 0.2,
+           "draft:8": 0.1}
+    out = monotone_points(pts)
+    assert [out[f"verify:{t}"] for t in (1, 4, 8, 16)] == [383.0, 383.0, 383.0, 400.0]
+    assert (out["context:4096"], out["draft:8"], out["prefill:64"], out["baseline"]) == (10.0, 0.2, 90.0, 50.0)
+
+
+def test_quick_profile_keeps_the_least_disturbed_pass(monkeypatch):
+    """Each point is the minimum over the passes (a loaded pass does not spoil it), then monotone."""
+    from adaserve.engine import profiler
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.engine.run import CPU_LIMITS
+
+    limits = CPU_LIMITS
+    grid = profiler.Grid.for_limits(limits, repeat=1, quick=True)
+    calls = []
+
+    def fake_measure(model, lim, g, draft=None):
+        assert g.tokens == grid.tokens and g.repeat == 1
+        k = len(calls)
+        calls.append(k)
+        yield "baseline", (40.0, 300.0, 41.0)[k]
+        for t in g.tokens:  # pass 1 is disturbed at small sizes, pass 0 at large ones
+            yield f"verify:{t}", 30.0 + t + (500.0 if (k == 1 and t < 8) or (k == 0 and t >= 8) else 0.0)
+        for c in g.contexts:
+            yield f"context:{c}", 5.0 + c / 1000
+        for t in g.prefill:
+            yield f"prefill:{t}", float(t)
+        for t in g.draft:
+            yield f"draft:{t}", 0.1
+    monkeypatch.setattr(profiler, "measure", fake_measure)
+    p = profiler.quick_profile("fake", tiny_random_model("llama"), limits, passes=3)
+    assert calls == [0, 1, 2] and p.baseline_ms == 40.0
+    assert list(p.verify.ms) == [30.0 + t for t in grid.tokens]
+    with pytest.raises(ValueError):
+        profiler.quick_profile("fake", None, limits, passes=0)
+
+
+def test_quick_profile_tables_never_decrease():
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.engine.profiler import quick_profile
+    from adaserve.engine.run import default_limits, kv_bytes_per_token, with_kv_capacity
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    model = tiny_random_model("llama")
+    limits = with_kv_capacity(replace(default_limits("cpu"), max_batch_requests=4, max_batch_tokens=64),
+                              None, kv_bytes_per_token(model))
+    p = quick_profile("tiny", model, limits, passes=2)
+    assert p.source == "measured" and p.baseline_ms > 0
+    for table in (p.verify, p.prefill, p.draft):
+        assert np.all(np.diff(table.ms) >= 0), table.ms
+    assert np.all(np.diff(p.verify.ms_by_context, axis=1) >= 0) and np.all(np.diff(p.verify.ms_by_context, axis=0) >= 0)
+    ms = [float(p.verify_ms(t)) for t in range(1, 65)]
+    assert ms == sorted(ms)
 
 
 @pytest.mark.parametrize("args,message", [

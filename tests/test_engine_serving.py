@@ -17,8 +17,8 @@ from adaserve.engine import (AcceptanceRecorder, BatchBuilder, ModelDrafter, Ngr
                              tiny_random_model)
 from adaserve.engine.drafters import RECORD_K, NgramIndex
 from adaserve.engine.executor import kv_capacity_tokens, selected_trees
-from adaserve.engine.sequence import SeqState
-from adaserve.engine.verify import cut, greedy_walk, stochastic_walk
+from adaserve.engine.sequence import SamplingOptions, SeqState
+from adaserve.engine.verify import cut, greedy_walk, softmax, stochastic_walk, target_logits
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.policies import SYSTEMS, make_policy
@@ -330,19 +330,28 @@ def exact_joint(model, prompt, vocab, length):
     return out.ravel()
 
 
-def test_stochastic_serving_samples_the_target_distribution():
+@pytest.mark.parametrize("mode", ["executor_default", "per_request", "seeded"])
+def test_stochastic_serving_samples_the_target_distribution(mode):
     """End to end: many identical prompts served with tree speculation at temperature 1 (every
-    request's output is an independent sample); joint of the first 3 tokens vs the exact target."""
+    request's output is an independent sample); joint of the first 3 tokens vs the exact target.
+    ``executor_default``: the executor's temperature; ``per_request``: a greedy executor whose sampled
+    requests carry temperature 1 and share batches with greedy ones (which stay greedy);
+    ``seeded``: every request its own seed (Gumbel-max sampling keyed by seed and position)."""
     vocab, n = 4, 1500
     target = tiny_random_model("llama", seed=8, vocab_size=vocab)
     draft = noisy_copy(target, scale=0.3)
     prompt = [1, 3, 0, 2, 1]
+    greedy_rids = set(range(n, n + 60)) if mode == "per_request" else set()
     reqs = [Request(rid=i, arrival_ms=0.0, input_len=5, max_new_tokens=3, slo_ratio=1.5, slo_ms=3.0,
-                    category="x") for i in range(n)]
+                    category="x") for i in sorted(set(range(n)) | greedy_rids)]
     profile = tiny_profile(max_batch_requests=250, max_batch_tokens=4096, prefill_chunk=64)
+    default_t = 1.0 if mode == "executor_default" else 0.0
     ex = TorchExecutor(target, profile, ModelDrafter(draft, num_blocks=800), num_blocks=800,
-                       temperature=1.0, seed=3, ignore_eos=True)
-    ex.set_prompts({i: prompt for i in range(n)})
+                       temperature=default_t, seed=3, ignore_eos=True)
+    ex.set_prompts({r.rid: prompt for r in reqs})
+    if mode != "executor_default":
+        ex.set_options({i: SamplingOptions(temperature=1.0, ignore_eos=True, seed=i if mode == "seeded" else None)
+                        for i in range(n)})
     loop = ServingLoop(make_policy("specinfer", "tiny"), ex, reqs)
     loop.run()
     assert loop.stats.committed_tokens > loop.stats.request_steps  # trees were accepted
@@ -350,6 +359,97 @@ def test_stochastic_serving_samples_the_target_distribution():
     for i in range(n):
         counts[np.ravel_multi_index(ex.outputs[i], (vocab,) * 3)] += 1
     assert chi_square_p(counts, exact_joint(target, prompt, vocab, 3) * n) > 1e-3
+    ref = plain_greedy(target, prompt, 3)
+    assert all(ex.outputs[i] == ref for i in greedy_rids)
+
+
+# ---- per-request sampling -----------------------------------------------------------------------
+
+def test_greedy_and_sampled_requests_in_one_batch(target, workload):
+    """Sampled requests (plain, seeded, top-p, top-k) decode in the same batches as greedy ones; the
+    greedy ones are token-identical to plain greedy decoding; a seeded request's output does not
+    depend on its batch or on the speculation trees; top_k 1 and a tiny top_p are greedy."""
+    prompts, ref = workload
+    opts = {1: SamplingOptions(temperature=1.0), 3: SamplingOptions(temperature=0.8, seed=5),
+            5: SamplingOptions(temperature=1.2, top_p=0.9), 6: SamplingOptions(temperature=1.0, top_k=1),
+            7: SamplingOptions(temperature=1.0, top_p=1e-9), 8: {"temperature": 0.5, "top_k": 3, "seed": 2}}
+    reqs = make_requests(len(prompts))[0]
+    ex = TorchExecutor(target, tiny_profile(), ModelDrafter(noisy_copy(target), num_blocks=200))
+    ex.set_prompts(prompts)
+    ex.set_options(opts)
+    batches = []
+    real = ex.execute
+
+    def spy(prefill, decode, *a, **kw):
+        batches.append({ex.seqs[r.rid].options.greedy for r in decode})
+        return real(prefill, decode, *a, **kw)
+    ex.execute = spy
+    loop = ServingLoop(make_policy("vllm_spec_4", "tiny"), ex, reqs)
+    loop.run()
+    assert {True, False} in batches  # greedy and sampled requests verified in one forward
+    assert loop.stats.committed_tokens > loop.stats.request_steps  # with speculation
+    for r in reqs:
+        assert r.phase == Phase.FINISHED
+        if r.rid not in opts or r.rid in (6, 7):
+            assert ex.outputs[r.rid] == ref[r.rid], f"request {r.rid}"
+    assert any(ex.outputs[r] != ref[r] for r in (1, 3, 5, 8))  # the others were sampled
+    # seeded requests served alone, without speculation: the same tokens
+    for rid in (3, 8):
+        alone = TorchExecutor(target, tiny_profile(), None)
+        alone.set_prompts({rid: prompts[rid]})
+        alone.set_options({rid: opts[rid]})
+        r = next(q for q in make_requests(len(prompts))[0] if q.rid == rid)
+        r.arrival_ms = 0.0
+        ServingLoop(make_policy("vllm", "tiny"), alone, [r]).run()
+        assert alone.outputs[rid] == ex.outputs[rid]
+
+
+def test_target_logits_restricts_to_top_k_and_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert np.allclose(softmax(target_logits(logits, 1.0)), [0.5, 0.3, 0.15, 0.05])
+    assert np.allclose(softmax(target_logits(logits, 1.0, top_k=2)), [0.625, 0.375, 0, 0])
+    assert np.allclose(softmax(target_logits(logits, 1.0, top_p=0.75)), [0.625, 0.375, 0, 0])  # 0.5 + 0.3 reaches 0.75
+    assert np.allclose(softmax(target_logits(logits, 1.0, top_p=0.81)), [0.5, 0.3, 0.15, 0] / np.float64(0.95))
+    assert np.allclose(softmax(target_logits(logits, 1.0, top_p=1e-9)), [1, 0, 0, 0])
+    hot = softmax(target_logits(logits, 2.0))
+    assert np.allclose(hot, np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum())
+    for bad in ({"temperature": -1}, {"temperature": float("nan")}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}):
+        with pytest.raises(ValueError):
+            SamplingOptions(**bad)
+
+
+def test_ignore_eos_per_request(target):
+    """A request that ignores EOS runs to its length while its batch-mate with the same prompt stops
+    at EOS; the executor's default is untouched."""
+    prompt = next(p for p in ([int(t) for t in np.random.default_rng(s).integers(3, 256, 8)] for s in range(400))
+                  if EOS in plain_greedy(target, p, 30, ()))  # a prompt whose greedy continuation hits EOS
+    stop_at = plain_greedy(target, prompt, 30, (EOS,))
+    reqs = [Request(rid=i, arrival_ms=0.0, input_len=len(prompt), max_new_tokens=30, slo_ratio=1.5, slo_ms=3.0,
+                    category="x") for i in range(2)]
+    ex = TorchExecutor(target, tiny_profile(), NgramDrafter())
+    ex.set_prompts({0: prompt, 1: prompt})
+    ex.set_options({1: SamplingOptions(ignore_eos=True)})
+    ServingLoop(make_policy("adaserve", "tiny"), ex, reqs).run()
+    assert ex.outputs[0] == stop_at and reqs[0].finish_reason == "eos"
+    assert ex.outputs[1] == plain_greedy(target, prompt, 30, ()) and reqs[1].finish_reason == "length"
+
+
+# ---- per-request state ------------------------------------------------------------------------
+
+def test_release_keeps_outputs_until_forget(target, workload):
+    prompts, ref = workload
+    reqs = make_requests(len(prompts))[0]
+    ex = TorchExecutor(target, tiny_profile(), NgramDrafter())
+    ex.set_prompts(prompts)
+    ex.set_options({0: SamplingOptions(temperature=1.0), 99: SamplingOptions()})  # 99: never submitted
+    ex.set_prompts({99: [5, 6, 7]})
+    ServingLoop(make_policy("adaserve", "tiny"), ex, reqs).run()
+    assert ex.state_size() == {"seqs": 0, "outputs": len(reqs), "prompts": 1, "options": 1, "kv_sequences": 0}
+    assert all(ex.outputs[r.rid] == ref[r.rid] for r in reqs[1:])  # readable after release (adaserve run)
+    for rid in [r.rid for r in reqs] + [99, 99]:  # idempotent
+        ex.forget(rid)
+    assert ex.state_size() == {"seqs": 0, "outputs": 0, "prompts": 0, "options": 0, "kv_sequences": 0}
+    assert not ex.drafter._index and ex.cache.alloc.free_blocks == ex.num_blocks
 
 
 # ---- acceptance records -----------------------------------------------------------------------

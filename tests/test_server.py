@@ -1,7 +1,8 @@
 """The OpenAI-compatible server on loopback (uvicorn in a thread, a tiny random Llama with the n-gram
 drafter) driven by a real HTTP client: completions and chat, SSE streaming, SLO fields, /metrics,
 64 concurrent streams, the bad-input table, API keys, cancellation on disconnect (KV freed), and
-the HTTP benchmark client writing SPEC §7 results. One test starts `adaserve serve` as a process."""
+the HTTP benchmark client writing SPEC §7 results, per-request sampling (greedy and sampled requests
+in one batch), no per-request state left behind. One test starts `adaserve serve` as a process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,11 +29,13 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.core.results import load_result, result_complete
 from adaserve.engine import NgramDrafter, TorchExecutor, tiny_random_model
+from adaserve.engine.builder import ByteTokenizer, resolve_model
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from adaserve.server import EngineThread, ServerConfig, create_app
 from adaserve.server.metrics import parse_prometheus
-from adaserve.server.tokenizer import ByteCodec, IncrementalDetokenizer, TextStream
+from adaserve.server.build import codec_for
+from adaserve.server.tokenizer import IncrementalDetokenizer, TextStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +79,7 @@ def make_engine(seed=1, **executor_kw):
 @pytest.fixture(scope="module")
 def srv():
     model, ex, engine = make_engine(ignore_eos=True)
-    codec = ByteCodec([1, 2])
+    codec = ByteTokenizer()
     app = create_app(engine, codec, ServerConfig(MODEL, BASELINE_MS, ignore_eos=True))
     live = LiveServer(app)
     live.model, live.ex, live.engine, live.codec = model, ex, engine, codec
@@ -89,7 +93,7 @@ def srv():
 def keyed():
     """A second server: API key, EOS respected (so per-request ignore_eos is refused)."""
     _, ex, engine = make_engine(seed=3)
-    live = LiveServer(create_app(engine, ByteCodec([1, 2]), ServerConfig(MODEL, BASELINE_MS, api_key="sekret")))
+    live = LiveServer(create_app(engine, ByteTokenizer(), ServerConfig(MODEL, BASELINE_MS, api_key="sekret")))
     yield live
     live.stop()
 
@@ -117,15 +121,22 @@ def metrics(client) -> dict[str, float]:
 
 
 def wait_idle(srv, timeout=10.0) -> dict:
-    """Until no request is running or waiting and every KV block is back."""
+    """Until no request is running or waiting and every KV block is back; then the executor holds
+    nothing for any request (the server forgets each one when it ends)."""
     deadline = time.time() + timeout
     while True:
         m = metrics(srv.client)
         if m["adaserve_num_requests_running"] == 0 and m["adaserve_num_requests_waiting"] == 0 \
                 and m["adaserve_kv_blocks_in_use"] == 0:
+            assert_no_request_state(srv.ex)
             return m
         assert time.time() < deadline, f"engine not idle: {m}"
         time.sleep(0.02)
+
+
+def assert_no_request_state(ex):
+    assert ex.state_size() == {"seqs": 0, "outputs": 0, "prompts": 0, "options": 0, "kv_sequences": 0}
+    assert not ex.drafter._index  # the n-gram drafter's per-request index
 
 
 @contextmanager
@@ -178,7 +189,8 @@ def test_greedy_output_equals_the_engines_and_streaming_equals_non_streaming(srv
     assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == ref
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == choice["text"]
     # a text prompt tokenizes to the same ids
-    text = bytes(prompt).decode()
+    text = srv.codec.decode(prompt)
+    assert srv.codec.encode(text) == prompt
     r2 = srv.client.post("/v1/completions", json={**body, "prompt": text}).json()
     assert r2["choices"][0]["token_ids"] == ref
 
@@ -405,9 +417,15 @@ BAD = [  # (path, body: dict or raw text, headers, status, param, code)
     (C, {"prompt": "x", "best_of": 3}, {}, 400, "best_of", "unsupported_parameter"),
     (C, {"prompt": "x", "logprobs": 1}, {}, 400, "logprobs", "unsupported_parameter"),
     (C, {"prompt": "x", "echo": True}, {}, 400, "echo", "unsupported_parameter"),
-    (C, {"prompt": "x", "temperature": 0.7}, {}, 400, "temperature", "unsupported_parameter"),
     (C, {"prompt": "x", "temperature": 5}, {}, 400, "temperature", "invalid_value"),
-    (C, {"prompt": "x", "top_p": 0.5}, {}, 400, "top_p", "unsupported_parameter"),
+    (C, {"prompt": "x", "temperature": -0.1}, {}, 400, "temperature", "invalid_value"),
+    (C, {"prompt": "x", "top_p": 0}, {}, 400, "top_p", "invalid_value"),
+    (C, {"prompt": "x", "top_p": 1.5}, {}, 400, "top_p", "invalid_value"),
+    (C, {"prompt": "x", "top_k": -2}, {}, 400, "top_k", "invalid_value"),
+    (C, {"prompt": "x", "seed": 1.5}, {}, 400, "seed", "invalid_value"),
+    (C, {"prompt": "x", "ignore_eos": "yes"}, {}, 400, "ignore_eos", "invalid_value"),
+    (C, {"prompt": "x", "min_tokens": 3}, {}, 400, "min_tokens", "unsupported_parameter"),
+    (C, {"prompt": "x", "logit_bias": {"5": 1.0}}, {}, 400, "logit_bias", "unsupported_parameter"),
     (C, {"prompt": "x", "presence_penalty": 1}, {}, 400, "presence_penalty", "unsupported_parameter"),
     (C, {"prompt": "x", "stream": "yes"}, {}, 400, "stream", "invalid_value"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, {}, 400, "stream_options", "invalid_value"),
@@ -465,23 +483,65 @@ def test_api_key(keyed):
     assert httpx.post(f"{keyed.url}/v1/completions", json=body, headers=auth).status_code == 200
     assert httpx.get(f"{keyed.url}/v1/models", headers=auth).status_code == 200
     assert httpx.get(f"{keyed.url}/health").status_code == 200  # health and metrics stay open
-    r = httpx.post(f"{keyed.url}/v1/completions", json={**body, "ignore_eos": True}, headers=auth)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
 
 
-def test_sampling_server_takes_its_own_temperature_only():
-    _, ex, engine = make_engine(seed=4, temperature=1.0, ignore_eos=True)
-    live = LiveServer(create_app(engine, ByteCodec([1, 2]), ServerConfig(MODEL, BASELINE_MS, temperature=1.0,
-                                                                         ignore_eos=True)))
+def test_ignore_eos_per_request(keyed):
+    """The keyed server respects EOS by default; a request may ask to ignore it (it is then never
+    cut short)."""
+    auth = {"Authorization": "Bearer sekret"}
+    body = {"prompt": [5, 6, 7], "max_tokens": 60, "return_token_ids": True}
+    r = httpx.post(f"{keyed.url}/v1/completions", json={**body, "ignore_eos": True}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 60
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_sampling_is_per_request_and_greedy_requests_stay_greedy():
+    """A server whose default is temperature 1: requests without a temperature are sampled, requests
+    with temperature 0 are greedy (token-identical to the engine's plain greedy decoding) even when
+    they share batches with sampled ones, a seed makes a sampled answer reproducible, top_k 1 is
+    greedy, and every request's options are forgotten afterwards."""
+    model, ex, engine = make_engine(seed=4, temperature=1.0, ignore_eos=True)
+    live = LiveServer(create_app(engine, ByteTokenizer(), ServerConfig(MODEL, BASELINE_MS, temperature=1.0,
+                                                                       ignore_eos=True)))
+    prompt = [7, 8, 9, 7, 8, 9, 7]
+    ref = engine_greedy(model, prompt, 24)
+    steps = []  # the (rid, temperature) pairs of every decode step's batch
+    real = ex.execute
+
+    def spy(prefill, decode, *args, **kw):  # slow steps, so that the requests share batches
+        steps.append({(r.rid, ex.seqs[r.rid].options.temperature) for r in decode})
+        time.sleep(0.005)
+        return real(prefill, decode, *args, **kw)
+    ex.execute = spy
+
+    async def many():
+        body = {"prompt": prompt, "max_tokens": 24, "return_token_ids": True}
+        extras = [{}, {"temperature": 0}, {"temperature": 1.0}, {"temperature": 0}, {"temperature": 0.7, "top_p": 0.9},
+                  {"seed": 11}, {"seed": 11, "temperature": 1.0}, {"top_k": 1}, {"temperature": 1.5, "top_k": 5}]
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={**body, **e}) for e in extras))
+        return extras, rs
     try:
-        body = {"prompt": [7, 8, 9], "max_tokens": 12, "return_token_ids": True}
-        outs = [httpx.post(f"{live.url}/v1/completions", json={**body, **extra})
-                for extra in ({}, {"temperature": 1.0}, {"temperature": 1.0})]
-        assert [o.status_code for o in outs] == [200] * 3
-        assert len({tuple(o.json()["choices"][0]["token_ids"]) for o in outs}) > 1  # sampled, not greedy
-        r = httpx.post(f"{live.url}/v1/completions", json={**body, "temperature": 0})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+        extras, rs = asyncio.run(many())
+        assert [r.status_code for r in rs] == [200] * len(rs), [r.text for r in rs]
+        toks = [r.json()["choices"][0]["token_ids"] for r in rs]
+        for e, t in zip(extras, toks):
+            if e.get("temperature") == 0 or e.get("top_k") == 1:
+                assert t == ref, e
+        assert toks[5] == toks[6]  # same seed, same answer (default temperature 1 = explicit 1)
+        sampled = [t for e, t in zip(extras, toks) if e.get("temperature", 1.0) > 0 and e.get("top_k") != 1]
+        assert any(t != ref for t in sampled)  # sampled, not greedy
+        assert any(len({temp for _, temp in s}) > 1 for s in steps)  # greedy and sampled in one batch
+        # the seeded answer does not depend on the batch it was served in
+        alone = httpx.post(f"{live.url}/v1/completions", json={"prompt": prompt, "max_tokens": 24, "seed": 11,
+                                                               "return_token_ids": True}, timeout=60)
+        assert alone.json()["choices"][0]["token_ids"] == toks[5]
+        live.ex = ex
+        live.client = httpx.Client(base_url=live.url, timeout=60)
+        wait_idle(live)
+        live.client.close()
     finally:
+        del ex.execute
         live.stop()
 
 
@@ -538,7 +598,17 @@ def test_bench_client_scales_slos_and_caps_outputs(srv, tmp_path):
     assert 'adaserve_requests_finished_total{category="summarization"}' in metrics(srv.client)
 
 
-def test_bench_client_drops_ignore_eos_when_refused(keyed, tmp_path):
+def test_bench_client_drops_ignore_eos_when_refused(keyed, tmp_path, monkeypatch):
+    from adaserve.server import protocol as P
+
+    server = keyed.server.config.app.state.server
+    real = server.parse
+
+    def refusing(cls, body):  # a server without vLLM's ignore_eos extension
+        if "ignore_eos" in body:
+            raise P.ApiError(400, "'ignore_eos' is not supported", "ignore_eos", "unsupported_parameter")
+        return real(cls, body)
+    monkeypatch.setattr(server, "parse", refusing)
     trace = tmp_path / "t.json"
     write_trace(trace, 3)
     rc = cli_main(["bench", "--endpoint", keyed.url, "--trace", str(trace), "--baseline-ms", "5", "--out",
@@ -591,17 +661,62 @@ def test_serve_command_in_a_process(tmp_path):
                                                         "stream_options": {"include_usage": True}},
                             headers={"x-slo-tpot-ms": "50"})
             assert chunks[-1]["usage"]["slo_ms"] == 50.0
+            from adaserve.core.trace import TraceRecord
+            from adaserve.engine.run import tokenize
+
+            tok = resolve_model("tiny-llama")[1]
+            rec = TraceRecord(0.0, 1, 4, MSG[0]["content"], 1.2)
+            assert chunks[-1]["usage"]["prompt_tokens"] == len(tokenize(tok, [rec], chat_template=True)[0])
+            out = c.post("/v1/completions", json={"model": "t", "prompt": TEXTS[2], "max_tokens": 2}).json()
+            assert out["usage"]["prompt_tokens"] == len(tokenize(tok, [replace(rec, prompt=TEXTS[2])], False)[0])
             assert 'adaserve_requests_finished_total{category="chat"} 1' in c.get("/metrics").text
     finally:
         proc.terminate()
         proc.wait(20)
 
 
+# ---- tokenization: one byte tokenizer for run and serve --------------------------------------------
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "Tell me a joke.", "añ€😀 — ünïcødé", "\x00\x01\x02\x7f ctl",
+         "x" * 50]
+
+
+def test_byte_tokenizer_round_trip_and_special_ids():
+    tok = ByteTokenizer()
+    for text in TEXTS + ["".join(map(chr, range(1, 0x800)))]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(3 <= t < 248 for t in ids)  # never BOS (1) / EOS (2) / 0; inside the tiny vocabulary
+    assert tok.decode([1] + tok.encode("hi") + [2, 0, 9999]) == "hi"  # special and out-of-range ids: no text
+    assert tok("hi").input_ids == tok.encode("hi")
+    assert tok.encode("\ud800") and tok.decode(tok.encode("\ud800")) == "\ufffd" * 3  # lone surrogate: no error
+    with pytest.raises(ValueError, match="vocabulary"):
+        ByteTokenizer(64)
+
+
+def test_run_and_serve_tokenize_tiny_models_alike():
+    """``adaserve run`` (engine.run.tokenize over load_pair's tokenizer) and ``adaserve serve``
+    (build.codec_for over the same) give the same ids, for plain prompts and through the chat template."""
+    from adaserve.core.trace import TraceRecord
+    from adaserve.engine.builder import EngineSpec, load_pair
+    from adaserve.engine.run import tokenize
+
+    for name in ("tiny-llama", "tiny-qwen2"):
+        model, tok, _ = load_pair(EngineSpec(name))
+        codec = codec_for(name, tok)
+        records = [TraceRecord(0.0, 1, 4, t, 1.2) for t in TEXTS]
+        assert tokenize(tok, records, chat_template=False) == [codec.encode(t) for t in TEXTS]
+        assert tokenize(tok, records, chat_template=True) == [codec.chat_ids([{"role": "user", "content": t}])
+                                                              for t in TEXTS]
+        assert resolve_model(name)[1].encode("abc") == codec.encode("abc") == [0x61 + 3, 0x62 + 3, 0x63 + 3]
+        assert max(max(ids) for ids in tokenize(tok, records, False)) < model.config.vocab_size
+
+
 # ---- detokenization ------------------------------------------------------------------------------
 
 def test_incremental_detokenizer_waits_for_whole_utf8_characters():
-    codec = ByteCodec([1, 2])
-    ids = list("añ€😀b".encode())
+    codec = ByteTokenizer()
+    ids = codec.encode("añ€😀b")
     d = IncrementalDetokenizer(codec)
     text = "".join(d.push([t]) for t in ids) + d.flush()
     assert text == "añ€😀b"
@@ -609,9 +724,10 @@ def test_incremental_detokenizer_waits_for_whole_utf8_characters():
 
 
 def test_text_stream_never_sends_part_of_a_stop_string():
-    s = TextStream(ByteCodec(), stop=["STOP"])
-    sent = [s.push(list(ch.encode())) for ch in "abcST"]
+    codec = ByteTokenizer()
+    s = TextStream(codec, stop=["STOP"])
+    sent = [s.push(codec.encode(ch)) for ch in "abcST"]
     assert "".join(sent) == "ab"  # "cST" could start "STOP"? "ST" could: held back with c
-    assert s.push(list(b"OPxyz")) == "c" and s.stopped and s.finish() == ""
-    s = TextStream(ByteCodec(), stop=["zz"])
-    assert s.push(list(b"abz")) + s.push(list(b"q")) + s.finish() == "abzq" and not s.stopped
+    assert s.push(codec.encode("OPxyz")) == "c" and s.stopped and s.finish() == ""
+    s = TextStream(codec, stop=["zz"])
+    assert s.push(codec.encode("abz")) + s.push(codec.encode("q")) + s.finish() == "abzq" and not s.stopped

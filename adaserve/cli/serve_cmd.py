@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prefill-chunk", type=int, help="prompt tokens per request per iteration")
     g.add_argument("--kv-cache-gb", type=float, help="cap the KV pool (target + draft) at this size")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="the engine's sampling temperature for every request (default 0: greedy)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate max_tokens for every request")
+                   help="default sampling temperature for requests that set none (default 0: greedy)")
+    p.add_argument("--ignore-eos", action="store_true", help="default for requests that do not set ignore_eos: generate max_tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, help="torch intra-op threads")

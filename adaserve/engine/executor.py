@@ -10,6 +10,19 @@ KV memory: the serving loop admits a request only if its reservation (prompt + m
 minus one block per request slot (block rounding), so the reserved requests always fit and blocks
 never run out. Should a tree still not fit (e.g. speculation shapes beyond the headroom), the step
 falls back to verifying the roots only: one token per request, inside every reservation.
+
+Sampling is per request (``SamplingOptions``: temperature, top-p, top-k, seed, ignore-EOS), set with
+``set_options`` next to ``set_prompts`` before the request's first step; the constructor's
+``temperature`` / ``ignore_eos`` are the default. Greedy and sampled requests share a batch: each
+tree is verified with its own request's rule, so greedy requests stay token-identical to plain
+greedy decoding.
+
+Per-request state: ``release`` (the loop calls it when a request finishes or is cancelled) frees
+the KV and the drafter's state and keeps the output tokens in ``outputs`` so that an offline
+caller (``adaserve run``, tests) can read them afterwards. ``forget(rid)`` drops everything the
+executor still holds for a request (its kept output, an unused prompt or options): a long-running
+caller (the server) calls it once it has read what it needs, so nothing grows with the number of
+requests served.
 """
 
 from __future__ import annotations
@@ -33,8 +46,8 @@ from .drafters import Drafter
 from .kv_cache import OutOfBlocks
 from .model import Transformer
 from .recorder import AcceptanceRecorder
-from .sequence import SeqState
-from .verify import cut, greedy_walk, stochastic_walk
+from .sequence import SamplingOptions, SeqState
+from .verify import cut, greedy_walk, gumbel_noise, softmax, stochastic_walk, target_logits
 
 
 def default_num_blocks(limits: Limits, block_size: int) -> int:
@@ -95,21 +108,21 @@ class TorchExecutor:
                  tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  temperature: float = 0.0, seed: int = 0, recorder: AcceptanceRecorder | None = None,
                  ignore_eos: bool = False, kv_capacity: int | None = None):
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.model, self.latency, self.drafter, self.tokenizer = model, latency, drafter, tokenizer
         self.device = model.lm_head.weight.device
         self.num_blocks = num_blocks or default_num_blocks(latency.limits, block_size)
         self.cache = model.make_cache(self.num_blocks, block_size)
         self.kv_capacity_tokens = kv_capacity if kv_capacity is not None else kv_capacity_tokens(
             self.num_blocks, block_size, latency.limits.max_batch_requests)
-        self.temperature = temperature
-        self.rng = np.random.default_rng(seed)
+        # the default for requests without options of their own (raises on a negative temperature)
+        self.default_options = SamplingOptions(temperature=float(temperature), ignore_eos=bool(ignore_eos))
+        self.rng = np.random.default_rng(seed)  # unseeded sampled requests
         self.recorder = recorder
-        self.eos = frozenset(() if ignore_eos else model.config.eos_token_ids)
+        self.model_eos = frozenset(model.config.eos_token_ids)
         self.seqs: dict[int, SeqState] = {}
-        self.outputs: dict[int, list[int]] = {}  # released requests' output tokens
-        self.prompts: dict[int, list[int]] = {}
+        self.outputs: dict[int, list[int]] = {}  # released requests' output tokens, until forget()
+        self.prompts: dict[int, list[int]] = {}  # prompts set for requests not started yet
+        self.options: dict[int, SamplingOptions] = {}  # options set for requests not started yet
         self.fallbacks = 0  # steps that verified roots only because a tree did not fit in KV
         self._t0 = time.perf_counter()
 
@@ -130,10 +143,25 @@ class TorchExecutor:
         """Prompt token ids by request id (else prompts are tokenized on first prefill)."""
         self.prompts.update({int(k): [int(t) for t in v] for k, v in prompts.items()})
 
+    def set_options(self, options: Mapping[int, SamplingOptions | Mapping]) -> None:
+        """Sampling options by request id (a ``SamplingOptions`` or a mapping of its fields); requests
+        without any use ``default_options``. Set them before the request's first step (like
+        ``set_prompts``); a request already running takes them from its next step on."""
+        for rid, o in options.items():
+            opts = o if isinstance(o, SamplingOptions) else SamplingOptions(**o)
+            seq = self.seqs.get(int(rid))
+            if seq is None:
+                self.options[int(rid)] = opts
+            else:
+                seq.options, seq.eos = opts, self._eos(opts)
+
+    def _eos(self, opts: SamplingOptions) -> frozenset[int]:
+        return frozenset() if opts.ignore_eos else self.model_eos
+
     def _seq(self, r: Request) -> SeqState:
         seq = self.seqs.get(r.rid)
         if seq is None:
-            ids = self.prompts.pop(r.rid, None)
+            ids = self.prompts.get(r.rid)
             if ids is None:
                 if self.tokenizer is None:
                     raise ValueError(f"request {r.rid}: no prompt token ids and no tokenizer")
@@ -141,17 +169,39 @@ class TorchExecutor:
             if len(ids) != r.input_len:
                 raise ValueError(f"request {r.rid}: {len(ids)} prompt tokens but input_len {r.input_len} "
                                  "(build requests with the tokenizer's lengths)")
-            seq = self.seqs[r.rid] = SeqState(r.rid, ids, len(ids))
+            self.prompts.pop(r.rid, None)
+            opts = self.options.pop(r.rid, self.default_options)
+            seq = self.seqs[r.rid] = SeqState(r.rid, ids, len(ids), options=opts, eos=self._eos(opts))
         return seq
 
     def release(self, request: Request) -> None:
+        """The request left the loop: free its KV and drafter state; its output tokens stay readable
+        in ``outputs[rid]`` until ``forget(rid)``."""
         seq = self.seqs.pop(request.rid, None)
         if seq is not None:
             self.outputs[request.rid] = seq.output
-        if request.rid in self.cache.alloc:
-            self.cache.free(request.rid)
+        self._free(request.rid)
+
+    def forget(self, rid: int) -> None:
+        """Drop everything held for request ``rid`` (kept output, unused prompt or options; KV and
+        drafter state too, should it still hold any). Idempotent; call it once the loop is done with
+        the request and its output has been read."""
+        self.seqs.pop(rid, None)
+        self.outputs.pop(rid, None)
+        self.prompts.pop(rid, None)
+        self.options.pop(rid, None)
+        self._free(rid)
+
+    def _free(self, rid: int) -> None:
+        if rid in self.cache.alloc:
+            self.cache.free(rid)
         if self.drafter is not None:
-            self.drafter.release(request.rid)
+            self.drafter.release(rid)
+
+    def state_size(self) -> dict[str, int]:
+        """How many requests each per-request structure holds (leak checks)."""
+        return {"seqs": len(self.seqs), "outputs": len(self.outputs), "prompts": len(self.prompts),
+                "options": len(self.options), "kv_sequences": len(self.cache.alloc.seq_ids())}
 
     # ---- speculation ----------------------------------------------------------------------------
     def speculate(self, requests: list[Request], shape: SpecShape) -> CandidateForest:
@@ -172,19 +222,19 @@ class TorchExecutor:
             trees = [Tree.root(s.last, int(forest.offsets[i])) for i, s in enumerate(seqs)]
             step = self._build(prefill, seqs, trees)  # within the loop's reservations: always fits
         logits = self.model(step.batch, self.cache)
-        greedy = logits.argmax(-1).tolist() if self.temperature == 0 else None
+        greedy = logits.argmax(-1).tolist()  # the greedy requests' tokens (cheap next to the forward)
         prefill_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy)
         committed = np.zeros(len(decode), np.int64)
         eos = np.zeros(len(decode), bool)
         for i, (r, seq, tree) in enumerate(zip(decode, seqs, trees)):
             rows = step.tree_rows[i]
-            path, out = self._walk(tree, rows, logits, greedy)
-            path, out = cut(path, out, int(max_commit[i]), self.eos)
+            path, out = self._walk(seq, tree, rows, logits, greedy)
+            path, out = cut(path, out, int(max_commit[i]), seq.eos)
             if self.recorder is not None:
                 self._record(r, seq, tree, path, out, forest)
             self.cache.commit(seq.seq_id, path)
             seq.ids.extend(out)
-            committed[i], eos[i] = len(out), out[-1] in self.eos
+            committed[i], eos[i] = len(out), out[-1] in seq.eos
         return StepOutput(committed, eos, prefill_eos)
 
     def _build(self, prefill: list[tuple[Request, int]], seqs: list[SeqState], trees: list[Tree]) -> _Step:
@@ -207,29 +257,63 @@ class TorchExecutor:
             self.seqs[r.rid].prefilled += chunk
         return _Step(batch, prefill_rows, tree_rows)
 
-    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy) -> list[bool]:
+    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int]) -> list[bool]:
         """The token of every prompt-completing chunk; returns whether each is EOS."""
         out = []
         for (r, _), rr in zip(prefill, rows):
             if len(rr) == 0:
                 continue
             row = rr[-1]
-            tok = greedy[row] if greedy is not None else self._sample(logits[row])
-            self.seqs[r.rid].ids.append(int(tok))
-            out.append(tok in self.eos)
+            seq = self.seqs[r.rid]
+            o = seq.options
+            if o.greedy:
+                tok = greedy[row]
+            elif o.seed is not None:
+                tok = self._seeded(seq, logits[row:row + 1], [0])[0]
+            else:
+                tok = self._sample(logits[row], o)
+            seq.ids.append(int(tok))
+            out.append(tok in seq.eos)
         return out
 
-    def _probs(self, row: torch.Tensor) -> np.ndarray:
-        return torch.softmax(row.double() / self.temperature, dim=-1).cpu().numpy()
+    @staticmethod
+    def _probs(row: torch.Tensor, o: SamplingOptions) -> np.ndarray:
+        """The request's target distribution at one node (temperature, top-k, top-p)."""
+        if o.top_k == 0 and o.top_p >= 1:
+            return torch.softmax(row.double() / o.temperature, dim=-1).cpu().numpy()
+        return softmax(target_logits(row.double().cpu().numpy(), o.temperature, o.top_k, o.top_p))
 
-    def _sample(self, row: torch.Tensor) -> int:
-        p = self._probs(row)
+    def _sample(self, row: torch.Tensor, o: SamplingOptions) -> int:
+        p = self._probs(row, o)
         return int(self.rng.choice(len(p), p=p / p.sum()))
 
-    def _walk(self, tree: Tree, rows: range, logits: torch.Tensor, greedy) -> tuple[list[int], list[int]]:
-        if greedy is not None:
+    @staticmethod
+    def _seeded(seq: SeqState, rows: torch.Tensor, depths: Sequence[int]) -> list[int]:
+        """Gumbel-max tokens of a seeded request at nodes of these depths below its last token
+        (output position ``num_output + depth``): a function of the seed, position and logits only."""
+        o = seq.options
+        z = rows.double().cpu().numpy()
+        noise: dict[int, np.ndarray] = {}
+        out = []
+        for j, d in enumerate(depths):
+            pos = seq.num_output + int(d)
+            if pos not in noise:
+                noise[pos] = gumbel_noise(o.seed, pos, z.shape[1])
+            out.append(int(np.argmax(target_logits(z[j], o.temperature, o.top_k, o.top_p) + noise[pos])))
+        return out
+
+    def _walk(self, seq: SeqState, tree: Tree, rows: range, logits: torch.Tensor, greedy: list[int]
+              ) -> tuple[list[int], list[int]]:
+        o = seq.options
+        if o.greedy:
             return greedy_walk(tree.tokens, tree.parents, greedy[rows.start:rows.stop])
-        return stochastic_walk(tree.tokens, tree.parents, lambda j: self._probs(logits[rows[j]]), self.rng)
+        if o.seed is not None:
+            depth = [0] * len(tree.parents)
+            for j, p in enumerate(tree.parents):
+                if p >= 0:
+                    depth[j] = depth[p] + 1  # parents come before their children
+            return greedy_walk(tree.tokens, tree.parents, self._seeded(seq, logits[rows.start:rows.stop], depth))
+        return stochastic_walk(tree.tokens, tree.parents, lambda j: self._probs(logits[rows[j]], o), self.rng)
 
     def _record(self, r: Request, seq: SeqState, tree: Tree, path: list[int], out: list[int],
                 forest: CandidateForest) -> None:

@@ -24,7 +24,7 @@ from adaserve.scheduling.policies import SYSTEMS, make_policy
 
 from .builder import BLOCK_SIZE, EngineSpec, load_pair, make_executor, num_blocks_for
 from .executor import TorchExecutor, kv_capacity_tokens
-from .profiler import Grid, StepBench, measure_profile
+from .profiler import StepBench, quick_profile
 from .recorder import AcceptanceRecorder
 
 ARTIFACT_BASELINE_MS = 30.0  # SPEC §2: absolute SLOs scale by baseline_ms / 30
@@ -121,9 +121,8 @@ def get_profile(cfg: RunConfig, model, draft, kind: str) -> LatencyProfile:
         return LatencyProfile.load(cfg.profile)
     limits = cfg.limits or default_limits(cfg.engine.device)
     limits = with_kv_capacity(limits, None, kv_bytes_per_token(model, draft))
-    grid = Grid.for_limits(limits, repeat=3, quick=True)
-    return measure_profile(f"{cfg.engine.model} (quick)", model, limits, grid, draft if kind == "model" else None,
-                           progress=cfg.progress)
+    return quick_profile(f"{cfg.engine.model} (quick)", model, limits, draft if kind == "model" else None,
+                         progress=cfg.progress)
 
 
 def warm_up(model) -> None:

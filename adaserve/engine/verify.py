@@ -12,6 +12,12 @@ accepted nodes' tokens and ``out[-1]`` is the correction / bonus token (``len(ou
   on rejection the residual becomes norm(max(p - q, 0)) = p with x removed. The next child is
   tried against that residual; when all are rejected the bonus token is sampled from it. Every
   emitted token is therefore distributed exactly as the target's (tested statistically).
+* Seeded sampling: the token the target produces at output position k is ``argmax(z + g_k)``
+  (Gumbel-max: exactly a sample of ``softmax(z)``) with ``z`` the request's restricted, scaled
+  logits (``target_logits``) and ``g_k`` Gumbel noise drawn from ``(seed, k)`` only
+  (``gumbel_noise``), so the tree is walked greedily against those tokens (``greedy_walk``) and the
+  output does not depend on the trees or the batch. A draft child is accepted with probability
+  p(x), as in the stochastic walk.
 """
 
 from __future__ import annotations
@@ -19,6 +25,34 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def target_logits(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """``logits / temperature`` (float64) with the tokens outside the ``top_k`` most likely (0: no
+    limit) and outside the nucleus of mass ``top_p`` set to -inf: ``softmax`` of it is the target
+    distribution of a sampled request. The most likely token is always kept."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if 0 < top_k < len(z):
+        keep = np.argpartition(z, -top_k)[-top_k:]
+        masked = np.full_like(z, -np.inf)
+        masked[keep] = z[keep]
+        z = masked
+    if top_p < 1:
+        p = softmax(z)
+        order = np.argsort(-p, kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]
+        z[order[mass_before >= top_p]] = -np.inf
+    return z
+
+
+def gumbel_noise(seed: int, position: int, n: int) -> np.ndarray:
+    """Standard Gumbel noise for output position ``position`` of a request seeded with ``seed``."""
+    return np.random.default_rng([int(seed) % 2**64, int(position)]).gumbel(size=n)
 
 
 def children_of(parents: Sequence[int]) -> list[list[int]]:

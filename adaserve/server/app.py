@@ -8,6 +8,11 @@ The TPOT SLO of a request (SPEC §2), first match wins: body ``slo_ms`` (absolut
 > 999 best effort), header ``x-slo-tpot-ms``; none: best effort. The final usage block reports
 ``slo_ms``, ``slo_category`` and ``slo_attained``.
 
+Sampling is per request: ``temperature`` (default: the server's ``--temperature``, 0 = greedy),
+``top_p``, ``top_k``, ``seed`` (reproducible sampling) and ``ignore_eos`` (default: the server's
+``--ignore-eos``) travel with the request to the engine (``TorchExecutor.set_options``), so greedy
+and sampled requests share batches.
+
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
 input, 401 for a missing/wrong API key, 404 for an unknown model or route, 405, 413, 503 when the
 engine is down. A client that disconnects has its request cancelled (its KV freed).
@@ -35,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaserve.core import slo as slo_mod
 from adaserve.core.metrics import tpot_ms, ttft_ms
 from adaserve.core.request import Phase, Request
+from adaserve.engine.sequence import SamplingOptions
 from adaserve.server import protocol as P
 from adaserve.server.engine_thread import EngineThread, Failed, Finished, Job, Tokens
 from adaserve.server.tokenizer import Codec, TextStream
@@ -51,8 +57,8 @@ class ServerConfig:
     model_name: str                 # the served model id (/v1/models, the "model" field)
     baseline_ms: float              # for relative SLOs (slo_ratio > 0)
     api_key: str | None = None
-    temperature: float = 0.0        # the engine's (fixed) sampling temperature
-    ignore_eos: bool = False        # the engine ignores EOS for every request
+    temperature: float = 0.0        # default temperature of requests without one (0: greedy)
+    ignore_eos: bool = False        # default ignore_eos of requests without one
     system: str = "adaserve"
     baseline_source: str = ""
 
@@ -221,10 +227,13 @@ class OpenAIServer:
         except ValidationError as e:
             raise P.from_validation_error(e) from None
         self.check_model(req.model)
-        err = P.unsupported(req, self.cfg.temperature, self.cfg.ignore_eos)
+        err = P.unsupported(req)
         if err is not None:
             raise err
         return req
+
+    def sampling(self, req: P.SamplingRequest) -> SamplingOptions:
+        return SamplingOptions(**P.sampling_fields(req, self.cfg.temperature, self.cfg.ignore_eos))
 
     # ---- endpoints ------------------------------------------------------------------------------
     async def handle(self, request: HttpRequest, chat: bool):
@@ -244,7 +253,7 @@ class OpenAIServer:
         max_new = self.max_new_tokens(requested, len(ids), param)
         ratio, slo_ms = resolve_slo(req, request.headers, self.cfg.baseline_ms)
         r = self.engine.new_request(len(ids), max_new, ratio, slo_ms, slo_mod.category_of(ratio, req.slo_category))
-        out = Output(self, Job(r, ids), req, chat)  # submitted when the answer starts being consumed
+        out = Output(self, Job(r, ids, self.sampling(req)), req, chat)  # submitted when the answer starts being consumed
         if req.stream:
             return SSEResponse(out.stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await out.collect(request)

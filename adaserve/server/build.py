@@ -3,7 +3,9 @@
 ``engine.run``: limits and KV sizing), so ``adaserve serve`` runs exactly what ``adaserve run`` runs.
 
 Latency profile: ``--profile FILE`` (from ``adaserve profile``) or a built-in profile name; without
-one, a quick profile is measured at start-up so the scheduler predicts with this machine's numbers.
+one, a quick profile is measured at start-up so the scheduler predicts with this machine's numbers
+(``engine.profiler.quick_profile``: minimum over passes, tables non-decreasing in tokens).
+``--temperature`` / ``--ignore-eos`` are the defaults of requests that do not set their own.
 Baseline latency (SPEC §2: per-token decode latency of one request without speculation):
 ``--baseline-ms``, else the profile's ``baseline_ms``, else measured at start-up (one short decode).
 """
@@ -17,7 +19,7 @@ from typing import Any, Callable
 
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.scheduling.admission import SPEC_HEADROOM
-from adaserve.server.tokenizer import ByteCodec, Codec, HFCodec
+from adaserve.server.tokenizer import ByteTokenizer, Codec, HFCodec
 
 log = logging.getLogger("adaserve.server")
 
@@ -72,13 +74,11 @@ def check_options(o: EngineOptions) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
-def codec_for(name: str, model, tokenizer) -> Codec:
-    """The engine's tiny random models have no real tokenizer: UTF-8 bytes are their token ids."""
-    from adaserve.engine.builder import TINY_MODELS
-
-    if name in TINY_MODELS:
-        cfg = model.config
-        return ByteCodec(list(cfg.eos_token_ids) + ([cfg.bos_token_id] if cfg.bos_token_id is not None else []))
+def codec_for(name: str, tokenizer) -> Codec:
+    """The server's codec for the engine's tokenizer: the tiny random models' ``ByteTokenizer`` as it
+    is (the one ``adaserve run`` uses), a Hugging Face tokenizer wrapped."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer
     if tokenizer is None:
         raise ValueError(f"{name}: no tokenizer found next to the model")
     return HFCodec(tokenizer)
@@ -110,7 +110,7 @@ def build_engine(o: EngineOptions, say: Callable[[str], None] = log.info) -> Bui
                     "(raise --kv-cache-gb)", executor.kv_capacity_tokens, longest)
     say(f"baseline latency {baseline:.2f} ms/token ({source}); system {o.system}; "
         f"KV pool {executor.num_blocks} blocks; {profile.limits}")
-    return Built(executor, make_policy(o.system, cfg.family), codec_for(o.model, model, tok), baseline, source,
+    return Built(executor, make_policy(o.system, cfg.family), codec_for(o.model, tok), baseline, source,
                  profile)
 
 
@@ -127,7 +127,7 @@ def limits_for(o: EngineOptions, base: Limits, model, draft) -> Limits:
 
 
 def _profile(o: EngineOptions, model, draft, kind: str, say: Callable[[str], None]) -> LatencyProfile:
-    from adaserve.engine.profiler import Grid, measure_profile
+    from adaserve.engine.profiler import quick_profile
     from adaserve.engine.run import default_limits
 
     if o.profile is not None:
@@ -138,8 +138,7 @@ def _profile(o: EngineOptions, model, draft, kind: str, say: Callable[[str], Non
         return profile
     limits = limits_for(o, default_limits(o.device), model, draft)
     t0 = time.perf_counter()
-    profile = measure_profile(f"{o.model} (quick, at start-up)", model, limits,
-                              Grid.for_limits(limits, repeat=3, quick=True), draft if kind == "model" else None)
+    profile = quick_profile(f"{o.model} (quick, at start-up)", model, limits, draft if kind == "model" else None)
     say(f"measured a quick latency profile in {time.perf_counter() - t0:.1f} s "
         f"(verify at 1/8/64 tokens: {[round(float(profile.verify_ms(t)), 2) for t in (1, 8, 64)]} ms)")
     return profile

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adaserve.core.request import Request
+from adaserve.engine.sequence import SamplingOptions
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.admission import kv_reservation
 from adaserve.server.metrics import ServerMetrics
@@ -48,10 +49,12 @@ class Failed:
 
 @dataclass(eq=False)
 class Job:
-    """One HTTP request in the engine: its scheduler ``Request``, prompt ids and event queue."""
+    """One HTTP request in the engine: its scheduler ``Request``, prompt ids, sampling options (None:
+    the executor's defaults) and event queue."""
 
     request: Request
     prompt_ids: list[int]
+    options: SamplingOptions | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     error: str | None = None  # set by the engine thread before a failure cancels the request
 
@@ -159,6 +162,8 @@ class EngineThread:
             r.arrival_ms = min(r.arrival_ms, self.now())
             self.jobs[r.rid] = job
             self.executor.set_prompts({r.rid: job.prompt_ids})
+            if job.options is not None:
+                self.executor.set_options({r.rid: job.options})
             self.loop.submit(r)
         elif kind == "cancel":
             if arg.rid in self.jobs:
@@ -192,9 +197,9 @@ class EngineThread:
         self._finish_job(r)
 
     def _finish_job(self, r: Request) -> None:
-        # a long-running server must not keep every request's tokens
-        self.executor.outputs.pop(r.rid, None)
-        self.executor.prompts.pop(r.rid, None)
+        # the request has left the loop and its tokens were streamed (on_commit): a long-running
+        # server keeps nothing per request
+        self.executor.forget(r.rid)
         job = self.jobs.pop(r.rid, None)
         if job is None:
             return

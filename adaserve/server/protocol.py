@@ -59,14 +59,14 @@ class SamplingRequest(_Strict):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
+    temperature: float | None = None    # None: the server's --temperature (default 0, greedy)
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = None            # vLLM: -1 or 0 = no limit
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None             # with temperature > 0: reproducible sampling (Gumbel-max per position)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -74,7 +74,7 @@ class SamplingRequest(_Strict):
     min_tokens: int = 0
     user: str | None = None
     # vLLM extensions
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None      # None: the server's --ignore-eos
     priority: int = 0
     return_token_ids: bool = False
     # AdaServe: the TPOT SLO (SPEC §2): absolute ms, or the encoded ratio
@@ -133,24 +133,19 @@ def _unsupported(param: str, why: str) -> ApiError:
     return ApiError(400, f"'{param}' {why}", param, "unsupported_parameter")
 
 
-def unsupported(req: SamplingRequest, engine_temperature: float, engine_ignores_eos: bool) -> ApiError | None:
-    """The first parameter this engine cannot honour, as an error; None if all are fine."""
+def unsupported(req: SamplingRequest) -> ApiError | None:
+    """The first parameter this engine cannot honour (or out of range), as an error; None if all are
+    fine. Temperature, top_p, top_k, seed and ignore_eos are per request (``sampling_fields``)."""
     if req.n != 1:
         return _unsupported("n", f"must be 1 (one choice per request), got {req.n}")
-    if req.temperature is not None:
-        if not 0 <= req.temperature <= 2:
-            return ApiError(400, f"'temperature' must be in [0, 2], got {req.temperature}", "temperature",
-                            "invalid_value")
-        if abs(req.temperature - engine_temperature) > 1e-6:
-            mode = "decodes greedily" if engine_temperature == 0 else f"samples at temperature {engine_temperature:g}"
-            return _unsupported("temperature", f"{req.temperature:g} is not supported: this server {mode} "
-                                "(the engine's temperature is fixed at start-up: adaserve serve --temperature)")
-    if req.top_p not in (None, 1.0):
-        return _unsupported("top_p", "must be 1 (nucleus sampling is not implemented)")
-    if req.top_k not in (None, 0, -1):
-        return _unsupported("top_k", "must be -1 or 0 (top-k sampling is not implemented)")
-    if req.seed is not None and engine_temperature > 0:
-        return _unsupported("seed", "per-request seeds are not supported when sampling")
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        return ApiError(400, f"'temperature' must be in [0, 2], got {req.temperature}", "temperature",
+                        "invalid_value")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        return ApiError(400, f"'top_p' must be in (0, 1], got {req.top_p}", "top_p", "invalid_value")
+    if req.top_k is not None and req.top_k < -1:
+        return ApiError(400, f"'top_k' must be -1 or 0 (no limit) or a positive number of tokens, got {req.top_k}",
+                        "top_k", "invalid_value")
     for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
         if getattr(req, name) != neutral:
             return _unsupported(name, f"must be {neutral:g} (penalties are not implemented)")
@@ -158,8 +153,6 @@ def unsupported(req: SamplingRequest, engine_temperature: float, engine_ignores_
         return _unsupported("logit_bias", "is not supported")
     if req.min_tokens != 0:
         return _unsupported("min_tokens", "is not supported")
-    if req.ignore_eos and not engine_ignores_eos:
-        return _unsupported("ignore_eos", "per request is not supported; start the server with --ignore-eos")
     if req.stream_options is not None and not req.stream:
         return ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
                         "invalid_value")
@@ -167,6 +160,16 @@ def unsupported(req: SamplingRequest, engine_temperature: float, engine_ignores_
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         return ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop", "invalid_value")
     return _endpoint_unsupported(req)
+
+
+def sampling_fields(req: SamplingRequest, default_temperature: float, default_ignore_eos: bool) -> dict[str, Any]:
+    """The request's sampling settings (``engine.sequence.SamplingOptions`` fields), absent fields
+    taking the server's defaults. Call after ``unsupported`` (values are in range)."""
+    return {"temperature": float(default_temperature if req.temperature is None else req.temperature),
+            "top_p": 1.0 if req.top_p is None else float(req.top_p),
+            "top_k": max(0, req.top_k or 0),
+            "seed": req.seed,
+            "ignore_eos": bool(default_ignore_eos if req.ignore_eos is None else req.ignore_eos)}
 
 
 def _endpoint_unsupported(req: SamplingRequest) -> ApiError | None:

@@ -1,11 +1,14 @@
-"""Text <-> token ids for the server: a wrapper over Hugging Face tokenizers, a byte-level tokenizer
-for the tiny random test models (vocabulary 256, no tokenizer files), incremental detokenization
-for streaming, and stop-string handling."""
+"""Text <-> token ids for the server: a wrapper over Hugging Face tokenizers (the tiny random test
+models use the engine's own ``ByteTokenizer``, which is a ``Codec`` as it is, so ``adaserve serve``
+and ``adaserve run`` tokenize alike), incremental detokenization for streaming, and stop-string
+handling."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+from adaserve.engine.builder import ByteTokenizer, simple_chat_text
 
 Message = dict[str, str]  # {"role": ..., "content": ...} with text content
 
@@ -13,6 +16,8 @@ REPLACEMENT = "\ufffd"
 
 
 class Codec(Protocol):
+    """What the server needs of a tokenizer (``ByteTokenizer`` and ``HFCodec`` have it)."""
+
     name: str
 
     def encode(self, text: str) -> list[int]: ...
@@ -22,28 +27,7 @@ class Codec(Protocol):
     def chat_ids(self, messages: Sequence[Message]) -> list[int]: ...
 
 
-def simple_chat_text(messages: Sequence[Message]) -> str:
-    """A minimal ChatML-like template for tokenizers that have none."""
-    parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
-    return "".join(parts) + "<|assistant|>\n"
-
-
-class ByteCodec:
-    """UTF-8 bytes as token ids (ids 0..255); ``special`` ids (BOS/EOS) are dropped when decoding."""
-
-    name = "bytes"
-
-    def __init__(self, special: Sequence[int] = ()):
-        self.special = frozenset(int(t) for t in special)
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(t for t in ids if t not in self.special and 0 <= t < 256).decode("utf-8", errors="replace")
-
-    def chat_ids(self, messages: Sequence[Message]) -> list[int]:
-        return self.encode(simple_chat_text(messages))
+__all__ = ["ByteTokenizer", "Codec", "HFCodec", "IncrementalDetokenizer", "TextStream", "simple_chat_text"]
 
 
 class HFCodec:
