@@ -86,6 +86,8 @@ def test_fig15_and_fig14_scripts(tmp_path):
     ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "BACKEND": "gpu"}, "BACKEND='gpu'"),
     ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "BACKEND": "http"}, "needs ENDPOINT"),
     ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "TRACE_DIR": "/nonexistent"}, "TRACE_DIR"),
+    ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "EXTRA_ARGS": "--threads 1"}, "EXTRA_ARGS applies"),
+    ("fig10/run_llama_prop.sh", {"ADASERVE": "ON", "BACKEND": "engine"}, "needs MODEL"),
 ])
 def test_bad_variables_stop_before_any_work(tmp_path, script, env, message):
     p = run_script(script, tmp_path, **env)
@@ -158,3 +160,63 @@ def test_generated_traces_are_written_once_and_reused(tmp_path):
     (tmp_path / "results" / "fig8,9" / "qwen" / "adaserve" / "rps0.2_ol16.txt").unlink()
     assert run_script("fig8,9/run_qwen_rps.sh", tmp_path, **env).returncode == 0
     assert trace.read_bytes() == first
+
+
+TINY_PROFILE = {"name": "tiny", "baseline_ms": 2.0, "source": "test",
+                "limits": {"max_batch_requests": 8, "max_batch_tokens": 256, "prefill_chunk": 64,
+                           "max_seq_len": 256},
+                "verify": {"tokens": [1, 8, 256], "ms": [1.0, 1.2, 8.0]},
+                "draft": {"tokens": [1, 128], "ms": [0.2, 1.0]}}
+
+
+def tiny_trace_dir(tmp_path, name):
+    from adaserve.core.trace import TraceRecord
+    d = tmp_path / "traces"
+    records = [TraceRecord(40.0 * i, 8, 6, f"def f{i}(x): return x + {i}", ratio)
+               for i, ratio in enumerate((1.2, -50.0, -150.0, 1.2))]
+    save_trace(d / f"emission_{name}.json", records)
+    profile = tmp_path / "tiny.json"
+    profile.write_text(json.dumps(TINY_PROFILE))
+    return d, profile
+
+
+def test_engine_backend_runs_the_real_engine(tmp_path):
+    traces, profile = tiny_trace_dir(tmp_path, "rps4.8_ol256")
+    p = run_script("fig8,9/run_llama_rps.sh", tmp_path, ADASERVE="ON", VLLM="ON", RPS_MIN="4.8",
+                   RPS_MAX="4.8", TRACE_DIR=str(traces), BACKEND="engine", MODEL="tiny-llama",
+                   DRAFTER="ngram", PROFILE=str(profile), EXTRA_ARGS="--threads 1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    for system in ("adaserve", "vllm"):
+        prefix = tmp_path / "results" / "fig8,9" / "llama" / system / "rps4.8_ol256"
+        assert result_complete(prefix)
+        assert read_stats_block(prefix.with_name("rps4.8_ol256.txt"))["total_requests"] == "4/4"
+
+
+def test_http_backend_drives_a_server(tmp_path):
+    import socket
+    import sys
+    import time
+    import urllib.request
+    traces, profile = tiny_trace_dir(tmp_path, "fluc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "adaserve", "serve", "--model", "tiny-llama",
+                               "--drafter", "ngram", "--profile", str(profile), "--port", str(port),
+                               "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        p = run_script("fig14/run_qwen_fluc.sh", tmp_path, ADASERVE="ON", TRACE_DIR=str(traces),
+                       BACKEND="http", ENDPOINT=f"http://127.0.0.1:{port}", BASELINE_MS="2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        prefix = tmp_path / "results" / "fig14" / "qwen" / "adaserve" / "fluc"
+        assert result_complete(prefix)
+        assert read_stats_block(prefix.with_name("fluc.txt"))["total_requests"] == "4/4"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -16,7 +16,8 @@ ENV_HELP = """environment variables (as in the artifact's README):
   RPS_MIN RPS_MAX RPS_STEP (fig8,9) | PROP_MIN PROP_MAX PROP_STEP (fig10)
   SLO_SCALE_MIN SLO_SCALE_MAX SLO_SCALE_STEP (fig11) | OUTPUT_LENGTH
   LLAMA_OVERHEAD, QWEN_OVERHEAD (fig15)   BACKEND=sim|engine|http   TRACE_DIR   RESULTS_DIR   JOBS   SEED
-  engine: MODEL, DRAFT or DRAFTER=ngram, PROFILE   http: ENDPOINT, BASELINE_MS, MODEL"""
+  engine: MODEL, DRAFT or DRAFTER=ngram, PROFILE   http: ENDPOINT, BASELINE_MS, MODEL
+  EXTRA_ARGS  appended to the engine's `adaserve run` / the client's `adaserve bench` command"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -91,10 +91,10 @@ def external_command(s: Settings, p: Point) -> list[str]:
             cmd += ["--drafter", a["drafter"]]
         if a.get("profile"):
             cmd += ["--profile", a["profile"]]
-        return cmd
+        return cmd + ["--no-progress"] + a["extra"]
     cmd = exe + ["bench", "--endpoint", a["endpoint"], "--trace", str(p.trace),
-                 "--baseline-ms", str(a["baseline_ms"]), "--out", out]
-    return cmd + (["--model", a["model"]] if a.get("model") else [])
+                 "--baseline-ms", str(a["baseline_ms"]), "--out", out, "--no-progress"]
+    return cmd + (["--model", a["model"]] if a.get("model") else []) + a["extra"]
 
 
 def run_point(s: Settings, p: Point) -> None:

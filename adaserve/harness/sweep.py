@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,21 @@ def settings_from_env(figure: str, model: str | None, env: Mapping[str, str]) ->
 
 
 def _backend_args(backend: str, env: Mapping[str, str]) -> dict:
-    """What the engine and http backends need (checked here, before any work)."""
+    """What the engine and http backends need (checked here, before any work). ``EXTRA_ARGS`` is
+    appended to their ``adaserve run`` / ``adaserve bench`` command (e.g. ``--threads 1
+    --output-len-cap 48 --time-scale 4 --scale-slos`` for a CPU run)."""
+    if backend != "sim":
+        try:
+            extra = shlex.split(env.get("EXTRA_ARGS", ""))
+        except ValueError as e:
+            raise SettingsError(f"EXTRA_ARGS: {e}") from None
+        return {**_backend_args_of(backend, env), "extra": extra}
+    if env.get("EXTRA_ARGS", "").strip():
+        raise SettingsError("EXTRA_ARGS applies to BACKEND=engine or http only")
+    return {}
+
+
+def _backend_args_of(backend: str, env: Mapping[str, str]) -> dict:
     if backend == "engine":
         model = env.get("MODEL", "").strip()
         if not model:
@@ -207,7 +222,7 @@ def _backend_args(backend: str, env: Mapping[str, str]) -> dict:
                                 "per-token latency in ms (> 0)")
         return {"endpoint": endpoint, "baseline_ms": baseline,
                 "model": env.get("MODEL", "").strip() or None}
-    return {}
+    raise AssertionError(backend)
 
 
 # ----------------------------------------------------------------------------------- the points
