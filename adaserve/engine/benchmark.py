@@ -1,81 +1,478 @@
-"""Our forward vs transformers' on the same model: ``python -m adaserve.engine.benchmark [--model smollm2-135m]``.
+"""Engine speed: ``adaserve bench engine [--model smollm2-135m] [--threads N] [--device cuda] [--json]``
+(also ``python -m adaserve.engine.benchmark``). A benchmark script, not a test: it prints numbers.
 
-Times one decode step (batch 1) and one step decoding a token for each of 16 sequences, both over a
-context of ``--context`` tokens per sequence, fp32, median of ``--repeat`` runs.
+(a) **Engine overhead.** ``N`` requests decode through the real ``ServingLoop`` and ``TorchExecutor``;
+every timed step is one full ``TorchExecutor.execute`` with the loop's own plan (batch building, KV
+bookkeeping, the forward, argmax, verification walk, ``KVCache.commit``, token bookkeeping). The
+target is wrapped so that the ``model(batch, cache)`` call inside ``execute`` is timed on its own:
+that is the bare forward of exactly the same tokens on the same cache state. Overhead ratio =
+``execute`` / forward (median over steps of the per-step ratio; target <= 1.15). Two modes:
+``incremental`` (the vllm policy, no speculation: one token per request) and ``tree`` (the
+adaserve policy selecting nodes of full beam-search candidate trees from ``BenchDrafter``; the
+prompts are a repeated random pattern and the drafter's first child continues it, so paths are
+accepted and ``commit`` moves KV as in real serving).
+
+(b) **Tokens/s of greedy generation** at batch 1 and 16 with the same prompts (the shared fig8,9
+trace's, cut to ``--prompt-len`` tokens, or random tokens) and the same number of new tokens (EOS
+ignored): our engine end to end (``ServingLoop`` + ``TorchExecutor``: ``vllm`` without
+speculation, ``adaserve`` with the n-gram drafter) vs transformers' ``generate`` on the same weights
+(the same dtype, SDPA attention, batch 16 left-padded). Tokens/s = generated tokens / wall time
+(prefill included), median of ``--repeat`` runs. Also reports how many requests produced the same
+tokens as ``generate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from .batch import BatchBuilder
-from .loader import load_model
-from .profiler import median_ms
+from adaserve.core.profile import LatencyProfile, Limits
+from adaserve.core.request import Request
+from adaserve.iteration import ServingLoop
+from adaserve.scheduling.plan import SpecShape
+from adaserve.scheduling.policies import make_policy
+from adaserve.scheduling.trees import CandidateForest
+
+from .drafters import RECORD_K, NgramDrafter, TreeSet, level_plan
+from .executor import TorchExecutor
+from .model import Transformer
+from .profiler import Grid, hardware_string, measure_profile
+from .sequence import SeqState
+
+SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "fig8,9" / "emission_rps2.4_ol256.json"
+BLOCK = 16
+OVERHEAD_TARGET = 1.15
+BENCH_SLO_FACTOR = 1.5  # SLO of the benchmark's requests: 1.5 x the profile's baseline decode latency
+CPU_LIMITS = Limits(max_batch_requests=16, max_batch_tokens=256, prefill_chunk=256, max_seq_len=2048)
+GPU_LIMITS = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
 
 
-def ours_decode_ms(model, n_seqs: int, context: int, repeat: int, solo_threshold: int = 32) -> float:
-    bs = 16
-    cache = model.make_cache(num_blocks=n_seqs * ((context + 1) // bs + 2), block_size=bs)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.config.vocab_size, (n_seqs, context + 1), generator=gen).tolist()
-    b = BatchBuilder(cache)
-    for s in range(n_seqs):
-        b.add_prefill(s, prompts[s][:context])
-    model(b.build(), cache)
+# ---- helpers -----------------------------------------------------------------------------------
 
-    def step():
-        b = BatchBuilder(cache, solo_threshold)
-        for s in range(n_seqs):
-            b.add_decode(s, prompts[s][context])
-        model(b.build(), cache)
-        for s in range(n_seqs):
-            cache.truncate(s, context)  # decode the same step again next time
-
-    return median_ms(step, repeat)
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels (CUDA launches are asynchronous: time only after this)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def hf_decode_ms(hf, n_seqs: int, context: int, repeat: int) -> float:
-    from transformers import DynamicCache
-
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, hf.config.vocab_size, (n_seqs, context + 1), generator=gen)
-    with torch.no_grad():
-        out = hf(ids[:, :context], use_cache=True)
-    past = getattr(out, "cache", None) or out.past_key_values
-
-    def step():
-        with torch.no_grad():
-            hf(ids[:, context:], cache=past, use_cache=True)
-        past.crop(-1)
-
-    assert isinstance(past, DynamicCache)
-    return median_ms(step, repeat)
+def model_device(model: Transformer) -> torch.device:
+    return model.lm_head.weight.device
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+class TimedModel:
+    """The target with its forward timed: ``TorchExecutor`` calls it exactly like the model."""
+
+    def __init__(self, model: Transformer):
+        self.inner = model
+        self.calls: list[tuple[float, float, int]] = []  # (start, end, tokens) of every forward
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, batch, cache):
+        dev = model_device(self.inner)
+        sync(dev)
+        t0 = time.perf_counter()
+        out = self.inner(batch, cache)
+        sync(dev)
+        self.calls.append((t0, time.perf_counter(), batch.num_tokens))
+        return out
+
+
+class BenchDrafter:
+    """Full candidate trees without a draft model: at every frontier node the first child guesses
+    that the text repeats with period ``period`` (right on ``repeated_prompts``, which models
+    continue), the other children are random tokens; confidences 0.6, 0.15, 0.08, ... The beam
+    search / static shapes of the real drafters apply (``TreeSet``)."""
+
+    name = "bench"
+
+    def __init__(self, vocab_size: int, period: int, seed: int = 0):
+        self.vocab, self.period = vocab_size, period
+        self.rng = np.random.default_rng(seed)
+        self.probs = np.array([0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01])[:RECORD_K]
+
+    def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
+        trees = TreeSet([s.last for s in seqs])
+        for level in range(shape.depth):
+            keep, cols = level_plan(shape, level)
+            for i in trees.live():
+                frontier = trees.frontier[i]
+                toks = self.rng.integers(3, self.vocab, (len(frontier), RECORD_K))
+                for f, node in enumerate(frontier):
+                    hist = seqs[i].ids + trees.path_tokens(i, node)
+                    if len(hist) >= self.period:
+                        toks[f, 0] = hist[-self.period]
+                trees.grow(i, (toks, np.broadcast_to(self.probs, toks.shape).copy()), keep, cols)
+        return trees.to_forest()
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+
+def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        pattern = rng.integers(3, vocab, period).tolist()
+        out.append((pattern * (length // period + 1))[:length])
+    return out
+
+
+def trace_prompts(tokenizer, n: int, max_len: int, vocab: int, trace: str | Path | None = None,
+                  seed: int = 0) -> tuple[list[list[int]], str]:
+    """The first ``n`` prompts of the shared fig8,9 trace tokenized and cut to ``max_len`` tokens,
+    or random tokens when there is no trace or tokenizer."""
+    path = Path(trace) if trace else SHARED_TRACE
+    if tokenizer is not None and path.is_file():
+        from adaserve.core.trace import load_trace
+
+        records = load_trace(path)[:n]
+        prompts = [list(tokenizer(r.prompt).input_ids)[:max_len] for r in records]
+        if len(prompts) == n and all(prompts):
+            return prompts, f"{path.name} (first {n} prompts, <= {max_len} tokens)"
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(max(1, max_len // 2), max_len + 1, n)
+    return [rng.integers(3, vocab, int(k)).tolist() for k in lens], f"random tokens ({max_len // 2}-{max_len})"
+
+
+def default_limits(device: str | torch.device) -> Limits:
+    return replace(GPU_LIMITS if torch.device(device).type == "cuda" else CPU_LIMITS)
+
+
+def quick_profile(model: Transformer, limits: Limits, repeat: int = 3) -> LatencyProfile:
+    """A small measured profile for the policies' predictions (a few seconds on SmolLM2)."""
+    top = limits.max_batch_tokens
+    grid = Grid(tokens=sorted({1, 4, 16, 64, top}), contexts=[0, 4096], prefill=sorted({64, limits.prefill_chunk}),
+                draft=[1, 16, 64], repeat=repeat)
+    return measure_profile("bench", model, limits, grid)
+
+
+def make_requests(prompts: Sequence[Sequence[int]], new_tokens: int, baseline_ms: float) -> list[Request]:
+    slo = BENCH_SLO_FACTOR * baseline_ms
+    return [Request(rid=i, arrival_ms=0.0, input_len=len(p), max_new_tokens=new_tokens, slo_ratio=BENCH_SLO_FACTOR,
+                    slo_ms=slo, category="bench") for i, p in enumerate(prompts)]
+
+
+def make_executor(model, profile: LatencyProfile, drafter, prompts: Sequence[Sequence[int]],
+                  new_tokens: int) -> TorchExecutor:
+    per_seq = -(-(max(len(p) for p in prompts) + new_tokens + 128) // BLOCK) + 2
+    blocks = len(prompts) * per_seq + profile.limits.max_batch_requests  # the executor keeps one per slot
+    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, block_size=BLOCK, ignore_eos=True)
+    ex.set_prompts({i: p for i, p in enumerate(prompts)})
+    return ex
+
+
+# ---- (a) engine overhead ----------------------------------------------------------------------
+
+@dataclass
+class OverheadResult:
+    mode: str  # incremental | tree
+    requests: int
+    steps: int
+    tokens_per_step: float  # forward tokens (median)
+    committed_per_step: float  # tokens committed per step over all requests (median)
+    engine_ms: float  # TorchExecutor.execute (median)
+    forward_ms: float  # model(batch, cache) inside it (median)
+    ratio: float  # median per-step engine / forward
+    before_ms: float  # execute time before the forward (trees, batch building): median
+    after_ms: float  # after the forward (argmax, walk, commit): median
+
+
+def engine_overhead(model: Transformer, profile: LatencyProfile, n_requests: int, mode: str,
+                    context: int = 128, steps: int = 12, warmup: int = 2, seed: int = 0) -> OverheadResult:
+    if mode not in ("incremental", "tree"):
+        raise ValueError(f"mode must be 'incremental' or 'tree', got {mode!r}")
+    period = 32
+    prompts = repeated_prompts(n_requests, context, model.config.vocab_size, period, seed)
+    max_new = (warmup + steps + 2) * 10
+    drafter = BenchDrafter(model.config.vocab_size, period, seed) if mode == "tree" else None
+    ex = make_executor(model, profile, drafter, prompts, max_new)
+    requests = make_requests(prompts, max_new, profile.decode_baseline_ms)
+    policy = make_policy("adaserve" if mode == "tree" else "vllm", model.config.family)
+    loop = ServingLoop(policy, ex, requests)
+    ex.reset_clock()
+    dev = model_device(model)
+    with torch.inference_mode():
+        while len(loop.running) < n_requests:  # prefill (and, for adaserve, the first decode steps)
+            if not loop.run_once() and not loop.pending:
+                raise RuntimeError("benchmark requests were rejected (KV pool too small?)")
+        for _ in range(warmup):
+            loop.step()
+        timed = TimedModel(model)
+        ex.model = timed
+        execute = ex.execute
+        records: list[tuple] = []
+
+        def timed_execute(prefill, decode, forest, selected, max_commit):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = execute(prefill, decode, forest, selected, max_commit)
+            sync(dev)
+            t1 = time.perf_counter()
+            f0, f1, tokens = timed.calls[-1]
+            records.append((t1 - t0, f1 - f0, tokens, out.committed.sum(), f0 - t0, t1 - f1, len(prefill)))
+            return out
+
+        ex.execute = timed_execute
+        try:
+            for _ in range(steps):
+                loop.step()
+        finally:
+            ex.execute, ex.model = execute, model
+    a = np.array([r[:6] for r in records if r[6] == 0], dtype=np.float64)  # decode-only steps
+    if not len(a):
+        raise RuntimeError("no decode-only step was measured")
+    med = lambda j, scale=1e3: float(np.median(a[:, j]) * scale)  # noqa: E731
+    return OverheadResult(mode, n_requests, len(a), med(2, 1), med(3, 1), med(0), med(1),
+                          float(np.median(a[:, 0] / a[:, 1])), med(4), med(5))
+
+
+# ---- (b) tokens/s ------------------------------------------------------------------------------
+
+@dataclass
+class GenResult:
+    system: str  # vllm | adaserve+ngram | transformers
+    batch: int
+    new_tokens: int
+    wall_s: float  # median
+    tokens_per_s: float
+    walls: list[float] = field(default_factory=list)
+    tokens_per_step: float | None = None  # engine: committed tokens per decoding request-step
+    same_as_hf: int | None = None  # requests whose tokens equal generate's
+
+
+def engine_generate(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
+                    new_tokens: int, system: str) -> tuple[float, list[list[int]], float]:
+    """One run: (wall seconds, output tokens per request, tokens per request-step)."""
+    drafter = NgramDrafter() if system != "vllm" else None
+    ex = make_executor(model, profile, drafter, prompts, new_tokens)
+    requests = make_requests(prompts, new_tokens, profile.decode_baseline_ms)
+    loop = ServingLoop(make_policy(system, model.config.family), ex, requests)
+    dev = model_device(model)
+    sync(dev)
+    ex.reset_clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        loop.run()
+    sync(dev)
+    wall = time.perf_counter() - t0
+    outputs = [ex.outputs[i] for i in range(len(prompts))]
+    if any(len(o) != new_tokens for o in outputs):
+        raise RuntimeError(f"engine produced {[len(o) for o in outputs]} tokens, expected {new_tokens} each")
+    per_step = loop.stats.committed_tokens / max(loop.stats.request_steps, 1)
+    return wall, outputs, per_step
+
+
+def hf_twin(model: Transformer):
+    """transformers' model with our weights (same dtype and device, SDPA attention, EOS disabled)."""
     from transformers import AutoModelForCausalLM
 
-    from .loader import BUILTIN_MODELS, builtin_model_dir
+    w = model.lm_head.weight
+    hf = AutoModelForCausalLM.from_config(model.config.to_hf_config(), attn_implementation="sdpa", dtype=w.dtype)
+    hf.load_state_dict(model.state_dict())
+    hf = hf.to(w.device).eval()
+    hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like --ignore-eos
+    hf.generation_config.pad_token_id = 0
+    return hf
 
-    model, _ = load_model(args.model, tokenizer=False)
-    path = builtin_model_dir(args.model) if args.model in BUILTIN_MODELS else args.model
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa").eval()
-    print(f"{args.model}, fp32, {torch.get_num_threads()} threads, context {args.context} per sequence")
-    for n in (1, 16):
-        ours = ours_decode_ms(model, n, args.context, args.repeat)
-        theirs = hf_decode_ms(hf, n, args.context, args.repeat)
-        print(f"decode {n:2d} seq x 1 token: ours {ours:7.2f} ms   transformers {theirs:7.2f} ms   "
-              f"ratio {ours / theirs:.2f}")
+
+def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """``generate`` (greedy) on the batch, left-padded; (wall seconds, new tokens per request)."""
+    dev = hf.device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    sync(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    return wall, out[:, width:].tolist()
+
+
+def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
+                      new_tokens: int, repeat: int = 3, hf=None,
+                      systems: Sequence[str] = ("vllm", "adaserve")) -> list[GenResult]:
+    n = len(prompts)
+    results = []
+    ref = None
+    if hf is not None:
+        walls = []
+        for _ in range(repeat):
+            w, ref = hf_generate(hf, prompts, new_tokens)
+            walls.append(w)
+        results.append(_gen("transformers", n, new_tokens, walls))
+    for system in systems:
+        walls, per_step = [], None
+        for _ in range(repeat):
+            w, outs, per_step = engine_generate(model, profile, prompts, new_tokens, system)
+            walls.append(w)
+        r = _gen("vllm" if system == "vllm" else f"{system}+ngram", n, new_tokens, walls)
+        r.tokens_per_step = round(per_step, 3)
+        if ref is not None:
+            r.same_as_hf = sum(a == b for a, b in zip(outs, ref))
+        results.append(r)
+    return results
+
+
+def _gen(system, n, new_tokens, walls) -> GenResult:
+    wall = statistics.median(walls)
+    return GenResult(system, n, new_tokens, round(wall, 4), round(n * new_tokens / wall, 2),
+                     [round(w, 4) for w in walls])
+
+
+# ---- the whole benchmark ---------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = 1
+    batches: tuple[int, ...] = (1, 16)
+    context: int = 128  # prompt tokens per request in the overhead steps
+    steps: int = 12  # timed engine steps per overhead case
+    prompt_len: int = 64  # prompts cut to this many tokens (tokens/s)
+    new_tokens: int = 64  # generated tokens per request (tokens/s)
+    repeat: int = 3  # generation runs per case (median)
+    trace: str | None = None
+    hf: bool = True  # compare with transformers' generate
+    overhead: bool = True
+    generation: bool = True
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
+    from .builder import resolve_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; use float32, float16 or bfloat16")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    say = log or (lambda s: None)
+    t_load = time.perf_counter()
+    model, tokenizer = resolve_model(cfg.model, dtype, cfg.device)
+    say(f"loaded {cfg.model} in {time.perf_counter() - t_load:.1f} s")
+    limits = default_limits(cfg.device)
+    limits = replace(limits, max_batch_requests=max(limits.max_batch_requests, *cfg.batches))
+    t0 = time.perf_counter()
+    profile = quick_profile(model, limits)
+    say(f"quick profile in {time.perf_counter() - t0:.1f} s (baseline {profile.decode_baseline_ms:.1f} ms)")
+    out = {"model": cfg.model, "hardware": hardware_string(model), "threads": torch.get_num_threads(),
+           "device": cfg.device, "dtype": cfg.dtype, "config": asdict(cfg),
+           "baseline_ms": round(profile.decode_baseline_ms, 3), "overhead": [], "generation": []}
+    if cfg.overhead:
+        for mode in ("incremental", "tree"):
+            for n in cfg.batches:
+                r = engine_overhead(model, profile, n, mode, cfg.context, cfg.steps)
+                say(format_overhead(r))
+                out["overhead"].append(_rounded(asdict(r)))
+    if cfg.generation:
+        hf = hf_twin(model) if cfg.hf else None
+        prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, model.config.vocab_size,
+                                            cfg.trace)
+        out["prompts"] = source
+        for n in cfg.batches:
+            for r in tokens_per_second(model, profile, prompts_all[:n], cfg.new_tokens, cfg.repeat, hf):
+                say(format_generation(r))
+                out["generation"].append(asdict(r))
+    return out
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def format_overhead(r: OverheadResult) -> str:
+    flag = "ok" if r.ratio <= OVERHEAD_TARGET else f"ABOVE {OVERHEAD_TARGET}"
+    return (f"overhead {r.mode:11s} {r.requests:2d} req  {r.tokens_per_step:5.1f} tok/step  "
+            f"engine {r.engine_ms:7.2f} ms  forward {r.forward_ms:7.2f} ms  ratio {r.ratio:.3f} ({flag})  "
+            f"[before fwd {r.before_ms:.2f} ms, after {r.after_ms:.2f} ms, {r.committed_per_step:.0f} committed/step]")
+
+
+def format_generation(r: GenResult) -> str:
+    extra = ""
+    if r.tokens_per_step is not None:
+        extra += f"  {r.tokens_per_step:.2f} tok/req-step"
+    if r.same_as_hf is not None:
+        extra += f"  same tokens as generate: {r.same_as_hf}/{r.batch}"
+    return (f"generate  {r.system:16s} batch {r.batch:2d}  {r.new_tokens} new tokens  "
+            f"{r.tokens_per_s:8.1f} tok/s  (wall {r.wall_s:.2f} s){extra}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    p.add_argument("--model", default=d.model, help="smollm2-135m (default), tiny-llama, a HF folder, ...")
+    p.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1)")
+    p.add_argument("--batches", default="1,16", help="request counts, comma separated (default 1,16)")
+    p.add_argument("--context", type=int, default=d.context, help="prompt tokens per request, overhead steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed engine steps per overhead case")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="cut prompts to this many tokens")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="generated tokens per request")
+    p.add_argument("--repeat", type=int, default=d.repeat, help="generation runs per case (median)")
+    p.add_argument("--trace", help="trace whose prompts to use (default: the shared fig8,9 trace)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--only", choices=("overhead", "generation"), help="run one part only")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    try:
+        batches = tuple(int(x) for x in str(args.batches).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    for name in ("threads", "context", "steps", "prompt_len", "new_tokens", "repeat"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batches must be positive integers, got {args.batches!r}")
+    cuda = str(args.device).startswith("cuda")
+    return BenchConfig(model=args.model, device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+                       threads=args.threads, batches=batches, context=args.context, steps=args.steps,
+                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeat=args.repeat, trace=args.trace,
+                       hf=not args.no_hf, overhead=args.only in (None, "overhead"),
+                       generation=args.only in (None, "generation"))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    log = None if args.json else print
+    if log:
+        print(f"adaserve bench engine: {cfg.model}, {cfg.dtype}, {cfg.device}, threads {cfg.threads}")
+    result = run_benchmark(cfg, log)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"hardware: {result['hardware']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run_cli(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
