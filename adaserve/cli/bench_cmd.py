@@ -1,6 +1,9 @@
 """``adaserve bench``: benchmarks.
 
 - ``adaserve bench scheduler ...``: time AdaServe's per-iteration decision (prints JSON lines).
+- ``adaserve bench engine [--model smollm2-135m] [--threads N] [--device cuda] [--json]``: engine
+  overhead (one engine step vs the bare forward of the same tokens) and tokens/s of greedy
+  generation against transformers' ``generate`` (adaserve/engine/benchmark.py).
 - ``adaserve bench --endpoint URL --trace T --baseline-ms X --out P``: replay a trace against an
   OpenAI-compatible server (ours or vLLM/SGLang) and write the SPEC §7 results.
 """
@@ -12,7 +15,8 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: `bench scheduler`, or `bench --endpoint URL` (HTTP replay)",
+    p = sub.add_parser("bench", help="benchmarks: `bench scheduler`, `bench engine`, or `bench --endpoint URL` "
+                       "(HTTP replay)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_http_options(p)
     p.set_defaults(func=_http)
@@ -24,6 +28,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--iterations", type=int, default=300)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_scheduler)
+    e = bsub.add_parser("engine", help="engine overhead vs the bare forward, and tokens/s vs transformers' generate",
+                        description=ENGINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_options(e)
+    e.set_defaults(func=_engine)
+
+
+ENGINE_HELP = """Engine speed on this machine (a benchmark, not a test; see docs/engine.md, "Speed"):
+(a) one TorchExecutor.execute with the serving loop's plan (incremental decoding, and a speculative
+step with trees) vs the bare model(batch, cache) forward of the same tokens (target <= 1.15x);
+(b) tokens/s of greedy generation at batch 1 and 16: our engine (vllm, and adaserve with the n-gram
+drafter) vs transformers' generate on the same weights."""
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    # here rather than in adaserve.engine.benchmark (which imports torch): building the parser stays cheap
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, a HF folder, ...")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--batches", default="1,16", help="request counts, comma separated (default 1,16)")
+    p.add_argument("--context", type=int, default=128, help="prompt tokens per request in the overhead steps")
+    p.add_argument("--steps", type=int, default=12, help="timed engine steps per overhead case")
+    p.add_argument("--prompt-len", type=int, default=64, help="cut the generation prompts to this many tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--repeat", type=int, default=3, help="generation runs per case (median)")
+    p.add_argument("--trace", help="trace whose prompts to use (default: the shared fig8,9 trace)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--only", choices=("overhead", "generation"), help="run one part only")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def _add_http_options(p: argparse.ArgumentParser) -> None:
@@ -87,3 +120,12 @@ def _scheduler(args: argparse.Namespace) -> int:
     print(json.dumps(bench_scheduler(args.requests, args.depth, args.width, args.iterations,
                                      args.seed)))
     return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    if getattr(args, "endpoint", None):
+        raise ValueError("--endpoint belongs to the HTTP replay (`adaserve bench --endpoint ...`), "
+                         "not to `bench engine`")
+    from adaserve.engine.benchmark import run_cli
+
+    return run_cli(args)

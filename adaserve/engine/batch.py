@@ -92,7 +92,11 @@ def tree_depths(parents: Sequence[int]) -> np.ndarray:
 class BatchBuilder:
     def __init__(self, cache: KVCache | BlockAllocator, solo_threshold: int = SOLO_QUERY_THRESHOLD):
         self.alloc = cache.alloc if isinstance(cache, KVCache) else cache
+        self.device = cache.device if isinstance(cache, KVCache) else torch.device("cpu")  # build()'s default
         self.solo_threshold = solo_threshold
+        self._reset()
+
+    def _reset(self) -> None:
         self.entries: list[Entry] = []
         self._tokens: list[int] = []
         self._positions: list[int] = []
@@ -174,13 +178,15 @@ class BatchBuilder:
                 self.alloc.free(seq_id)
             else:
                 self.alloc.truncate(seq_id, length)
-        self.__init__(self.alloc, self.solo_threshold)
+        self._reset()
 
     # ---- building ----------------------------------------------------------------------------
 
-    def build(self, device: str | torch.device = "cpu") -> FlatBatch:
+    def build(self, device: str | torch.device | None = None) -> FlatBatch:
+        """The batch's tensors on ``device`` (default: the KV cache's device)."""
         if not self.entries:
             raise ValueError("empty batch")
+        device = self.device if device is None else device
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         seq_index = np.repeat(np.arange(len(self.entries)), [e.num_new for e in self.entries])
         solo = [e for e in self.entries if e.num_new >= self.solo_threshold]

@@ -8,9 +8,9 @@ target is wrapped so that the ``model(batch, cache)`` call inside ``execute`` is
 that is the bare forward of exactly the same tokens on the same cache state. Overhead ratio =
 ``execute`` / forward (median over steps of the per-step ratio; target <= 1.15). Two modes:
 ``incremental`` (the vllm policy, no speculation: one token per request) and ``tree`` (the
-adaserve policy selecting nodes of full beam-search candidate trees from ``BenchDrafter``; the
-prompts are a repeated random pattern and the drafter's first child continues it, so paths are
-accepted and ``commit`` moves KV as in real serving).
+adaserve policy selecting nodes of full beam-search candidate trees from ``BenchDrafter``: n-gram
+continuations first, random fillers after; the prompts repeat a random 16-token pattern, so paths
+are accepted and ``KVCache.commit`` moves KV as in real serving).
 
 (b) **Tokens/s of greedy generation** at batch 1 and 16 with the same prompts (the shared fig8,9
 trace's, cut to ``--prompt-len`` tokens, or random tokens) and the same number of new tokens (EOS
@@ -42,7 +42,7 @@ from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.policies import make_policy
 from adaserve.scheduling.trees import CandidateForest
 
-from .drafters import RECORD_K, NgramDrafter, TreeSet, level_plan
+from .drafters import RECORD_K, NgramDrafter, NgramIndex, TreeSet, level_plan
 from .executor import TorchExecutor
 from .model import Transformer
 from .profiler import Grid, hardware_string, measure_profile
@@ -89,34 +89,40 @@ class TimedModel:
 
 
 class BenchDrafter:
-    """Full candidate trees without a draft model: at every frontier node the first child guesses
-    that the text repeats with period ``period`` (right on ``repeated_prompts``, which models
-    continue), the other children are random tokens; confidences 0.6, 0.15, 0.08, ... The beam
-    search / static shapes of the real drafters apply (``TreeSet``)."""
+    """Full candidate trees without a draft model: at every frontier node the n-gram drafter's
+    continuations (prompt / suffix lookup over the request's own tokens, as ``NgramDrafter``) come
+    first, the remaining children are random tokens with small confidences, so beam search and static
+    shapes always find ``width`` children per node (the trees a draft model would give, at no cost)."""
 
     name = "bench"
 
-    def __init__(self, vocab_size: int, period: int, seed: int = 0):
-        self.vocab, self.period = vocab_size, period
+    def __init__(self, vocab_size: int, seed: int = 0, max_ngram: int = 4):
+        self.vocab, self.max_ngram = vocab_size, max_ngram
         self.rng = np.random.default_rng(seed)
-        self.probs = np.array([0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.01])[:RECORD_K]
+        self.filler = 0.05 / np.arange(1, RECORD_K + 1)
+        self._index: dict[int, NgramIndex] = {}
 
     def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
         trees = TreeSet([s.last for s in seqs])
+        for s in seqs:
+            self._index.setdefault(s.seq_id, NgramIndex(self.max_ngram)).update(s.ids)
         for level in range(shape.depth):
             keep, cols = level_plan(shape, level)
             for i in trees.live():
                 frontier = trees.frontier[i]
                 toks = self.rng.integers(3, self.vocab, (len(frontier), RECORD_K))
+                probs = np.tile(self.filler, (len(frontier), 1))
+                head = seqs[i].ids[-self.max_ngram:]
                 for f, node in enumerate(frontier):
-                    hist = seqs[i].ids + trees.path_tokens(i, node)
-                    if len(hist) >= self.period:
-                        toks[f, 0] = hist[-self.period]
-                trees.grow(i, (toks, np.broadcast_to(self.probs, toks.shape).copy()), keep, cols)
+                    found = self._index[seqs[i].seq_id].lookup(head + trees.path_tokens(i, node), 1, 1.0)
+                    if found is not None:
+                        k = len(found[0])
+                        toks[f, :k], probs[f, :k] = found
+                trees.grow(i, (toks, probs), keep, cols)
         return trees.to_forest()
 
     def release(self, seq_id: int) -> None:
-        pass
+        self._index.pop(seq_id, None)
 
 
 def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: int = 0) -> list[list[int]]:
@@ -192,10 +198,9 @@ def engine_overhead(model: Transformer, profile: LatencyProfile, n_requests: int
                     context: int = 128, steps: int = 12, warmup: int = 2, seed: int = 0) -> OverheadResult:
     if mode not in ("incremental", "tree"):
         raise ValueError(f"mode must be 'incremental' or 'tree', got {mode!r}")
-    period = 32
-    prompts = repeated_prompts(n_requests, context, model.config.vocab_size, period, seed)
+    prompts = repeated_prompts(n_requests, context, model.config.vocab_size, 16, seed)
     max_new = (warmup + steps + 2) * 10
-    drafter = BenchDrafter(model.config.vocab_size, period, seed) if mode == "tree" else None
+    drafter = BenchDrafter(model.config.vocab_size, seed) if mode == "tree" else None
     ex = make_executor(model, profile, drafter, prompts, max_new)
     requests = make_requests(prompts, max_new, profile.decode_baseline_ms)
     policy = make_policy("adaserve" if mode == "tree" else "vllm", model.config.family)
@@ -418,24 +423,6 @@ def format_generation(r: GenResult) -> str:
             f"{r.tokens_per_s:8.1f} tok/s  (wall {r.wall_s:.2f} s){extra}")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = BenchConfig()
-    p.add_argument("--model", default=d.model, help="smollm2-135m (default), tiny-llama, a HF folder, ...")
-    p.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1)")
-    p.add_argument("--batches", default="1,16", help="request counts, comma separated (default 1,16)")
-    p.add_argument("--context", type=int, default=d.context, help="prompt tokens per request, overhead steps")
-    p.add_argument("--steps", type=int, default=d.steps, help="timed engine steps per overhead case")
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="cut prompts to this many tokens")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="generated tokens per request")
-    p.add_argument("--repeat", type=int, default=d.repeat, help="generation runs per case (median)")
-    p.add_argument("--trace", help="trace whose prompts to use (default: the shared fig8,9 trace)")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--only", choices=("overhead", "generation"), help="run one part only")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     try:
         batches = tuple(int(x) for x in str(args.batches).split(",") if x.strip())
@@ -469,8 +456,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    from adaserve.cli.bench_cmd import add_engine_options
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
+    add_engine_options(ap)
     return run_cli(ap.parse_args(argv))
 
 

@@ -1,0 +1,107 @@
+"""Smoke test of the engine benchmark (``adaserve bench engine``) on a tiny random model, and the
+CPU fast path of the model's linears (oneDNN with prepacked weights). Timings are not asserted."""
+
+import json
+
+import pytest
+import torch
+
+from adaserve.cli import main
+from adaserve.engine import benchmark as bench
+from adaserve.engine import model as model_mod
+from adaserve.engine import tiny_random_model
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_benchmark_runs_on_a_tiny_model(restore_threads):
+    cfg = bench.BenchConfig(model="tiny-llama", threads=1, batches=(1, 4), context=32, steps=3, prompt_len=12,
+                            new_tokens=8, repeat=1)
+    out = bench.run_benchmark(cfg)
+    assert out["threads"] == 1 and out["baseline_ms"] > 0
+    cases = {(r["mode"], r["requests"]) for r in out["overhead"]}
+    assert cases == {("incremental", 1), ("incremental", 4), ("tree", 1), ("tree", 4)}
+    for r in out["overhead"]:
+        assert r["steps"] >= 1 and r["forward_ms"] > 0 and r["engine_ms"] >= r["forward_ms"] * 0.999
+        assert r["ratio"] >= 0.999 and r["before_ms"] >= 0 and r["after_ms"] >= 0
+        if r["mode"] == "incremental":
+            assert r["tokens_per_step"] == r["requests"]
+        else:  # the adaserve policy's budget decides how many tree nodes (on a tiny model: few)
+            assert r["tokens_per_step"] >= r["requests"]
+    gen = {(r["system"], r["batch"]): r for r in out["generation"]}
+    assert set(gen) == {(s, n) for s in ("transformers", "vllm", "adaserve+ngram") for n in (1, 4)}
+    for (system, n), r in gen.items():
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 8
+        if system != "transformers":  # greedy, fp32: the same tokens as transformers' generate
+            assert r["same_as_hf"] == n, (system, n)
+
+
+def test_cli_bench_engine_json(capsys, restore_threads):
+    assert main(["bench", "engine", "--model", "tiny-qwen2", "--batches", "2", "--steps", "2", "--context", "16",
+                 "--prompt-len", "8", "--new-tokens", "4", "--repeat", "1", "--no-hf", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tiny-qwen2" and out["device"] == "cpu" and out["dtype"] == "float32"
+    assert len(out["overhead"]) == 2 and {r["system"] for r in out["generation"]} == {"vllm", "adaserve+ngram"}
+    assert all(r["same_as_hf"] is None for r in out["generation"])
+
+
+def test_cli_bench_engine_user_errors(capsys):
+    assert main(["bench", "engine", "--batches", "1,x"]) == 2
+    assert "--batches" in capsys.readouterr().err
+    assert main(["bench", "engine", "--model", "tiny-llama", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_drafter_grows_full_trees():
+    from adaserve.engine.sequence import SeqState
+    from adaserve.scheduling.plan import SpecShape
+
+    drafter = bench.BenchDrafter(vocab_size=100, seed=0)
+    pattern = [5, 6, 7, 8]
+    seqs = [SeqState(0, pattern * 4, 16), SeqState(1, [9, 10, 11], 3)]
+    forest = drafter.draft(seqs, SpecShape(depth=3, width=2))
+    assert forest.n_requests == 2 and forest.n_nodes == 2 * (1 + 2 + 2 + 2)  # beam keeps 2 per level
+    first = forest.token[int(forest.offsets[0]) + 1]
+    assert first == 5  # the n-gram continuation of ...7, 8 comes first
+
+
+# ---- the CPU linear fast path (model.py) ------------------------------------------------------
+
+def test_prepacked_linears_follow_weight_changes_and_match_plain_linear():
+    model = tiny_random_model("llama", seed=4)
+    x = torch.randn(5, model.config.hidden_size)
+    lin = model.model.layers[0].mlp.gate_proj
+    with torch.inference_mode():
+        fast = lin(x)
+    assert torch.allclose(fast, torch.nn.functional.linear(x, lin.weight), atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: the packed copy must be rebuilt
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), 2 * fast, atol=1e-5)
+    lin.weight = torch.nn.Parameter(torch.zeros_like(lin.weight))  # replaced
+    with torch.inference_mode():
+        assert torch.count_nonzero(lin(x)) == 0
+
+
+def test_prepack_off_gives_the_same_logits(monkeypatch):
+    from adaserve.engine import BatchBuilder
+
+    model = tiny_random_model("qwen2", seed=5)
+    ids = list(range(3, 40))
+
+    def logits():
+        cache = model.make_cache(num_blocks=8, block_size=8)
+        b = BatchBuilder(cache)
+        b.add_prefill(0, ids, logits="all")
+        return model(b.build(), cache)
+
+    fast = logits()
+    monkeypatch.setattr(model_mod, "PREPACK", False)
+    assert (fast - logits()).abs().max().item() <= 1e-4
