@@ -23,6 +23,7 @@ from adaserve.engine import (BatchBuilder, ModelConfig, ModelDrafter, NgramDraft
 from adaserve.engine.profiler import Grid, StepBench, measure_profile
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
+from engine_util import root_path
 
 DEVICE = os.environ.get("ADASERVE_CUDA_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -77,14 +78,6 @@ def sync():
 
 def tokens(n, seed=0, vocab=512):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def root_path(parents, node):
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path[::-1]
 
 
 def hf_twin(model, dtype):
