@@ -23,7 +23,7 @@ from adaserve.engine import (BatchBuilder, ModelConfig, ModelDrafter, NgramDraft
 from adaserve.engine.profiler import Grid, StepBench, measure_profile
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
-from engine_util import root_path
+from engine_util import plain_greedy, root_path
 
 DEVICE = os.environ.get("ADASERVE_CUDA_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -159,20 +159,6 @@ def test_low_precision_logits_stay_as_close_as_transformers(dtype):
 
 # ---- lossless speculation on CUDA --------------------------------------------------------------
 
-def plain_greedy(model, prompt, n):
-    cache = model.make_cache(num_blocks=(len(prompt) + n) // 16 + 2, block_size=16)
-    b = BatchBuilder(cache)
-    b.add_prefill(0, prompt)
-    out = []
-    for _ in range(n):
-        out.append(int(model(b.build(), cache)[-1].argmax()))
-        if out[-1] == EOS:
-            break
-        b = BatchBuilder(cache)
-        b.add_decode(0, out[-1])
-    return out
-
-
 def tiny_profile() -> LatencyProfile:
     return LatencyProfile.from_dict({
         "name": "tiny", "baseline_ms": 2.0, "source": "test",
@@ -213,7 +199,7 @@ def test_greedy_speculation_is_lossless_on_cuda(system, drafter_kind):
     loop.run()
     for r in reqs:
         assert r.phase == Phase.FINISHED
-        assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens), f"request {r.rid}"
+        assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)), f"request {r.rid}"
     assert ex.cache.alloc.free_blocks == ex.num_blocks
     if system == "specinfer":  # whole static trees from a close draft: multi-token commits happened
         assert loop.stats.committed_tokens / loop.stats.request_steps > 1.3

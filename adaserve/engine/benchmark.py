@@ -40,9 +40,8 @@ from adaserve.core.request import Request
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.policies import make_policy
-from adaserve.scheduling.trees import CandidateForest
 
-from .drafters import RECORD_K, NgramDrafter, NgramIndex, TreeSet, level_plan
+from .drafters import RECORD_K, NgramDrafter, TreeSet
 from .executor import TorchExecutor
 from .model import Transformer
 from .profiler import Grid, hardware_string, measure_profile
@@ -88,41 +87,26 @@ class TimedModel:
         return out
 
 
-class BenchDrafter:
+class BenchDrafter(NgramDrafter):
     """Full candidate trees without a draft model: at every frontier node the n-gram drafter's
-    continuations (prompt / suffix lookup over the request's own tokens, as ``NgramDrafter``) come
-    first, the remaining children are random tokens with small confidences, so beam search and static
-    shapes always find ``width`` children per node (the trees a draft model would give, at no cost)."""
+    continuations come first, the remaining children are random tokens with small confidences, so
+    beam search and static shapes always find ``width`` children per node (the trees a draft model
+    would give, at no cost)."""
 
     name = "bench"
 
     def __init__(self, vocab_size: int, seed: int = 0, max_ngram: int = 4):
-        self.vocab, self.max_ngram = vocab_size, max_ngram
+        super().__init__(max_ngram=max_ngram)
+        self.vocab = vocab_size
         self.rng = np.random.default_rng(seed)
         self.filler = 0.05 / np.arange(1, RECORD_K + 1)
-        self._index: dict[int, NgramIndex] = {}
 
-    def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
-        trees = TreeSet([s.last for s in seqs])
-        for s in seqs:
-            self._index.setdefault(s.seq_id, NgramIndex(self.max_ngram)).update(s.ids)
-        for level in range(shape.depth):
-            keep, cols = level_plan(shape, level)
-            for i in trees.live():
-                frontier = trees.frontier[i]
-                toks = self.rng.integers(3, self.vocab, (len(frontier), RECORD_K))
-                probs = np.tile(self.filler, (len(frontier), 1))
-                head = seqs[i].ids[-self.max_ngram:]
-                for f, node in enumerate(frontier):
-                    found = self._index[seqs[i].seq_id].lookup(head + trees.path_tokens(i, node), 1, 1.0)
-                    if found is not None:
-                        k = len(found[0])
-                        toks[f, :k], probs[f, :k] = found
-                trees.grow(i, (toks, probs), keep, cols)
-        return trees.to_forest()
-
-    def release(self, seq_id: int) -> None:
-        self._index.pop(seq_id, None)
+    def _expand(self, seq: SeqState, trees: TreeSet, i: int):
+        toks, ps = super()._expand(seq, trees, i)
+        empty = toks < 0
+        toks[empty] = self.rng.integers(3, self.vocab, int(empty.sum()))
+        ps[empty] = np.broadcast_to(self.filler, toks.shape)[empty]
+        return toks, ps
 
 
 def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: int = 0) -> list[list[int]]:
