@@ -10,8 +10,7 @@ import pkgutil
 import sys
 
 
-class UserError(Exception):
-    """A problem with the user's input; printed as ``adaserve: error: ...`` with exit code 2."""
+from adaserve.core.errors import UserError  # noqa: F401  (re-exported for the sub-commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from adaserve.core.metrics import request_record
 from adaserve.core.request import Request
-from adaserve.core.trace import atomic_write_text
+from adaserve.core.files import atomic_write_text
 
 STATS_LINE = re.compile(r"^ (\w+)\( (.*)\)$")
 STATS_NAMES = ("total_time_ms", "total_requests", "total_tokens", "throughput_tokens_per_sec",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,15 @@ from typing import Any
 import numpy as np
 
 from adaserve.core import slo
+from adaserve.core.errors import UserError
+from adaserve.core.files import atomic_write_text
 from adaserve.core.request import Request
 
 MAX_PROBLEMS = 20
 REQUIRED_FIELDS = ("emission_time_ms", "input_length", "output_length", "prompt", "slo_ratio")
 
 
-class TraceError(ValueError):
+class TraceError(UserError):
     """A trace file that cannot be loaded; ``problems`` lists each issue (one per line in str())."""
 
     def __init__(self, path: str | os.PathLike, problems: Sequence[str], more: int = 0):
@@ -174,19 +175,6 @@ def save_trace(path: str | os.PathLike, records: Sequence[TraceRecord]) -> None:
     parse_records([r.to_json() for r in records], p)
     lines = [json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False) for r in records]
     atomic_write_text(p, "[\n" + ",\n".join(lines) + "\n]\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------ conversion

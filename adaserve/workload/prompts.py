@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from adaserve.core import slo
-from adaserve.core.trace import atomic_write_text, load_trace
+from adaserve.core.files import atomic_write_text
+from adaserve.core.trace import load_trace
 from adaserve.workload import tokens
 from adaserve.workload.tokens import (estimate_tokens, features, non_ascii_count,
                                        tokens_from_features)
