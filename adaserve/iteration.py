@@ -2,9 +2,11 @@
 over a trace. The simulator and the torch engine are two ``Executor``s driven by this same code.
 
 Time: the executor owns the clock (simulated or wall). The loop reads it to stamp requests and to
-split the iteration into the Figure 15 components. The scheduling component is the *measured* CPU
-time of ``Policy.plan`` + ``Policy.select``; a simulated clock does not advance by it (so runs are
-deterministic); a real clock does, since it is real time.
+split the iteration into the Figure 15 components: speculation (the executor's drafting), prefill
+and verification (its target step, split by token share) on the executor's clock; scheduling, the
+*measured* time of ``Policy.plan`` + ``Policy.select``; other, the measured time of the loop's own
+work (building the view, admission stamps, commit caps, committing). A simulated clock does not
+advance by the measured parts (so runs are deterministic); a real clock does, since it is real time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from adaserve.core.metrics import OVERHEAD_COMPONENTS
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Phase, Request
 from adaserve.scheduling.admission import kv_reservation
@@ -26,9 +29,14 @@ from adaserve.scheduling.trees import CandidateForest
 
 @dataclass
 class StepOutput:
+    """What one step produced. Token ids come from executors that have them (the engine; the
+    simulator has none): front ends read a request's new tokens here, never in executor state."""
+
     committed: np.ndarray          # per decoding request: tokens committed (accepted + 1), capped
     eos: np.ndarray                # per decoding request: the committed tokens end with EOS
     prefill_eos: list[bool] = field(default_factory=list)  # per prefill chunk that completed a prompt
+    tokens: list[list[int]] | None = None        # per decoding request: the committed token ids
+    first_tokens: list[int] | None = None        # per prefill chunk that completed a prompt: its token
 
 
 class Executor(Protocol):
@@ -50,29 +58,24 @@ class Executor(Protocol):
     def release(self, request: Request) -> None: ...
 
 
-OVERHEAD_KEYS = ("speculation", "verification", "scheduling", "prefill", "other")
-BUDGET_HISTORY = 4096  # per-iteration verification budgets kept (a server loop runs for ever)
-
-
 @dataclass
 class LoopStats:
     iterations: int = 0
     committed_tokens: int = 0      # tokens committed in decode steps (accepted + bonus)
     request_steps: int = 0         # Σ decoding requests per step
-    overhead_ms: dict = field(default_factory=lambda: dict.fromkeys(OVERHEAD_KEYS, 0.0))
-    verified_tokens: int = 0       # Σ verified tree nodes (roots included) over all iterations
-    budgets: deque = field(default_factory=lambda: deque(maxlen=BUDGET_HISTORY))  # recent ones
+    overhead_ms: dict = field(default_factory=lambda: dict.fromkeys(OVERHEAD_COMPONENTS, 0.0))
 
 
 class ServingLoop:
     """Drives a policy and an executor. Offline (``run``): every request is known up front.
     Online (a server): ``submit`` and ``cancel`` between calls of ``run_once``, all from the one
-    thread that owns the loop; ``on_commit(request, n)`` fires after a request gains ``n`` tokens and
+    thread that owns the loop; ``on_commit(request, ids)`` fires after a request gains tokens (``ids``:
+    their token ids, or ``[None] * n`` from an executor without ids, the simulator) and
     ``on_finish(request)`` when it leaves the system (finished, rejected or cancelled)."""
 
     def __init__(self, policy: Policy, executor: Executor, requests: list[Request] | None = None,
                  on_finish: Callable[[Request], None] | None = None,
-                 on_commit: Callable[[Request, int], None] | None = None):
+                 on_commit: Callable[[Request, list], None] | None = None):
         self.policy = policy
         self.executor = executor
         self.requests = sorted(requests or [], key=lambda r: (r.arrival_ms, r.rid))
@@ -107,11 +110,10 @@ class ServingLoop:
 
     # -- one iteration ----------------------------------------------------------------------
     def step(self) -> None:
-        ex, stats = self.executor, self.stats
+        ex = self.executor
+        start = time.perf_counter()
         view = self.view()
-        cpu = time.perf_counter()
-        plan = self.policy.plan(view)
-        sched_ms = (time.perf_counter() - cpu) * 1e3
+        plan, sched_s = _timed(self.policy.plan, view)
         if not plan.prefill and not plan.decode:
             raise RuntimeError(f"policy {self.policy.name} planned an empty iteration with "
                                f"{len(self.waiting)} waiting and {len(self.running)} running")
@@ -121,21 +123,22 @@ class ServingLoop:
                 self.kv_reserved += kv_reservation(r, ex.latency.limits.max_seq_len)
         t0 = ex.now()
         if plan.decode and plan.shape.speculative:
-            forest = ex.speculate(plan.decode, plan.shape)
+            forest, executor_s = _timed(ex.speculate, plan.decode, plan.shape)
         else:
-            forest = CandidateForest.roots_only(len(plan.decode))
+            forest, executor_s = CandidateForest.roots_only(len(plan.decode)), 0.0
         t1 = ex.now()
-        cpu = time.perf_counter()
-        selection = self.policy.select(plan, forest, view)
-        sched_ms += (time.perf_counter() - cpu) * 1e3
+        selection, select_s = _timed(self.policy.select, plan, forest, view)
+        sched_s += select_s
         verified = int(selection.selected.sum())
-        stats.budgets.append(verified)
-        stats.verified_tokens += verified
-        max_commit = np.fromiter((self._commit_cap(r) for r in plan.decode), np.int64, len(plan.decode))
-        out = ex.execute(plan.prefill, plan.decode, forest, selection.selected, max_commit)
-        t2 = ex.now()
-        self._account(plan, int(selection.selected.sum()), t1 - t0, t2 - t1, sched_ms)
-        self._commit(plan, out, t2)
+        max_commit = self._commit_caps(plan.decode)
+        t2 = ex.now()  # after the selection: on a real clock its time is scheduling, not verification
+        out, execute_s = _timed(ex.execute, plan.prefill, plan.decode, forest, selection.selected,
+                                max_commit)
+        executor_s += execute_s
+        t3 = ex.now()
+        self._commit(plan, out, t3)
+        loop_s = time.perf_counter() - start - executor_s - sched_s
+        self._account(plan, verified, t1 - t0, t3 - t2, sched_s * 1e3, loop_s * 1e3)
 
     # -- online use -------------------------------------------------------------------------
     def submit(self, r: Request) -> None:
@@ -167,12 +170,14 @@ class ServingLoop:
         self.step()
         return True
 
-    def _commit_cap(self, r: Request) -> int:
+    def _commit_caps(self, decode: list[Request]) -> np.ndarray:
+        """Per decoding request: the most tokens it may commit (its budget and the max length)."""
         max_seq = self.executor.latency.limits.max_seq_len
-        return max(1, min(r.remaining_tokens, max_seq - r.input_len - r.generated))
+        return np.array([max(1, min(r.remaining_tokens, max_seq - r.input_len - r.generated))
+                         for r in decode], np.int64)
 
     def _account(self, plan: Plan, verify_tokens: int, spec_ms: float, step_ms: float,
-                 sched_ms: float) -> None:
+                 sched_ms: float, other_ms: float) -> None:
         o = self.stats.overhead_ms
         prefill_tokens = sum(c for _, c in plan.prefill)
         share = prefill_tokens / max(prefill_tokens + (verify_tokens if plan.decode else 0), 1)
@@ -180,10 +185,12 @@ class ServingLoop:
         o["prefill"] += step_ms * share
         o["verification"] += step_ms * (1 - share)
         o["scheduling"] += sched_ms
+        o["other"] += other_ms
         self.stats.iterations += 1
 
     def _commit(self, plan: Plan, out: StepOutput, now: float) -> None:
         completed = iter(out.prefill_eos)
+        first = iter(out.first_tokens if out.first_tokens is not None else ())
         for r, chunk in plan.prefill:
             r.prefilled += chunk
             if r.prefilled >= r.input_len:
@@ -193,17 +200,19 @@ class ServingLoop:
                 r.first_token_ms = r.first_decode_ms = now
                 r.token_times_ms.append(now)
                 self.running.append(r)
-                self._notify(r, 1)
+                self._notify(r, [next(first, None)])
                 self._maybe_finish(r, bool(next(completed, False)))
+        committed, eos = np.asarray(out.committed).tolist(), np.asarray(out.eos, bool).tolist()
         for i, r in enumerate(plan.decode):
-            c = int(out.committed[i])
+            c = committed[i]
             r.generated += c
             r.steps += 1
             r.token_times_ms.extend([now] * c)
-            self.stats.committed_tokens += c
-            self.stats.request_steps += 1
-            self._notify(r, c)
-            self._maybe_finish(r, bool(out.eos[i]))
+            if self.on_commit is not None:
+                self._notify(r, out.tokens[i] if out.tokens is not None else [None] * c)
+            self._maybe_finish(r, eos[i])
+        self.stats.committed_tokens += sum(committed)
+        self.stats.request_steps += len(committed)
 
     def _maybe_finish(self, r: Request, eos: bool) -> None:
         max_seq = self.executor.latency.limits.max_seq_len
@@ -223,9 +232,9 @@ class ServingLoop:
         self.executor.release(r)
         self._done(r)
 
-    def _notify(self, r: Request, n: int) -> None:
-        if self.on_commit is not None and n > 0:
-            self.on_commit(r, n)
+    def _notify(self, r: Request, ids: list) -> None:
+        if self.on_commit is not None and ids:
+            self.on_commit(r, ids)
 
     def _done(self, r: Request) -> None:
         if self.on_finish is not None:
@@ -238,3 +247,10 @@ class ServingLoop:
             if not self.run_once() and self.pending:
                 self.executor.wait_until(self.pending[0].arrival_ms)
         return self.requests
+
+
+def _timed(fn, *args):
+    """``fn(*args)`` and the wall seconds it took."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start

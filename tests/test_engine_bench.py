@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adaserve.cli import main
-from adaserve.engine import benchmark as bench
+from adaserve.bench import engine as bench
+from adaserve.config import EngineConfig
 from adaserve.engine import model as model_mod
 from adaserve.engine import tiny_random_model
 
@@ -22,7 +23,7 @@ def restore_threads():
 
 
 def test_benchmark_runs_on_a_tiny_model(restore_threads):
-    cfg = bench.BenchConfig(model="tiny-llama", threads=1, batches=(1, 4), context=32, steps=3, prompt_len=12,
+    cfg = bench.BenchConfig(EngineConfig("tiny-llama", threads=1), batches=(1, 4), context=32, steps=3, prompt_len=12,
                             new_tokens=8, repeat=1)
     out = bench.run_benchmark(cfg)
     assert out["threads"] == 1 and out["baseline_ms"] > 0
@@ -103,5 +104,5 @@ def test_prepack_off_gives_the_same_logits(monkeypatch):
         return model(b.build(), cache)
 
     fast = logits()
-    monkeypatch.setattr(model_mod, "PREPACK", False)
+    monkeypatch.setattr(model_mod, "prepack_available", lambda: False)
     assert (fast - logits()).abs().max().item() <= 1e-4

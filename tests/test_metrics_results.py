@@ -1,5 +1,5 @@
-"""SPEC §2 metrics on hand-made requests (numbers worked out by hand in the comments) and the
-SPEC §7 result files (text block + JSON)."""
+"""Metrics (docs/definitions.md §3) on hand-made requests (numbers worked out by hand in the comments) and the
+result files of docs/definitions.md §7 (text block + JSON)."""
 
 from __future__ import annotations
 

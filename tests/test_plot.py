@@ -14,10 +14,6 @@ from adaserve.core.results import write_results
 from adaserve.harness import headline as hl
 from adaserve.harness import plot
 
-TRACES = Path("/work/shared/traces")
-if not TRACES.is_dir():
-    TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -252,14 +248,13 @@ def test_headline_cli_table_only_and_json(tree: Path, tmp_path: Path, capsys) ->
 
 # --------------------------------------------------------------------------- real (simulated)
 
-@pytest.mark.skipif(not (TRACES / "fig15").is_dir(), reason="shared traces not available")
-def test_simulated_results_plot(tmp_path: Path) -> None:
+def test_simulated_results_plot(tmp_path: Path, artifact_traces) -> None:
     from adaserve.sim.run import simulate_file
 
     root = tmp_path / "results"
     for fig, name in (("fig8,9", "rps4.8_ol256"), ("fig8,9", "rps2.6_ol256"),
                       ("fig15", "rps3.6_ol128")):
-        records = json.loads((TRACES / fig / f"emission_{name}.json").read_text())[:60]
+        records = json.loads(artifact_traces.file(f"{fig}/emission_{name}.json").read_text())[:60]
         trace = tmp_path / f"{fig}_{name}.json"
         trace.write_text(json.dumps(records))
         systems = ("adaserve",) if fig == "fig15" else ("adaserve", "vllm_spec_4")

@@ -9,7 +9,7 @@ from adaserve.bench.scheduler import ARTIFACT_LLAMA, random_forest, random_reque
 from adaserve.core.request import Phase, Request
 from adaserve.scheduling.plan import IterationView, SpecShape
 from adaserve.scheduling.policies import SYSTEMS, make_policy
-from adaserve.scheduling.speculation import LLAMA_SPEC, QWEN_SPEC, SpecParams
+from adaserve.scheduling.speculation import LLAMA_SPEC, QWEN_SPEC, SpecParams, spec_params_for
 from adaserve.scheduling.trees import CandidateForest, is_connected
 
 
@@ -24,6 +24,14 @@ def test_speculation_parameters_follow_eq_8_9():
     assert custom.depth(10) == 4 and custom.width(10) == 4 and custom.width(30) == 1
     with pytest.raises(ValueError):
         SpecParams(d_min=5, d_max=4, w_max=1, b1=1, b2=1)
+
+
+def test_speculation_constants_follow_the_model_family_not_its_name():
+    assert spec_params_for("qwen2") is QWEN_SPEC
+    assert spec_params_for("llama") is spec_params_for(None) is LLAMA_SPEC
+    assert spec_params_for("qwen2.5-32b") is LLAMA_SPEC  # a model name is not a family
+    assert make_policy("adaserve", "qwen2").config.spec is QWEN_SPEC
+    assert make_policy("vllm_spec_4", "llama").config.spec is LLAMA_SPEC
 
 
 def test_shapes():
@@ -43,14 +51,14 @@ def view_with(waiting, running, kv=10**7, now=10_000.0):
 
 def test_unknown_system_lists_valid_ones():
     with pytest.raises(ValueError, match="vllm_spec_4"):
-        make_policy("nope", "llama-3.1-70b")
+        make_policy("nope", "llama")
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_every_policy_plans_and_selects_connected_trees(system):
     rng = np.random.default_rng(1)
     running = random_requests(8, 10_000.0, rng)
-    policy = make_policy(system, "llama-3.1-70b")
+    policy = make_policy(system, "llama")
     view = view_with([waiting_request(100)], running)
     plan = policy.plan(view)
     assert plan.prefill or plan.decode

@@ -1,4 +1,4 @@
-"""SLO-customized and throughput selection (SPEC §3 steps 4-5) and the budget rule."""
+"""SLO-customized and throughput selection (docs/definitions.md §4) and the budget rule."""
 
 import numpy as np
 from hypothesis import given, settings

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server on loopback (uvicorn in a thread, a tiny random Llama with the n-gram
 drafter) driven by a real HTTP client: completions and chat, SSE streaming, SLO fields, /metrics,
 64 concurrent streams, the bad-input table, API keys, cancellation on disconnect (KV freed), and
-the HTTP benchmark client writing SPEC §7 results, per-request sampling (greedy and sampled requests
+the HTTP benchmark client writing result files, per-request sampling (greedy and sampled requests
 in one batch), no per-request state left behind. One test starts `adaserve serve` as a process."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.core.results import load_result, result_complete
 from adaserve.engine import NgramDrafter, TorchExecutor, tiny_random_model
-from adaserve.engine.builder import ByteTokenizer, resolve_model
+from adaserve.engine.loader import resolve_model
+from adaserve.engine.tokenizer import ByteTokenizer
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from adaserve.server import EngineThread, ServerConfig, create_app
@@ -266,7 +267,7 @@ def test_slo_fields(srv, body, headers, slo_ms, category):
     assert u["slo_ms"] == (None if slo_ms is None else pytest.approx(slo_ms))
     if slo_ms is None:
         assert u["slo_attained"] is True
-    else:  # SPEC §2: attained iff decode latency <= slo_ms * decode length
+    else:  # docs/definitions.md §3: attained iff decode latency <= slo_ms * decode length
         assert u["slo_attained"] == (u["decode_latency_ms"] <= slo_ms * u["completion_tokens"])
 
 
@@ -419,6 +420,10 @@ BAD = [  # (path, body: dict or raw text, headers, status, param, code)
     (C, {"prompt": "x", "echo": True}, {}, 400, "echo", "unsupported_parameter"),
     (C, {"prompt": "x", "temperature": 5}, {}, 400, "temperature", "invalid_value"),
     (C, {"prompt": "x", "temperature": -0.1}, {}, 400, "temperature", "invalid_value"),
+    (C, {"prompt": "x", "temperature": 5e-324}, {}, 400, "temperature", "invalid_value"),
+    (C, {"prompt": "x", "temperature": 0.001}, {}, 400, "temperature", "invalid_value"),
+    (C, '{"prompt": "a\\ud800"}', {}, 400, "prompt", "invalid_value"),
+    (CH, '{"messages": [{"role": "user", "content": "\\udfff"}]}', {}, 400, "messages", "invalid_value"),
     (C, {"prompt": "x", "top_p": 0}, {}, 400, "top_p", "invalid_value"),
     (C, {"prompt": "x", "top_p": 1.5}, {}, 400, "top_p", "invalid_value"),
     (C, {"prompt": "x", "top_k": -2}, {}, 400, "top_k", "invalid_value"),
@@ -662,7 +667,7 @@ def test_serve_command_in_a_process(tmp_path):
                             headers={"x-slo-tpot-ms": "50"})
             assert chunks[-1]["usage"]["slo_ms"] == 50.0
             from adaserve.core.trace import TraceRecord
-            from adaserve.engine.run import tokenize
+            from adaserve.runtime.replay import tokenize
 
             tok = resolve_model("tiny-llama")[1]
             rec = TraceRecord(0.0, 1, 4, MSG[0]["content"], 1.2)
@@ -695,14 +700,15 @@ def test_byte_tokenizer_round_trip_and_special_ids():
 
 
 def test_run_and_serve_tokenize_tiny_models_alike():
-    """``adaserve run`` (engine.run.tokenize over load_pair's tokenizer) and ``adaserve serve``
+    """``adaserve run`` (runtime.replay.tokenize over load_models's tokenizer) and ``adaserve serve``
     (build.codec_for over the same) give the same ids, for plain prompts and through the chat template."""
     from adaserve.core.trace import TraceRecord
-    from adaserve.engine.builder import EngineSpec, load_pair
-    from adaserve.engine.run import tokenize
+    from adaserve.config import EngineConfig
+    from adaserve.runtime.build import load_models
+    from adaserve.runtime.replay import tokenize
 
     for name in ("tiny-llama", "tiny-qwen2"):
-        model, tok, _ = load_pair(EngineSpec(name))
+        model, tok, _ = load_models(EngineConfig(name))
         codec = codec_for(name, tok)
         records = [TraceRecord(0.0, 1, 4, t, 1.2) for t in TEXTS]
         assert tokenize(tok, records, chat_template=False) == [codec.encode(t) for t in TEXTS]

@@ -5,17 +5,17 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 
 from adaserve.core.results import read_stats_block, result_complete
-from adaserve.core.trace import TraceRecord, load_trace
+from adaserve.core.slo import ARTIFACT_BASELINE_MS, category_of, hardware_scaled
+from adaserve.core.trace import TraceRecord, load_trace, prepare_records
 from adaserve.scheduling.policies import SYSTEMS
+from adaserve.scheduling.speculation import LLAMA_SPEC, QWEN_SPEC
+from adaserve.sim import run as run_module
 from adaserve.sim.run import simulate_file, simulate_records
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
-FIG89 = SHARED / "fig8,9"
 
 
 @pytest.fixture
@@ -68,11 +68,8 @@ def test_unservable_request_is_reported_not_dropped(linear_profile):
 
 
 @pytest.fixture(scope="module")
-def fig89_small():
-    path = FIG89 / "emission_rps2.4_ol256.json"
-    if not path.exists():
-        pytest.skip("shared traces not available")
-    return load_trace(path)[:150]
+def fig89_small(artifact_traces):
+    return load_trace(artifact_traces.file("fig8,9/emission_rps2.4_ol256.json"))[:150]
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
@@ -97,21 +94,21 @@ def test_deterministic(fig89_small):
     assert strip(a) != strip(c)
 
 
-def _tokens_per_step(rps, system):
-    path = FIG89 / f"emission_rps{rps}_ol256.json"
-    if not path.exists():
-        pytest.skip("shared traces not available")
+def _tokens_per_step(traces, rps, system):
+    path = traces.file(f"fig8,9/emission_rps{rps}_ol256.json")
     # the fig8,9 files are time-rescaled prefixes of one sequence: the first 600 s of requests
     # of each give the load difference at a fraction of the cost
     return simulate_records(load_trace(path)[:800], system, "llama-3.1-70b").summary[
         "mean_generated_tokens_per_step"]
 
 
-def test_figure12_trend():
+def test_figure12_trend(artifact_traces):
     """AdaServe's tokens per step fall as load rises (smaller trees per request); chain
     speculation's stay flat (the chain is fixed)."""
-    ada_low, ada_high = _tokens_per_step(2.4, "adaserve"), _tokens_per_step(4.8, "adaserve")
-    spec_low, spec_high = _tokens_per_step(2.4, "vllm_spec_6"), _tokens_per_step(4.8, "vllm_spec_6")
+    t = artifact_traces
+    ada_low, ada_high = _tokens_per_step(t, 2.4, "adaserve"), _tokens_per_step(t, 4.8, "adaserve")
+    spec_low, spec_high = (_tokens_per_step(t, 2.4, "vllm_spec_6"),
+                           _tokens_per_step(t, 4.8, "vllm_spec_6"))
     assert ada_high < 0.97 * ada_low
     assert abs(spec_high - spec_low) / spec_low < 0.03
 
@@ -163,3 +160,49 @@ def test_cli_replays_recorded_acceptance(tmp_path, linear_profile):
     acc.write_text("garbage\n")
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "acc.jsonl' line 1" in bad.stderr
+
+
+def test_prepare_records_scales_only_absolute_slos_and_keeps_category_names():
+    records = [TraceRecord(10.0, 5, 100, "a", 1.2, "coding"), TraceRecord(20.0, 5, 100, "b", -50.0),
+               TraceRecord(30.0, 5, 100, "c", 1000.0), TraceRecord(40.0, 5, 100, "d", -150.0)]
+    out = prepare_records(records, baseline_ms=15.0, scale_slos=True, max_requests=3, time_scale=2.0,
+                          output_len_cap=64)
+    assert [r.slo_ratio for r in out] == [1.2, -25.0, 1000.0]  # x 15 / ARTIFACT_BASELINE_MS
+    assert [r.category for r in out] == ["coding", "chat", "best_effort"]
+    assert [r.emission_time_ms for r in out] == [20.0, 40.0, 60.0]
+    assert {r.output_length for r in out} == {64}
+    assert prepare_records(records, baseline_ms=15.0) == [
+        replace(r, category=r.category or category_of(r.slo_ratio)) for r in records]
+    assert hardware_scaled(-50.0, ARTIFACT_BASELINE_MS) == -50.0
+
+
+def test_scaled_slos_in_a_simulation(linear_profile):
+    plain = simulate_records(TINY, "vllm", linear_profile, baseline_ms=15.0).requests
+    scaled = simulate_records(TINY, "vllm", linear_profile, baseline_ms=15.0, scale_slos=True).requests
+    assert [r.slo_ms for r in plain] == [15.0, 12.0]
+    assert [r.slo_ms for r in scaled] == [15.0, 12.0 * 15.0 / ARTIFACT_BASELINE_MS]
+    assert [r.category for r in scaled] == [r.category for r in plain]
+
+
+def test_simulation_keeps_no_prompt_text(tmp_path, linear_profile):
+    from adaserve.core.trace import save_trace
+    trace = tmp_path / "t.json"
+    save_trace(trace, [replace(r, prompt=r.prompt * 1000) for r in TINY])
+    res = simulate_file(trace, "vllm", linear_profile, None)
+    assert [r.prompt for r in res.requests] == ["", ""]
+    assert res.summary["completed"] == 2
+
+
+@pytest.mark.parametrize("family,spec", [(None, LLAMA_SPEC), ("qwen2", QWEN_SPEC)])
+def test_the_profiles_family_picks_the_constants_not_its_name(tmp_path, monkeypatch, family, spec):
+    doc = {"name": "qwen-lookalike", "verify": {"tokens": [0, 1000], "ms": [10, 1010]},
+           "draft": {"tokens": [0, 1000], "ms": [0, 0]}}
+    if family:
+        doc["family"] = family
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    seen = []
+    real = run_module.make_policy
+    monkeypatch.setattr(run_module, "make_policy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    simulate_records(TINY, "adaserve", str(path))
+    assert seen[0].config.spec is spec

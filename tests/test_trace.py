@@ -1,6 +1,7 @@
-"""Trace files (SPEC §5, issue 2 item 3): validation errors name the file, the record index and the
-field; save/load round trip; atomic save; the artifact's traces in ../shared/traces; trace_stats on
-a hand-made trace; ``adaserve trace inspect``."""
+"""Trace files (docs/definitions.md §6, issue 2 item 3): validation errors name the file, the record
+index and the field; save/load round trip; atomic save; the artifact's traces (the
+``artifact_traces`` fixture: the real files when found, else generated ones of the same shape);
+trace_stats on a hand-made trace; ``adaserve trace inspect``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 from adaserve.core import trace as trace_mod
 from adaserve.core.trace import (MAX_PROBLEMS, TraceError, TraceRecord, load_trace, parse_records,
                                  save_trace, to_requests, trace_stats)
+from adaserve.workload.artifact_traces import KNOWN_SHA256
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRACES = REPO.parent / "shared" / "traces"
 
 
 def good(**overrides):
@@ -326,7 +327,7 @@ def test_to_requests():
     assert [r.max_new_tokens for r in reqs] == [256, 128, 64, 1]
     assert reqs[0].slo_ms == pytest.approx(36.0)  # 1.2 × 30 ms baseline
     assert reqs[1].slo_ms == 50.0 and reqs[2].slo_ms == 150.0
-    assert math.isinf(reqs[3].slo_ms) and not reqs[3].has_slo
+    assert math.isinf(reqs[3].slo_ms)
     assert [r.category for r in reqs] == ["coding", "chat", "summarization", "batch jobs"]
     assert reqs[1].prompt == RECORDS[1].prompt
     assert [r.input_len for r in to_requests(RECORDS, 30.0, input_lengths=[1, 2, 3, 4])] == [1, 2, 3, 4]
@@ -378,16 +379,12 @@ def test_explicit_category_wins_over_the_ratio():
 
 # --------------------------------------------------------------------- the artifact's traces
 
-def _shared_files() -> list[Path]:
-    return sorted(SHARED_TRACES.glob("*/*.json")) if SHARED_TRACES.is_dir() else []
-
-
 NAME = re.compile(r"emission_rps(?P<rps>[\d.]+)_ol(?P<ol>\d+)\.json")
 
 
-@pytest.mark.parametrize("path", _shared_files() or [pytest.param(None, marks=pytest.mark.skip(
-    reason=f"{SHARED_TRACES} not present"))], ids=lambda p: p and f"{p.parent.name}/{p.name}")
-def test_shared_trace_loads_with_expected_shape(path):
+@pytest.mark.parametrize("name", sorted(KNOWN_SHA256))
+def test_artifact_trace_loads_with_expected_shape(name, artifact_traces):
+    path = artifact_traces.file(name)
     m = NAME.fullmatch(path.name)
     assert m, path.name
     rps, ol = float(m["rps"]), int(m["ol"])
@@ -405,10 +402,8 @@ def test_shared_trace_loads_with_expected_shape(path):
     assert shares["summarization"] == pytest.approx(0.2, abs=0.03)
 
 
-def test_rps48_trace_by_name():
-    path = SHARED_TRACES / "fig8,9" / "emission_rps4.8_ol256.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+def test_rps48_trace_by_name(artifact_traces):
+    path = artifact_traces.file("fig8,9/emission_rps4.8_ol256.json")
     s = trace_stats(load_trace(path))
     assert s["requests"] == 1700
     counts = {k: v["count"] for k, v in s["categories"].items()}
@@ -421,10 +416,9 @@ def test_rps48_trace_by_name():
     assert s["categories"]["summarization"]["slo_ratios"] == [-150.0]
 
 
-def test_fig89_traces_are_prefixes_of_one_sequence():
-    files = sorted((SHARED_TRACES / "fig8,9").glob("*.json"))
-    if len(files) < 2:
-        pytest.skip("fig8,9 traces not present")
+def test_fig89_traces_are_prefixes_of_one_sequence(artifact_traces):
+    files = [artifact_traces.file(n) for n in sorted(KNOWN_SHA256) if n.startswith("fig8,9/")]
+    assert len(files) == 13
     loaded = [load_trace(f) for f in files]
     longest = max(loaded, key=len)
     for recs in loaded:
@@ -460,10 +454,8 @@ def test_cli_inspect_good_file(tmp_path):
     assert doc["categories"]["chat"]["count"] == 1
 
 
-def test_cli_inspect_shared_trace():
-    path = SHARED_TRACES / "fig8,9" / "emission_rps4.8_ol256.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+def test_cli_inspect_artifact_trace(artifact_traces):
+    path = artifact_traces.file("fig8,9/emission_rps4.8_ol256.json")
     res = _adaserve("trace", "inspect", str(path))
     assert res.returncode == 0, res.stderr
     assert re.search(r"^requests\s+1700 over 360\.0 s", res.stdout, re.M)

@@ -1,9 +1,10 @@
-"""Replay a trace against any OpenAI-compatible server and write the SPEC §7 results.
+"""Replay a trace against any OpenAI-compatible server and write the result files
+(docs/definitions.md §7).
 
 Every record is sent at its ``emission_time_ms`` (from the start of the run) as a streaming
 ``/v1/completions`` request with ``max_tokens = output_length``, ``temperature = 0``,
 ``ignore_eos`` (dropped for the rest of the run if the server rejects it), the SLO as the body field
-``slo_ratio`` and the header ``x-slo-tpot-ms`` (``slo_ms`` of SPEC §2 with ``--baseline-ms``), and
+``slo_ratio`` and the header ``x-slo-tpot-ms`` (``slo_ms`` with ``--baseline-ms``), and
 ``stream_options`` asking for usage (vLLM's ``continuous_usage_stats`` gives the token count of
 every chunk; without it a chunk with text counts as one token and the final usage corrects the total).
 
@@ -29,20 +30,19 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from adaserve.core import slo
 from adaserve.core.metrics import summarize
+from adaserve.core.progress import progress
 from adaserve.core.request import Phase, Request
 from adaserve.core.results import write_results
-from adaserve.core.trace import TraceRecord, load_trace
+from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
 
 SLO_HEADER = "x-slo-tpot-ms"
-ARTIFACT_BASELINE_MS = 30.0  # SPEC §2: hardware-scaled absolute SLOs are multiplied by baseline_ms / 30
 
 
 @dataclass
@@ -58,7 +58,7 @@ class BenchConfig:
     max_requests: int | None = None  # replay only the first N records
     time_scale: float = 1.0         # multiply arrival times (a slower rate for CPU speed)
     output_len_cap: int | None = None
-    scale_slos: bool = False        # absolute SLOs x baseline_ms / 30 (SPEC §2 hardware-scaled SLOs)
+    scale_slos: bool = False        # absolute SLOs x baseline_ms / 30 (docs/definitions.md §1)
 
     @property
     def base_url(self) -> str:
@@ -215,17 +215,6 @@ async def _model_name(client: httpx.AsyncClient) -> str:
     return str(data[0]["id"])
 
 
-def prepare(records: Sequence[TraceRecord], cfg: BenchConfig) -> list[TraceRecord]:
-    """The records as replayed: the first ``max_requests``, arrivals stretched, outputs capped, absolute
-    SLOs scaled; categories keep the names of the unscaled SLOs (as ``adaserve run`` does)."""
-    factor = cfg.baseline_ms / ARTIFACT_BASELINE_MS if cfg.scale_slos else 1.0
-    return [replace(r, emission_time_ms=r.emission_time_ms * cfg.time_scale,
-                    output_length=min(r.output_length, cfg.output_len_cap or r.output_length),
-                    slo_ratio=r.slo_ratio * factor if r.slo_ratio < 0 else r.slo_ratio,
-                    category=slo.category_of(r.slo_ratio, r.category))
-            for r in records[: cfg.max_requests]]
-
-
 async def _server_baseline(client: httpx.AsyncClient) -> float | None:
     """The ``baseline_ms`` our server reports on /health (None for other servers)."""
     try:
@@ -236,19 +225,11 @@ async def _server_baseline(client: httpx.AsyncClient) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def make_requests(records: Sequence[TraceRecord], baseline_ms: float) -> list[Request]:
-    return [Request(rid=i, arrival_ms=rec.emission_time_ms, input_len=rec.input_length,
-                    max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
-                    slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
-                    category=slo.category_of(rec.slo_ratio, rec.category), prompt=rec.prompt)
-            for i, rec in enumerate(records)]
-
-
 async def replay(records: Sequence[TraceRecord], cfg: BenchConfig) -> tuple[list[Request], RunState, str]:
     """Send every record at its time; returns the stamped requests, the run's state and the model.
     ``RunState.server_baseline_ms``: the server's own baseline if it reports one (ours does): relative
     SLOs (``slo_ratio > 0``) are scheduled with it, so it should equal ``--baseline-ms``."""
-    requests = make_requests(records, cfg.baseline_ms)
+    requests = to_requests(records, cfg.baseline_ms)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 30.0))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -262,7 +243,7 @@ async def replay(records: Sequence[TraceRecord], cfg: BenchConfig) -> tuple[list
             print(f"adaserve bench: warning: the server schedules relative SLOs with baseline {server_baseline:g} ms, "
                   f"this run evaluates them with --baseline-ms {cfg.baseline_ms:g}", file=sys.stderr)
         st = RunState(time.perf_counter(), cfg.ignore_eos, server_baseline_ms=server_baseline)
-        bar = _progress(len(records), cfg.progress)
+        bar = progress(len(records), "requests", "req", enabled=cfg.progress, leave=False)
         tasks = [asyncio.ensure_future(_one(client, rec, r, cfg, model, st)) for rec, r in zip(records, requests)]
         for fut in asyncio.as_completed(tasks):
             await fut
@@ -270,12 +251,6 @@ async def replay(records: Sequence[TraceRecord], cfg: BenchConfig) -> tuple[list
             bar.set_postfix(failed=sum(o.error is not None for o in st.outcomes.values()), refresh=False)
         bar.close()
     return requests, st, model
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="requests", unit="req", disable=not enabled, leave=False)
 
 
 def run_bench(trace: str | Path, out: str | Path, cfg: BenchConfig) -> tuple[Path, Path, dict]:
@@ -286,7 +261,9 @@ def run_bench(trace: str | Path, out: str | Path, cfg: BenchConfig) -> tuple[Pat
         raise ValueError(f"--endpoint must be an http(s):// URL, got {cfg.endpoint!r}")
     if not (cfg.time_scale > 0 and math.isfinite(cfg.time_scale)):
         raise ValueError(f"--time-scale must be a positive number, got {cfg.time_scale}")
-    records = prepare(load_trace(trace), cfg)
+    records = prepare_records(load_trace(trace), baseline_ms=cfg.baseline_ms, scale_slos=cfg.scale_slos,
+                              max_requests=cfg.max_requests, time_scale=cfg.time_scale,
+                              output_len_cap=cfg.output_len_cap)
     requests, st, model = asyncio.run(replay(records, cfg))
     summary = _summary(requests)
     failures = Counter(o.error for o in st.outcomes.values() if o.error is not None)

@@ -14,13 +14,14 @@ from adaserve.scheduling.plan import IterationView, SpecShape
 from adaserve.scheduling.policies import AdaServe, PolicyConfig
 from adaserve.scheduling.speculation import LLAMA_SPEC, SpecParams
 from adaserve.scheduling.trees import CandidateForest
+from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES
 
-# The artifact's Llama-3.1-70B verification table (SPEC §6), used only to price budgets here.
+# The artifact's Llama-3.1-70B verification table, used only to price budgets here.
 ARTIFACT_LLAMA = LatencyProfile(
     name="llama-3.1-70b-table",
-    verify=Table(np.array([0, 128, 256, 384, 512, 640, 768, 896, 1024.0]),
-                 np.array([0, 55, 85, 105, 125, 145, 165, 185, 205.0])),
-    draft=Table(np.array([0, 1024.0]), np.array([8.0, 9.0])), baseline_ms=30.0)
+    verify=Table(*(np.asarray(a, np.float64) for a in ARTIFACT_VERIFY_MS["llama-3.1-70b"])),
+    draft=Table(np.array([0, 1024.0]), np.array([8.0, 9.0])),
+    baseline_ms=FAMILIES["llama-3.1-70b"].baseline_ms)
 
 
 def random_forest(n: int, depth: int, width: int, rng: np.random.Generator) -> CandidateForest:

@@ -3,15 +3,19 @@
 - ``adaserve bench scheduler ...``: time AdaServe's per-iteration decision (prints JSON lines).
 - ``adaserve bench engine [--model smollm2-135m] [--threads N] [--device cuda] [--json]``: engine
   overhead (one engine step vs the bare forward of the same tokens) and tokens/s of greedy
-  generation against transformers' ``generate`` (adaserve/engine/benchmark.py).
+  generation against transformers' ``generate`` (adaserve/bench/engine.py).
 - ``adaserve bench --endpoint URL --trace T --baseline-ms X --out P``: replay a trace against an
-  OpenAI-compatible server (ours or vLLM/SGLang) and write the SPEC §7 results.
+  OpenAI-compatible server (ours or vLLM/SGLang) and write the result files of
+  docs/definitions.md §7.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from adaserve.config import EngineConfig
+from adaserve.core.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,18 +46,15 @@ drafter) vs transformers' generate on the same weights."""
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    # here rather than in adaserve.engine.benchmark (which imports torch): building the parser stays cheap
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, a HF folder, ...")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    """The benchmark's flags: the engine's (``EngineConfig``) plus its own."""
+    EngineConfig.add_arguments(p, exclude=("draft", "drafter", "profile"), defaults={"model": "smollm2-135m"})
     p.add_argument("--batches", default="1,16", help="request counts, comma separated (default 1,16)")
     p.add_argument("--context", type=int, default=128, help="prompt tokens per request in the overhead steps")
     p.add_argument("--steps", type=int, default=12, help="timed engine steps per overhead case")
     p.add_argument("--prompt-len", type=int, default=64, help="cut the generation prompts to this many tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--repeat", type=int, default=3, help="generation runs per case (median)")
-    p.add_argument("--trace", help="trace whose prompts to use (default: the shared fig8,9 trace)")
+    p.add_argument("--trace", help="trace whose prompts to use (default: the generated RPS-4.8 trace, offline prompt pool)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--only", choices=("overhead", "generation"), help="run one part only")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -63,7 +64,8 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HTTP replay (without a sub-command)")
     g.add_argument("--endpoint", help="server base URL, e.g. http://127.0.0.1:8000")
     g.add_argument("--trace", help="emission JSON trace to replay")
-    g.add_argument("--baseline-ms", type=float, help="baseline latency for relative SLOs (SPEC §2)")
+    g.add_argument("--baseline-ms", type=float, help="baseline latency for relative SLOs "
+                   "(docs/definitions.md §1)")
     g.add_argument("--out", help="result path prefix: writes PREFIX.txt and PREFIX.json")
     g.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
     g.add_argument("--api-key", help="bearer token for the server")
@@ -73,7 +75,8 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
                    help="multiply arrival times (e.g. 4 = a 4x slower arrival rate, for CPU speed)")
     g.add_argument("--output-len-cap", type=int, help="cap every request's output length")
     g.add_argument("--scale-slos", action="store_true",
-                   help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, SPEC §2)")
+                   help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, "
+                        "docs/definitions.md §1)")
     g.add_argument("--no-ignore-eos", action="store_true", help="do not ask the server to ignore EOS")
     g.add_argument("--no-slo-fields", action="store_true",
                    help="send neither the slo_ratio body field nor the x-slo-tpot-ms header")
@@ -84,13 +87,13 @@ def _http(args: argparse.Namespace) -> int:
     missing = [f"--{n.replace('_', '-')}" for n in ("endpoint", "trace", "baseline_ms", "out")
                if getattr(args, n) is None]
     if missing:
-        raise ValueError(f"bench needs a sub-command (scheduler) or an HTTP replay: missing {', '.join(missing)}")
+        raise UserError(f"bench needs a sub-command (scheduler) or an HTTP replay: missing {', '.join(missing)}")
     if not args.timeout > 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
     for name in ("max_requests", "output_len_cap"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     from adaserve.bench.http_client import BenchConfig, run_bench
 
     cfg = BenchConfig(args.endpoint, args.baseline_ms, model=args.model, api_key=args.api_key,
@@ -111,12 +114,12 @@ def _scheduler(args: argparse.Namespace) -> int:
     from adaserve.bench.scheduler import bench_scheduler
 
     if getattr(args, "endpoint", None) or getattr(args, "trace", None):
-        raise ValueError("--endpoint/--trace belong to the HTTP replay (`adaserve bench --endpoint ...`), "
+        raise UserError("--endpoint/--trace belong to the HTTP replay (`adaserve bench --endpoint ...`), "
                          "not to `bench scheduler`")
 
     for name in ("requests", "depth", "width", "iterations"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     print(json.dumps(bench_scheduler(args.requests, args.depth, args.width, args.iterations,
                                      args.seed)))
     return 0
@@ -124,8 +127,8 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     if getattr(args, "endpoint", None):
-        raise ValueError("--endpoint belongs to the HTTP replay (`adaserve bench --endpoint ...`), "
+        raise UserError("--endpoint belongs to the HTTP replay (`adaserve bench --endpoint ...`), "
                          "not to `bench engine`")
-    from adaserve.engine.benchmark import run_cli
+    from adaserve.bench.engine import run_cli
 
     return run_cli(args)

@@ -13,7 +13,9 @@ from adaserve.sim.profiles import get_profile, list_profiles
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profiles", help="list built-in latency profiles, or show one",
-                       description=__doc__)
+                       description="List the built-in latency profiles; `profiles show NAME` "
+                                   "prints one profile's tables (NAME may also be the path of a "
+                                   "JSON profile file).")
     actions = p.add_subparsers(dest="profiles_action", metavar="ACTION")
     show = actions.add_parser("show", help="print a profile's tables")
     show.add_argument("name", help="built-in profile name or path to a JSON profile")

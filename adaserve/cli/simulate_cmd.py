@@ -1,10 +1,13 @@
-"""``adaserve simulate``: replay a trace on the simulator and write SPEC §7 results."""
+"""``adaserve simulate``: replay a trace on the simulator and write result files
+(docs/definitions.md, section 7)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
+from adaserve.core.errors import UserError
 from adaserve.scheduling.policies import SYSTEMS
 
 
@@ -19,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-ms", type=float, help="baseline decode latency for relative SLOs "
                    "(default: the profile's)")
     p.add_argument("--scale-slos", action="store_true",
-                   help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, SPEC §2)")
+                   help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, docs/definitions.md)")
     p.add_argument("--acceptance", metavar="FILE",
                    help="replay acceptance recorded by `adaserve run --record-acceptance` (JSONL) "
                         "instead of the calibrated synthetic model")
@@ -33,9 +36,9 @@ def _run(args: argparse.Namespace) -> int:
     from adaserve.sim.run import simulate_file
 
     if args.system not in SYSTEMS:
-        raise ValueError(f"unknown system {args.system!r}; valid systems: {', '.join(SYSTEMS)}")
-    if args.baseline_ms is not None and not args.baseline_ms > 0:
-        raise ValueError(f"--baseline-ms must be positive, got {args.baseline_ms}")
+        raise UserError(f"unknown system {args.system!r}; valid systems: {', '.join(SYSTEMS)}")
+    if args.baseline_ms is not None and not (math.isfinite(args.baseline_ms) and args.baseline_ms > 0):
+        raise UserError(f"--baseline-ms must be a positive number, got {args.baseline_ms}")
     result = simulate_file(args.trace, args.system, args.profile, args.out, seed=args.seed,
                            baseline_ms=args.baseline_ms, scale_slos=args.scale_slos,
                            progress=not args.no_progress, acceptance=args.acceptance,

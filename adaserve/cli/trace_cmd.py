@@ -1,4 +1,4 @@
-"""``adaserve trace``: work with workload trace files (SPEC §5).
+"""``adaserve trace``: work with workload trace files (format: docs/definitions.md, section 6).
 ``adaserve trace inspect FILE [--json]`` validates a trace and prints its statistics.
 ``adaserve trace generate --kind KIND ... --out FILE`` writes a deterministic synthetic trace."""
 
@@ -16,7 +16,10 @@ from adaserve.workload.prompts import load_pool
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trace", help="inspect (and generate) workload traces", description=__doc__)
+    p = sub.add_parser("trace", help="inspect (and generate) workload traces",
+                       description="Validate a trace and print its statistics (inspect), or write "
+                                   "a deterministic synthetic one (generate). The trace format is "
+                                   "in docs/definitions.md, section 6.")
     trace_sub = p.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
     add_inspect(trace_sub)
     add_generate(trace_sub)

@@ -1,4 +1,4 @@
-"""Serving metrics exactly as SPEC §2 defines them, from finished ``Request`` objects.
+"""Serving metrics as docs/definitions.md §3 defines them, from finished ``Request`` objects.
 
 - completed = requests in phase FINISHED; rejected requests (phase REJECTED) are counted and listed
   but are not in the attainment denominator.
@@ -23,6 +23,7 @@ import numpy as np
 from adaserve.core.request import Phase, Request
 from adaserve.core.trace import category_sort_key
 
+# Figure 15's breakdown of an iteration (how the serving loop measures each: adaserve/iteration.py)
 OVERHEAD_COMPONENTS = ("speculation", "verification", "scheduling", "prefill", "other")
 
 
@@ -44,9 +45,8 @@ def itls_ms(r: Request) -> list[float]:
     """Inter-token latencies as a streaming client sees them: the gaps between consecutive commits.
     Tokens committed in the same step share a timestamp and arrive as one chunk, so zero gaps are
     not latencies (vLLM's ``bench serve`` also measures ITL per streamed chunk)."""
-    t = np.asarray(r.token_times_ms, dtype=float)
-    gaps = np.diff(t)
-    return [float(g) for g in gaps if g > 0]
+    gaps = np.diff(np.asarray(r.token_times_ms, dtype=float))
+    return gaps[gaps > 0].tolist()
 
 
 def request_record(r: Request) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def request_record(r: Request) -> dict[str, Any]:
             "arrival_ms": r.arrival_ms, "admitted_ms": r.admitted_ms,
             "first_token_ms": r.first_token_ms, "first_decode_ms": r.first_decode_ms,
             "finish_ms": r.finish_ms, "generated": r.generated, "steps": r.steps,
-            "preemptions": r.preemptions, "attained": r.phase == Phase.FINISHED and r.attained,
+            "attained": r.phase == Phase.FINISHED and r.attained,
             "ttft_ms": ttft_ms(r), "tpot_ms": tpot_ms(r), "decode_latency_ms": r.decode_latency_ms,
             "finish_reason": r.finish_reason}
 
@@ -158,8 +158,9 @@ def vllm_fields(requests: Sequence[Request], duration_s: float) -> dict[str, Any
 def summarize(requests: Sequence[Request], *, committed_tokens: int, request_steps: int,
               overhead_ms: Mapping[str, float] | None = None,
               registered: int | None = None) -> dict[str, Any]:
-    """All SPEC §2 metrics of a run. ``registered`` defaults to ``len(requests)``; requests neither
-    finished nor rejected (a run cut short) are counted as ``unfinished``."""
+    """All metrics of a run (docs/definitions.md §3). ``registered`` defaults to
+    ``len(requests)``; requests neither finished nor rejected (a run cut short) are counted as
+    ``unfinished``."""
     time_ms = serving_time_ms(requests)
     overall = _group_metrics(requests, time_ms)
     by_cat: dict[str, list[Request]] = {}

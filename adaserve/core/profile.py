@@ -5,6 +5,7 @@ Format (all times in ms)::
 
     {"name": str, "source": "artifact-table" | "roofline" | "measured" | ...,
      "hardware": str, "baseline_ms": float,
+     "family": "llama" | "qwen2",                    # optional: the target's model_type
      "verify":  {"tokens": [...], "ms": [...],
                  "context_tokens": [...],            # optional: KV context axis
                  "ms_by_context": [[...], ...]},     # optional: one row per context_tokens value
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from adaserve.core.errors import UserError
+from adaserve.core.files import JsonFileError, read_json
+
 
 @dataclass
 class Table:
@@ -39,22 +43,26 @@ class Table:
             tokens = np.asarray(d["tokens"], dtype=np.float64)
             ms = np.asarray(d["ms"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: needs numeric 'tokens' and 'ms' lists ({e})") from None
+            raise UserError(f"{where}: needs numeric 'tokens' and 'ms' lists ({e})") from None
         if tokens.ndim != 1 or tokens.shape != ms.shape or len(tokens) < 2:
-            raise ValueError(f"{where}: 'tokens' and 'ms' must be lists of the same length >= 2")
+            raise UserError(f"{where}: 'tokens' and 'ms' must be lists of the same length >= 2")
         if not (np.all(np.isfinite(tokens)) and np.all(np.isfinite(ms))):
-            raise ValueError(f"{where}: values must be finite")
+            raise UserError(f"{where}: values must be finite")
         if np.any(np.diff(tokens) <= 0):
-            raise ValueError(f"{where}: 'tokens' must be strictly increasing")
+            raise UserError(f"{where}: 'tokens' must be strictly increasing")
         if np.any(ms < 0):
-            raise ValueError(f"{where}: 'ms' must be non-negative")
+            raise UserError(f"{where}: 'ms' must be non-negative")
         ctx = grid = None
         if "context_tokens" in d:
-            ctx = np.asarray(d["context_tokens"], dtype=np.float64)
-            grid = np.asarray(d["ms_by_context"], dtype=np.float64)
-            if grid.shape != (len(ctx), len(tokens)) or np.any(np.diff(ctx) <= 0):
-                raise ValueError(f"{where}: 'ms_by_context' must be len(context_tokens) x len(tokens)"
-                                 " with increasing context_tokens")
+            try:
+                ctx = np.asarray(d["context_tokens"], dtype=np.float64)
+                grid = np.asarray(d["ms_by_context"], dtype=np.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{where}: needs numeric 'context_tokens' and 'ms_by_context' "
+                                f"lists ({e})") from None
+            if ctx.ndim != 1 or grid.shape != (len(ctx), len(tokens)) or np.any(np.diff(ctx) <= 0):
+                raise UserError(f"{where}: 'ms_by_context' must be len(context_tokens) x len(tokens)"
+                                " with increasing context_tokens")
         return cls(tokens, ms, ctx, grid)
 
     def to_dict(self) -> dict:
@@ -109,6 +117,11 @@ class LatencyProfile:
     source: str = "unknown"
     hardware: str = ""
     limits: Limits = field(default_factory=Limits)
+    # how a measured profile was taken (model, device, dtype, threads): checked when it is reused
+    measured_with: dict = field(default_factory=dict)
+    # the target's Hugging Face model_type ("llama", "qwen2"): picks the artifact's speculation
+    # constants and the simulator's acceptance model; None: Llama's
+    family: str | None = None
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -121,24 +134,29 @@ class LatencyProfile:
 
     @property
     def decode_baseline_ms(self) -> float:
-        """Per-token latency of one request without speculation (SPEC §2 baseline latency)."""
+        """Per-token latency of one request without speculation (docs/definitions.md §1)."""
         return self.baseline_ms if self.baseline_ms else float(self.verify_ms(1))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "LatencyProfile":
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: a profile must be a JSON object")
+            raise UserError(f"{where}: a profile must be a JSON object")
         for key in ("verify", "draft"):
             if key not in d:
-                raise ValueError(f"{where}: missing field '{key}'")
+                raise UserError(f"{where}: missing field '{key}'")
         limits = d.get("limits", {})
+        if not isinstance(limits, dict):
+            raise UserError(f"{where}: 'limits' must be a JSON object")
         unknown = set(limits) - set(Limits.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{where}: unknown limits {sorted(unknown)}")
+            raise UserError(f"{where}: unknown limits {sorted(unknown)}")
+        for key, value in limits.items():
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise UserError(f"{where}: limit '{key}' must be a positive integer, got {value!r}")
         baseline = d.get("baseline_ms")
         if baseline is not None and not (isinstance(baseline, (int, float)) and math.isfinite(baseline)
                                          and baseline > 0):
-            raise ValueError(f"{where}: 'baseline_ms' must be a positive number, got {baseline!r}")
+            raise UserError(f"{where}: 'baseline_ms' must be a positive number, got {baseline!r}")
         return cls(
             name=str(d.get("name", where)),
             verify=Table.from_dict(d["verify"], f"{where}: verify"),
@@ -148,6 +166,8 @@ class LatencyProfile:
             source=str(d.get("source", "unknown")),
             hardware=str(d.get("hardware", "")),
             limits=Limits(**limits),
+            measured_with=dict(d.get("measured_with") or {}),
+            family=_family(d.get("family"), where),
         )
 
     def to_dict(self) -> dict:
@@ -156,22 +176,27 @@ class LatencyProfile:
              "draft": self.draft.to_dict(), "limits": self.limits.__dict__.copy()}
         if self.prefill is not None:
             d["prefill"] = self.prefill.to_dict()
+        if self.measured_with:
+            d["measured_with"] = dict(self.measured_with)
+        if self.family is not None:
+            d["family"] = self.family
         return d
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyProfile":
-        path = Path(path)
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: profile file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            d = read_json(path)
+        except JsonFileError as e:
+            raise UserError(f"latency profile file {e}") from None
         return cls.from_dict(d, str(path))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        from adaserve.core.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+
+def _family(value, where: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise UserError(f"{where}: 'family' must be a model type such as \"llama\" or \"qwen2\", got {value!r}")
+    return value

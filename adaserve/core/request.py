@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,11 +30,10 @@ class Request:
     generated: int = 0                  # decode_length: includes the token produced by prefill
     steps: int = 0                      # verification steps this request took part in
     admitted_ms: float | None = None    # first scheduled (prefill started)
-    first_decode_ms: float | None = None  # prefill finished: t0 of SPEC §3
+    first_decode_ms: float | None = None  # prefill finished: t0 (docs/definitions.md §4)
     first_token_ms: float | None = None
     finish_ms: float | None = None
     finish_reason: str | None = None    # "length", "eos", "max_seq_len", or a rejection reason
-    preemptions: int = 0
     token_times_ms: list[float] = field(default_factory=list)  # time of each commit (for TPOT)
 
     @property
@@ -52,10 +50,6 @@ class Request:
         return self.max_new_tokens - self.generated
 
     @property
-    def has_slo(self) -> bool:
-        return math.isfinite(self.slo_ms)
-
-    @property
     def decode_latency_ms(self) -> float | None:
         if self.finish_ms is None or self.first_decode_ms is None:
             return None
@@ -63,14 +57,8 @@ class Request:
 
     @property
     def attained(self) -> bool:
-        """SPEC §2: decode_latency <= slo_ms * decode_length (always true without an SLO)."""
+        """docs/definitions.md §3: decode_latency <= slo_ms * decode_length (true without an SLO)."""
         lat = self.decode_latency_ms
         if lat is None:
             return False
         return lat <= self.slo_ms * self.generated
-
-    def needed_tokens(self, now_ms: float, t_iter_ms: float) -> float:
-        """A(r) = (l_r + t_iter)/slo_r - o_r: tokens this step must commit to stay on the SLO."""
-        if not self.has_slo or self.first_decode_ms is None:
-            return -math.inf
-        return (now_ms - self.first_decode_ms + t_iter_ms) / self.slo_ms - self.generated

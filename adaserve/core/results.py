@@ -1,4 +1,4 @@
-"""Result files of SPEC §7: the artifact's text file and a JSON beside it with the same numbers.
+"""Result files (docs/definitions.md §7): the artifact's text file and a JSON beside it with the same numbers.
 
 ``PREFIX.txt`` ends with the artifact's statistics block, one `` name( value)`` line each;
 ``PREFIX.json`` holds ``{"complete": true, "meta", "summary", "requests"}`` where ``summary`` is
@@ -34,7 +34,7 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def stats_block(summary: Mapping[str, Any]) -> list[str]:
-    """The artifact's closing statistics lines (SPEC §7)."""
+    """The artifact's closing statistics lines (docs/definitions.md §7)."""
     lines = [
         f" total_time_ms( {_num(summary['total_time_ms'], 3)})",
         f" total_requests( {summary['completed']}/{summary['registered']})",

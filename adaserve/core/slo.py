@@ -1,11 +1,16 @@
-"""The SLO encoding of SPEC §2 and the paper's request categories (Table 2)."""
+"""The SLO encoding and the paper's request categories (its Table 2): docs/definitions.md §1-2."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from adaserve.core.errors import UserError
+
 NO_SLO_ABOVE = 999.0  # slo_ratio > this means best effort (always attained)
+# The artifact's Llama-3.1-70B baseline decode latency: hardware-scaled SLOs multiply absolute
+# SLOs by baseline_ms / ARTIFACT_BASELINE_MS (docs/definitions.md).
+ARTIFACT_BASELINE_MS = 30.0
 
 
 def slo_ms(slo_ratio: float, baseline_ms: float) -> float:
@@ -15,26 +20,34 @@ def slo_ms(slo_ratio: float, baseline_ms: float) -> float:
     ``> 999``: no SLO.
     """
     if not math.isfinite(slo_ratio) or slo_ratio == 0:
-        raise ValueError(f"slo_ratio must be finite and non-zero, got {slo_ratio!r}")
+        raise UserError(f"slo_ratio must be finite and non-zero, got {slo_ratio!r}")
     if slo_ratio > NO_SLO_ABOVE:
         return math.inf
     if slo_ratio > 0:
         if not baseline_ms > 0:
-            raise ValueError(f"baseline_ms must be positive, got {baseline_ms!r}")
+            raise UserError(f"baseline_ms must be positive, got {baseline_ms!r}")
         return slo_ratio * baseline_ms
     return -slo_ratio
+
+
+def hardware_scaled(slo_ratio: float, baseline_ms: float) -> float:
+    """An encoded SLO with hardware scaling applied: absolute (negative) SLOs times
+    ``baseline_ms / ARTIFACT_BASELINE_MS``; relative and best-effort SLOs unchanged (they already
+    follow the baseline)."""
+    if slo_ratio >= 0:
+        return slo_ratio
+    return slo_ratio * (baseline_ms / ARTIFACT_BASELINE_MS)
 
 
 @dataclass(frozen=True)
 class Category:
     name: str
     slo_ratio: float
-    prompt_pool: str
 
 
-CODING = Category("coding", 1.2, "humaneval")
-CHAT = Category("chat", -50.0, "alpaca")
-SUMMARIZATION = Category("summarization", -150.0, "cnn_dailymail")
+CODING = Category("coding", 1.2)               # HumanEval prompts
+CHAT = Category("chat", -50.0)                 # Alpaca prompts
+SUMMARIZATION = Category("summarization", -150.0)  # CNN/DailyMail articles
 CATEGORIES = (CODING, CHAT, SUMMARIZATION)
 SUMMARIZATION_PREFIX = "Please generate a summarization for the following document.\n\n"
 

@@ -1,4 +1,4 @@
-"""The artifact's "emission" trace format (SPEC §5): a JSON array of
+"""The artifact's "emission" trace format (docs/definitions.md §6): a JSON array of
 ``{emission_time_ms, input_length, output_length, prompt, slo_ratio}`` objects, plus our optional
 ``category`` string. Loading is all-or-nothing: every problem found (up to ``MAX_PROBLEMS``) is
 reported in one ``TraceError`` so a user can fix a file in one go."""
@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ import numpy as np
 
 from adaserve.core import slo
 from adaserve.core.errors import UserError
-from adaserve.core.files import atomic_write_text
+from adaserve.core.files import JsonFileError, atomic_write_text, read_json
 from adaserve.core.request import Request
 
 MAX_PROBLEMS = 20
+MAX_LENGTH = 2**31 - 1  # token counts beyond int32 are no real request (and overflow tensors)
 REQUIRED_FIELDS = ("emission_time_ms", "input_length", "output_length", "prompt", "slo_ratio")
 
 
@@ -42,7 +44,7 @@ class TraceRecord:
     input_length: int        # prompt tokens (may be unreliable: engines re-tokenize)
     output_length: int       # max new tokens
     prompt: str
-    slo_ratio: float         # SPEC §2 encoding
+    slo_ratio: float         # encoded as in docs/definitions.md §1
     category: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -69,10 +71,30 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()  # attributes, not keywords: those need Python 3.12
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, 60, 60, 40
+    return r
+
+
+_short = _short_repr().repr  # a message quotes a value, never a megabyte prompt or 4,000 digits
+
+
+def _check_text(v: Any) -> str | None:
+    """Why the string ``v`` is not text that can be written back as UTF-8 (a lone surrogate from
+    a ``\\ud800`` escape), or None."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains a lone surrogate {v[e.start]!r} at character {e.start} "
+                "(not valid Unicode)")
+    return None
+
+
 def _check_number(v: Any) -> str | None:
     """Why ``v`` is not a finite JSON number, or None if it is."""
     if not _is_number(v):
-        return f"must be a number, got {_type_name(v)} {v!r}"
+        return f"must be a number, got {_type_name(v)} {_short(v)}"
     if isinstance(v, int) and abs(v) > 2**1023:  # math.isfinite would raise OverflowError
         return "is too large to be a float"
     if not math.isfinite(v):
@@ -82,9 +104,11 @@ def _check_number(v: Any) -> str | None:
 
 def _check_int(v: Any, minimum: int) -> str | None:
     if not _is_int(v):
-        return f"must be an integer, got {_type_name(v)} {v!r}"
+        return f"must be an integer, got {_type_name(v)} {_short(v)}"
     if v < minimum:
-        return f"must be >= {minimum}, got {v}"
+        return f"must be >= {minimum}, got {_short(v)}"
+    if v > MAX_LENGTH:
+        return f"must be <= {MAX_LENGTH}, got {_short(v)}"
     return None
 
 
@@ -112,14 +136,16 @@ def _record_problems(i: int, obj: Any, prev: tuple[float, int] | None
     bad("output_length", _check_int(obj.get("output_length"), 1))
     p = obj.get("prompt")
     bad("prompt", f"must be a string, got {_type_name(p)}" if not isinstance(p, str)
-        else ("must not be empty" if not p.strip() else None))
+        else ("must not be empty" if not p.strip() else _check_text(p)))
     r = obj.get("slo_ratio")
     why = _check_number(r)
-    bad("slo_ratio", why if why is not None else ("must not be 0 (see SPEC §2)" if r == 0 else None))
+    bad("slo_ratio", why if why is not None else ("must not be 0 (docs/definitions.md §1)" if r == 0 else None))
     c = obj.get("category")
     if c is not None and (not isinstance(c, str) or not c.strip()):
         problems.append(f"record {i}: field 'category' must be a non-empty string or null, "
-                        f"got {_type_name(c)} {c!r}")
+                        f"got {_type_name(c)} {_short(c)}")
+    elif c is not None:
+        bad("category", _check_text(c))
     if problems:
         return problems, None
     return [], TraceRecord(float(t), obj["input_length"], obj["output_length"], p, float(r), c)
@@ -155,15 +181,9 @@ def load_trace(path: str | os.PathLike) -> list[TraceRecord]:
     if not p.is_file():
         raise TraceError(p, ["not found" if not p.exists() else "is not a file"])
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TraceError(p, [f"cannot be read: {e}"]) from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TraceError(p, [f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from e
-    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
-        raise TraceError(p, [f"is not valid JSON: {e}"]) from e
+        data = read_json(p)
+    except JsonFileError as e:
+        raise TraceError(p, [e.reason]) from None
     return parse_records(data, p)
 
 
@@ -178,6 +198,27 @@ def save_trace(path: str | os.PathLike, records: Sequence[TraceRecord]) -> None:
 
 
 # ------------------------------------------------------------------------------------ conversion
+
+def prepare_records(records: Sequence[TraceRecord], *, baseline_ms: float, scale_slos: bool = False,
+                    max_requests: int | None = None, time_scale: float = 1.0,
+                    output_len_cap: int | None = None) -> list[TraceRecord]:
+    """The records as a run replays them: the first ``max_requests``, arrivals times
+    ``time_scale``, output lengths capped at ``output_len_cap`` and, with ``scale_slos``, absolute
+    SLOs hardware-scaled (``slo.hardware_scaled``). Categories keep the names of the unscaled SLOs."""
+    out = []
+    for r in records[:max_requests]:
+        ratio = slo.hardware_scaled(r.slo_ratio, baseline_ms) if scale_slos else r.slo_ratio
+        out.append(replace(r, emission_time_ms=r.emission_time_ms * time_scale,
+                           output_length=min(r.output_length, output_len_cap or r.output_length),
+                           slo_ratio=ratio, category=slo.category_of(r.slo_ratio, r.category)))
+    return out
+
+
+def drop_prompts(records: Sequence[TraceRecord]) -> list[TraceRecord]:
+    """The records without their prompt text, for users of lengths and times only (the
+    simulator): prompts are nearly all of a trace's memory (11 KB a request in the fig8,9 traces)."""
+    return [replace(r, prompt="") for r in records]
+
 
 def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
                 input_lengths: Sequence[int] | None = None) -> list[Request]:

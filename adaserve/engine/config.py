@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from adaserve.core.errors import UserError
+
 SUPPORTED_FAMILIES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError):
     """The checkpoint's architecture or one of its options is not implemented by our forward."""
 
 
@@ -53,7 +55,7 @@ class ModelConfig:
             raise UnsupportedModel(
                 f"unsupported rope_type {self.rope_scaling.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise UnsupportedModel(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     def with_(self, **overrides) -> "ModelConfig":
         return replace(self, **overrides)

@@ -4,7 +4,7 @@ Both drafters share the tree growth (``TreeSet``), level by level from the root 
 token), and differ only in where a node's next-token distribution comes from:
 
 * ``ModelDrafter``: a small draft LM with its own runner and paged KV cache; one batched forward per
-  level over the frontier nodes of every request (SPEC §3 step 3).
+  level over the frontier nodes of every request (docs/definitions.md §4, step 3).
 * ``NgramDrafter``: prompt / suffix lookup over the request's own tokens; a node's continuations are
   the tokens that followed the longest matching n-gram earlier in the request, with confidence
   ``count / (occurrences + prior)``.
@@ -29,7 +29,7 @@ from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 
 from .batch import BatchBuilder
-from .kv_cache import OutOfBlocks
+from .kv_cache import BLOCK_SIZE, OutOfBlocks
 from .model import Transformer
 from .sequence import SeqState
 
@@ -206,7 +206,7 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int = 16):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int = BLOCK_SIZE):
         self.model = model
         self.cache = model.make_cache(num_blocks, block_size)
         self.device = model.lm_head.weight.device

@@ -8,8 +8,7 @@ released (``KVCache.commit``), and the committed tokens are appended to the requ
 KV memory: the serving loop admits a request only if its reservation (prompt + maximum output +
 ``SPEC_HEADROOM`` tree tokens) fits ``kv_capacity_tokens``. We set that capacity to the block pool
 minus one block per request slot (block rounding), so the reserved requests always fit and blocks
-never run out. Should a tree still not fit (e.g. speculation shapes beyond the headroom), the step
-falls back to verifying the roots only: one token per request, inside every reservation.
+never run out: the pool is the one source of the capacity, and running out of blocks is a bug.
 
 Sampling is per request (``SamplingOptions``: temperature, top-p, top-k, seed, ignore-EOS), set with
 ``set_options`` next to ``set_prompts`` before the request's first step; the constructor's
@@ -27,6 +26,7 @@ requests served.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,11 +43,13 @@ from adaserve.scheduling.trees import CandidateForest
 
 from .batch import BatchBuilder, FlatBatch
 from .drafters import Drafter
-from .kv_cache import OutOfBlocks
+from .kv_cache import BLOCK_SIZE
 from .model import Transformer
 from .recorder import AcceptanceRecorder
 from .sequence import SamplingOptions, SeqState
 from .verify import cut, greedy_walk, gumbel_noise, softmax, stochastic_walk, target_logits
+
+log = logging.getLogger("adaserve.engine")
 
 
 def default_num_blocks(limits: Limits, block_size: int) -> int:
@@ -68,10 +70,6 @@ class Tree:
     tokens: list[int]
     parents: list[int]
     nodes: np.ndarray
-
-    @classmethod
-    def root(cls, token: int, node: int) -> "Tree":
-        return cls([int(token)], [-1], np.array([node], np.int64))
 
 
 def selected_trees(forest: CandidateForest, selected: np.ndarray, roots: Sequence[int]) -> list[Tree]:
@@ -105,15 +103,14 @@ class TorchExecutor:
     """``Executor`` of iteration.py on a ``Transformer`` (fp32 CPU or any torch device)."""
 
     def __init__(self, model: Transformer, latency: LatencyProfile, drafter: Drafter | None = None, *,
-                 tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
+                 tokenizer=None, num_blocks: int | None = None, block_size: int = BLOCK_SIZE,
                  temperature: float = 0.0, seed: int = 0, recorder: AcceptanceRecorder | None = None,
-                 ignore_eos: bool = False, kv_capacity: int | None = None):
+                 ignore_eos: bool = False):
         self.model, self.latency, self.drafter, self.tokenizer = model, latency, drafter, tokenizer
         self.device = model.lm_head.weight.device
         self.num_blocks = num_blocks or default_num_blocks(latency.limits, block_size)
         self.cache = model.make_cache(self.num_blocks, block_size)
-        self.kv_capacity_tokens = kv_capacity if kv_capacity is not None else kv_capacity_tokens(
-            self.num_blocks, block_size, latency.limits.max_batch_requests)
+        self.kv_capacity_tokens = kv_capacity_tokens(self.num_blocks, block_size, latency.limits.max_batch_requests)
         # the default for requests without options of their own (raises on a negative temperature)
         self.default_options = SamplingOptions(temperature=float(temperature), ignore_eos=bool(ignore_eos))
         self.rng = np.random.default_rng(seed)  # unseeded sampled requests
@@ -123,7 +120,9 @@ class TorchExecutor:
         self.outputs: dict[int, list[int]] = {}  # released requests' output tokens, until forget()
         self.prompts: dict[int, list[int]] = {}  # prompts set for requests not started yet
         self.options: dict[int, SamplingOptions] = {}  # options set for requests not started yet
-        self.fallbacks = 0  # steps that verified roots only because a tree did not fit in KV
+        # requests whose own sampling raised (e.g. NaN probabilities): rid -> reason. Such a request
+        # ends at that step (reported as EOS, nothing more committed); the others go on
+        self.failed: dict[int, str] = {}
         self._t0 = time.perf_counter()
 
     # ---- clock ----------------------------------------------------------------------------------
@@ -190,6 +189,7 @@ class TorchExecutor:
         self.outputs.pop(rid, None)
         self.prompts.pop(rid, None)
         self.options.pop(rid, None)
+        self.failed.pop(rid, None)
         self._free(rid)
 
     def _free(self, rid: int) -> None:
@@ -215,27 +215,29 @@ class TorchExecutor:
                 forest: CandidateForest, selected: np.ndarray, max_commit: np.ndarray) -> StepOutput:
         seqs = [self._seq(r) for r in decode]
         trees = selected_trees(forest, selected, [s.last for s in seqs])
-        try:
-            step = self._build(prefill, seqs, trees)
-        except OutOfBlocks:
-            self.fallbacks += 1
-            trees = [Tree.root(s.last, int(forest.offsets[i])) for i, s in enumerate(seqs)]
-            step = self._build(prefill, seqs, trees)  # within the loop's reservations: always fits
+        step = self._build(prefill, seqs, trees)
         logits = self.model(step.batch, self.cache)
         greedy = logits.argmax(-1).tolist()  # the greedy requests' tokens (cheap next to the forward)
-        prefill_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy)
+        first, first_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy)
         committed = np.zeros(len(decode), np.int64)
         eos = np.zeros(len(decode), bool)
+        tokens: list[list[int]] = []
         for i, (r, seq, tree) in enumerate(zip(decode, seqs, trees)):
             rows = step.tree_rows[i]
-            path, out = self._walk(seq, tree, rows, logits, greedy)
-            path, out = cut(path, out, int(max_commit[i]), seq.eos)
-            if self.recorder is not None:
-                self._record(r, seq, tree, path, out, forest)
+            try:
+                path, out = self._walk(seq, tree, rows, logits, greedy)
+            except Exception as e:  # this request's own sampling: it alone fails
+                self._fail(r, e)
+                path, out = [], []
+            else:
+                path, out = cut(path, out, int(max_commit[i]), seq.eos)
+                if self.recorder is not None:
+                    self._record(r, seq, tree, path, out, forest)
             self.cache.commit(seq.seq_id, path)
             seq.ids.extend(out)
-            committed[i], eos[i] = len(out), out[-1] in seq.eos
-        return StepOutput(committed, eos, prefill_eos)
+            tokens.append(out)
+            committed[i], eos[i] = len(out), r.rid in self.failed or out[-1] in seq.eos
+        return StepOutput(committed, eos, first_eos, tokens, first)
 
     def _build(self, prefill: list[tuple[Request, int]], seqs: list[SeqState], trees: list[Tree]) -> _Step:
         b = BatchBuilder(self.cache)
@@ -243,38 +245,44 @@ class TorchExecutor:
             prefill_rows = []
             for r, chunk in prefill:
                 seq = self._seq(r)
-                if seq.prefilled != r.prefilled:
-                    raise RuntimeError(f"request {r.rid}: engine prefilled {seq.prefilled}, loop {r.prefilled}")
-                end = seq.prefilled + chunk
-                prefill_rows.append(b.add_prefill(r.rid, seq.ids[seq.prefilled:end],
+                end = r.prefilled + chunk  # the loop owns prefill progress; it advances after the step
+                prefill_rows.append(b.add_prefill(r.rid, seq.ids[r.prefilled:end],
                                                   logits="last" if end >= seq.n_prompt else "none"))
             tree_rows = [b.add_tree(s.seq_id, t.tokens, t.parents) for s, t in zip(seqs, trees)]
             batch = b.build(self.device)
         except BaseException:
             b.abort()
             raise
-        for r, chunk in prefill:
-            self.seqs[r.rid].prefilled += chunk
         return _Step(batch, prefill_rows, tree_rows)
 
-    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int]) -> list[bool]:
-        """The token of every prompt-completing chunk; returns whether each is EOS."""
-        out = []
+    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int]
+                      ) -> tuple[list[int], list[bool]]:
+        """The token of every prompt-completing chunk, and whether each is EOS."""
+        tokens, eos = [], []
         for (r, _), rr in zip(prefill, rows):
             if len(rr) == 0:
                 continue
             row = rr[-1]
             seq = self.seqs[r.rid]
             o = seq.options
-            if o.greedy:
-                tok = greedy[row]
-            elif o.seed is not None:
-                tok = self._seeded(seq, logits[row:row + 1], [0])[0]
-            else:
-                tok = self._sample(logits[row], o)
+            try:
+                if o.greedy:
+                    tok = greedy[row]
+                elif o.seed is not None:
+                    tok = self._seeded(seq, logits[row:row + 1], [0])[0]
+                else:
+                    tok = self._sample(logits[row], o)
+            except Exception as e:  # this request's own sampling: it alone fails
+                self._fail(r, e)
+                tok = greedy[row]  # the loop counts one first token; the request ends with it
             seq.ids.append(int(tok))
-            out.append(tok in seq.eos)
-        return out
+            tokens.append(int(tok))
+            eos.append(r.rid in self.failed or tok in seq.eos)
+        return tokens, eos
+
+    def _fail(self, r: Request, e: Exception) -> None:
+        self.failed[r.rid] = f"sampling failed for this request: {type(e).__name__}: {e}"
+        log.warning("request %d: %s; it ends here, the rest of the batch goes on", r.rid, self.failed[r.rid])
 
     @staticmethod
     def _probs(row: torch.Tensor, o: SamplingOptions) -> np.ndarray:

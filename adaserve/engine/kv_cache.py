@@ -14,6 +14,8 @@ import torch
 
 from .config import ModelConfig
 
+BLOCK_SIZE = 16  # tokens per KV block, everywhere in the engine
+
 
 class OutOfBlocks(RuntimeError):
     """Not enough free KV blocks; the allocator state is unchanged."""
@@ -54,10 +56,6 @@ class BlockAllocator:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-    def can_reserve(self, seq_id: Hashable, num_tokens: int) -> bool:
-        have = len(self._tables[seq_id]) if seq_id in self._tables else 0
-        return self.blocks_for(num_tokens) - have <= len(self._free)
 
     def slots(self, seq_id: Hashable, start: int, end: int) -> list[int]:
         """Slots of positions ``[start, end)``; they must lie inside the sequence's blocks."""
@@ -120,7 +118,7 @@ class BlockAllocator:
 class KVCache:
     """K and V storage ``[layers, num_blocks, block_size, kv_heads, head_dim]`` plus its allocator."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16,
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.config = config
         self.alloc = BlockAllocator(num_blocks, block_size)
@@ -134,17 +132,6 @@ class KVCache:
         if self._workspace.numel() < numel:
             self._workspace = torch.empty(max(numel, 2 * self._workspace.numel()), dtype=self.dtype, device=self.device)
         return self._workspace[:numel]
-
-    @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
-
-    @classmethod
-    def for_memory(cls, config: ModelConfig, max_bytes: int, block_size: int = 16,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "KVCache":
-        num_blocks = max_bytes // cls.bytes_per_block(config, block_size, dtype)
-        return cls(config, max(1, num_blocks), block_size, dtype, device)
 
     @property
     def block_size(self) -> int:

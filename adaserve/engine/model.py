@@ -6,6 +6,7 @@ state dict loads as is.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from .batch import FlatBatch
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import BLOCK_SIZE, KVCache
 
 
 # CPU linears through oneDNN with prepacked weights. MKL's fp32 GEMM (what F.linear uses on CPU) is
@@ -28,30 +29,32 @@ PACK_BATCH_HINT = 256
 _packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _prepack_enabled() -> bool:
-    return (os.environ.get("ADASERVE_PREPACK", "1") != "0" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-PREPACK = _prepack_enabled()
+@functools.lru_cache(maxsize=None)
+def prepack_available() -> bool:
+    """Decided once per process, by trying it: oneDNN's prepacked linear works in this torch build
+    (and ``ADASERVE_PREPACK`` is not 0)."""
+    if os.environ.get("ADASERVE_PREPACK", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), PACK_BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "")
+        return True
+    except (RuntimeError, AttributeError):
+        return False
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters) whose CPU fp32 inference forward runs oneDNN on a prepacked weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global PREPACK
         w = self.weight
-        if PREPACK and w.dtype == x.dtype == torch.float32 and w.device.type == "cpu" and not torch.is_grad_enabled():
+        if (w.dtype == x.dtype == torch.float32 and w.device.type == "cpu" and not torch.is_grad_enabled()
+                and prepack_available()):
             key = (w.data_ptr(), w._version, tuple(w.shape))
             hit = _packed.get(self)
-            try:
-                if hit is None or hit[0] != key:
-                    hit = _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT))
-                return torch.ops.mkldnn._linear_pointwise(x, hit[1], self.bias, "none", [], "")
-            except RuntimeError:  # a torch build whose oneDNN cannot do it: plain linears from now on
-                PREPACK = False
-                _packed.clear()
+            if hit is None or hit[0] != key:
+                hit = _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT))
+            return torch.ops.mkldnn._linear_pointwise(x, hit[1], self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
 
@@ -190,6 +193,6 @@ class Transformer(nn.Module):
         x = self.model.norm(x[batch.logits_rows])
         return self.lm_head(x)
 
-    def make_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+    def make_cache(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)

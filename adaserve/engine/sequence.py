@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from adaserve.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -32,11 +34,11 @@ class SamplingOptions:
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -50,15 +52,14 @@ GREEDY = SamplingOptions()
 class SeqState:
     """The prompt, then every committed output token.
 
-    The target's KV covers the prompt's first ``prefilled`` tokens while prefilling, and every token
-    but the last once decoding: the last committed token has no KV yet, it is the root of the next
+    While prefilling, the target's KV covers the prompt's first ``Request.prefilled`` tokens (the
+    serving loop owns that count); once decoding, it covers every token but the last: the last committed token has no KV yet, it is the root of the next
     candidate tree (so ``Request.context_len == len(ids) - 1``). ``eos``: the token ids that end
     this request (empty with ``ignore_eos``)."""
 
     seq_id: int
     ids: list[int]
     n_prompt: int
-    prefilled: int = 0
     options: SamplingOptions = GREEDY
     eos: frozenset[int] = field(default_factory=frozenset)
 

@@ -1,6 +1,7 @@
 """The headline table: AdaServe against the best baseline, per figure and model.
 
-For every sweep point where AdaServe and at least one baseline (``vllm``, ``sarathi``,
+For every sweep point where AdaServe and at least one baseline (every system registered with the
+role "baseline" in ``scheduling.policies.SYSTEM_REGISTRY``: ``vllm``, ``sarathi``,
 ``vllm_spec_*``, ``specinfer``, ``priority``) have complete results:
 
 - best baseline = the baseline with the highest SLO attainment at that point (ties: higher goodput,
@@ -24,13 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adaserve.harness.figures import EXPERIMENTS
 from adaserve.harness.plot import (
-    BASELINES, FIG_DIRS, Dataset, Point, choose_variant, single_points, label_of,
+    FIG_DIRS, Dataset, Point, choose_variant, single_points, label_of,
     load_dataset, model_sort_key, overhead_shares, parse_figures)
+from adaserve.scheduling.policies import BASELINES
 
-#: figures with an attainment comparison, the folder they read, and which x is hardest
-COMPARED = {"8,9": ("fig8,9", "rps", max), "10": ("fig10", "urgent share", max),
-            "11": ("fig11", "SLO scale", min), "14": ("fig14", None, None)}
+#: rows with an attainment comparison ("8,9", "10", ...): the folder they read, how the table
+#: names x, and which x is hardest (None: a single point)
+COMPARED = {e.row_label: (e.folder, e.headline_x, e.hardest_of())
+            for e in EXPERIMENTS.values() if e.compared}
 
 
 @dataclass

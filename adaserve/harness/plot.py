@@ -1,9 +1,10 @@
-"""Figures 8–15 of the paper from a ``results/`` tree (SPEC §7 layout), as PNG and PDF.
+"""Figures 8–15 of the paper from a ``results/`` tree (docs/definitions.md §7), as PNG and PDF.
 
 Layout read: ``RESULTS/<fig dir>/<model>/<system>/<point>.{txt,json}`` with fig dir ``fig8,9``
 (Figures 8, 9 and 12), ``fig10``, ``fig11``, ``fig14``, ``fig15`` (``fig15/<model>/<point>`` without
-a system folder is read as AdaServe too). A point counts only when ``results.result_complete``
-says so. Its x value comes from ``meta.sweep.x`` when present, else from the point's name
+a system folder is read as AdaServe too); the folders are those of ``harness.figures``. A point
+counts only when ``results.result_complete`` says so, its ``meta.sweep`` (when present) names the
+place it was found in, and its text statistics agree with its JSON. Its x value comes from ``meta.sweep.x`` when present, else from the point's name
 (``rps4.8_ol256``, ``prop0.6_rps4.0``, ``slo0.8_ol256``).
 
 What is drawn (as in the paper):
@@ -36,26 +37,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from adaserve.core.errors import UserError
 from adaserve.core.results import load_result, result_complete
+from adaserve.harness.figures import EXPERIMENT_OF_FIGURE, EXPERIMENTS, FIGURE_IDS, parse_figures
+from adaserve.harness.record import stats_disagreement
+from adaserve.scheduling.policies import SYSTEM_REGISTRY, SYSTEMS
 
 # ----------------------------------------------------------------------------------- constants
 
-FIGURES = ("8", "9", "10", "11", "12", "14", "15")
+FIGURES = FIGURE_IDS
 
 #: results folder of each figure (Figure 12 reuses the Figure 8/9 runs, as in the artifact)
-FIG_DIRS = {"8": "fig8,9", "9": "fig8,9", "12": "fig8,9", "10": "fig10", "11": "fig11",
-            "14": "fig14", "15": "fig15"}
+FIG_DIRS = {f: e.folder for f, e in EXPERIMENT_OF_FIGURE.items()}
 
 #: sweep variable of each results folder: (meta.sweep x_name, point-name token)
-SWEEP_X = {"fig8,9": ("rps", "rps"), "fig10": ("prop", "prop"), "fig11": ("slo_scale", "slo"),
-           "fig14": (None, None), "fig15": (None, None)}
+SWEEP_X = {e.folder: (e.x_name, e.x_token) for e in EXPERIMENTS.values()}
 
 MODELS = ("llama", "qwen")
 MODEL_LABELS = {"llama": "Llama-3.1-70B-Instruct", "qwen": "Qwen2.5-32B-Instruct"}
 
-BASELINES = ("vllm", "sarathi", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8", "specinfer",
-             "priority")
-SYSTEM_ORDER = ("adaserve",) + BASELINES + ("greedy", "equal")
+SYSTEM_ORDER = SYSTEMS
 
 
 @dataclass(frozen=True)
@@ -67,35 +68,43 @@ class Style:
     linewidth: float = 1.6
 
 
-#: one look per system, the same in every figure
-SYSTEM_STYLES: dict[str, Style] = {
-    "adaserve": Style("AdaServe", "#d62728", "o", "-", 2.4),
-    "vllm": Style("vLLM", "#1f77b4", "s"),
-    "sarathi": Style("Sarathi-Serve", "#ff7f0e", "^"),
-    "vllm_spec_4": Style("vLLM-Spec (4)", "#98df8a", "v", "--"),
-    "vllm_spec_6": Style("vLLM-Spec (6)", "#2ca02c", "D", "--"),
-    "vllm_spec_8": Style("vLLM-Spec (8)", "#0b5d1e", "P", "--"),
-    "specinfer": Style("SpecInfer", "#9467bd", "X", "-."),
-    "priority": Style("Priority", "#8c564b", "h", ":"),
-    "greedy": Style("AdaServe (greedy sel.)", "#e377c2", "<", ":"),
-    "equal": Style("AdaServe (equal sel.)", "#7f7f7f", ">", ":"),
+#: color, marker, line style, width per system (labels come from the system registry)
+_LOOKS: dict[str, tuple] = {
+    "adaserve": ("#d62728", "o", "-", 2.4),
+    "vllm": ("#1f77b4", "s"),
+    "sarathi": ("#ff7f0e", "^"),
+    "vllm_spec_4": ("#98df8a", "v", "--"),
+    "vllm_spec_6": ("#2ca02c", "D", "--"),
+    "vllm_spec_8": ("#0b5d1e", "P", "--"),
+    "specinfer": ("#9467bd", "X", "-."),
+    "priority": ("#8c564b", "h", ":"),
+    "greedy": ("#e377c2", "<", ":"),
+    "equal": ("#7f7f7f", ">", ":"),
 }
 _FALLBACK_COLORS = ("#17becf", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39")
+
+
+def _fallback_look(name: str) -> tuple:
+    return _FALLBACK_COLORS[sum(map(ord, name)) % len(_FALLBACK_COLORS)], "*", "-."
+
+
+#: one look per system, the same in every figure
+SYSTEM_STYLES: dict[str, Style] = {
+    s.name: Style(s.label, *_LOOKS.get(s.name, _fallback_look(s.name))) for s in SYSTEM_REGISTRY}
 
 OVERHEAD_PARTS = ("speculation", "verification", "scheduling")
 OVERHEAD_LABELS = {"speculation": "Speculation", "verification": "Verification",
                    "scheduling": "Scheduling"}
 OVERHEAD_COLORS = {"speculation": "#4c72b0", "verification": "#dd8452", "scheduling": "#c44e52"}
 
-PREFERRED_POINT = {"fig14": "fluc", "fig15": "rps3.6_ol128"}
+PREFERRED_POINT = {e.folder: e.preferred_point for e in EXPERIMENTS.values() if e.preferred_point}
 
 
 def style_of(system: str) -> Style:
     """The system's label, color and marker (unknown systems get a stable fallback look)."""
     if system in SYSTEM_STYLES:
         return SYSTEM_STYLES[system]
-    color = _FALLBACK_COLORS[sum(map(ord, system)) % len(_FALLBACK_COLORS)]
-    return Style(system, color, "*", "-.")
+    return Style(system, *_fallback_look(system))
 
 
 def label_of(system: str) -> str:
@@ -181,6 +190,19 @@ def _sweep_x(doc: Mapping[str, Any], x_name: str | None) -> float | None:
     return None
 
 
+def _misplaced(doc: Mapping[str, Any], where: tuple[str, str, str, str]) -> str | None:
+    """Why a result's recorded identity (``meta.sweep``) does not match the place it was found
+    (e.g. a file copied from another point); None when it matches or records none."""
+    meta = doc.get("meta")
+    sweep = meta.get("sweep") if isinstance(meta, Mapping) else None
+    if not isinstance(sweep, Mapping):
+        return None
+    for key, found in zip(("figure", "model", "system", "point"), where):
+        if key in sweep and sweep[key] != found:
+            return f"its meta.sweep.{key} is {sweep[key]!r}, not {found!r}"
+    return None
+
+
 def _prefixes(folder: Path) -> list[Path]:
     return sorted({p.with_suffix("") for p in folder.glob("*.txt") if not p.name.startswith(".")}
                   | {p.with_suffix("") for p in folder.glob("*.json")
@@ -219,6 +241,11 @@ def load_dataset(results_dir: str | Path, fig_dir: str) -> Dataset:
             summary = doc.get("summary")
             if not isinstance(summary, dict):
                 data.notes.append(f"{prefix}: no summary, skipped")
+                continue
+            problem = (_misplaced(doc, (fig_dir, model, system, prefix.name))
+                       or stats_disagreement(prefix, doc))
+            if problem:
+                data.notes.append(f"{prefix}: {problem}, skipped")
                 continue
             x_meta = _sweep_x(doc, x_name)
             x_parsed, variant = parse_point_name(prefix.name, token)
@@ -386,7 +413,7 @@ def _draw_lines(ax, panel: Panel, *, percent: bool = False) -> None:
 
 METRIC_LABELS = {"slo_attainment": "SLO Attainment (%)", "goodput": "Goodput (tokens/s)",
                  "mean_generated_tokens_per_step": "Mean tokens per step"}
-X_LABELS = {"fig8,9": "RPS (requests/s)", "fig10": "Urgent Requests (%)", "fig11": "SLO Scale"}
+X_LABELS = {e.folder: e.x_label for e in EXPERIMENTS.values() if e.x_label}
 
 
 def _line_figure(fig_id: str, data: Dataset, metrics: Sequence[str],
@@ -396,8 +423,7 @@ def _line_figure(fig_id: str, data: Dataset, metrics: Sequence[str],
     models = [m for m in MODELS] + [m for m in data.models() if m not in MODELS]
     if not any(p for p in data.points if systems is None or p.system in systems):
         return drawn
-    reverse = data.fig_dir == "fig11"
-    x_scale = 100.0 if data.fig_dir == "fig10" else 1.0
+    reverse, x_scale = EXPERIMENTS[data.fig_dir].reverse_x, EXPERIMENTS[data.fig_dir].x_scale
     panels: list[Panel] = []
     for model in models:
         for metric in metrics:
@@ -564,29 +590,6 @@ def figure_series(figure) -> dict[str, dict[str, tuple[list[float], list[float]]
 
 # ------------------------------------------------------------------------------- top level
 
-def parse_figures(spec: str | Sequence[str] | None) -> list[str]:
-    """``"8,9,15"``, ``"fig8"``, ``"all"`` or None → figure ids in the paper's order."""
-    if spec is None:
-        return list(FIGURES)
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for raw in items:
-        item = str(raw).strip().lower()
-        if not item:
-            continue
-        if item == "all":
-            return list(FIGURES)
-        item = item.removeprefix("figure").removeprefix("fig").strip()
-        if item not in FIGURES:
-            raise ValueError(f"unknown figure {raw!r}; valid figures: {', '.join(FIGURES)} "
-                             "(or 'all')")
-        if item not in out:
-            out.append(item)
-    if not out:
-        raise ValueError("no figure given; valid figures: " + ", ".join(FIGURES))
-    return sorted(out, key=FIGURES.index)
-
-
 def draw_figure(fig_id: str, results_dir: str | Path, out_dir: str | Path | None = None,
                 *, datasets: dict[str, Dataset] | None = None) -> Drawn:
     """Draw one figure; write ``out_dir/fig<ID>.png`` and ``.pdf`` when ``out_dir`` is given.
@@ -619,7 +622,7 @@ def plot_all(results_dir: str | Path = "results", out_dir: str | Path = "plots",
     ids = parse_figures(figures)
     results = Path(results_dir)
     if not results.is_dir():
-        raise ValueError(f"results directory '{results}' does not exist (run the experiments "
+        raise UserError(f"results directory '{results}' does not exist (run the experiments "
                          "first, e.g. `make reproduce`, or pass --results DIR)")
     datasets = {} if datasets is None else datasets
     out: dict[str, Drawn] = {}

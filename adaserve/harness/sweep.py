@@ -1,70 +1,52 @@
-"""The artifact's experiment sweeps (Figures 8-15): which points a figure has, where each point's
-trace and result live, and running the points that are not done yet.
+"""The artifact's experiment sweeps (Figures 8-15): which points an experiment has, where each
+point's trace and result live, and what configuration each point must have been run with.
 
 The ``exps/`` shell scripts only hand their environment to ``adaserve exp``; every variable of the
-seed README is read and validated here (``settings_from_env``), before any work starts.
+artifact's README is read and validated here (``settings_from_env``), before any work starts, and
+variables that look like ours but are not read are reported (``Settings.warnings``).
 
-Result paths follow SPEC §7: ``results/<fig>/<model>/<system>/<point>.txt`` (+ ``.json``). A point
-whose complete result exists is skipped; results are written atomically (``core.results``), so an
-interrupted run never leaves a file a rerun would take for a finished point.
+Result paths follow the artifact: ``results/<experiment>/<model>/<system>/<point>.txt`` (+
+``.json``, docs/definitions.md). A point counts as done only when its result is complete and was
+run with the configuration asked for now (``point_config``; checked by ``harness.record``).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaserve.core.errors import UserError
+from adaserve.harness.figures import EXPERIMENTS, Experiment, experiment_of
+from adaserve.harness.record import file_sha256
+from adaserve.scheduling.policies import SYSTEM_REGISTRY
+
 MODELS = {"llama": "llama-3.1-70b", "qwen": "qwen2.5-32b"}
 BACKENDS = ("sim", "engine", "http")
-# switch variable -> systems it turns on (seed README names; PRIORITY and ablations are ours)
-SWITCHES = {"ADASERVE": ("adaserve",), "VLLM": ("vllm",), "VLLM_SARATHI": ("sarathi",),
-            "VLLM_SPEC": ("vllm_spec_4", "vllm_spec_6", "vllm_spec_8"), "SPECINFER": ("specinfer",),
-            "PRIORITY": ("priority",), "ABLATIONS": ("greedy", "equal")}
-MAIN_SYSTEMS = ("adaserve", "vllm", "sarathi", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8",
-                "specinfer", "priority")
-
-
-@dataclass(frozen=True)
-class FigureSpec:
-    name: str                 # results folder name
-    kind: str                 # trace kind for workload.generate
-    x_name: str | None        # the swept variable, None for single-point figures
-    env: tuple[str, str, str] | None  # MIN, MAX, STEP variable names
-    defaults: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)  # per model
-    bounds: tuple[float, float] = (0.0, math.inf)  # open interval of valid x values
-
-    def point_name(self, x: float | None, output_len: int) -> str:
-        if self.kind == "rps":
-            return f"rps{x:.1f}_ol{output_len}"
-        if self.kind == "prop":
-            return f"prop{x:.1f}_rps4.0"
-        if self.kind == "slo":
-            return f"slo{x:.1f}_ol{output_len}"
-        if self.kind == "fluc":
-            return "fluc"
-        return f"rps3.6_ol{output_len}"
-
-
-FIGURES = {
-    "fig8,9": FigureSpec("fig8,9", "rps", "rps", ("RPS_MIN", "RPS_MAX", "RPS_STEP"),
-                         {"llama": (2.6, 4.8, 0.2), "qwen": (2.4, 4.2, 0.2)}),
-    "fig10": FigureSpec("fig10", "prop", "prop", ("PROP_MIN", "PROP_MAX", "PROP_STEP"),
-                        {"llama": (0.1, 0.9, 0.1), "qwen": (0.1, 0.9, 0.1)}, bounds=(0.0, 1.0)),
-    "fig11": FigureSpec("fig11", "slo", "slo_scale", ("SLO_SCALE_MIN", "SLO_SCALE_MAX", "SLO_SCALE_STEP"),
-                        {"llama": (0.6, 1.6, 0.2), "qwen": (0.6, 1.6, 0.2)}),
-    "fig14": FigureSpec("fig14", "fluc", None, None),
-    "fig15": FigureSpec("fig15", "overhead", None, None),
-}
-DEFAULT_OUTPUT_LEN = {"fig8,9": 256, "fig10": 256, "fig11": 256, "fig14": 256, "fig15": 128}
+#: switch variable -> the systems it turns on, in registry order
+SWITCHES: dict[str, tuple[str, ...]] = {}
+for _s in SYSTEM_REGISTRY:
+    SWITCHES[_s.switch] = SWITCHES.get(_s.switch, ()) + (_s.name,)
+#: what ``adaserve reproduce`` runs: every system but the ablations
+MAIN_SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY if s.role != "ablation")
+OVERHEAD_SWITCHES = {f"{m.upper()}_OVERHEAD": m for m in MODELS}
+#: variables every experiment reads (besides the system switches and its own sweep variables)
+COMMON_VARIABLES = ("OUTPUT_LENGTH", "BACKEND", "TRACE_DIR", "RESULTS_DIR", "JOBS", "SEED",
+                    "MODEL", "DRAFT", "DRAFTER", "PROFILE", "ENDPOINT", "BASELINE_MS", "EXTRA_ARGS")
+#: ADASERVE_* variables read elsewhere (the scripts, the progress bar, caches, the test suite)
+OTHER_ADASERVE_VARIABLES = ("ADASERVE_BIN", "ADASERVE_PROGRESS", "ADASERVE_CACHE",
+                            "ADASERVE_CACHE_DIR", "ADASERVE_PROFILE_CACHE", "ADASERVE_PREPACK",
+                            "ADASERVE_TRACES", "ADASERVE_CUDA_TEST_DEVICE")
 
 
 @dataclass(frozen=True)
 class Point:
-    figure: str
+    experiment: str           # its folder, e.g. "fig8,9"
     model: str
     system: str
     x: float | None
@@ -74,12 +56,16 @@ class Point:
 
     @property
     def x_name(self) -> str | None:
-        return FIGURES[self.figure].x_name
+        return EXPERIMENTS[self.experiment].x_name
+
+    @property
+    def label(self) -> str:
+        return f"{self.experiment}/{self.model}/{self.system}/{self.name}"
 
 
 @dataclass
 class Settings:
-    figure: str
+    experiment: str
     models: list[str]
     systems: list[str]
     xs: dict[str, list[float | None]]     # per model
@@ -90,11 +76,12 @@ class Settings:
     seed: int = 0
     jobs: int = 1
     backend_args: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- env validation
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     pass
 
 
@@ -128,7 +115,7 @@ def grid(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + i * step, 6) for i in range(n + 1)]
 
 
-def _sweep_values(spec: FigureSpec, env: Mapping[str, str], model: str) -> list[float | None]:
+def _sweep_values(spec: Experiment, env: Mapping[str, str], model: str) -> list[float | None]:
     if spec.env is None:
         return [None]
     lo_name, hi_name, step_name = spec.env
@@ -155,13 +142,12 @@ def _systems(env: Mapping[str, str]) -> list[str]:
     return systems
 
 
-def settings_from_env(figure: str, model: str | None, env: Mapping[str, str]) -> Settings:
-    """Validate every variable a script can set; raise ``SettingsError`` naming the first bad one."""
-    if figure not in FIGURES:
-        raise SettingsError(f"unknown figure {figure!r}; figures: {', '.join(FIGURES)}")
-    spec = FIGURES[figure]
-    if figure == "fig15":
-        models = [m for m in MODELS if _switch(env, f"{m.upper()}_OVERHEAD")]
+def settings_from_env(experiment: str, model: str | None, env: Mapping[str, str]) -> Settings:
+    """Validate every variable a script can set; raise ``SettingsError`` naming the first bad one.
+    ``experiment``: its folder (``fig8,9``) or a figure it draws (``8``)."""
+    spec = experiment_of(experiment)
+    if spec.kind == "overhead":
+        models = [m for var, m in OVERHEAD_SWITCHES.items() if _switch(env, var)]
         if not models:
             raise SettingsError("no model selected: set LLAMA_OVERHEAD=ON and/or QWEN_OVERHEAD=ON")
         systems = ["adaserve"]
@@ -169,7 +155,7 @@ def settings_from_env(figure: str, model: str | None, env: Mapping[str, str]) ->
         if model not in MODELS:
             raise SettingsError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
         models, systems = [model], _systems(env)
-    out_len = _number(env, "OUTPUT_LENGTH", DEFAULT_OUTPUT_LEN[figure])
+    out_len = _number(env, "OUTPUT_LENGTH", spec.output_len)
     if out_len < 1 or out_len != int(out_len):
         raise SettingsError(f"OUTPUT_LENGTH={out_len:g}: must be a positive integer")
     backend = env.get("BACKEND", "sim").strip() or "sim"
@@ -182,10 +168,12 @@ def settings_from_env(figure: str, model: str | None, env: Mapping[str, str]) ->
     if jobs < 1 or jobs != int(jobs):
         raise SettingsError(f"JOBS={jobs:g}: must be a positive integer")
     seed = _number(env, "SEED", 0)
-    return Settings(figure, models, systems, {m: _sweep_values(spec, env, m) for m in models},
+    if seed < 0 or seed != int(seed):
+        raise SettingsError(f"SEED={seed:g}: must be a non-negative integer")
+    return Settings(spec.folder, models, systems, {m: _sweep_values(spec, env, m) for m in models},
                     int(out_len), backend, Path(env.get("RESULTS_DIR", "results") or "results"),
                     Path(trace_dir) if trace_dir else None, int(seed), int(jobs),
-                    _backend_args(backend, env))
+                    _backend_args(backend, env), unknown_variable_warnings(spec, env))
 
 
 def _backend_args(backend: str, env: Mapping[str, str]) -> dict:
@@ -225,30 +213,108 @@ def _backend_args_of(backend: str, env: Mapping[str, str]) -> dict:
     raise AssertionError(backend)
 
 
+# ------------------------------------------------------------------------ misspelled variables
+
+def _sweep_variables() -> dict[str, str]:
+    """Every sweep variable -> the experiment that reads it."""
+    return {v: e.folder for e in EXPERIMENTS.values() if e.env for v in e.env}
+
+
+def _system_spellings() -> dict[str, str]:
+    """Upper-case system names (``SARATHI``, ``VLLM_SPEC_4``, ``GREEDY``) -> their switch."""
+    out = {}
+    for s in SYSTEM_REGISTRY:
+        out[s.name.upper()] = s.switch
+        out[re.sub(r"\W+", "_", s.label.upper()).strip("_")] = s.switch
+    return out
+
+
+def unknown_variable_warnings(spec: Experiment, env: Mapping[str, str]) -> list[str]:
+    """Warnings for variables that look like this harness's but are not read by ``spec``: a
+    misspelling (``RPS_MAXX``, ``ADASERV``), any unknown ``ADASERVE*``, ``*_MIN``/``*_MAX``/
+    ``*_STEP``, a system's name instead of its switch, or another experiment's variable."""
+    sweep_vars = _sweep_variables()
+    overhead = set(OVERHEAD_SWITCHES) if spec.kind == "overhead" else set()
+    switches = set() if spec.kind == "overhead" else set(SWITCHES)
+    own = set(COMMON_VARIABLES) | set(spec.env or ()) | overhead | switches
+    known = own | set(sweep_vars) | set(OVERHEAD_SWITCHES) | set(SWITCHES)
+    systems = _system_spellings()
+    warnings = []
+    for name in sorted(env):
+        if name in own or name in OTHER_ADASERVE_VARIABLES:
+            continue
+        if name in known:
+            where = sweep_vars.get(name) or ("fig15" if name in OVERHEAD_SWITCHES else
+                                             "the other experiments")
+            warnings.append(f"{name} is ignored by {spec.folder} (it is read by {where})")
+            continue
+        hint = systems.get(name) or next(iter(difflib.get_close_matches(
+            name, sorted(known | set(OTHER_ADASERVE_VARIABLES)), n=1, cutoff=0.9)), None)
+        looks_ours = (name.startswith("ADASERVE") or re.search(r"_(MIN|MAX|STEP)$", name)
+                      or hint is not None)
+        if looks_ours:
+            warnings.append(f"{name} is not a variable of this script"
+                            + (f"; did you mean {hint}?" if hint else "")
+                            + " (`adaserve exp --help` lists them)")
+    return warnings
+
+
 # ----------------------------------------------------------------------------------- the points
 
 def points(s: Settings) -> list[Point]:
-    spec = FIGURES[s.figure]
+    spec = EXPERIMENTS[s.experiment]
     out = []
     for model in s.models:
         for x in s.xs[model]:
             name = spec.point_name(x, s.output_len)
-            trace = trace_path(s, model, name)
+            trace = trace_path(s, name)
             for system in s.systems:
-                out.append(Point(s.figure, model, system, x, name, trace, s.output_len))
+                out.append(Point(s.experiment, model, system, x, name, trace, s.output_len))
     return out
 
 
-def trace_path(s: Settings, model: str, point_name: str) -> Path:
-    """An artifact trace under TRACE_DIR (``emission_<point>.json``, directly or in ``<fig>/``), else
-    the generated one under ``results/traces/<fig>/`` (shared by both models)."""
-    file = f"emission_{point_name}.json"
+def trace_path(s: Settings, point_name: str) -> Path:
+    """An artifact trace under TRACE_DIR (``emission_<point>.json``, directly or in
+    ``<experiment>/``), else the generated one under ``results/traces/<experiment>/`` (shared by
+    both models). A generated trace's file name carries every setting it is generated from that
+    the point name does not: ``_ol<N>`` for a non-default OUTPUT_LENGTH the name lacks (fig10,
+    fig14), ``_seed<N>`` for SEED other than 0."""
     if s.trace_dir is not None:
-        for cand in (s.trace_dir / file, s.trace_dir / s.figure / file):
+        file = f"emission_{point_name}.json"
+        for cand in (s.trace_dir / file, s.trace_dir / s.experiment / file):
             if cand.is_file():
                 return cand
-    return s.results / "traces" / s.figure / file
+        return s.trace_dir / s.experiment / file
+    spec = EXPERIMENTS[s.experiment]
+    suffix = ""
+    if f"ol{s.output_len}" not in point_name.split("_") and s.output_len != spec.output_len:
+        suffix += f"_ol{s.output_len}"
+    if s.seed:
+        suffix += f"_seed{s.seed}"
+    return s.results / "traces" / s.experiment / f"emission_{point_name}{suffix}.json"
 
 
 def result_prefix(s: Settings, p: Point) -> Path:
-    return s.results / p.figure / p.model / p.system / p.name
+    return s.results / p.experiment / p.model / p.system / p.name
+
+
+def point_config(s: Settings, p: Point, trace_sha256: str) -> dict:
+    """Everything that decides a point's numbers: the point itself, the trace's content, the
+    backend and its options. A result counts as this point's only when its recorded
+    ``meta.point_config`` equals this (``harness.record``)."""
+    config = {"experiment": p.experiment, "model": p.model, "system": p.system, "point": p.name,
+              "x": p.x, "output_len": p.output_len, "seed": s.seed,
+              "trace_sha256": trace_sha256, "backend": s.backend}
+    a = s.backend_args
+    if s.backend == "sim":
+        config["profile"] = MODELS[p.model]
+    elif s.backend == "engine":
+        config.update(engine_model=a["model"], draft=a["draft"], drafter=a["drafter"],
+                      profile=a["profile"],
+                      profile_sha256=(file_sha256(a["profile"]) if a["profile"]
+                                      and Path(a["profile"]).is_file() else None),  # else a name
+                      extra_args=list(a["extra"]))
+    else:
+        config.update(endpoint=a["endpoint"], baseline_ms=a["baseline_ms"],
+                      served_model=a["model"], extra_args=list(a["extra"]))
+    return config

@@ -11,6 +11,9 @@ from adaserve.core.request import Request
 from adaserve.scheduling.plan import IterationView
 
 SPEC_HEADROOM = 64  # tentative tree tokens a request may hold beyond its committed context
+# Tokens per block of the engine's paged KV cache. Named here, torch-free, beside the reservation
+# rule that the engine's block accounting follows, so every front end can size caches from it.
+BLOCK_SIZE = 16
 
 
 def kv_reservation(r: Request, max_seq_len: int) -> int:

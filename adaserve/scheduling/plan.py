@@ -17,7 +17,8 @@ class SpecShape:
     """How the drafter grows candidate trees this iteration.
 
     ``depth == 0``: no speculation (incremental decoding: the root only).
-    ``widths`` empty: beam search (SPEC §3 step 3) keeping the ``width`` highest-f̂ nodes per level.
+    ``widths`` empty: beam search (docs/definitions.md §4, step 3) keeping the ``width``
+    highest-f̂ nodes per level.
     ``widths`` given: a static tree, each node at level ``l`` expanded with its top ``widths[l]``
     children (``(1,)*k`` is chain speculation with k tokens).
     """

@@ -1,4 +1,4 @@
-"""Every serving policy of SPEC §4 behind the one ``Policy`` interface of plan.py.
+"""Every serving policy of docs/definitions.md §5 behind the one ``Policy`` interface of plan.py.
 
 A policy never touches torch or the clock: it reads an ``IterationView`` and returns a ``Plan``
 (prefill chunks, decoding requests, speculation shape), then, once the executor has drafted
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adaserve.core.errors import UserError
 from adaserve.core.request import Request
 from adaserve.scheduling.admission import chunked_prefill, whole_prefill
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
@@ -72,7 +73,7 @@ class _Base:
 
 
 class AdaServe(_Base):
-    """SLO-customized speculative decoding (SPEC §3). ``mode``: "adaserve", or the ablations
+    """SLO-customized speculative decoding (docs/definitions.md §4). ``mode``: "adaserve", or the ablations
     "greedy" (throughput selection only) and "equal" (equal per-request budget)."""
 
     def __init__(self, config: PolicyConfig, mode: str = "adaserve"):
@@ -80,7 +81,7 @@ class AdaServe(_Base):
         if mode not in ("adaserve", "greedy", "equal"):
             raise ValueError(f"unknown AdaServe mode {mode!r}")
         if config.prefill_mode not in ("eager", "slack"):
-            raise ValueError(f"unknown prefill mode {config.prefill_mode!r}; valid: eager, slack")
+            raise UserError(f"unknown prefill mode {config.prefill_mode!r}; valid: eager, slack")
         self.mode = mode
         self.name = mode
 
@@ -216,13 +217,39 @@ class Priority(_Base):
         return Plan(chunked_prefill(view, room, len(running)), batch, SpecShape())
 
 
-SYSTEMS = ("adaserve", "vllm", "sarathi", "vllm_spec_4", "vllm_spec_6", "vllm_spec_8",
-           "specinfer", "priority", "greedy", "equal")
+@dataclass(frozen=True)
+class SystemInfo:
+    """One serving system. ``role``: "adaserve", "baseline" (compared in the headline table) or
+    "ablation"; ``switch``: the artifact scripts' ON/OFF variable that selects it."""
+    name: str
+    label: str
+    role: str
+    switch: str
 
 
-def make_policy(system: str, profile_name: str, spec: SpecParams | None = None, **overrides):
-    """The policy for a system name of SPEC §4 (and the ablations)."""
-    config = PolicyConfig(spec=spec or spec_params_for(profile_name), **overrides)
+#: The one ordered list of systems: names, figure labels, roles and script switches are derived
+#: from it (CLI choices, harness switches, plot order, headline baselines). A new policy is one
+#: entry here plus its case in ``make_policy``.
+SYSTEM_REGISTRY: tuple[SystemInfo, ...] = (
+    SystemInfo("adaserve", "AdaServe", "adaserve", "ADASERVE"),
+    SystemInfo("vllm", "vLLM", "baseline", "VLLM"),
+    SystemInfo("sarathi", "Sarathi-Serve", "baseline", "VLLM_SARATHI"),
+    SystemInfo("vllm_spec_4", "vLLM-Spec (4)", "baseline", "VLLM_SPEC"),
+    SystemInfo("vllm_spec_6", "vLLM-Spec (6)", "baseline", "VLLM_SPEC"),
+    SystemInfo("vllm_spec_8", "vLLM-Spec (8)", "baseline", "VLLM_SPEC"),
+    SystemInfo("specinfer", "SpecInfer", "baseline", "SPECINFER"),
+    SystemInfo("priority", "Priority", "baseline", "PRIORITY"),
+    SystemInfo("greedy", "AdaServe (greedy sel.)", "ablation", "ABLATIONS"),
+    SystemInfo("equal", "AdaServe (equal sel.)", "ablation", "ABLATIONS"),
+)
+SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY)
+BASELINES = tuple(s.name for s in SYSTEM_REGISTRY if s.role == "baseline")
+
+
+def make_policy(system: str, family: str | None, spec: SpecParams | None = None, **overrides):
+    """The policy for a system name of docs/definitions.md §5; ``family``: the target's
+    model_type, which picks the artifact's speculation constants (``spec_params_for``)."""
+    config = PolicyConfig(spec=spec or spec_params_for(family), **overrides)
     if system in ("adaserve", "greedy", "equal"):
         return AdaServe(config, mode=system)
     if system == "vllm":
@@ -235,4 +262,4 @@ def make_policy(system: str, profile_name: str, spec: SpecParams | None = None, 
         return SpecInfer(config)
     if system == "priority":
         return Priority(config)
-    raise ValueError(f"unknown system {system!r}; valid systems: {', '.join(SYSTEMS)}")
+    raise UserError(f"unknown system {system!r}; valid systems: {', '.join(SYSTEMS)}")

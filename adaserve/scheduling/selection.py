@@ -1,4 +1,5 @@
-"""SLO-customized and throughput-optimized token selection (SPEC §3 steps 4-5), and the rule that
+"""SLO-customized and throughput-optimized token selection (docs/definitions.md §4,
+steps 4-5), and the rule that
 picks the verification budget, vectorized over flat candidate-tree arrays.
 
 Every request's non-root candidates are sorted once by descending path probability f̂, ties broken

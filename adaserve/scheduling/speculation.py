@@ -54,6 +54,10 @@ LLAMA_SPEC = SpecParams(d_min=4, d_max=8, w_max=3, b1=512, b2=96)
 QWEN_SPEC = SpecParams(d_min=3, d_max=5, w_max=3, b1=256, b2=80)
 
 
-def spec_params_for(profile_name: str) -> SpecParams:
-    """The artifact's constants for a model family (by profile name); Llama's otherwise."""
-    return QWEN_SPEC if profile_name.lower().startswith("qwen") else LLAMA_SPEC
+# By the target's Hugging Face model_type (a model config's ``family``, a profile's ``family``).
+SPEC_PARAMS: dict[str, SpecParams] = {"llama": LLAMA_SPEC, "qwen2": QWEN_SPEC}
+
+
+def spec_params_for(family: str | None) -> SpecParams:
+    """The artifact's constants for a model family; Llama's for any other (or unknown) family."""
+    return SPEC_PARAMS.get(family or "llama", LLAMA_SPEC)

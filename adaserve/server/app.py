@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API in front of the engine thread.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or server-sent events),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-The TPOT SLO of a request (SPEC §2), first match wins: body ``slo_ms`` (absolute ms), body
+The TPOT SLO of a request (docs/definitions.md §1), first match wins: body ``slo_ms`` (absolute ms), body
 ``slo_ratio`` (the trace encoding: > 0 a multiple of the baseline latency, < 0 absolute ms,
 > 999 best effort), header ``x-slo-tpot-ms``; none: best effort. The final usage block reports
 ``slo_ms``, ``slo_category`` and ``slo_attained``.
@@ -14,8 +14,15 @@ Sampling is per request: ``temperature`` (default: the server's ``--temperature`
 and sampled requests share batches.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-input, 401 for a missing/wrong API key, 404 for an unknown model or route, 405, 413, 503 when the
-engine is down. A client that disconnects has its request cancelled (its KV freed).
+input, 401 for a missing/wrong API key, 404 for an unknown model or route, 405, 408 for a body that
+does not arrive within ``body_timeout_s``, 413, 503 when the engine is down. No client mistake is
+answered 500. A client that disconnects has its request cancelled (its KV freed) and is counted in
+``adaserve_client_disconnects_total``, not as an error.
+
+The event loop never does work proportional to the prompt: bodies are read with a deadline and a
+size cap, prompts longer than ``MAX_CHARS_PER_TOKEN`` characters per token of the maximum sequence
+length are refused before tokenizing, and tokenization (and parsing of large bodies) runs on a
+worker thread, so ``/health`` and every stream keep going while a large prompt is handled.
 """
 
 from __future__ import annotations
@@ -25,31 +32,42 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adaserve.core import slo as slo_mod
+from adaserve.core.errors import UserError
 from adaserve.core.metrics import tpot_ms, ttft_ms
 from adaserve.core.request import Phase, Request
 from adaserve.engine.sequence import SamplingOptions
 from adaserve.server import protocol as P
 from adaserve.server.engine_thread import EngineThread, Failed, Finished, Job, Tokens
+from adaserve.server.metrics import CONTENT_TYPE, KNOWN_CATEGORIES
 from adaserve.server.tokenizer import Codec, TextStream
 
 log = logging.getLogger("adaserve.server")
 
 SLO_HEADER = "x-slo-tpot-ms"
 MAX_BODY_BYTES = 32 * 2**20
-BEST_EFFORT_RATIO = 1000.0  # > 999: no SLO (SPEC §2)
+BODY_TIMEOUT_S = 30.0
+# A prompt is refused before tokenizing when it has more characters than this many per token of
+# the maximum sequence length: no real text averages more (English ~4, code ~3 per token), and
+# tokenizing a 10 MB prompt takes tens of seconds of CPU.
+MAX_CHARS_PER_TOKEN = 16
+PARSE_OFF_LOOP_BYTES = 64 * 2**10  # bodies larger than this are parsed on the worker thread
+BEST_EFFORT_RATIO = 1000.0  # > 999: no SLO (docs/definitions.md §1)
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,6 +79,19 @@ class ServerConfig:
     ignore_eos: bool = False        # default ignore_eos of requests without one
     system: str = "adaserve"
     baseline_source: str = ""
+    body_timeout_s: float = BODY_TIMEOUT_S  # the whole request body must arrive within this (else 408)
+    max_body_bytes: int = MAX_BODY_BYTES    # larger bodies: 413
+    categories: tuple[str, ...] = KNOWN_CATEGORIES  # /metrics label values; other categories: "other"
+
+    def __post_init__(self):
+        t = self.temperature
+        if not (t == 0 or (math.isfinite(t) and t >= P.MIN_TEMPERATURE)):
+            raise UserError(f"the default temperature must be 0 (greedy) or at least {P.MIN_TEMPERATURE:g}, "
+                            f"got {t!r}")
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise UserError(f"the body timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if self.max_body_bytes < 1:
+            raise UserError(f"the body size limit must be positive, got {self.max_body_bytes!r}")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -78,7 +109,7 @@ def _finite_or_none(v: float | None) -> float | None:
 
 
 def resolve_slo(req: P.SamplingRequest, headers: Any, baseline_ms: float) -> tuple[float, float]:
-    """``(slo_ratio, slo_ms)`` of a request in SPEC §2's encoding (``slo_ms`` inf: best effort)."""
+    """``(slo_ratio, slo_ms)`` in the encoding of docs/definitions.md §1 (inf: best effort)."""
     if req.slo_ms is not None and req.slo_ratio is not None:
         raise P.ApiError(400, "give either 'slo_ms' or 'slo_ratio', not both", "slo_ms", "invalid_value")
     if req.slo_ms is not None:
@@ -127,12 +158,20 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[str], *, headers: dict[str, str] | None = None,
+                 on_disconnect: Callable[[], None] | None = None):
+        super().__init__(content, headers=headers)
+        self.on_disconnect = on_disconnect
+
     async def __call__(self, scope, receive, send) -> None:
+        complete = False
         try:
             async with anyio.create_task_group() as tg:
                 async def run() -> None:
+                    nonlocal complete
                     try:
                         await self.stream_response(send)
+                        complete = True
                     except OSError:  # the client went away while we were writing
                         pass
                     tg.cancel_scope.cancel()
@@ -140,8 +179,13 @@ class SSEResponse(StreamingResponse):
                 tg.start_soon(run)
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
+        except Exception:
+            complete = True  # the stream failed: not the client's doing
+            raise
         finally:
             await self.body_iterator.aclose()
+            if not complete and self.on_disconnect is not None:
+                self.on_disconnect()
 
 
 # -------------------------------------------------------------------------------------- the server
@@ -151,6 +195,17 @@ class OpenAIServer:
         self.engine, self.codec, self.cfg = engine, codec, config
         self.metrics = engine.metrics
         self.vocab = engine.executor.model.config.vocab_size
+        # tokenization and large-body parsing: off the event loop, one at a time (a Hugging Face
+        # tokenizer is not meant to be called from several threads at once)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="adaserve-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    def model_card(self) -> dict[str, Any]:
+        name = self.cfg.model_name
+        return {"id": name, "object": "model", "created": P.now_s(), "owned_by": "adaserve",
+                "max_model_len": self.engine.max_seq_len, "root": name}
 
     # ---- request parsing ------------------------------------------------------------------------
     def check_auth(self, request: HttpRequest) -> None:
@@ -162,16 +217,38 @@ class OpenAIServer:
             raise P.ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", None,
                              "invalid_api_key", "authentication_error")
 
-    async def json_body(self, request: HttpRequest) -> dict:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise P.ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+    async def read_body(self, request: HttpRequest) -> bytes:
+        """The body, refused with 413 past ``max_body_bytes`` (before reading it when the client
+        declares its length) and with 408 when it has not all arrived after ``body_timeout_s``.
+        A client that goes away meanwhile raises ``ClientDisconnect`` (counted, not an error)."""
+        limit, timeout = self.cfg.max_body_bytes, self.cfg.body_timeout_s
+        too_large = P.ApiError(413, f"the request body is larger than the limit of {limit} bytes", None,
+                               "body_too_large", headers={"Connection": "close"})
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
         try:
-            obj = json.loads(body)
+            with anyio.fail_after(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise P.ApiError(408, f"the request body did not arrive within {timeout:g} s ({size} bytes received)",
+                             None, "request_timeout", headers={"Connection": "close"}) from None
+        return b"".join(chunks)
+
+    async def json_body(self, request: HttpRequest) -> dict:
+        body = await self.read_body(request)
+        try:
+            obj = await self.off_loop(json.loads, body) if len(body) > PARSE_OFF_LOOP_BYTES else json.loads(body)
         except (ValueError, RecursionError) as e:
             raise P.ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(obj, dict):
             raise P.ApiError(400, "the body must be a JSON object", None, "invalid_json")
+        P.check_unicode(body, obj)
         return obj
 
     def check_model(self, model: str | None) -> None:
@@ -179,13 +256,33 @@ class OpenAIServer:
             raise P.ApiError(404, f"the model '{model}' does not exist; this server serves "
                              f"'{self.cfg.model_name}'", "model", "model_not_found")
 
-    def prompt_ids(self, req: P.CompletionRequest) -> list[int]:
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.engine.max_seq_len * MAX_CHARS_PER_TOKEN
+
+    def check_prompt_size(self, n: int, unit: str) -> None:
+        """Refuse a prompt that cannot fit before any work proportional to its size is done."""
+        max_seq = self.engine.max_seq_len
+        limit = self.max_prompt_chars if unit == "characters" else max_seq - 1
+        if n > limit:
+            why = (f"at most {limit} characters are accepted ({MAX_CHARS_PER_TOKEN} per token of the maximum "
+                   f"sequence length, {max_seq} tokens)") if unit == "characters" else \
+                f"this model's maximum sequence length is {max_seq} tokens (prompt + output)"
+            raise P.ApiError(400, f"the prompt has {n} {unit}; {why}", "prompt", "context_length_exceeded")
+
+    def single_prompt(self, req: P.CompletionRequest) -> str | list[int]:
+        """The request's one prompt (a string or token ids), size-checked."""
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 raise P.ApiError(400, f"one prompt per request is supported, got {len(p)}", "prompt",
                                  "unsupported_parameter")
             p = p[0]
+        self.check_prompt_size(len(p), "characters" if isinstance(p, str) else "tokens")
+        return p
+
+    def prompt_ids(self, p: str | list[int]) -> list[int]:
+        """Token ids of a prompt (on the worker thread: tokenizing is proportional to its size)."""
         ids = self.codec.encode(p) if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < self.vocab]
         if bad:
@@ -193,8 +290,13 @@ class OpenAIServer:
                              "invalid_value")
         return ids
 
-    def chat_ids(self, req: P.ChatCompletionRequest) -> list[int]:
+    def chat_messages(self, req: P.ChatCompletionRequest) -> list[dict[str, str]]:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self.check_prompt_size(sum(len(m["content"]) for m in messages), "characters")
+        return messages
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the chat template (on the worker thread)."""
         try:
             return self.codec.chat_ids(messages)
         except Exception as e:  # a template that rejects the conversation (jinja raise_exception, ...)
@@ -243,11 +345,11 @@ class OpenAIServer:
         body = await self.json_body(request)
         if chat:
             req = self.parse(P.ChatCompletionRequest, body)
-            ids = self.chat_ids(req)
+            ids = await self.off_loop(self.chat_ids, self.chat_messages(req))
             param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         else:
             req = self.parse(P.CompletionRequest, body)
-            ids = self.prompt_ids(req)
+            ids = await self.off_loop(self.prompt_ids, self.single_prompt(req))
             param = "max_tokens"
         requested = getattr(req, param)
         max_new = self.max_new_tokens(requested, len(ids), param)
@@ -255,7 +357,8 @@ class OpenAIServer:
         r = self.engine.new_request(len(ids), max_new, ratio, slo_ms, slo_mod.category_of(ratio, req.slo_category))
         out = Output(self, Job(r, ids, self.sampling(req)), req, chat)  # submitted when the answer starts being consumed
         if req.stream:
-            return SSEResponse(out.stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return SSEResponse(out.stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                               on_disconnect=lambda: self.metrics.client_disconnect("stream"))
         return await out.collect(request)
 
 
@@ -339,6 +442,7 @@ class Output:
                 consume.cancel()
                 self.engine.cancel(self.job)
         if not consume.done() or consume.cancelled():
+            self.server.metrics.client_disconnect("response")
             return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
         return consume.result()
 
@@ -375,6 +479,8 @@ async def _disconnected(request: HttpRequest) -> None:
 def create_app(engine: EngineThread, codec: Codec, config: ServerConfig) -> FastAPI:
     """The FastAPI app; starting it (lifespan) starts the engine thread, stopping it stops it."""
     server = OpenAIServer(engine, codec, config)
+    info = {"model": config.model_name, "system": config.system, "baseline_ms": config.baseline_ms}
+    server.metrics.bind(lambda: engine.snapshot, info, config.categories)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -383,6 +489,7 @@ def create_app(engine: EngineThread, codec: Codec, config: ServerConfig) -> Fast
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            server.worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="AdaServe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -399,9 +506,13 @@ def create_app(engine: EngineThread, codec: Codec, config: ServerConfig) -> Fast
     @app.get("/v1/models")
     async def models(request: HttpRequest):
         server.check_auth(request)
-        return {"object": "list", "data": [{
-            "id": config.model_name, "object": "model", "created": P.now_s(), "owned_by": "adaserve",
-            "max_model_len": engine.max_seq_len, "root": config.model_name}]}
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: HttpRequest):
+        server.check_auth(request)
+        server.check_model(model_id)
+        return server.model_card()
 
     @app.get("/health")
     async def health():
@@ -411,21 +522,26 @@ def create_app(engine: EngineThread, codec: Codec, config: ServerConfig) -> Fast
 
     @app.get("/metrics")
     async def metrics():
-        info = {"model": config.model_name, "system": config.system, "baseline_ms": config.baseline_ms}
-        text = server.metrics.render(engine.snapshot, info)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 
 
 def _add_error_handlers(app: FastAPI, server: OpenAIServer) -> None:
-    def reply(status: int, body: dict) -> JSONResponse:
+    def reply(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
         server.metrics.http_error(status)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(P.ApiError)
     async def api_error(request, e: P.ApiError):
-        return reply(e.status, e.body())
+        return reply(e.status, e.body(), e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, e: ClientDisconnect):
+        # the client closed the connection while sending its body: nobody reads this answer, it
+        # is no error of ours (no traceback, not a 5xx), and it is counted as what it is
+        server.metrics.client_disconnect("body")
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):

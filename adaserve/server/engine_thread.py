@@ -184,14 +184,10 @@ class EngineThread:
             job.error = f"engine failure: {reason}"
             self._safe_cancel(job)
 
-    def _on_commit(self, r: Request, n: int) -> None:
+    def _on_commit(self, r: Request, ids: list[int]) -> None:
         job = self.jobs.get(r.rid)
         if job is not None:
-            self._out.append((job, Tokens(self._output_ids(r)[-n:], self.now())))
-
-    def _output_ids(self, r: Request) -> list[int]:
-        seq = self.executor.seqs.get(r.rid)
-        return seq.output if seq is not None else self.executor.outputs.get(r.rid, [])
+            self._out.append((job, Tokens(list(ids), self.now())))
 
     def _on_finish(self, r: Request) -> None:
         self._finish_job(r)
@@ -199,10 +195,13 @@ class EngineThread:
     def _finish_job(self, r: Request) -> None:
         # the request has left the loop and its tokens were streamed (on_commit): a long-running
         # server keeps nothing per request
+        failure = self.executor.failed.get(r.rid)  # its own sampling failed (TorchExecutor.failed)
         self.executor.forget(r.rid)
         job = self.jobs.pop(r.rid, None)
         if job is None:
             return
+        if failure is not None and job.error is None:
+            job.error = failure
         if job.error is not None:
             self.metrics.request_failed(r)
             self._out.append((job, Failed(job.error)))

@@ -8,6 +8,7 @@ rejected with 400 ``unsupported_parameter`` rather than silently ignored (see ``
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -15,16 +16,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 16
+# Temperatures in (0, MIN_TEMPERATURE) are refused: logits / temperature overflows float64 for
+# subnormal values (5e-324) and the distribution becomes NaN; 0.01 already samples the argmax
+# with probability ~1 for any realistic logit gap.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
 
 
 class ApiError(Exception):
-    """An error answered as an OpenAI-style JSON body."""
+    """An error answered as an OpenAI-style JSON body (``headers``: extra response headers, e.g.
+    ``Connection: close`` when the rest of the request body is left unread)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+                 type_: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("invalid_request_error" if status < 500 else "internal_error")
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -43,6 +51,33 @@ def from_validation_error(e: ValidationError) -> ApiError:
     if err.get("type") == "missing":
         return ApiError(400, f"missing required field '{where}'", param, "missing_required_parameter")
     return ApiError(400, f"invalid value for '{where}': {err.get('msg')}", param, "invalid_value")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # a JSON escape of U+D800..U+DFFF
+
+
+def check_unicode(raw: bytes, obj: Any) -> None:
+    """400 if a string of the parsed body ``obj`` holds a lone surrogate (JSON allows ``"\\ud800"``;
+    such a string cannot be encoded, tokenized or echoed back). Only bodies whose ``raw`` text has
+    a surrogate escape are walked (iteratively: the nesting depth is up to the client)."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    stack: list[tuple[str | None, Any]] = [(None, obj)]
+    while stack:
+        top, x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend((top, k) for k in x)  # a top-level key is reported as "the body"
+            stack.extend((k if top is None else top, v) for k, v in x.items())
+        elif isinstance(x, list):
+            stack.extend((top, v) for v in x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = f"'{top}'" if top is not None else "the body"
+                raise ApiError(400, f"{where} holds a lone surrogate (U+{ord(x[e.start]):04X} at character "
+                               f"{e.start}): text must be valid Unicode (escaped surrogates come in pairs)",
+                               top, "invalid_value") from None
 
 
 class _Strict(BaseModel):
@@ -77,7 +112,7 @@ class SamplingRequest(_Strict):
     ignore_eos: bool | None = None      # None: the server's --ignore-eos
     priority: int = 0
     return_token_ids: bool = False
-    # AdaServe: the TPOT SLO (SPEC §2): absolute ms, or the encoded ratio
+    # AdaServe: the TPOT SLO (docs/definitions.md §1): absolute ms, or the encoded ratio
     slo_ms: float | None = None
     slo_ratio: float | None = None
     slo_category: str | None = Field(default=None, min_length=1, max_length=64)  # label for /metrics
@@ -138,9 +173,10 @@ def unsupported(req: SamplingRequest) -> ApiError | None:
     fine. Temperature, top_p, top_k, seed and ignore_eos are per request (``sampling_fields``)."""
     if req.n != 1:
         return _unsupported("n", f"must be 1 (one choice per request), got {req.n}")
-    if req.temperature is not None and not 0 <= req.temperature <= 2:
-        return ApiError(400, f"'temperature' must be in [0, 2], got {req.temperature}", "temperature",
-                        "invalid_value")
+    t = req.temperature
+    if t is not None and not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        return ApiError(400, f"'temperature' must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                        f"got {t!r}", "temperature", "invalid_value")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         return ApiError(400, f"'top_p' must be in (0, 1], got {req.top_p}", "top_p", "invalid_value")
     if req.top_k is not None and req.top_k < -1:

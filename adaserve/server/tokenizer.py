@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from adaserve.engine.builder import ByteTokenizer, simple_chat_text
+from adaserve.engine.tokenizer import ByteTokenizer, simple_chat_text
 
 Message = dict[str, str]  # {"role": ..., "content": ...} with text content
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Protocol
 
@@ -35,44 +36,88 @@ from adaserve.scheduling.trees import CandidateForest
 
 
 class LevelSource(Protocol):
-    def level(self, level: int, frontier: int, width: int, rng: np.random.Generator
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """Children confidences ``q`` (n, frontier, width) and the target's rank (n, frontier)."""
-
-
-def _keep_top(prob: np.ndarray, keep: int) -> np.ndarray:
-    """Column indices of the ``keep`` highest values per row, best first (stable: ties keep the
-    draft's order, i.e. toward earlier parents and higher-ranked children)."""
-    order = np.argsort(-prob, axis=1, kind="stable")
-    return order[:, :keep]
+    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per level l: the children confidences ``q`` (n, frontiers[l], widths[l]) and the
+        target's rank (n, frontiers[l]), -1 or >= widths[l] when no child is right. Random draws
+        are made level by level, in order."""
 
 
 def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Generator
                 ) -> CandidateForest:
-    """Candidate trees of ``shape`` for ``n`` requests, with ground truth in ``extra["correct"]``."""
-    f_prob = np.ones((n, 1))
-    f_ok = np.ones((n, 1), bool)
-    f_local = np.zeros((n, 1), np.int64)
-    parents, probs, oks, toks = [], [], [], []
-    next_local = 1
-    for level in range(shape.depth):
-        width = shape.widths[level] if shape.is_static else shape.width
-        frontier = f_prob.shape[1]
-        q, rank = source.level(level, frontier, width, rng)
-        c_prob = (f_prob[:, :, None] * q).reshape(n, -1)
-        c_ok = (f_ok[:, :, None] & (np.arange(width)[None, None, :] == rank[:, :, None])).reshape(n, -1)
-        c_parent = np.broadcast_to(f_local[:, :, None], (n, frontier, width)).reshape(n, -1)
-        c_tok = np.broadcast_to(np.arange(width)[None, None, :], (n, frontier, width)).reshape(n, -1)
-        if not shape.is_static and c_prob.shape[1] > shape.width:
-            keep = _keep_top(c_prob, shape.width)
-            c_prob, c_ok, c_parent, c_tok = (np.take_along_axis(a, keep, 1)
-                                             for a in (c_prob, c_ok, c_parent, c_tok))
-        size = c_prob.shape[1]
-        parents.append(c_parent), probs.append(c_prob), oks.append(c_ok), toks.append(c_tok)
-        f_prob, f_ok = c_prob, c_ok
-        f_local = np.broadcast_to(np.arange(next_local, next_local + size), (n, size))
-        next_local += size
-    return drop_impossible(_assemble(n, next_local, parents, probs, oks, toks))
+    """Candidate trees of ``shape`` for ``n`` requests, with ground truth in ``extra["correct"]``.
+
+    Request i owns nodes ``i*m:(i+1)*m`` (m = nodes per tree), level by level; a level's frontier
+    is the previous level. This runs every simulated iteration on small arrays, so the number of
+    numpy calls, not their size, sets its cost: the source draws every level at once, each level
+    is written straight into preallocated (n, m) arrays, and parents and tokens are derived from
+    the kept candidates' positions in one go at the end."""
+    lay = _layout(shape)
+    prob = np.empty((n, lay.m))
+    ok = np.empty((n, lay.m), bool)
+    prob[:, 0], ok[:, 0] = 1.0, True
+    pos = np.empty((n, lay.m), np.int64)  # a node's position among its level's candidates
+    pos[:] = lay.pos
+    for (q, rank), width, (lo, hi, new) in zip(source.levels(lay.frontiers, lay.widths, rng),
+                                               lay.widths, lay.slices):
+        c_prob = (prob[:, lo:hi, None] * q).reshape(n, -1)
+        c_ok = (ok[:, lo:hi, None] & (_ranks(width) == rank[:, :, None])).reshape(n, -1)
+        if c_prob.shape[1] == new.stop - new.start:
+            prob[:, new], ok[:, new] = c_prob, c_ok
+            continue
+        # beam search: keep the best candidates (stable: ties keep the draft's order)
+        keep = np.argsort(-c_prob, axis=1, kind="stable")[:, :new.stop - new.start]
+        flat = keep + _ranks(n)[:, None] * c_prob.shape[1]
+        prob[:, new], ok[:, new], pos[:, new] = c_prob.ravel()[flat], c_ok.ravel()[flat], keep
+    up, token = np.divmod(pos, lay.width)  # candidate j*width + k: child k of frontier node j
+    parent = up + lay.frontier_start
+    parent[:, 1:] += np.arange(0, n * lay.m, lay.m)[:, None]  # local -> global; roots stay -1
+    forest = CandidateForest(offsets=np.arange(0, (n + 1) * lay.m, lay.m, dtype=np.int64),
+                             parent=parent.ravel(), token=token.ravel(), prob=prob.ravel(),
+                             depth=np.tile(lay.depth, n))
+    forest.extra["correct"] = ok.ravel()
+    return drop_impossible(forest)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each level of a tree shape lives among a request's m local nodes (root = node 0)."""
+
+    frontiers: list[int]         # per level: frontier nodes (the previous level's)
+    widths: list[int]            # per level: children per frontier node
+    slices: list[tuple]          # per level: (frontier start, frontier end, slice of its nodes)
+    m: int
+    depth: np.ndarray            # per node
+    width: np.ndarray            # per node: its level's width (1 for the root)
+    frontier_start: np.ndarray   # per node: first node of its parent's level (-1 for the root)
+    pos: np.ndarray              # per node: its position among the level's candidates, unpruned
+
+
+@cache
+def _layout(shape: SpecShape) -> _Layout:
+    sizes = shape.level_sizes()
+    widths = list(shape.widths) if shape.is_static else [shape.width] * shape.depth
+    frontiers = [1] + sizes[:-1]
+    depth, width, start, pos, slices, lo = [0], [1], [-1], [0], [], 0
+    for level, (f, w, size) in enumerate(zip(frontiers, widths, sizes)):
+        slices.append((lo, lo + f, slice(lo + f, lo + f + size)))
+        depth += [level + 1] * size
+        width += [w] * size
+        start += [lo] * size
+        pos += range(size)
+        lo += f
+    arrays = [np.array(a, np.int64) for a in (depth, width, start, pos)]
+    for a in arrays:
+        a.flags.writeable = False
+    return _Layout(frontiers, widths, slices, 1 + sum(sizes), *arrays)
+
+
+@cache
+def _ranks(width: int) -> np.ndarray:
+    """0..width-1, read-only (cached: this sits on the simulator's hot path)."""
+    out = np.arange(width)
+    out.flags.writeable = False
+    return out
 
 
 def drop_impossible(forest: CandidateForest) -> CandidateForest:
@@ -93,30 +138,22 @@ def drop_impossible(forest: CandidateForest) -> CandidateForest:
     return out
 
 
-def _assemble(n: int, m: int, parents, probs, oks, toks) -> CandidateForest:
-    """Flat forest arrays from per-level (n, size) arrays; request i owns nodes i*m:(i+1)*m."""
-    col = lambda a, fill, dt: np.concatenate([np.full((n, 1), fill, dt)] + [x.astype(dt) for x in a], 1)
-    parent_local = col(parents, -1, np.int64)
-    depth = np.concatenate([np.zeros(1, np.int64)] +
-                           [np.full(p.shape[1], d + 1, np.int64) for d, p in enumerate(parents)])
-    base = (np.arange(n, dtype=np.int64) * m)[:, None]
-    parent = np.where(parent_local >= 0, parent_local + base, -1)
-    forest = CandidateForest(offsets=np.arange(n + 1, dtype=np.int64) * m, parent=parent.ravel(),
-                             token=col(toks, 0, np.int64).ravel(), prob=col(probs, 1.0, np.float64).ravel(),
-                             depth=np.tile(depth, n))
-    forest.extra["correct"] = col(oks, True, bool).ravel()
-    return forest
-
-
 def accepted_lengths(forest: CandidateForest, selected: np.ndarray) -> np.ndarray:
     """Per request, the depth of the deepest selected node whose whole root path is selected and
-    on the target's path: the tokens the target accepts (the bonus token not included)."""
-    good = np.asarray(selected, bool) & forest.extra["correct"]
-    reach = good.copy()
-    for d in range(1, int(forest.depth.max(initial=0)) + 1):
-        idx = np.flatnonzero(forest.depth == d)
-        reach[idx] &= reach[forest.parent[idx]]
-    return np.maximum.reduceat(np.where(reach, forest.depth, 0), forest.offsets[:-1])
+    on the target's path: the tokens the target accepts (the bonus token not included).
+
+    The target's path is a chain (``extra["correct"]``: a correct node's parent is correct, at most
+    one per depth), so this is the deepest selected correct node, cut just above the shallowest
+    correct node that is not selected."""
+    correct = forest.extra["correct"]
+    sel = np.asarray(selected, bool)
+    starts = forest.offsets[:-1]
+    deepest = np.maximum.reduceat(np.where(sel & correct, forest.depth, 0), starts)
+    first_gap = np.minimum.reduceat(np.where(correct & ~sel, forest.depth, _NO_GAP), starts)
+    return np.maximum(np.minimum(deepest, first_gap - 1), 0)
+
+
+_NO_GAP = np.iinfo(np.int64).max
 
 
 # ------------------------------------------------------------------------------ synthetic model
@@ -135,29 +172,48 @@ class AcceptanceParams:
 
 def child_confidences(top1: np.ndarray, width: int, rho: float) -> np.ndarray:
     """(…, width) confidences: ``q_1 = top1``, ``q_j = (1 - top1)(1 - rho) rho^(j-2)``."""
-    tail = (1 - rho) * rho ** np.arange(width - 1)
-    return np.concatenate([top1[..., None], (1 - top1)[..., None] * tail], -1)
+    q = np.empty(top1.shape + (width,))
+    q[..., 0] = top1
+    q[..., 1:] = (1 - top1)[..., None] * _tail(width, rho)
+    return q
 
 
-def sample_rank(top1: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
-    """The target's rank among the draft's children, drawn from the calibrated distribution."""
-    u = rng.random(top1.shape)
-    v = np.clip((u - top1) / np.maximum(1 - top1, 1e-12), 0, 1 - 1e-12)
+@cache
+def _tail(width: int, rho: float) -> np.ndarray:
+    """(1 - rho) rho^(j-2) for ranks j = 2..width."""
+    out = (1 - rho) * rho ** np.arange(width - 1)
+    out.flags.writeable = False
+    return out
+
+
+def sample_rank(top1: np.ndarray, u: np.ndarray, rho: float) -> np.ndarray:
+    """The target's rank among the draft's children, drawn from the calibrated distribution with
+    the uniform draws ``u`` (same shape as ``top1``)."""
+    v = np.minimum(np.maximum((u - top1) / np.maximum(1 - top1, 1e-12), 0), 1 - 1e-12)  # clip
     rank = 1 + np.floor(np.log1p(-v) / math.log(rho)).astype(np.int64)
     return np.where(u < top1, 0, rank)
 
 
 @dataclass
 class _SyntheticLevels:
-    params: list[AcceptanceParams]
-    level_logit: np.ndarray
+    level_logit: np.ndarray  # (n, 1): per-(request, step) logit level
+    sigma: np.ndarray        # (n, 1): per-node logit noise
+    rho: float
 
-    def level(self, level: int, frontier: int, width: int, rng: np.random.Generator):
-        n = len(self.params)
-        sigma = np.array([p.sigma for p in self.params])[:, None]
-        rho = self.params[0].rho
-        top1 = 1 / (1 + np.exp(-(self.level_logit[:, None] + sigma * rng.standard_normal((n, frontier)))))
-        return child_confidences(top1, width, rho), sample_rank(top1, rho, rng)
+    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator):
+        n = len(self.sigma)
+        normal, uniform = [], []
+        for f in frontiers:  # per level: the nodes' logit noise, then the target's rank draws
+            normal.append(rng.standard_normal((n, f)))
+            uniform.append(rng.random((n, f)))
+        top1 = 1 / (1 + np.exp(-(self.level_logit + self.sigma * np.concatenate(normal, 1))))
+        rank = sample_rank(top1, np.concatenate(uniform, 1), self.rho)
+        q = {w: child_confidences(top1, w, self.rho) for w in set(widths)}
+        out, lo = [], 0
+        for f, w in zip(frontiers, widths):
+            out.append((q[w][:, lo:lo + f], rank[:, lo:lo + f]))
+            lo += f
+        return out
 
 
 @dataclass
@@ -172,24 +228,29 @@ class SyntheticAcceptance:
     def draft(self, requests: list[Request], shape: SpecShape, rng: np.random.Generator
               ) -> CandidateForest:
         params = [self.params_for(r.category) for r in requests]
-        mu = np.array([p.mu for p in params])
-        tau = np.array([p.tau for p in params])
-        levels = _SyntheticLevels(params, mu + tau * rng.standard_normal(len(requests)))
+        mu, tau, sigma = np.array([(p.mu, p.tau, p.sigma) for p in params]).T
+        level_logit = mu + tau * rng.standard_normal(len(requests))
+        # rho: the first request's (one geometric tail per batch)
+        levels = _SyntheticLevels(level_logit[:, None], sigma[:, None], params[0].rho)
         return grow_forest(levels, len(requests), shape, rng)
 
 
-# Calibrated against Figure 12's chain values (SPEC §6); see docs/simulator.md for the table and
+# Calibrated against Figure 12's chain values (docs/definitions.md §8); see docs/simulator.md for the table and
 # `python -m adaserve.sim.acceptance` for the command that prints it.
 LLAMA_ACCEPTANCE = SyntheticAcceptance(AcceptanceParams(mu=3.0, tau=3.5, sigma=0.5, rho=0.5),
                                        name="llama-3.1-70b/llama-3.2-1b (synthetic)")
 QWEN_ACCEPTANCE = SyntheticAcceptance(AcceptanceParams(mu=2.0, tau=3.5, sigma=0.5, rho=0.5),
                                       name="qwen2.5-32b/qwen2.5-0.5b (synthetic)")
-FIG12_CHAIN = {"llama": {4: 3.37, 6: 5.0, 8: 6.6}, "qwen": {4: 2.97, 6: 4.36, 8: 5.73}}
+FIG12_CHAIN = {"llama": {4: 3.37, 6: 5.0, 8: 6.6}, "qwen2": {4: 2.97, 6: 4.36, 8: 5.73}}
 
 
-def acceptance_for(profile_name: str) -> SyntheticAcceptance:
-    """The calibrated model of a profile's model family (Qwen for ``qwen*``, else Llama)."""
-    return QWEN_ACCEPTANCE if profile_name.lower().startswith("qwen") else LLAMA_ACCEPTANCE
+# By the target's model_type (a latency profile's ``family``).
+ACCEPTANCE: dict[str, SyntheticAcceptance] = {"llama": LLAMA_ACCEPTANCE, "qwen2": QWEN_ACCEPTANCE}
+
+
+def acceptance_for(family: str | None) -> SyntheticAcceptance:
+    """The calibrated model of a model family; Llama's for any other (or unknown) family."""
+    return ACCEPTANCE.get(family or "llama", LLAMA_ACCEPTANCE)
 
 
 def mean_committed(model, shape: SpecShape, samples: int = 20000, seed: int = 0,
@@ -246,7 +307,10 @@ class _RecordedLevels:
     sequences: list[tuple[np.ndarray, np.ndarray]]
     positions: np.ndarray
 
-    def level(self, level: int, frontier: int, width: int, rng: np.random.Generator):
+    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator):
+        return [self.level(level, f, w) for level, (f, w) in enumerate(zip(frontiers, widths))]
+
+    def level(self, level: int, frontier: int, width: int):
         n = len(self.sequences)
         q = np.zeros((n, frontier, width))
         rank = np.full((n, frontier), -1, np.int64)
@@ -286,9 +350,9 @@ class RecordedAcceptance:
 
 
 def calibration_table(samples: int = 20000) -> list[dict]:
-    """Chain speculation k = 4/6/8 under the built-in models vs Figure 12 (SPEC §6)."""
+    """Chain speculation k = 4/6/8 under the built-in models vs Figure 12 (docs/definitions.md §8)."""
     rows = []
-    for family, model in (("llama", LLAMA_ACCEPTANCE), ("qwen", QWEN_ACCEPTANCE)):
+    for family, model in ACCEPTANCE.items():
         for k, paper in FIG12_CHAIN[family].items():
             ours = mean_committed(model, SpecShape.chain(k), samples)
             rows.append({"model": family, "k": k, "paper": paper, "ours": ours,

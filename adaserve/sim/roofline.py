@@ -13,7 +13,7 @@ roofline max(compute, memory); the tuned value below (see ``fit_constants`` and
 docs/simulator.md) says how much of the smaller term the measured tables hide.
 
 Run ``python -m adaserve.sim.roofline`` to print the comparison with the artifact's measured
-verification tables (SPEC §6); ``--fit`` also refits the tuned constants and prints those fits.
+verification tables (docs/definitions.md §8); ``--fit`` also refits the tuned constants and prints those fits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import IO
 import numpy as np
 
 from adaserve.core.profile import LatencyProfile, Limits, Table
+from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES, GPU_80G
 
 GB = 1e9
 
@@ -190,7 +191,7 @@ def get_model(model: ModelShape | str | Path) -> ModelShape:
 # --------------------------------------------------------------------------------------------------
 # Efficiency and overhead constants: one set for every model and GPU. BW/FLOP efficiency, OVERLAP
 # and STEP_OVERHEAD_MS were tuned by ``fit_constants()`` against the artifact's two verification
-# tables plus the two baseline latencies (SPEC §2, §6); the others are fixed at typical published
+# tables plus the two baseline latencies (docs/definitions.md §8); the others are fixed at typical published
 # measurements (NCCL small-message all-reduce latency on NVLink ≈ 10–20 µs, NCCL bus bandwidth
 # ≈ 75–80% of NVLink, a handful of ~5 µs kernel launches per layer, vLLM's 0.9 memory utilization).
 
@@ -363,26 +364,21 @@ def roofline_profile(target: ModelShape | str, draft: ModelShape | str, gpu: GPU
 
 
 # --------------------------------------------------------------------------------------------------
-# Calibration against the artifact (SPEC §6)
+# Calibration against the artifact (docs/definitions.md §8)
 
 COMPARE_TOKENS = (128, 256, 384, 512, 640, 768, 896, 1024)
-# (profile name, target, GPU, TP, artifact baseline ms (SPEC §2))
-CALIBRATION_CASES = (("llama-3.1-70b", "llama-3.1-70b", "a100-80gb", 4, 30.0),
-                     ("qwen2.5-32b", "qwen2.5-32b", "a100-80gb", 2, 28.0))
 
 
 def table_errors(eff: Efficiency = DEFAULT_EFFICIENCY, context_tokens: float = 0.0,
                  ) -> list[tuple[str, int, float, float, float]]:
-    """Rows (case, tokens, artifact ms, roofline ms, relative error) for the 128–1024 points; the
-    1-token baseline is included as tokens = 1."""
-    from adaserve.sim.profiles import ARTIFACT_VERIFY_MS
-
+    """Rows (case, tokens, artifact ms, roofline ms, relative error) for the 128–1024 points of each
+    artifact model on its 4x A100-80GB set-up; the 1-token baseline is included as tokens = 1."""
     rows = []
-    for case, model, gpu, tp, baseline in CALIBRATION_CASES:
+    for case, fam in FAMILIES.items():
         table = dict(zip(*ARTIFACT_VERIFY_MS[case]))
-        points = [(1, baseline)] + [(n, table[n]) for n in COMPARE_TOKENS]
+        points = [(1, fam.baseline_ms)] + [(n, table[n]) for n in COMPARE_TOKENS]
         for n, ref in points:
-            est = step_ms(model, gpu, tp, n, context_tokens, eff)
+            est = step_ms(fam.target, GPU_80G, fam.tp_80g, n, context_tokens, eff)
             rows.append((case, n, ref, est, (est - ref) / ref))
     return rows
 
@@ -407,7 +403,7 @@ def fit_constants(base: Efficiency = DEFAULT_EFFICIENCY, overlap: float | None =
 def compare_with_table(eff: Efficiency = DEFAULT_EFFICIENCY, context_tokens: float = 0.0,
                        out: IO[str] | None = None) -> dict[str, dict[str, float]]:
     """Print the roofline vs the artifact's verification tables; return max/mean |relative error|
-    per case over 128–1024 tokens (``*-baseline`` entries: the 1-token step vs SPEC §2)."""
+    per case over 128–1024 tokens (``*-baseline`` entries: the 1-token step vs the baseline)."""
     out = out or sys.stdout
     rows = table_errors(eff, context_tokens)
     print(f"roofline vs artifact verification table (context {context_tokens:g} tokens); "
@@ -416,7 +412,7 @@ def compare_with_table(eff: Efficiency = DEFAULT_EFFICIENCY, context_tokens: flo
     header = f"{'profile':<15}{'tokens':>7}{'table ms':>10}{'roofline ms':>13}{'rel err':>9}"
     print(header, file=out)
     summary: dict[str, dict[str, float]] = {}
-    for case, *_ in CALIBRATION_CASES:
+    for case in FAMILIES:
         errs = []
         for c, n, ref, est, err in rows:
             if c != case:

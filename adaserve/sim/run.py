@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from adaserve.core.metrics import summarize
+from adaserve.core.progress import progress as progress_bar
 from adaserve.core.request import Request
-from adaserve.core.slo import category_of
 from adaserve.core.results import write_results
-from adaserve.core.trace import TraceRecord, load_trace, to_requests
+from adaserve.core.trace import TraceRecord, drop_prompts, load_trace, prepare_records, to_requests
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
 from adaserve.sim.executor import SimExecutor
 from adaserve.sim.profiles import get_profile
-
-ARTIFACT_BASELINE_MS = 30.0  # the artifact's Llama baseline, reference for hardware-scaled SLOs
 
 
 @dataclass
@@ -28,33 +26,25 @@ class SimResult:
     iterations: int
 
 
-def scale_absolute_slos(records: list[TraceRecord], factor: float) -> list[TraceRecord]:
-    """Absolute (negative) SLOs times ``factor`` (SPEC §2 hardware-scaled SLOs)."""
-    return [replace(r, slo_ratio=r.slo_ratio * factor, category=category_of(r.slo_ratio, r.category))
-            if r.slo_ratio < 0 else r for r in records]
-
-
 def simulate_records(records: list[TraceRecord], system: str, profile_name: str, *, seed: int = 0,
                      baseline_ms: float | None = None, scale_slos: bool = False,
                      acceptance=None, progress: bool = False,
                      policy_options: dict | None = None) -> SimResult:
+    """Simulate ``records``; the profile's ``family`` picks the speculation constants and, unless
+    ``acceptance`` is given, the calibrated acceptance model."""
     profile = get_profile(profile_name)
-    policy = make_policy(system, profile.name, **(policy_options or {}))
+    policy = make_policy(system, profile.family, **(policy_options or {}))
     baseline = baseline_ms or profile.decode_baseline_ms
-    if scale_slos:
-        records = scale_absolute_slos(records, baseline / ARTIFACT_BASELINE_MS)
+    records = prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos)
     requests = to_requests(records, baseline)
-    executor = SimExecutor(profile, acceptance or acceptance_for(profile.name), seed)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(requests), desc=f"{system} on {profile.name}", unit="req", leave=False)
-    loop = ServingLoop(policy, executor, requests, on_finish=(lambda r: bar.update()) if bar else None)
+    executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed)
+    bar = progress_bar(len(requests), f"{system} on {profile.name}", "req", enabled=progress,
+                       leave=False)
+    loop = ServingLoop(policy, executor, requests, on_finish=lambda r: bar.update())
     start = time.perf_counter()
     loop.run()
     wall = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
+    bar.close()
     summary = summarize(requests, committed_tokens=loop.stats.committed_tokens,
                         request_steps=loop.stats.request_steps, overhead_ms=loop.stats.overhead_ms,
                         registered=len(requests))
@@ -66,7 +56,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                   progress: bool = False, policy_options: dict | None = None,
                   acceptance: str | Path | None = None) -> SimResult:
     """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay."""
-    records = load_trace(trace)
+    records = drop_prompts(load_trace(trace))  # the simulator needs no text
     model = RecordedAcceptance.load(acceptance) if acceptance else None
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
                               scale_slos=scale_slos, progress=progress, policy_options=policy_options,
@@ -81,6 +71,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                 "acceptance": str(acceptance) if acceptance else "synthetic (calibrated)",
                 "simulation_wall_s": round(result.wall_s, 3),
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
-                        "scheduling overhead is measured CPU time of the selection code"}
+                        "scheduling overhead is measured CPU time of the selection code, other "
+                        "overhead that of the serving loop's own bookkeeping"}
         write_results(out, result.summary, result.requests, meta)
     return result

@@ -1,4 +1,4 @@
-"""Deterministic workload traces for the paper's experiments (SPEC §5).
+"""Deterministic workload traces for the paper's experiments (docs/workloads.md).
 
 ``generate_trace(kind, ...)`` returns the records of one trace; the same arguments and seed give
 the same records (and ``save_trace`` the same bytes). Kinds:
@@ -25,12 +25,13 @@ one request sequence, and ``prop``/``slo`` traces of one seed share their arriva
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from adaserve.core import slo
+from adaserve.core.errors import UserError
 from adaserve.core.trace import TraceRecord
 from adaserve.workload import arrivals
 from adaserve.workload.prompts import PromptPool, load_pool
@@ -68,12 +69,36 @@ class TraceSpec:
 
     def resolved(self) -> TraceSpec:
         check_spec(self)
-        return replace(self,
+        spec = replace(self,
                        rps=self.rps if self.rps is not None else DEFAULT_RPS[self.kind],
                        output_len=self.output_len or DEFAULT_OUTPUT_LEN[self.kind],
                        arrival=None if self.kind == "fluc" else (self.arrival or "bursty"),
                        gamma_cv=self.gamma_cv or (DEFAULT_GAMMA_CV
                                                   if self.arrival == "gamma" else None))
+        if spec.kind != "fluc":
+            spec.request_total()  # fail on a trace with no request before any work
+        return spec
+
+    def request_total(self) -> int:
+        """Requests of a fixed-count kind (``rps`` must be resolved); ``UserError`` saying what
+        to change when the rounding leaves none or there are too many."""
+        rps, duration = float(self.rps), self.duration_s
+        if not rps * duration <= MAX_REQUESTS:  # also an infinite product of two large values
+            raise UserError(f"--rps {rps:g} over --duration-s {duration:g} gives "
+                            f"{rps * duration:g} requests (more than {MAX_REQUESTS}); lower "
+                            "--rps or --duration-s")
+        try:
+            n = arrivals.request_count(rps, duration, artifact_rounding=self.artifact_rounding)
+        except ValueError:
+            if self.artifact_rounding:
+                hint = (" at the nearest 100 (as the artifact's traces); pass --exact-count to "
+                        "round to the nearest request, or raise --rps or --duration-s so that "
+                        "rps x duration is at least 50")
+            else:
+                hint = "; raise --rps or --duration-s so that rps x duration is at least 0.5"
+            raise UserError(f"--rps {rps:g} over --duration-s {duration:g} gives no request: "
+                            f"{rps * duration:g} expected requests round to 0{hint}") from None
+        return n
 
     def mix(self) -> dict[str, float]:
         """Category shares for the fixed-count kinds."""
@@ -97,59 +122,55 @@ def _finite_number(v: object) -> bool:
 
 def _only_for(spec: TraceSpec, value: object, flag: str, kind: str) -> None:
     if value is not None and spec.kind != kind:
-        raise ValueError(f"{flag} applies only to --kind {kind} (got --kind {spec.kind})")
+        raise UserError(f"{flag} applies only to --kind {kind} (got --kind {spec.kind})")
 
 
 def check_spec(spec: TraceSpec) -> None:
-    """Raise ``ValueError`` naming the offending flag and value."""
+    """Raise ``UserError`` naming the offending flag and value."""
     if spec.kind not in KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {spec.kind!r}")
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     _only_for(spec, spec.prop, "--prop", "prop")
     _only_for(spec, spec.slo_scale, "--slo-scale", "slo")
     if spec.kind == "rps" and spec.rps is None:
-        raise ValueError("--kind rps needs --rps (average requests per second, e.g. 4.8)")
+        raise UserError("--kind rps needs --rps (average requests per second, e.g. 4.8)")
     if spec.rps is not None and not (_finite_number(spec.rps) and spec.rps > 0):
-        raise ValueError(f"--rps must be a positive number, got {spec.rps!r}")
+        raise UserError(f"--rps must be a positive number, got {spec.rps!r}")
     if spec.kind == "prop" and spec.prop is None:
-        raise ValueError("--kind prop needs --prop (the urgent coding share, e.g. 0.5)")
+        raise UserError("--kind prop needs --prop (the urgent coding share, e.g. 0.5)")
     if spec.prop is not None and not (_finite_number(spec.prop) and 0 < spec.prop < 1):
-        raise ValueError(f"--prop must be strictly between 0 and 1 (the urgent coding share), "
-                         f"got {spec.prop!r}")
+        raise UserError(f"--prop must be strictly between 0 and 1 (the urgent coding share), "
+                        f"got {spec.prop!r}")
     if spec.kind == "slo" and spec.slo_scale is None:
-        raise ValueError("--kind slo needs --slo-scale (the coding SLO multiplier, e.g. 0.8)")
+        raise UserError("--kind slo needs --slo-scale (the coding SLO multiplier, e.g. 0.8)")
     if spec.slo_scale is not None and not (_finite_number(spec.slo_scale) and spec.slo_scale > 0):
-        raise ValueError(f"--slo-scale must be a positive number, got {spec.slo_scale!r}")
+        raise UserError(f"--slo-scale must be a positive number, got {spec.slo_scale!r}")
     _check_common(spec)
 
 
 def _check_common(spec: TraceSpec) -> None:
     out = spec.output_len
     if out is not None and not (isinstance(out, int) and not isinstance(out, bool) and out >= 1):
-        raise ValueError(f"--output-len must be a positive integer, got {out!r}")
+        raise UserError(f"--output-len must be a positive integer, got {out!r}")
     if not (_finite_number(spec.duration_s) and spec.duration_s > 0):
-        raise ValueError(f"--duration-s must be a positive number, got {spec.duration_s!r}")
+        raise UserError(f"--duration-s must be a positive number, got {spec.duration_s!r}")
     if not (isinstance(spec.seed, int) and not isinstance(spec.seed, bool) and spec.seed >= 0):
-        raise ValueError(f"--seed must be a non-negative integer, got {spec.seed!r}")
+        raise UserError(f"--seed must be a non-negative integer, got {spec.seed!r}")
     if spec.arrival is not None and spec.kind == "fluc":
-        raise ValueError("--arrival does not apply to --kind fluc (its arrivals follow the "
-                         "bell-shaped rates)")
+        raise UserError("--arrival does not apply to --kind fluc (its arrivals follow the "
+                        "bell-shaped rates)")
     if spec.arrival is not None and spec.arrival not in ARRIVALS:
-        raise ValueError(f"--arrival must be one of {', '.join(ARRIVALS)}, got {spec.arrival!r}")
+        raise UserError(f"--arrival must be one of {', '.join(ARRIVALS)}, got {spec.arrival!r}")
     if spec.gamma_cv is not None and spec.arrival != "gamma":
-        raise ValueError("--cv applies only to --arrival gamma")
+        raise UserError("--cv applies only to --arrival gamma")
     if spec.gamma_cv is not None and not (_finite_number(spec.gamma_cv) and spec.gamma_cv > 0):
-        raise ValueError(f"--cv must be a positive number, got {spec.gamma_cv!r}")
+        raise UserError(f"--cv must be a positive number, got {spec.gamma_cv!r}")
 
 
 # ------------------------------------------------------------------------------------ arrivals
 
 def fixed_count_arrivals(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
     """Arrival times (ms) of the fixed-count kinds, rescaled onto the trace's duration."""
-    n = arrivals.request_count(float(spec.rps), spec.duration_s,
-                               artifact_rounding=spec.artifact_rounding)
-    if n > MAX_REQUESTS:
-        raise ValueError(f"--rps {spec.rps:g} over --duration-s {spec.duration_s:g} gives {n} "
-                         f"requests (more than {MAX_REQUESTS})")
+    n = spec.request_total()
     if spec.arrival == "poisson":
         return arrivals.poisson_arrivals(n, spec.duration_s, rng)
     if spec.arrival == "gamma":
@@ -184,8 +205,9 @@ def fluc_arrivals(spec: TraceSpec, rng: np.random.Generator) -> tuple[np.ndarray
     all_t = np.concatenate(times)
     order = np.argsort(all_t, kind="stable")
     if order.size == 0:
-        raise ValueError(f"--kind fluc with --rps {spec.rps:g} and --duration-s "
-                         f"{spec.duration_s:g} produced no request")
+        raise UserError(f"--kind fluc with --rps {spec.rps:g} and --duration-s "
+                        f"{spec.duration_s:g} produced no request; raise --rps (the peak rate) "
+                        "or --duration-s")
     return all_t[order], [labels[i] for i in order]
 
 
@@ -227,10 +249,3 @@ def _record(spec: TraceSpec, t_ms: float, category: str, u: float,
                        output_length=int(spec.output_len), prompt=prompt.text,
                        slo_ratio=spec.slo_ratio(category), category=category)
 
-
-def category_counts(records: Sequence[TraceRecord]) -> dict[str, int]:
-    counts = {name: 0 for name in CATEGORY_ORDER}
-    for r in records:
-        key = r.category or slo.category_of(r.slo_ratio)
-        counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -37,7 +37,6 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +46,9 @@ from pathlib import Path
 import numpy as np
 
 from adaserve.core import slo
-from adaserve.core.files import atomic_write_text
-from adaserve.core.trace import load_trace
+from adaserve.core.errors import UserError
+from adaserve.core.files import atomic_write_text, cache_dir
+from adaserve.core.trace import TraceError, load_trace
 from adaserve.workload import tokens
 from adaserve.workload.tokens import (estimate_tokens, features, non_ascii_count,
                                        tokens_from_features)
@@ -77,7 +77,7 @@ _PART_FEATURES = np.array([0.0, 0.0, 0.0, -1.0])
 _SEPARATOR_FEATURES = np.array([1.0, 0.0, 0.0, -1.0])
 
 
-class PoolError(ValueError):
+class PoolError(UserError):
     """A prompt pool that cannot be built; the message says why and what to do."""
 
 
@@ -137,7 +137,7 @@ def trace_pool(path: str) -> PromptPool:
     """Distinct prompts of a trace file by category, in order of first appearance."""
     try:
         records = load_trace(path)
-    except ValueError as e:
+    except TraceError as e:
         raise PoolError(f"--pool trace:{path}: {e}") from e
     seen: dict[str, tuple[str, int]] = {}
     for r in records:
@@ -338,14 +338,6 @@ def _build_offline_pool(sharegpt: Path, mtbench: Path | None,
 
 
 # ------------------------------------------------------------------------------ on-disk cache
-
-def cache_dir() -> Path:
-    """``$ADASERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/adaserve``, else ``~/.cache/adaserve``."""
-    if os.environ.get("ADASERVE_CACHE_DIR"):
-        return Path(os.environ["ADASERVE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "adaserve"
-
 
 def _cache_key(sharegpt: Path, mtbench: Path | None, limit: int | None) -> str:
     """Changes whenever the pool could: this module, the estimator, the data files, the limit."""

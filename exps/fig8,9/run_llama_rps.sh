@@ -3,4 +3,6 @@
 # Variables as in the artifact's README (see `adaserve exp --help`); all logic is in `adaserve exp`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec "${ADASERVE_BIN:-.venv/bin/adaserve}" exp fig8,9 llama
+bin="${ADASERVE_BIN:-.venv/bin/adaserve}"
+command -v "$bin" >/dev/null || { echo "$0: $bin not found: run \`make venv\` first" >&2; exit 127; }
+exec "$bin" exp fig8,9 llama "$@"

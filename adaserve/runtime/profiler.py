@@ -12,7 +12,8 @@ long contexts cost nothing to set up.
   sequences of ``DRAFT_CONTEXT`` tokens each (model drafter), or one n-gram expansion of ``tokens``
   frontier nodes (n-gram drafter: CPU time of the lookups).
 * ``prefill``: one prompt chunk of ``tokens`` tokens of a single sequence.
-* ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens (SPEC §2).
+* ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens
+  (docs/definitions.md §1).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import torch
 from adaserve.core.profile import LatencyProfile, Limits, Table
 from adaserve.scheduling.plan import SpecShape
 
-from .batch import BatchBuilder
-from .drafters import NgramDrafter
-from .model import Transformer
-from .sequence import SeqState
+from adaserve.core.progress import progress as progress_bar
+from adaserve.engine.batch import BatchBuilder
+from adaserve.engine.drafters import NgramDrafter
+from adaserve.engine.kv_cache import BLOCK_SIZE
+from adaserve.engine.model import Transformer
+from adaserve.engine.sequence import SeqState
 
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 CONTEXT_POINTS = (0, 1024, 4096, 8192, 16384, 32768)
@@ -40,7 +43,6 @@ PREFILL_POINTS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 CONTEXT_SEQS = 8
 BASELINE_CONTEXT = 128
 DRAFT_CONTEXT = 64  # per sequence, for draft-model steps
-BLOCK = 16
 
 
 @dataclass
@@ -87,7 +89,7 @@ class StepBench:
 
     def __init__(self, model: Transformer, max_tokens: int, seed: int = 0):
         self.model = model
-        self.cache = model.make_cache(max_tokens // BLOCK + 256, BLOCK)
+        self.cache = model.make_cache(max_tokens // BLOCK_SIZE + 256, BLOCK_SIZE)
         self.device = model.lm_head.weight.device
         self.rng = np.random.default_rng(seed)
         self.vocab = model.config.vocab_size
@@ -183,7 +185,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, hardware: str) -> LatencyProfile:
+def measured_with(model: Transformer) -> dict:
+    """What a measured profile depends on besides the model: checked when a profile is reused."""
+    w = model.lm_head.weight
+    return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
+            "torch": torch.__version__}
+
+
+def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer) -> LatencyProfile:
     """The profile from measured points (keys as yielded by ``measure``)."""
     f = np.array([points[f"verify:{t}"] for t in grid.tokens])
     g = np.array([points[f"context:{c}"] for c in grid.contexts])
@@ -193,26 +203,20 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, ha
     draft = Table(np.array(grid.draft, float), np.array([points[f"draft:{t}"] for t in grid.draft]))
     prefill = Table(np.array(grid.prefill, float), np.array([points[f"prefill:{t}"] for t in grid.prefill]))
     return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill,
-                          baseline_ms=round(points["baseline"], 3), source="measured", hardware=hardware,
-                          limits=limits)
+                          baseline_ms=round(points["baseline"], 3), source="measured",
+                          hardware=hardware_string(model), limits=limits, measured_with=measured_with(model))
 
 
 def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
                     draft: Transformer | None = None, progress: bool = False) -> LatencyProfile:
     total = 1 + len(grid.tokens) + len(grid.contexts) + len(grid.prefill) + len(grid.draft)
     points = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=f"profiling {name}", unit="pt")
-    for label, ms in measure(model, limits, grid, draft):
-        points[label] = ms
-        if bar is not None:
+    with progress_bar(total, f"profiling {name}", "pt", enabled=progress) as bar:
+        for label, ms in measure(model, limits, grid, draft):
+            points[label] = ms
             bar.set_postfix_str(f"{label} {ms:.1f} ms")
             bar.update()
-    if bar is not None:
-        bar.close()
-    return assemble(name, points, grid, limits, hardware_string(model))
+    return assemble(name, points, grid, limits, model)
 
 
 # ---- the quick profile of `adaserve run` / `adaserve serve` without --profile ----------------------
@@ -235,20 +239,14 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
         raise ValueError(f"passes must be >= 1, got {passes}")
     grid = Grid.for_limits(limits, repeat=1, quick=True)
     total = passes * (1 + len(grid.tokens) + len(grid.contexts) + len(grid.prefill) + len(grid.draft))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=f"profiling {name} (quick)", unit="pt")
     best: dict[str, float] = {}
-    for _ in range(passes):
-        for label, ms in measure(model, limits, grid, draft):
-            best[label] = min(ms, best.get(label, float("inf")))
-            if bar is not None:
+    with progress_bar(total, f"profiling {name} (quick)", "pt", enabled=progress) as bar:
+        for _ in range(passes):
+            for label, ms in measure(model, limits, grid, draft):
+                best[label] = min(ms, best.get(label, float("inf")))
                 bar.set_postfix_str(f"{label} {ms:.1f} ms")
                 bar.update()
-    if bar is not None:
-        bar.close()
-    return assemble(name, monotone_points(best), grid, limits, hardware_string(model))
+    return assemble(name, monotone_points(best), grid, limits, model)
 
 
 def monotone_points(points: dict[str, float]) -> dict[str, float]:

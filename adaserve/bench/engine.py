@@ -1,5 +1,5 @@
 """Engine speed: ``adaserve bench engine [--model smollm2-135m] [--threads N] [--device cuda] [--json]``
-(also ``python -m adaserve.engine.benchmark``). A benchmark script, not a test: it prints numbers.
+A benchmark script, not a test: it prints numbers.
 
 (a) **Engine overhead.** ``N`` requests decode through the real ``ServingLoop`` and ``TorchExecutor``;
 every timed step is one full ``TorchExecutor.execute`` with the loop's own plan (batch building, KV
@@ -12,8 +12,10 @@ adaserve policy selecting nodes of full beam-search candidate trees from ``Bench
 continuations first, random fillers after; the prompts repeat a random 16-token pattern, so paths
 are accepted and ``KVCache.commit`` moves KV as in real serving).
 
-(b) **Tokens/s of greedy generation** at batch 1 and 16 with the same prompts (the shared fig8,9
-trace's, cut to ``--prompt-len`` tokens, or random tokens) and the same number of new tokens (EOS
+(b) **Tokens/s of greedy generation** at batch 1 and 16 with the same prompts (``--trace``'s, else
+the first prompts of the generated RPS-4.8 trace drawn from the offline prompt pool that ships with
+the package's dependencies — the mix of ``make reproduce`` — cut to ``--prompt-len`` tokens; the
+source is printed) and the same number of new tokens (EOS
 ignored): our engine end to end (``ServingLoop`` + ``TorchExecutor``: ``vllm`` without
 speculation, ``adaserve`` with the n-gram drafter) vs transformers' ``generate`` on the same weights
 (the same dtype, SDPA attention, batch 16 left-padded). Tokens/s = generated tokens / wall time
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,24 +36,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaserve.core.profile import LatencyProfile, Limits
+from adaserve.config import EngineConfig
+from adaserve.core.errors import UserError
+from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
+from adaserve.engine.drafters import RECORD_K, NgramDrafter, TreeSet
+from adaserve.engine.executor import TorchExecutor
+from adaserve.engine.kv_cache import BLOCK_SIZE
+from adaserve.engine.model import Transformer
+from adaserve.engine.sequence import SeqState
 from adaserve.iteration import ServingLoop
-from adaserve.scheduling.plan import SpecShape
+from adaserve.runtime.build import load_models
+from adaserve.runtime.profiler import hardware_string, quick_profile
 from adaserve.scheduling.policies import make_policy
 
-from .drafters import RECORD_K, NgramDrafter, TreeSet
-from .executor import TorchExecutor
-from .model import Transformer
-from .profiler import Grid, hardware_string, measure_profile
-from .sequence import SeqState
-
-SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "fig8,9" / "emission_rps2.4_ol256.json"
-BLOCK = 16
 OVERHEAD_TARGET = 1.15
 BENCH_SLO_FACTOR = 1.5  # SLO of the benchmark's requests: 1.5 x the profile's baseline decode latency
-CPU_LIMITS = Limits(max_batch_requests=16, max_batch_tokens=256, prefill_chunk=256, max_seq_len=2048)
-GPU_LIMITS = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
+DEFAULT_PROMPTS = "generated RPS-4.8 trace, offline prompt pool"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -118,33 +118,27 @@ def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: in
     return out
 
 
-def trace_prompts(tokenizer, n: int, max_len: int, vocab: int, trace: str | Path | None = None,
-                  seed: int = 0) -> tuple[list[list[int]], str]:
-    """The first ``n`` prompts of the shared fig8,9 trace tokenized and cut to ``max_len`` tokens,
-    or random tokens when there is no trace or tokenizer."""
-    path = Path(trace) if trace else SHARED_TRACE
-    if tokenizer is not None and path.is_file():
-        from adaserve.core.trace import load_trace
+def trace_prompts(tokenizer, n: int, max_len: int, trace: str | Path | None = None) -> tuple[list[list[int]], str]:
+    """The first ``n`` prompts of ``trace`` (else of the generated RPS-4.8 trace, whose prompts come
+    from the offline pool), tokenized and cut to ``max_len`` tokens, and where they came from.
+    Never random tokens: they make the n-gram drafter look several times better than on text."""
+    from adaserve.core.trace import load_trace
+    from adaserve.workload.generate import generate_trace
+    from adaserve.workload.prompts import PoolError
 
-        records = load_trace(path)[:n]
-        prompts = [list(tokenizer(r.prompt).input_ids)[:max_len] for r in records]
-        if len(prompts) == n and all(prompts):
-            return prompts, f"{path.name} (first {n} prompts, <= {max_len} tokens)"
-    rng = np.random.default_rng(seed)
-    lens = rng.integers(max(1, max_len // 2), max_len + 1, n)
-    return [rng.integers(3, vocab, int(k)).tolist() for k in lens], f"random tokens ({max_len // 2}-{max_len})"
-
-
-def default_limits(device: str | torch.device) -> Limits:
-    return replace(GPU_LIMITS if torch.device(device).type == "cuda" else CPU_LIMITS)
-
-
-def quick_profile(model: Transformer, limits: Limits, repeat: int = 3) -> LatencyProfile:
-    """A small measured profile for the policies' predictions (a few seconds on SmolLM2)."""
-    top = limits.max_batch_tokens
-    grid = Grid(tokens=sorted({1, 4, 16, 64, top}), contexts=[0, 4096], prefill=sorted({64, limits.prefill_chunk}),
-                draft=[1, 16, 64], repeat=repeat)
-    return measure_profile("bench", model, limits, grid)
+    if trace is not None:
+        records, source = load_trace(trace)[:n], f"{Path(trace).name}"
+    else:
+        try:
+            records, source = generate_trace("rps", rps=4.8, seed=0)[:n], DEFAULT_PROMPTS
+        except PoolError as e:
+            raise UserError(f"bench engine needs prompts: {e}; or pass --trace FILE") from None
+    if len(records) < n:
+        raise UserError(f"{source}: {len(records)} prompts, the benchmark needs {n}")
+    prompts = [list(tokenizer(r.prompt).input_ids)[:max_len] for r in records]
+    if not all(prompts):
+        raise UserError(f"{source}: an empty prompt among the first {n}")
+    return prompts, f"{source} (first {n} prompts, <= {max_len} tokens)"
 
 
 def make_requests(prompts: Sequence[Sequence[int]], new_tokens: int, baseline_ms: float) -> list[Request]:
@@ -155,9 +149,9 @@ def make_requests(prompts: Sequence[Sequence[int]], new_tokens: int, baseline_ms
 
 def make_executor(model, profile: LatencyProfile, drafter, prompts: Sequence[Sequence[int]],
                   new_tokens: int) -> TorchExecutor:
-    per_seq = -(-(max(len(p) for p in prompts) + new_tokens + 128) // BLOCK) + 2
+    per_seq = -(-(max(len(p) for p in prompts) + new_tokens + 128) // BLOCK_SIZE) + 2
     blocks = len(prompts) * per_seq + profile.limits.max_batch_requests  # the executor keeps one per slot
-    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, block_size=BLOCK, ignore_eos=True)
+    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, block_size=BLOCK_SIZE, ignore_eos=True)
     ex.set_prompts({i: p for i, p in enumerate(prompts)})
     return ex
 
@@ -330,10 +324,7 @@ def _gen(system, n, new_tokens, walls) -> GenResult:
 
 @dataclass
 class BenchConfig:
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = 1
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig("smollm2-135m"))
     batches: tuple[int, ...] = (1, 16)
     context: int = 128  # prompt tokens per request in the overhead steps
     steps: int = 12  # timed engine steps per overhead case
@@ -347,26 +338,17 @@ class BenchConfig:
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
-    from .builder import resolve_model
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dtype = getattr(torch, cfg.dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; use float32, float16 or bfloat16")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     say = log or (lambda s: None)
+    ec = replace(cfg.engine, max_num_seqs=max(cfg.engine.max_num_seqs or 0, *cfg.batches)).validate()
     t_load = time.perf_counter()
-    model, tokenizer = resolve_model(cfg.model, dtype, cfg.device)
-    say(f"loaded {cfg.model} in {time.perf_counter() - t_load:.1f} s")
-    limits = default_limits(cfg.device)
-    limits = replace(limits, max_batch_requests=max(limits.max_batch_requests, *cfg.batches))
+    model, tokenizer, _ = load_models(ec)
+    say(f"loaded {ec.model} in {time.perf_counter() - t_load:.1f} s")
+    limits = ec.apply_limits(ec.default_limits(), model.config.max_position_embeddings)
     t0 = time.perf_counter()
-    profile = quick_profile(model, limits)
+    profile = quick_profile("bench", model, limits)
     say(f"quick profile in {time.perf_counter() - t0:.1f} s (baseline {profile.decode_baseline_ms:.1f} ms)")
-    out = {"model": cfg.model, "hardware": hardware_string(model), "threads": torch.get_num_threads(),
-           "device": cfg.device, "dtype": cfg.dtype, "config": asdict(cfg),
+    out = {"model": ec.model, "hardware": hardware_string(model), "threads": torch.get_num_threads(),
+           "device": ec.device, "dtype": ec.dtype_name, "config": asdict(cfg),
            "baseline_ms": round(profile.decode_baseline_ms, 3), "overhead": [], "generation": []}
     if cfg.overhead:
         for mode in ("incremental", "tree"):
@@ -376,8 +358,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
                 out["overhead"].append(_rounded(asdict(r)))
     if cfg.generation:
         hf = hf_twin(model) if cfg.hf else None
-        prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, model.config.vocab_size,
-                                            cfg.trace)
+        prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, cfg.trace)
+        say(f"prompts: {source}")
         out["prompts"] = source
         for n in cfg.batches:
             for r in tokens_per_second(model, profile, prompts_all[:n], cfg.new_tokens, cfg.repeat, hf):
@@ -411,41 +393,28 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     try:
         batches = tuple(int(x) for x in str(args.batches).split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
-    for name in ("threads", "context", "steps", "prompt_len", "new_tokens", "repeat"):
+        raise UserError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    for name in ("context", "steps", "prompt_len", "new_tokens", "repeat"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if not batches or min(batches) < 1:
-        raise ValueError(f"--batches must be positive integers, got {args.batches!r}")
-    cuda = str(args.device).startswith("cuda")
-    return BenchConfig(model=args.model, device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
-                       threads=args.threads, batches=batches, context=args.context, steps=args.steps,
-                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeat=args.repeat, trace=args.trace,
-                       hf=not args.no_hf, overhead=args.only in (None, "overhead"),
-                       generation=args.only in (None, "generation"))
+        raise UserError(f"--batches must be positive integers, got {args.batches!r}")
+    return BenchConfig(engine=EngineConfig.from_args(args), batches=batches, context=args.context,
+                       steps=args.steps, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       repeat=args.repeat, trace=args.trace, hf=not args.no_hf,
+                       overhead=args.only in (None, "overhead"), generation=args.only in (None, "generation"))
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     log = None if args.json else print
+    ec = cfg.engine
     if log:
-        print(f"adaserve bench engine: {cfg.model}, {cfg.dtype}, {cfg.device}, threads {cfg.threads}")
+        print(f"adaserve bench engine: {ec.model}, {ec.dtype_name}, {ec.device}, threads {ec.threads}")
     result = run_benchmark(cfg, log)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"hardware: {result['hardware']}")
     return 0
-
-
-def main(argv=None) -> int:
-    from adaserve.cli.bench_cmd import add_engine_options
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_options(ap)
-    return run_cli(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
