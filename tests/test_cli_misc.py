@@ -162,9 +162,6 @@ def test_is_user_error():
         assert not cli._is_user_error(exc)
 
 
-@pytest.mark.xfail(cli.PLAIN_VALUE_ERROR_IS_USER_ERROR, strict=True,
-                   reason="plain ValueError is still printed as a user error until every raise "
-                          "site for user input raises UserError (see adaserve/cli/__init__.py)")
 def test_an_internal_value_error_keeps_its_traceback(failing_command):
     failing_command.append(ValueError("an internal invariant broke"))
     assert not cli._is_user_error(failing_command[0])

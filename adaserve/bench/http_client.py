@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from adaserve.core.errors import UserError
 from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress
 from adaserve.core.request import Phase, Request
@@ -208,10 +209,10 @@ def _fail(r: Request, out: Outcome, message: str) -> None:
 async def _model_name(client: httpx.AsyncClient) -> str:
     resp = await client.get("/v1/models")
     if resp.status_code != 200:
-        raise ValueError(f"GET /v1/models: {_error_text(resp.status_code, resp.content)[0]}; pass --model")
+        raise UserError(f"GET /v1/models: {_error_text(resp.status_code, resp.content)[0]}; pass --model")
     data = resp.json().get("data") or []
     if not data:
-        raise ValueError("GET /v1/models lists no model; pass --model")
+        raise UserError("GET /v1/models lists no model; pass --model")
     return str(data[0]["id"])
 
 
@@ -237,7 +238,7 @@ async def replay(records: Sequence[TraceRecord], cfg: BenchConfig) -> tuple[list
         try:
             model = cfg.model or await _model_name(client)
         except httpx.HTTPError as e:
-            raise ValueError(f"cannot reach {cfg.base_url}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot reach {cfg.base_url}: {type(e).__name__}: {e}") from None
         server_baseline = await _server_baseline(client)
         if server_baseline is not None and not math.isclose(server_baseline, cfg.baseline_ms, rel_tol=0.01):
             print(f"adaserve bench: warning: the server schedules relative SLOs with baseline {server_baseline:g} ms, "
@@ -256,11 +257,11 @@ async def replay(records: Sequence[TraceRecord], cfg: BenchConfig) -> tuple[list
 def run_bench(trace: str | Path, out: str | Path, cfg: BenchConfig) -> tuple[Path, Path, dict]:
     """Replay ``trace`` and write ``OUT.txt`` / ``OUT.json``; returns their paths and the summary."""
     if not (cfg.baseline_ms > 0 and math.isfinite(cfg.baseline_ms)):
-        raise ValueError(f"--baseline-ms must be a positive number, got {cfg.baseline_ms}")
+        raise UserError(f"--baseline-ms must be a positive number, got {cfg.baseline_ms}")
     if not cfg.base_url.startswith(("http://", "https://")):
-        raise ValueError(f"--endpoint must be an http(s):// URL, got {cfg.endpoint!r}")
+        raise UserError(f"--endpoint must be an http(s):// URL, got {cfg.endpoint!r}")
     if not (cfg.time_scale > 0 and math.isfinite(cfg.time_scale)):
-        raise ValueError(f"--time-scale must be a positive number, got {cfg.time_scale}")
+        raise UserError(f"--time-scale must be a positive number, got {cfg.time_scale}")
     records = prepare_records(load_trace(trace), baseline_ms=cfg.baseline_ms, scale_slos=cfg.scale_slos,
                               max_requests=cfg.max_requests, time_scale=cfg.time_scale,
                               output_len_cap=cfg.output_len_cap)

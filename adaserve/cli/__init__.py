@@ -40,17 +40,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # unreadable or directory path is the user's to fix.
 _USER_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
-# TODO(lead): set to False once the engine/server/harness raise sites raise UserError: then a plain
-# ValueError is an internal bug and keeps its traceback (tests/test_cli_misc.py has the xfail that
-# flips with it).
-PLAIN_VALUE_ERROR_IS_USER_ERROR = True
-
-
 def _is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the user's mistake (printed short) rather than a bug (traceback)."""
-    if isinstance(exc, (UserError, *_USER_PATH_ERRORS)):
-        return True
-    return PLAIN_VALUE_ERROR_IS_USER_ERROR and isinstance(exc, ValueError)
+    return isinstance(exc, (UserError, *_USER_PATH_ERRORS))
 
 
 def _user_error_text(exc: BaseException) -> str:

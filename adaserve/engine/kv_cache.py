@@ -12,9 +12,11 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from adaserve.scheduling.admission import BLOCK_SIZE
+
 from .config import ModelConfig
 
-BLOCK_SIZE = 16  # tokens per KV block, everywhere in the engine
+__all__ = ["BLOCK_SIZE", "BlockAllocator", "KVCache", "OutOfBlocks"]
 
 
 class OutOfBlocks(RuntimeError):

@@ -7,6 +7,7 @@ candidate trees, a ``Selection`` of the nodes to verify.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from adaserve.core.request import Request
 from adaserve.scheduling.admission import chunked_prefill, whole_prefill
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
 from adaserve.scheduling.selection import (SortedCandidates, choose_budget, select, select_equal,
-                                           slo_budget)
+                                           slo_wants)
 from adaserve.scheduling.speculation import SpecParams, spec_params_for
 from adaserve.scheduling.trees import CandidateForest
 
@@ -50,10 +51,17 @@ def draft_phase_ms(view: IterationView, shape: SpecShape, n: int) -> float:
 
 def needed_tokens(requests: list[Request], now_ms: float, t_iter_ms: float) -> np.ndarray:
     """A(r) for every request, vectorized (best-effort requests get <= 0)."""
+    return need_function(requests, now_ms)(t_iter_ms)
+
+
+def need_function(requests: list[Request], now_ms: float) -> Callable[[float], np.ndarray]:
+    """A(r) for every request as a function of the predicted iteration time (the requests' state
+    is read once, however many budgets are tried)."""
     t0 = np.fromiter((r.first_decode_ms for r in requests), np.float64, len(requests))
     slo = np.fromiter((r.slo_ms for r in requests), np.float64, len(requests))
     done = np.fromiter((r.generated for r in requests), np.float64, len(requests))
-    return (now_ms - t0 + t_iter_ms) / slo - done
+    elapsed = now_ms - t0
+    return lambda t_iter_ms: (elapsed + t_iter_ms) / slo - done
 
 
 def select_all(forest: CandidateForest, predicted_ms: float) -> Selection:
@@ -130,15 +138,20 @@ class AdaServe(_Base):
         if self.mode == "equal":
             return Selection(select_equal(forest, sc, budget), budget, float(predict(budget)))
         cap = np.full(n, shape.depth + 1, np.float64)
-        need = needed_tokens(decode, view.now_ms, float(predict(budget)))
+        need_at = need_function(decode, view.now_ms)
+        need = need_at(float(predict(budget)))
         n_max = self.config.spec.n_max(budget, n)
+        want = None
         if self.mode == "adaserve":
-            wanted = slo_budget(sc, need, cap, n_max)
+            want = slo_wants(sc, need, cap, n_max)
+            wanted = n + int(want.sum())
             if wanted > budget:  # spend more this iteration so every request stays on track
                 budget = min(wanted, max_budget)
-                need = needed_tokens(decode, view.now_ms, float(predict(budget)))
+                need = need_at(float(predict(budget)))
                 n_max = self.config.spec.n_max(budget, n)
-        mask = select(forest, sc, budget, need, cap, n_max, slo_phase=self.mode == "adaserve")
+                want = None
+        mask = select(forest, sc, budget, need, cap, n_max, slo_phase=self.mode == "adaserve",
+                      want=want)
         return Selection(mask, budget, float(predict(budget)))
 
 

@@ -67,7 +67,7 @@ class SortedCandidates:
         pos = np.searchsorted(self.cumprob, base + (target - 1.0) - 1e-12, side="left")
         k = pos - self.start + 1
         k = np.where(target <= 1.0, 0, k)
-        return np.clip(k, 0, self.length)
+        return np.minimum(np.maximum(k, 0), self.length)  # np.clip, without its call overhead
 
     def expected_tokens(self, max_extra: int) -> np.ndarray:
         """Σ of the ``j`` globally best non-root f̂, for j = 0..max_extra (E[accepted] gained)."""
@@ -75,11 +75,13 @@ class SortedCandidates:
 
 
 def select(forest: CandidateForest, sorted_c: SortedCandidates, budget: int, need: np.ndarray,
-           cap: np.ndarray, n_max: int, slo_phase: bool = True) -> np.ndarray:
+           cap: np.ndarray, n_max: int, slo_phase: bool = True,
+           want: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask of the nodes to verify.
 
     ``need``: A(r) per request (visiting order, descending); ``cap``: d + 1 per request (or any
-    upper bound on A); ``budget`` counts roots, which are always verified.
+    upper bound on A); ``budget`` counts roots, which are always verified; ``want``:
+    ``slo_wants(sorted_c, need, cap, n_max)`` if the caller has it already.
     """
     n = forest.n_requests
     selected = np.zeros(forest.n_nodes, bool)
@@ -89,11 +91,11 @@ def select(forest: CandidateForest, sorted_c: SortedCandidates, budget: int, nee
         return selected
     take = np.zeros(n, np.int64)
     if slo_phase:
-        a_cap = np.minimum(need, cap)
-        want = np.minimum(sorted_c.prefix_to_reach(a_cap), max(n_max - 1, 0))
+        if want is None:
+            want = slo_wants(sorted_c, need, cap, n_max)
         visit = np.argsort(-need, kind="stable")
         before = np.concatenate(([0], np.cumsum(want[visit])[:-1]))
-        take[visit] = np.clip(remaining - before, 0, want[visit])
+        take[visit] = np.minimum(np.maximum(remaining - before, 0), want[visit])
         remaining -= int(take.sum())
     taken = sorted_c.rank < take[sorted_c.owner]
     selected[sorted_c.order[taken]] = True
@@ -131,7 +133,12 @@ def choose_budget(sorted_c: SortedCandidates, n: int, max_budget: int, step_ms) 
     return int(budgets[int(np.argmax(rate))])
 
 
+def slo_wants(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_max: int) -> np.ndarray:
+    """Per request: the candidates the SLO phase gives it with an unlimited budget (the shortest
+    best-first prefix reaching ``A_cap = min(A, cap)``, at most ``n_max - 1``)."""
+    return np.minimum(sorted_c.prefix_to_reach(np.minimum(need, cap)), max(n_max - 1, 0))
+
+
 def slo_budget(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_max: int) -> int:
     """Tokens (roots included) the SLO phase would use with an unlimited budget."""
-    want = np.minimum(sorted_c.prefix_to_reach(np.minimum(need, cap)), max(n_max - 1, 0))
-    return int(len(need) + want.sum())
+    return int(len(need) + slo_wants(sorted_c, need, cap, n_max).sum())

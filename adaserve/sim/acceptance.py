@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from adaserve.core.errors import UserError
 from adaserve.core.request import Request
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
@@ -263,7 +264,7 @@ def mean_committed(model, shape: SpecShape, samples: int = 20000, seed: int = 0,
 
 # ------------------------------------------------------------------------------- recorded model
 
-class AcceptanceRecordError(ValueError):
+class AcceptanceRecordError(UserError):
     pass
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Table
 from adaserve.sim import roofline
 from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES, GPU_40G, GPU_80G, Family
@@ -102,5 +103,5 @@ def get_profile(name_or_path: str | Path) -> LatencyProfile:
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         return LatencyProfile.load(path)
-    raise ValueError(f"unknown latency profile {key!r}; built-in profiles: "
+    raise UserError(f"unknown latency profile {key!r}; built-in profiles: "
                      f"{', '.join(list_profiles())} (or a path to a JSON profile file)")

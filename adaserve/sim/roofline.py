@@ -28,6 +28,7 @@ from typing import IO
 
 import numpy as np
 
+from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits, Table
 from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES, GPU_80G
 
@@ -68,7 +69,7 @@ def get_gpu(gpu: GPUSpec | str) -> GPUSpec:
     try:
         return GPUS[gpu.lower()]
     except KeyError:
-        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}") from None
+        raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,9 +138,9 @@ class ModelShape:
             try:
                 cfg = json.loads(path.read_text())
             except FileNotFoundError:
-                raise ValueError(f"{path}: config.json not found") from None
+                raise UserError(f"{path}: config.json not found") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+                raise UserError(f"{path}: not valid JSON ({e})") from None
             where = str(path)
         cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model
         try:
@@ -157,7 +158,7 @@ class ModelShape:
                 head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: not a decoder-only transformer config ({e!r})") from None
+            raise UserError(f"{where}: not a decoder-only transformer config ({e!r})") from None
         return shape
 
 
@@ -185,7 +186,7 @@ def get_model(model: ModelShape | str | Path) -> ModelShape:
         return MODELS[str(model).lower()]
     if Path(model).exists():
         return ModelShape.from_hf_config(model)
-    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)} (or a config.json path)")
+    raise UserError(f"unknown model {model!r}; known: {', '.join(MODELS)} (or a config.json path)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def kv_capacity_tokens(model: ModelShape | str, gpu: GPUSpec | str, tp: int,
         free -= d.weight_bytes / draft_tp
         per_token += d.kv_bytes_per_token(draft_tp)
     if free <= 0:
-        raise ValueError(f"{m.name} does not fit on {tp}x {g.name} "
+        raise UserError(f"{m.name} does not fit on {tp}x {g.name} "
                          f"({m.weight_bytes / GB:.1f} GB of weights)")
     return int(free // per_token)
 
