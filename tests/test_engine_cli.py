@@ -133,6 +133,7 @@ def test_quick_profile_tables_never_decrease():
     limits = sized_limits(cfg, cfg.default_limits(), model, None)
     p = quick_profile("tiny", model, limits, passes=2)
     assert p.source == "measured" and p.baseline_ms > 0
+    assert p.family == "llama" and p.measured_with["threads"] == 1  # picks the speculation constants
     for table in (p.verify, p.prefill, p.draft):
         assert np.all(np.diff(table.ms) >= 0), table.ms
     assert np.all(np.diff(p.verify.ms_by_context, axis=1) >= 0) and np.all(np.diff(p.verify.ms_by_context, axis=0) >= 0)

@@ -204,7 +204,8 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
     prefill = Table(np.array(grid.prefill, float), np.array([points[f"prefill:{t}"] for t in grid.prefill]))
     return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill,
                           baseline_ms=round(points["baseline"], 3), source="measured",
-                          hardware=hardware_string(model), limits=limits, measured_with=measured_with(model))
+                          hardware=hardware_string(model), limits=limits, measured_with=measured_with(model),
+                          family=model.config.family)
 
 
 def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,

@@ -9,7 +9,7 @@ written by ``core.results``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +19,7 @@ from adaserve.core.errors import UserError
 from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress as progress_bar
 from adaserve.core.request import Request
-from adaserve.core.slo import category_of, hardware_scaled
-from adaserve.core.trace import TraceRecord, load_trace, to_requests
+from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.recorder import AcceptanceRecorder
 from adaserve.iteration import ServingLoop
@@ -68,17 +67,6 @@ class EngineResult:
     meta: dict = field(default_factory=dict)
 
 
-def prepare_records(records: list[TraceRecord], cfg: RunConfig, baseline_ms: float) -> list[TraceRecord]:
-    """First ``max_requests`` records, output lengths capped, arrivals stretched, SLOs scaled
-    (categories keep the names of their unscaled SLOs)."""
-    out = records[: cfg.max_requests] if cfg.max_requests else list(records)
-    return [replace(r, emission_time_ms=r.emission_time_ms * cfg.time_scale,
-                    output_length=min(r.output_length, cfg.output_len_cap or r.output_length),
-                    slo_ratio=hardware_scaled(r.slo_ratio, baseline_ms) if cfg.scale_slos else r.slo_ratio,
-                    category=category_of(r.slo_ratio, r.category))
-            for r in out]
-
-
 def tokenize(tokenizer, records: list[TraceRecord], chat_template: bool) -> list[list[int]]:
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -97,7 +85,9 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
         eng = build_engine(cfg.engine, baseline_ms=cfg.baseline_ms, temperature=cfg.temperature, seed=cfg.seed,
                            ignore_eos=cfg.ignore_eos, recorder=recorder, say=say or (lambda s: None),
                            progress=cfg.progress)
-        records = prepare_records(load_trace(cfg.trace), cfg, eng.baseline_ms)
+        records = prepare_records(load_trace(cfg.trace), baseline_ms=eng.baseline_ms, scale_slos=cfg.scale_slos,
+                                  max_requests=cfg.max_requests, time_scale=cfg.time_scale,
+                                  output_len_cap=cfg.output_len_cap)
         prompts = tokenize(eng.tokenizer, records, cfg.chat_template)
         requests = to_requests(records, eng.baseline_ms, input_lengths=[len(p) for p in prompts])
         eng.executor.set_prompts({r.rid: p for r, p in zip(requests, prompts)})
