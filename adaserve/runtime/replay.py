@@ -79,13 +79,13 @@ def tokenize(tokenizer, records: list[TraceRecord], chat_template: bool) -> list
 
 def run_engine(cfg: RunConfig, say=None) -> EngineResult:
     cfg.validate()
-    load_trace(cfg.trace)  # a bad trace fails before the model loads
+    trace = load_trace(cfg.trace)  # read once; a bad trace fails before the model loads
     recorder = AcceptanceRecorder(cfg.record_acceptance) if cfg.record_acceptance else None
     try:
         eng = build_engine(cfg.engine, baseline_ms=cfg.baseline_ms, temperature=cfg.temperature, seed=cfg.seed,
                            ignore_eos=cfg.ignore_eos, recorder=recorder, say=say or (lambda s: None),
                            progress=cfg.progress)
-        records = prepare_records(load_trace(cfg.trace), baseline_ms=eng.baseline_ms, scale_slos=cfg.scale_slos,
+        records = prepare_records(trace, baseline_ms=eng.baseline_ms, scale_slos=cfg.scale_slos,
                                   max_requests=cfg.max_requests, time_scale=cfg.time_scale,
                                   output_len_cap=cfg.output_len_cap)
         prompts = tokenize(eng.tokenizer, records, cfg.chat_template)
