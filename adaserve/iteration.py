@@ -37,6 +37,7 @@ class StepOutput:
     prefill_eos: list[bool] = field(default_factory=list)  # per prefill chunk that completed a prompt
     tokens: list[list[int]] | None = None        # per decoding request: the committed token ids
     first_tokens: list[int] | None = None        # per prefill chunk that completed a prompt: its token
+    failed: dict[int, str] = field(default_factory=dict)  # rid -> why its own step failed (it ends)
 
 
 class Executor(Protocol):
@@ -201,7 +202,7 @@ class ServingLoop:
                 r.token_times_ms.append(now)
                 self.running.append(r)
                 self._notify(r, [next(first, None)])
-                self._maybe_finish(r, bool(next(completed, False)))
+                self._maybe_finish(r, bool(next(completed, False)), out.failed.get(r.rid))
         committed, eos = np.asarray(out.committed).tolist(), np.asarray(out.eos, bool).tolist()
         for i, r in enumerate(plan.decode):
             c = committed[i]
@@ -210,13 +211,15 @@ class ServingLoop:
             r.token_times_ms.extend([now] * c)
             if self.on_commit is not None:
                 self._notify(r, out.tokens[i] if out.tokens is not None else [None] * c)
-            self._maybe_finish(r, eos[i])
+            self._maybe_finish(r, eos[i], out.failed.get(r.rid))
         self.stats.committed_tokens += sum(committed)
         self.stats.request_steps += len(committed)
 
-    def _maybe_finish(self, r: Request, eos: bool) -> None:
+    def _maybe_finish(self, r: Request, eos: bool, error: str | None = None) -> None:
         max_seq = self.executor.latency.limits.max_seq_len
-        if eos:
+        if error is not None:
+            reason, r.error = "error", error
+        elif eos:
             reason = "eos"
         elif r.generated >= r.max_new_tokens:
             reason = "length"

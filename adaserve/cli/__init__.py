@@ -40,6 +40,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # unreadable or directory path is the user's to fix.
 _USER_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
+
 def _is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the user's mistake (printed short) rather than a bug (traceback)."""
     return isinstance(exc, (UserError, *_USER_PATH_ERRORS))

@@ -33,7 +33,8 @@ class Request:
     first_decode_ms: float | None = None  # prefill finished: t0 (docs/definitions.md §4)
     first_token_ms: float | None = None
     finish_ms: float | None = None
-    finish_reason: str | None = None    # "length", "eos", "max_seq_len", or a rejection reason
+    finish_reason: str | None = None    # "length", "eos", "max_seq_len", "error", or a rejection reason
+    error: str | None = None            # why the engine ended it (finish_reason "error")
     token_times_ms: list[float] = field(default_factory=list)  # time of each commit (for TPOT)
 
     @property

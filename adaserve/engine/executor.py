@@ -122,7 +122,6 @@ class TorchExecutor:
         self.options: dict[int, SamplingOptions] = {}  # options set for requests not started yet
         # requests whose own sampling raised (e.g. NaN probabilities): rid -> reason. Such a request
         # ends at that step (reported as EOS, nothing more committed); the others go on
-        self.failed: dict[int, str] = {}
         self._t0 = time.perf_counter()
 
     # ---- clock ----------------------------------------------------------------------------------
@@ -189,7 +188,6 @@ class TorchExecutor:
         self.outputs.pop(rid, None)
         self.prompts.pop(rid, None)
         self.options.pop(rid, None)
-        self.failed.pop(rid, None)
         self._free(rid)
 
     def _free(self, rid: int) -> None:
@@ -218,7 +216,8 @@ class TorchExecutor:
         step = self._build(prefill, seqs, trees)
         logits = self.model(step.batch, self.cache)
         greedy = logits.argmax(-1).tolist()  # the greedy requests' tokens (cheap next to the forward)
-        first, first_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy)
+        failed: dict[int, str] = {}  # requests whose own sampling failed: they alone end
+        first, first_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy, failed)
         committed = np.zeros(len(decode), np.int64)
         eos = np.zeros(len(decode), bool)
         tokens: list[list[int]] = []
@@ -227,7 +226,7 @@ class TorchExecutor:
             try:
                 path, out = self._walk(seq, tree, rows, logits, greedy)
             except Exception as e:  # this request's own sampling: it alone fails
-                self._fail(r, e)
+                failed[r.rid] = self._failure(r, e)
                 path, out = [], []
             else:
                 path, out = cut(path, out, int(max_commit[i]), seq.eos)
@@ -236,8 +235,8 @@ class TorchExecutor:
             self.cache.commit(seq.seq_id, path)
             seq.ids.extend(out)
             tokens.append(out)
-            committed[i], eos[i] = len(out), r.rid in self.failed or out[-1] in seq.eos
-        return StepOutput(committed, eos, first_eos, tokens, first)
+            committed[i], eos[i] = len(out), bool(out) and out[-1] in seq.eos
+        return StepOutput(committed, eos, first_eos, tokens, first, failed)
 
     def _build(self, prefill: list[tuple[Request, int]], seqs: list[SeqState], trees: list[Tree]) -> _Step:
         b = BatchBuilder(self.cache)
@@ -255,8 +254,8 @@ class TorchExecutor:
             raise
         return _Step(batch, prefill_rows, tree_rows)
 
-    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int]
-                      ) -> tuple[list[int], list[bool]]:
+    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int],
+                      failed: dict[int, str]) -> tuple[list[int], list[bool]]:
         """The token of every prompt-completing chunk, and whether each is EOS."""
         tokens, eos = [], []
         for (r, _), rr in zip(prefill, rows):
@@ -273,16 +272,18 @@ class TorchExecutor:
                 else:
                     tok = self._sample(logits[row], o)
             except Exception as e:  # this request's own sampling: it alone fails
-                self._fail(r, e)
+                failed[r.rid] = self._failure(r, e)
                 tok = greedy[row]  # the loop counts one first token; the request ends with it
             seq.ids.append(int(tok))
             tokens.append(int(tok))
-            eos.append(r.rid in self.failed or tok in seq.eos)
+            eos.append(tok in seq.eos)
         return tokens, eos
 
-    def _fail(self, r: Request, e: Exception) -> None:
-        self.failed[r.rid] = f"sampling failed for this request: {type(e).__name__}: {e}"
-        log.warning("request %d: %s; it ends here, the rest of the batch goes on", r.rid, self.failed[r.rid])
+    @staticmethod
+    def _failure(r: Request, e: Exception) -> str:
+        reason = f"sampling failed for this request: {type(e).__name__}: {e}"
+        log.warning("request %d: %s; it ends here, the rest of the batch goes on", r.rid, reason)
+        return reason
 
     @staticmethod
     def _probs(row: torch.Tensor, o: SamplingOptions) -> np.ndarray:

@@ -195,13 +195,12 @@ class EngineThread:
     def _finish_job(self, r: Request) -> None:
         # the request has left the loop and its tokens were streamed (on_commit): a long-running
         # server keeps nothing per request
-        failure = self.executor.failed.get(r.rid)  # its own sampling failed (TorchExecutor.failed)
         self.executor.forget(r.rid)
         job = self.jobs.pop(r.rid, None)
         if job is None:
             return
-        if failure is not None and job.error is None:
-            job.error = failure
+        if r.finish_reason == "error" and job.error is None:  # its own step failed (StepOutput.failed)
+            job.error = r.error
         if job.error is not None:
             self.metrics.request_failed(r)
             self._out.append((job, Failed(job.error)))
