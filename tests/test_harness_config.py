@@ -311,3 +311,17 @@ def test_reproduce_figures_use_the_registry(tmp_path):
     from adaserve.cli import main
     assert main(["reproduce", "--figures", "fig13", "--results", str(tmp_path / "r"),
                  "--no-progress"]) == 2
+
+
+def test_trace_dir_finds_the_artifacts_own_fig10_and_fig14_names(tmp_path):
+    """The artifact names fig10/fig14 traces unlike their results (``emission_rps4.0_prop0.2.json``,
+    ``emission_fluc_6m_peak4.0.json``): TRACE_DIR finds those too, as ``adaserve traces fetch``
+    installs them."""
+    from adaserve.harness.sweep import points, settings_from_env
+
+    for folder, name, env in (("fig10", "emission_rps4.0_prop0.2.json", {"PROP_MIN": "0.2", "PROP_MAX": "0.2"}),
+                              ("fig14", "emission_fluc_6m_peak4.0.json", {})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text("[]")
+        s = settings_from_env(folder, "llama", {"ADASERVE": "ON", "TRACE_DIR": str(tmp_path), **env})
+        assert [p.trace for p in points(s)] == [tmp_path / folder / name]

@@ -55,6 +55,17 @@ class Experiment:
             return "fluc"
         return f"rps3.6_ol{output_len}"
 
+    def artifact_trace_names(self, x: float | None, output_len: int) -> tuple[str, ...]:
+        """File names the artifact's trace of a point may have: ours (``emission_<point>.json``)
+        and, for fig10 and fig14, the artifact's own (``emission_rps4.0_prop0.2.json``,
+        ``emission_fluc_6m_peak4.0.json``), which differ from their results' point names."""
+        ours = f"emission_{self.point_name(x, output_len)}.json"
+        if self.kind == "prop":
+            return ours, f"emission_rps4.0_prop{x:.1f}.json"
+        if self.kind == "fluc":
+            return ours, "emission_fluc_6m_peak4.0.json"
+        return (ours,)
+
     @property
     def row_label(self) -> str:
         """Its row in the headline table: ``"8,9"``, ``"10"``..."""

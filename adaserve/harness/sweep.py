@@ -267,24 +267,25 @@ def points(s: Settings) -> list[Point]:
     for model in s.models:
         for x in s.xs[model]:
             name = spec.point_name(x, s.output_len)
-            trace = trace_path(s, name)
+            trace = trace_path(s, name, spec.artifact_trace_names(x, s.output_len))
             for system in s.systems:
                 out.append(Point(s.experiment, model, system, x, name, trace, s.output_len))
     return out
 
 
-def trace_path(s: Settings, point_name: str) -> Path:
-    """An artifact trace under TRACE_DIR (``emission_<point>.json``, directly or in
-    ``<experiment>/``), else the generated one under ``results/traces/<experiment>/`` (shared by
-    both models). A generated trace's file name carries every setting it is generated from that
-    the point name does not: ``_ol<N>`` for a non-default OUTPUT_LENGTH the name lacks (fig10,
-    fig14), ``_seed<N>`` for SEED other than 0."""
+def trace_path(s: Settings, point_name: str, artifact_names: tuple[str, ...] = ()) -> Path:
+    """An artifact trace under TRACE_DIR (any of ``artifact_names``, default
+    ``emission_<point>.json``, directly or in ``<experiment>/``), else the generated one under
+    ``results/traces/<experiment>/`` (shared by both models). A generated trace's file name carries
+    every setting it is generated from that the point name does not: ``_ol<N>`` for a non-default
+    OUTPUT_LENGTH the name lacks (fig10, fig14), ``_seed<N>`` for SEED other than 0."""
     if s.trace_dir is not None:
-        file = f"emission_{point_name}.json"
-        for cand in (s.trace_dir / file, s.trace_dir / s.experiment / file):
-            if cand.is_file():
-                return cand
-        return s.trace_dir / s.experiment / file
+        names = artifact_names or (f"emission_{point_name}.json",)
+        for file in names:
+            for cand in (s.trace_dir / file, s.trace_dir / s.experiment / file):
+                if cand.is_file():
+                    return cand
+        return s.trace_dir / s.experiment / names[0]
     spec = EXPERIMENTS[s.experiment]
     suffix = ""
     if f"ol{s.output_len}" not in point_name.split("_") and s.output_len != spec.output_len:

@@ -148,8 +148,8 @@ def _hardware(model: Transformer) -> str:
 def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | None, *,
                     say: Say = log.info, progress: bool = True) -> LatencyProfile:
     """The profile file or built-in profile named by ``--profile`` (with the configuration's limits
-    applied), else the cached or freshly measured quick profile."""
-    kind_draft = draft if cfg.drafter_kind() == "model" else None
+    applied), else the cached or freshly measured quick profile. ``draft``: the draft model of the
+    model drafter (None for the n-gram drafter)."""
     if cfg.profile is not None:
         from adaserve.sim.profiles import get_profile
 
@@ -169,7 +169,7 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
     say(f"measuring a quick latency profile of {cfg.model} ({_hardware(model)}); it is cached"
         + (f" in {path}" if path else " nowhere (ADASERVE_PROFILE_CACHE=0)"))
     t0 = time.perf_counter()
-    profile = quick_profile(f"{cfg.model} (quick)", model, limits, kind_draft, progress=progress)
+    profile = quick_profile(f"{cfg.model} (quick)", model, limits, draft, progress=progress)
     say(f"measured the quick profile in {time.perf_counter() - t0:.1f} s (verify at 1/8/64 tokens: "
         f"{[round(float(profile.verify_ms(t)), 2) for t in (1, 8, 64)]} ms)")
     if path is not None:
