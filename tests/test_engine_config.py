@@ -132,3 +132,10 @@ def test_bench_prompts_come_from_text_never_random_tokens(tmp_path):
 
         save_trace(tmp_path / "t.json", [TraceRecord(0.0, 2, 4, "hi", 1.2)])
         trace_prompts(tok, 9, 32, tmp_path / "t.json")
+
+
+@pytest.mark.parametrize("flag,value", [("--body-timeout", "0"), ("--max-body-mb", "inf"), ("--body-timeout", "nan")])
+def test_serve_refuses_bad_body_limits_before_loading(flag, value, capsys):
+    assert main(["serve", "--model", "tiny-llama", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "--body-timeout and --max-body-mb" in err and "Traceback" not in err

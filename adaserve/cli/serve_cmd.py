@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default sampling temperature for requests that set none (default 0: greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="default for requests that do not set ignore_eos: generate max_tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (else 408; default 30)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (else 413; default 32)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve)
 
@@ -33,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
+    if not (0 < args.body_timeout < float("inf")) or not (0 < args.max_body_mb < float("inf")):
+        raise UserError(f"--body-timeout and --max-body-mb must be positive numbers, got {args.body_timeout} "
+                        f"and {args.max_body_mb}")
     cfg = EngineConfig.from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("adaserve.server")
@@ -47,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     config = ServerConfig(model_name=name, baseline_ms=built.baseline_ms, api_key=args.api_key,
                           temperature=args.temperature, ignore_eos=args.ignore_eos, system=args.system,
-                          baseline_source=built.baseline_source)
+                          baseline_source=built.baseline_source, body_timeout_s=args.body_timeout,
+                          max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(EngineThread(built.policy, built.executor), built.codec, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the server",
