@@ -60,13 +60,19 @@ class EngineConfig:
                                      type=float, group="limits")
     tensor_parallel_size: int = _opt("GPUs (or CPU processes) the model is sharded over; only 1 is "
                                      "implemented so far", "--tensor-parallel-size", default=1, type=int)
-    cuda_graphs: bool = _opt("capture decode steps in CUDA graphs (not implemented yet: always off)", None,
-                             default=False)
+    cuda_graphs: bool | None = _opt("replay decode and tree-verification steps as CUDA graphs, captured per "
+                                    "bucket of requests, tree size and context (default: on with --device "
+                                    "cuda; CUDA only)", "--cuda-graphs", action=argparse.BooleanOptionalAction)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
     def on_cuda(self) -> bool:
         return str(self.device).startswith("cuda")
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """``--cuda-graphs`` as given, else on for CUDA and off on the CPU."""
+        return self.on_cuda if self.cuda_graphs is None else bool(self.cuda_graphs)
 
     @property
     def dtype_name(self) -> str:
@@ -109,6 +115,8 @@ class EngineConfig:
             raise UserError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if not (self.device == "cpu" or self.on_cuda):
             raise UserError(f"unknown --device {self.device!r}; use cpu or cuda[:N]")
+        if self.cuda_graphs and not self.on_cuda:
+            raise UserError(f"--cuda-graphs needs --device cuda (the device is {self.device!r})")
         for name in ("threads", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_model_len",
                      "tensor_parallel_size"):
             v = getattr(self, name)
@@ -137,7 +145,7 @@ class EngineConfig:
                 target = groups.setdefault(meta["group"], parser.add_argument_group(
                     "limits (default: the profile's, else 16 requests, 256 tokens, chunk 256, 2048 tokens "
                     "per sequence on CPU; 64/1024/1024/2048 on CUDA)"))
-            kw = {k: meta[k] for k in ("type", "choices") if k in meta}
+            kw = {k: meta[k] for k in ("type", "choices", "action") if k in meta}
             default = defaults.get(f.name, f.default)
             if default is MISSING:
                 kw["required"] = True

@@ -75,7 +75,10 @@ def test_bench_drafter_grows_full_trees():
 
 # ---- the CPU linear fast path (model.py) ------------------------------------------------------
 
-def test_prepacked_linears_follow_weight_changes_and_match_plain_linear():
+def test_prepacked_linears_follow_weight_changes_and_match_plain_linear(monkeypatch):
+    if not model_mod.prepack_supported(torch.float32):
+        pytest.skip("oneDNN prepacked linears are not available in this torch build")
+    monkeypatch.setitem(model_mod._min_rows, torch.float32, 1)  # prepacked at every row count
     model = tiny_random_model("llama", seed=4)
     x = torch.randn(5, model.config.hidden_size)
     lin = model.model.layers[0].mlp.gate_proj
@@ -94,6 +97,9 @@ def test_prepacked_linears_follow_weight_changes_and_match_plain_linear():
 def test_prepack_off_gives_the_same_logits(monkeypatch):
     from adaserve.engine import BatchBuilder
 
+    if not model_mod.prepack_supported(torch.float32):
+        pytest.skip("oneDNN prepacked linears are not available in this torch build")
+
     model = tiny_random_model("qwen2", seed=5)
     ids = list(range(3, 40))
 
@@ -103,6 +109,32 @@ def test_prepack_off_gives_the_same_logits(monkeypatch):
         b.add_prefill(0, ids, logits="all")
         return model(b.build(), cache)
 
+    monkeypatch.setitem(model_mod._min_rows, torch.float32, 1)  # prepacked at every row count
     fast = logits()
-    monkeypatch.setattr(model_mod, "prepack_available", lambda: False)
+    monkeypatch.delitem(model_mod._min_rows, torch.float32)  # plain F.linear
     assert (fast - logits()).abs().max().item() <= 1e-4
+
+
+# ---- host work per iteration (bench engine --only host) ---------------------------------------
+
+def test_host_breakdown_times_every_phase_of_full_trees(restore_threads):
+    torch.set_num_threads(1)
+    model = tiny_random_model("llama")
+    r = bench.host_breakdown(model, n_requests=3, context=40, depth=3, width=2, steps=3, warmup=1)
+    assert r.steps == 3 and set(r.phases_ms) == set(bench.HOST_PHASES)
+    assert r.tokens_per_step == 3 * (1 + 3 * 2)  # full beam trees, every node verified
+    assert r.committed_per_step >= 3
+    assert all(v >= 0 for v in r.phases_ms.values()) and r.phases_ms["forward"] > 0
+    assert r.host_ms == pytest.approx(r.iteration_ms - r.phases_ms["forward"], rel=0.5)
+
+
+def test_cli_bench_engine_host_json(capsys, restore_threads):
+    assert main(["bench", "engine", "--model", "tiny-llama", "--only", "host", "--batches", "2", "--context", "24",
+                 "--depth", "2", "--width", "2", "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overhead"] == [] and out["generation"] == []
+    (h,) = out["host"]
+    assert (h["requests"], h["context"], h["depth"], h["width"]) == (2, 24, 2, 2)
+    assert h["tokens_per_step"] == 2 * 5 and h["host_ms"] > 0
+    assert main(["bench", "engine", "--model", "tiny-llama", "--only", "host", "--depth", "0"]) == 2
+    assert "--depth must be >= 1" in capsys.readouterr().err

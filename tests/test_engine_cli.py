@@ -172,9 +172,10 @@ def coding_picks(trace: Path, n: int) -> list[int]:
     return [k for k, r in enumerate(records) if r["slo_ratio"] == 1.2][:n]
 
 
-def smollm2_identity(trace: Path, picks: list[int], new_tokens: int, systems: list[str]) -> None:
+def smollm2_identity(trace: Path, picks: list[int], new_tokens: int, systems: list[str],
+                     dtype: torch.dtype = torch.float32) -> None:
     torch.set_num_threads(1)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype)
     records = json.loads(trace.read_text())
     prompts = {i: tok(records[k]["prompt"]).input_ids for i, k in enumerate(picks)}
     eos = set(model.config.eos_token_ids)

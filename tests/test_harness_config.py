@@ -145,6 +145,16 @@ def test_a_result_without_a_recorded_configuration_is_rerun(tmp_path):
     assert plan("fig8,9", "llama", env)[1] == {RPS48: "no recorded configuration"}
 
 
+def test_a_simulated_result_of_an_older_cost_model_is_rerun(tmp_path, monkeypatch):
+    env = env_for(tmp_path, tiny_traces(tmp_path, RPS48), RPS_MIN="4.8", RPS_MAX="4.8")
+    sweep_once("fig8,9", "llama", env)
+    assert plan("fig8,9", "llama", env)[0] == []
+    import adaserve.sim
+    monkeypatch.setattr(adaserve.sim, "SIM_MODEL", "a newer cost model")
+    todo, replaced, _ = plan("fig8,9", "llama", env)
+    assert todo == [RPS48] and "sim_model" in replaced[RPS48]
+
+
 def test_engine_and_http_results_get_the_configuration_recorded(tmp_path, monkeypatch):
     """``adaserve run`` / ``bench`` do not know the sweep: the harness stamps their JSON, and a
     changed engine option (here the drafter, then the model) re-runs the point."""

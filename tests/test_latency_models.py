@@ -12,7 +12,7 @@ from adaserve.sim import roofline
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile
 from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES
-from adaserve.sim.profiles import draft_scale, get_profile, list_profiles
+from adaserve.sim.profiles import get_profile, list_profiles, runs_on_vllm, system_profile
 from adaserve.sim.roofline import MODELS, ModelShape, kv_capacity_tokens, step_ms, table_errors
 
 # The bound documented in docs/simulator.md (measured: max 10.1%, mean 2.6%).
@@ -125,14 +125,57 @@ def test_more_tensor_parallelism_is_faster_and_h100_beats_a100():
     assert h100 < step_ms("llama-3.1-70b", "a100-80gb", 4, 256)
 
 
-def test_draft_tables_reproduce_the_speculation_phase_estimate():
+def test_draft_tables_are_the_draft_models_roofline_with_the_targets_constants():
+    """Item 2 of issue 14: the draft is priced from its size on the paper's hardware, by the same
+    method and constants as the target (no factor calibrated to the artifact's scheduler flag)."""
     for name, fam in FAMILIES.items():
         prof = get_profile(name)
-        phase = fam.d_max * prof.draft_ms(fam.b2, fam.typical_context)
-        assert phase == pytest.approx(fam.phase_ms, rel=1e-6)
-        assert draft_scale(fam) > 1.0
+        for tokens, ctx in ((1, 0), (96, 0), (96, 32768), (512, 65536)):
+            want = step_ms(fam.draft, "a100-80gb", 1, tokens, ctx)
+            assert prof.draft_ms(tokens, ctx) == pytest.approx(want, rel=0.02)
         # small draft model: launch/weight dominated, nearly flat over the draft token range
         assert prof.draft_ms(fam.b2, 0) < 1.5 * prof.draft_ms(1, 0)
+        # and below the artifact's --ssm-spec-latency-ms figure per step (70 / 35 ms over D_max)
+        assert fam.d_max * prof.draft_ms(fam.b2, fam.limits().max_seq_len * 32) < fam.phase_ms
+
+
+def test_vllm_systems_are_priced_on_vllm_with_the_artifacts_limits():
+    """Item 3: vLLM, Sarathi-Serve, vLLM-Spec (and Priority) ran on vLLM: a roofline decode step
+    (each GEMM bounded by its slower resource), the artifact's --max-num-seqs and token limits."""
+    assert [s for s in ("adaserve", "specinfer", "greedy", "equal", "vllm", "sarathi", "priority",
+                        "vllm_spec_6") if runs_on_vllm(s)] == ["vllm", "sarathi", "priority", "vllm_spec_6"]
+    ada = system_profile("llama-3.1-70b", "adaserve")
+    assert ada.to_dict() == get_profile("llama-3.1-70b").to_dict()
+    vllm, spec, sarathi = (system_profile("llama-3.1-70b", s) for s in ("vllm", "vllm_spec_8", "sarathi"))
+    for p in (vllm, spec, sarathi):
+        assert p.baseline_ms == 30.0 and p.family == "llama"  # same SLOs as every other system
+        for tokens, ctx in ((1, 0), (48, 24_000), (512, 0)):
+            assert p.verify_ms(tokens, ctx) == pytest.approx(
+                step_ms("llama-3.1-70b", "a100-80gb", 4, tokens, ctx, roofline.VLLM_EFFICIENCY), rel=0.02)
+    # the cliff of issue 14 item 3: a 48-request decode step no longer costs more than the
+    # 36 ms coding SLO, while the FlexFlow table charges it more
+    assert vllm.verify_ms(48, 24_000) < 36.0 < ada.verify_ms(48)
+    assert (vllm.limits.max_batch_requests, spec.limits.max_batch_requests) == (512, 512)
+    assert vllm.limits.max_batch_tokens == 131072  # max(max_model_len, 2048), chunked prefill off
+    assert (sarathi.limits.max_batch_requests, sarathi.limits.max_batch_tokens) == (2048, 2048)
+    assert np.all(vllm.draft.ms == 0) and spec.draft_ms(8, 0) > 1.0  # the draft only with vLLM-Spec
+    assert vllm.limits.kv_capacity_tokens > spec.limits.kv_capacity_tokens  # no draft weights/KV
+    assert system_profile("qwen2.5-32b-a100-40g", "vllm").hardware.startswith("4x A100-SXM4-40GB")
+    assert system_profile("qwen2.5-32b", "vllm").limits.max_batch_tokens == 32768
+
+
+def test_shared_pricing_puts_every_system_on_the_named_profile():
+    shared = system_profile("llama-3.1-70b", "vllm_spec_8", "shared")
+    assert shared.to_dict() == get_profile("llama-3.1-70b").to_dict()
+    assert system_profile("llama-3.1-70b", "vllm_spec_8").name == "llama-3.1-70b@vllm"
+    with pytest.raises(UserError, match="valid: per-engine, shared"):
+        system_profile("llama-3.1-70b", "vllm", "cheap")
+
+
+def test_a_profile_file_prices_every_system_alike(tmp_path):
+    path = tmp_path / "mine.json"
+    get_profile("llama-3.1-70b").save(path)
+    assert system_profile(path, "vllm").to_dict() == LatencyProfile.load(path).to_dict()
 
 
 def test_roofline_40g_profiles():

@@ -221,6 +221,24 @@ def test_headline_numbers(tree: Path) -> None:
     assert any(e.startswith("figure 12  llama") for e in h.extras)
 
 
+def test_headline_shows_ttft_beside_attainment(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    for system, att, p50, p90 in (("adaserve", 0.9, 300.0, 1200.0), ("vllm", 0.5, 4000.0, 9000.0)):
+        s = summary(att, 500)
+        s["ttft_ms"] = {"count": 1000, "mean": p50, "p50": p50, "p90": p90, "p99": p90}
+        put(root, "fig8,9", "llama", system, "rps4.8_ol256", s)
+    put(root, "fig8,9", "qwen", "adaserve", "rps4.8_ol256", summary(0.9, 500))
+    put(root, "fig8,9", "qwen", "vllm", "rps4.8_ol256", summary(0.5, 500))
+    h = hl.headline(root, "8")
+    rows = {r.model: r for r in h.rows}
+    assert rows["llama"].hardest.adaserve_ttft_s == pytest.approx((0.3, 1.2))
+    assert rows["llama"].hardest.baseline_ttft_s == pytest.approx((4.0, 9.0))
+    text = hl.format_headline(h)
+    assert "TTFT p50/p90" in text and "0.3/1.2s" in text and "4.0/9.0s" in text
+    qwen = [line for line in text.splitlines() if line.startswith("8,9") and "qwen" in line][0]
+    assert " - " in qwen  # no TTFT recorded: shown as absent, not as 0
+
+
 def test_violation_ratio_rules() -> None:
     assert hl.violation_ratio(0.2, 0.0) == math.inf
     assert hl.violation_ratio(0.0, 0.0) == 1.0

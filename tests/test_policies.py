@@ -166,5 +166,26 @@ def test_adaserve_eager_prefill_takes_a_full_chunk():
         r.generated = 1  # far behind: the slack mode would give only the minimum chunk
     plan = make_policy("adaserve", "llama").plan(view_with([waiting_request(99, input_len=2000)], running))
     assert plan.prefill[0][1] == ARTIFACT_LLAMA.limits.prefill_chunk
-    with pytest.raises(ValueError, match="valid: eager, slack"):
+    with pytest.raises(ValueError, match="valid: eager, buffer, slack"):
         make_policy("adaserve", "llama", prefill_mode="lazy")
+
+
+def test_adaserve_buffer_prefill_mixes_at_most_the_buffer():
+    """Our reading of the artifact's --chunked-prefill-buffer-size 128 (docs/scheduler.md): at
+    most 128 prefill tokens ride along while requests decode; a full batch when none decodes."""
+    rng = np.random.default_rng(0)
+    running = random_requests(16, 10_000.0, rng)
+    waiting = [waiting_request(99, input_len=2000), waiting_request(100, input_len=50)]
+    policy = make_policy("adaserve", "llama", prefill_mode="buffer")
+    assert [c for _, c in policy.plan(view_with(waiting, running)).prefill] == [128]
+    idle = policy.plan(view_with(waiting, []))
+    assert sum(c for _, c in idle.prefill) == ARTIFACT_LLAMA.limits.max_batch_tokens
+    small = make_policy("adaserve", "llama", prefill_mode="buffer", prefill_buffer=64)
+    assert [c for _, c in small.plan(view_with(waiting, running)).prefill] == [64]
+
+
+def test_which_policies_run_a_draft_model():
+    drafts = {s: make_policy(s, "llama").drafts for s in SYSTEMS}
+    assert drafts == {"adaserve": True, "vllm": False, "sarathi": False, "vllm_spec_4": True,
+                      "vllm_spec_6": True, "vllm_spec_8": True, "specinfer": True,
+                      "priority": False, "greedy": True, "equal": True}

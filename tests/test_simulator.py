@@ -206,3 +206,56 @@ def test_the_profiles_family_picks_the_constants_not_its_name(tmp_path, monkeypa
     monkeypatch.setattr(run_module, "make_policy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     simulate_records(TINY, "adaserve", str(path))
     assert seen[0].config.spec is spec
+
+
+def _flat_profile(draft_ms: float):
+    """Target: 10 ms + 1 ms per token; draft: ``draft_ms`` + 0.1 ms per 1000 KV context tokens."""
+    from adaserve.core.profile import LatencyProfile, Table
+    import numpy as np
+    draft = Table(np.array([0.0, 1000.0]), np.array([draft_ms, draft_ms]), np.array([0.0, 1000.0]),
+                  np.array([[draft_ms, draft_ms], [draft_ms + 0.1, draft_ms + 0.1]]))
+    return LatencyProfile("flat", Table(np.array([0.0, 1000.0]), np.array([10.0, 1010.0])), draft,
+                          baseline_ms=11.0)
+
+
+@pytest.mark.parametrize("drafts", [False, True])
+def test_a_system_with_a_draft_model_pays_the_drafts_prefill(drafts):
+    from adaserve.core.request import Request
+    from adaserve.scheduling.trees import CandidateForest
+    from adaserve.sim.executor import SimExecutor
+    import numpy as np
+    ex = SimExecutor(_flat_profile(5.0), None, draft_prefill=drafts)
+    r = Request(0, 0.0, 100, 4, 1.0, 11.0, "coding")
+    ex.execute([(r, 100)], [], CandidateForest.roots_only(0), np.zeros(0, bool), np.zeros(0, np.int64))
+    assert ex.now() == pytest.approx(110.0 + (5.0 if drafts else 0.0))
+
+
+def test_draft_steps_are_priced_at_the_batchs_kv_context():
+    from adaserve.core.request import Request
+    from adaserve.scheduling.plan import SpecShape
+    from adaserve.sim.acceptance import LLAMA_ACCEPTANCE
+    from adaserve.sim.executor import SimExecutor
+    import numpy as np
+    ex = SimExecutor(_flat_profile(2.0), LLAMA_ACCEPTANCE)
+    reqs = [Request(i, 0.0, 500, 8, 1.0, 11.0, "coding") for i in range(2)]
+    for r in reqs:
+        r.prefilled, r.generated = 500, 1
+    ctx = sum(r.context_len for r in reqs)
+    ex.speculate(reqs, SpecShape.chain(4))
+    assert ctx >= 1000 and ex.now() == pytest.approx(4 * 2.1)  # 4 draft steps at full context
+    assert isinstance(ex.rng, np.random.Generator)
+
+
+def test_compare_table_names_the_best_baseline_and_the_violation_ratio(fig89_small):
+    from adaserve.sim import compare
+    rows = compare.compare_records(fig89_small[:40], "llama-3.1-70b", systems=("adaserve", "vllm", "sarathi"))
+    assert set(rows) == {"adaserve", "vllm", "sarathi"}
+    for r in rows.values():
+        assert 0 <= r["attainment"] <= 1 and r["ttft_p50_s"] <= r["ttft_p90_s"]
+    text = compare.format_table("t", {"adaserve": dict(rows["adaserve"], violations=2),
+                                      "vllm": dict(rows["vllm"], violations=10, attainment=0.5),
+                                      "sarathi": dict(rows["sarathi"], violations=20, attainment=0.1)})
+    assert "best baseline vllm: AdaServe leaves 5.00x fewer requests unattained (2 vs 10)" in text
+    assert compare.fewer_violations(0, 0) == "neither leaves a request unattained"
+    assert compare.fewer_violations(0, 3) == "AdaServe leaves none unattained, the baseline 3"
+    assert compare.fewer_violations(70, 0) == "the baseline leaves none unattained, AdaServe 70"

@@ -12,6 +12,9 @@ adaserve policy selecting nodes of full beam-search candidate trees from ``Bench
 continuations first, random fillers after; the prompts repeat a random 16-token pattern, so paths
 are accepted and ``KVCache.commit`` moves KV as in real serving).
 
+(c) **Host work per iteration** (``--only host``, not part of the default run): ``host_breakdown``
+below; docs/engine.md, "Host work per iteration".
+
 (b) **Tokens/s of greedy generation** at batch 1 and 16 with the same prompts (``--trace``'s, else
 the first prompts of the generated RPS-4.8 trace drawn from the offline prompt pool that ships with
 the package's dependencies — the mix of ``make reproduce`` — cut to ``--prompt-len`` tokens; the
@@ -32,27 +35,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from adaserve.config import EngineConfig
 from adaserve.core.errors import UserError
-from adaserve.core.profile import LatencyProfile
+from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Request
 from adaserve.engine.drafters import RECORD_K, NgramDrafter, TreeSet
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer
-from adaserve.engine.sequence import SeqState
 from adaserve.iteration import ServingLoop
 from adaserve.runtime.build import load_models
 from adaserve.runtime.profiler import hardware_string, quick_profile
 from adaserve.scheduling.policies import make_policy
+from adaserve.scheduling.speculation import SpecParams
 
 OVERHEAD_TARGET = 1.15
 BENCH_SLO_FACTOR = 1.5  # SLO of the benchmark's requests: 1.5 x the profile's baseline decode latency
 DEFAULT_PROMPTS = "generated RPS-4.8 trace, offline prompt pool"
+PROMPT_SOURCES = ("pool", "synthetic-text")  # --prompts: the offline pool's trace, or built-in text
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -101,8 +106,8 @@ class BenchDrafter(NgramDrafter):
         self.rng = np.random.default_rng(seed)
         self.filler = 0.05 / np.arange(1, RECORD_K + 1)
 
-    def _expand(self, seq: SeqState, trees: TreeSet, i: int):
-        toks, ps = super()._expand(seq, trees, i)
+    def _expand_level(self, trees: TreeSet, grams: np.ndarray):
+        toks, ps = super()._expand_level(trees, grams)
         empty = toks < 0
         toks[empty] = self.rng.integers(3, self.vocab, int(empty.sum()))
         ps[empty] = np.broadcast_to(self.filler, toks.shape)[empty]
@@ -118,16 +123,24 @@ def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: in
     return out
 
 
-def trace_prompts(tokenizer, n: int, max_len: int, trace: str | Path | None = None) -> tuple[list[list[int]], str]:
+def trace_prompts(tokenizer, n: int, max_len: int, trace: str | Path | None = None,
+                  prompts: str = PROMPT_SOURCES[0]) -> tuple[list[list[int]], str]:
     """The first ``n`` prompts of ``trace`` (else of the generated RPS-4.8 trace, whose prompts come
-    from the offline pool), tokenized and cut to ``max_len`` tokens, and where they came from.
-    Never random tokens: they make the n-gram drafter look several times better than on text."""
+    from the offline pool; with ``prompts="synthetic-text"``, sentences of a built-in word list
+    that need no package, see workload/synthetic_text.py), tokenized and cut to ``max_len``
+    tokens, and where they came from. Never random tokens: they make the n-gram drafter look
+    several times better than on text."""
     from adaserve.core.trace import load_trace
     from adaserve.workload.generate import generate_trace
     from adaserve.workload.prompts import PoolError
+    from adaserve.workload.synthetic_text import POOL_SOURCE, SOURCE, synthetic_prompts
 
+    if prompts not in PROMPT_SOURCES:
+        raise UserError(f"unknown prompt source {prompts!r}; use one of {', '.join(PROMPT_SOURCES)}")
     if trace is not None:
         records, source = load_trace(trace)[:n], f"{Path(trace).name}"
+    elif prompts == SOURCE:
+        records, source = [SimpleNamespace(prompt=t) for t in synthetic_prompts(n)], POOL_SOURCE
     else:
         try:
             records, source = generate_trace("rps", rps=4.8, seed=0)[:n], DEFAULT_PROMPTS
@@ -148,10 +161,11 @@ def make_requests(prompts: Sequence[Sequence[int]], new_tokens: int, baseline_ms
 
 
 def make_executor(model, profile: LatencyProfile, drafter, prompts: Sequence[Sequence[int]],
-                  new_tokens: int) -> TorchExecutor:
+                  new_tokens: int, cuda_graphs: bool = False) -> TorchExecutor:
     per_seq = -(-(max(len(p) for p in prompts) + new_tokens + 128) // BLOCK_SIZE) + 2
     blocks = len(prompts) * per_seq + profile.limits.max_batch_requests  # the executor keeps one per slot
-    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, block_size=BLOCK_SIZE, ignore_eos=True)
+    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, block_size=BLOCK_SIZE, ignore_eos=True,
+                       cuda_graphs=cuda_graphs)
     ex.set_prompts({i: p for i, p in enumerate(prompts)})
     return ex
 
@@ -173,13 +187,14 @@ class OverheadResult:
 
 
 def engine_overhead(model: Transformer, profile: LatencyProfile, n_requests: int, mode: str,
-                    context: int = 128, steps: int = 12, warmup: int = 2, seed: int = 0) -> OverheadResult:
+                    context: int = 128, steps: int = 12, warmup: int = 2, seed: int = 0,
+                    cuda_graphs: bool = False) -> OverheadResult:
     if mode not in ("incremental", "tree"):
         raise ValueError(f"mode must be 'incremental' or 'tree', got {mode!r}")
     prompts = repeated_prompts(n_requests, context, model.config.vocab_size, 16, seed)
     max_new = (warmup + steps + 2) * 10
     drafter = BenchDrafter(model.config.vocab_size, seed) if mode == "tree" else None
-    ex = make_executor(model, profile, drafter, prompts, max_new)
+    ex = make_executor(model, profile, drafter, prompts, max_new, cuda_graphs)
     requests = make_requests(prompts, max_new, profile.decode_baseline_ms)
     policy = make_policy("adaserve" if mode == "tree" else "vllm", model.config.family)
     loop = ServingLoop(policy, ex, requests)
@@ -191,7 +206,8 @@ def engine_overhead(model: Transformer, profile: LatencyProfile, n_requests: int
                 raise RuntimeError("benchmark requests were rejected (KV pool too small?)")
         for _ in range(warmup):
             loop.step()
-        timed = TimedModel(model)
+        inner = ex.model  # the model, or the model behind its CUDA graphs
+        timed = TimedModel(inner)
         ex.model = timed
         execute = ex.execute
         records: list[tuple] = []
@@ -211,13 +227,164 @@ def engine_overhead(model: Transformer, profile: LatencyProfile, n_requests: int
             for _ in range(steps):
                 loop.step()
         finally:
-            ex.execute, ex.model = execute, model
+            ex.execute, ex.model = execute, inner
     a = np.array([r[:6] for r in records if r[6] == 0], dtype=np.float64)  # decode-only steps
     if not len(a):
         raise RuntimeError("no decode-only step was measured")
     med = lambda j, scale=1e3: float(np.median(a[:, j]) * scale)  # noqa: E731
     return OverheadResult(mode, n_requests, len(a), med(2, 1), med(3, 1), med(0), med(1),
                           float(np.median(a[:, 0] / a[:, 1])), med(4), med(5))
+
+
+# ---- (c) host work per iteration ----------------------------------------------------------------
+
+HOST_PHASES = ("draft", "select", "build", "forward", "verify", "commit", "other")
+HOST_TARGET_MS = 1.5  # issue 12's goal for host work per iteration (tiny-llama, 64 requests, D=8 W=3)
+
+
+@dataclass
+class HostResult:
+    """One case of the host-work breakdown: medians over the timed iterations, in ms."""
+
+    requests: int
+    context: int  # prompt tokens per request
+    depth: int
+    width: int
+    steps: int
+    tokens_per_step: float  # forward tokens (median): the selected tree nodes
+    committed_per_step: float  # tokens committed per iteration over all requests (median)
+    iteration_ms: float  # ServingLoop.step
+    host_ms: float  # iteration - forward: everything but the device forward (median per step)
+    phases_ms: dict[str, float] = field(default_factory=dict)  # HOST_PHASES -> median ms
+    # the same in CPU time of the benchmark's thread (time.thread_time): on a machine shared with
+    # other processes it leaves out the time spent waiting for a core, which wall time includes
+    host_cpu_ms: float = 0.0
+    phases_cpu_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _PhaseClock:
+    """Accumulates wall and thread-CPU seconds per phase for the current iteration (wrapped callables)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.now: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def wrap(self, phase: str, fn: Callable, synchronize: bool = False) -> Callable:
+        def timed(*args, **kwargs):
+            if synchronize:
+                sync(self.device)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if synchronize:
+                    sync(self.device)
+                self.now[phase] = self.now.get(phase, 0.0) + time.perf_counter() - t0
+                self.cpu[phase] = self.cpu.get(phase, 0.0) + time.thread_time() - c0
+        return timed
+
+
+def host_profile(model: Transformer, limits: Limits) -> LatencyProfile:
+    """A flat latency profile (every step costs the same): the policy's budget then covers whole
+    trees, and the breakdown does not wait for a measured profile."""
+    from adaserve.core.profile import Table
+
+    flat = Table(np.array([1.0, float(limits.max_batch_tokens)]), np.array([1.0, 1.0]))
+    return LatencyProfile("bench-host", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=limits,
+                          source="bench engine --only host (flat)")
+
+
+def host_breakdown(model: Transformer, n_requests: int, context: int = 1024, depth: int = 8, width: int = 3,
+                   steps: int = 12, warmup: int = 3, seed: int = 0, cuda_graphs: bool = False) -> HostResult:
+    """Time every phase of ``steps`` decode iterations of the adaserve policy over ``n_requests``
+    requests with ``context``-token prompts and full ``depth`` x ``width`` beam-search trees."""
+    tree_nodes = 1 + depth * width
+    max_new = (warmup + steps + 2) * (depth + 1)
+    limits = Limits(max_batch_requests=n_requests, max_batch_tokens=max(n_requests * tree_nodes, context),
+                    prefill_chunk=max(n_requests * tree_nodes, context), max_seq_len=context + max_new + 64)
+    profile = host_profile(model, limits)
+    prompts = repeated_prompts(n_requests, context, model.config.vocab_size, 16, seed)
+    drafter = BenchDrafter(model.config.vocab_size, seed)
+    ex = make_executor(model, profile, drafter, prompts, max_new, cuda_graphs)
+    requests = make_requests(prompts, max_new, profile.decode_baseline_ms)
+    spec = SpecParams(d_min=depth, d_max=depth, w_max=width, b1=10**9, b2=10**9)
+    policy = make_policy("adaserve", model.config.family, spec=spec)
+    loop = ServingLoop(policy, ex, requests)
+    dev = model_device(model)
+    clock = _PhaseClock(dev)
+    ex.reset_clock()
+    with torch.inference_mode():
+        while len(loop.running) < n_requests:
+            if not loop.run_once() and not loop.pending:
+                raise RuntimeError("benchmark requests were rejected (KV pool too small?)")
+        for _ in range(warmup):
+            loop.step()
+        saved = {"speculate": ex.speculate, "_build": ex._build, "_verify": ex._verify,
+                 "_commit_trees": ex._commit_trees}
+        select, model_call = policy.select, ex.model
+        ex.speculate = clock.wrap("draft", ex.speculate)
+        ex._build = clock.wrap("build", ex._build)
+        ex._verify = clock.wrap("verify", ex._verify)
+        ex._commit_trees = clock.wrap("commit", ex._commit_trees)
+        policy.select = clock.wrap("select", select)
+        rows, tokens, committed = [], [], []
+
+        def counted(batch, cache):
+            tokens.append(batch.num_tokens)
+            return model_call(batch, cache)
+
+        ex.model = clock.wrap("forward", counted, synchronize=True)
+        try:
+            for _ in range(steps):
+                if len(loop.running) < n_requests:
+                    break  # a request finished: the batch would shrink
+                clock.now, clock.cpu = {}, {}
+                before = loop.stats.committed_tokens
+                sync(dev)
+                t0, c0 = time.perf_counter(), time.thread_time()
+                loop.step()
+                sync(dev)
+                total, total_cpu = time.perf_counter() - t0, time.thread_time() - c0
+                parts = {p: clock.now.get(p, 0.0) for p in HOST_PHASES[:-1]}
+                parts["other"] = total - sum(parts.values())
+                cpu = {p: clock.cpu.get(p, 0.0) for p in HOST_PHASES[:-1]}
+                cpu["other"] = total_cpu - sum(cpu.values())
+                rows.append((total, parts, total_cpu, cpu))
+                committed.append(loop.stats.committed_tokens - before)
+        finally:
+            for k, v in saved.items():
+                setattr(ex, k, v)
+            ex.model, policy.select = model_call, select
+    if not rows:
+        raise RuntimeError("no iteration was measured")
+    med = lambda xs: float(np.median(xs) * 1e3)  # noqa: E731
+    phases = {p: round(med([r[1][p] for r in rows]), 4) for p in HOST_PHASES}
+    phases_cpu = {p: round(med([r[3][p] for r in rows]), 4) for p in HOST_PHASES}
+    return HostResult(n_requests, context, depth, width, len(rows), float(np.median(tokens)),
+                      float(np.median(committed)), round(med([r[0] for r in rows]), 4),
+                      round(med([r[0] - r[1]["forward"] for r in rows]), 4), phases,
+                      round(med([r[2] - r[3]["forward"] for r in rows]), 4), phases_cpu)
+
+
+def host_table(results: Sequence[HostResult]) -> str:
+    """The breakdown as a Markdown table (ms per iteration, medians)."""
+    head = ["requests", "tree tokens", "committed", "clock", *HOST_PHASES, "host (all but forward)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for clock, phases, host in (("wall", r.phases_ms, r.host_ms), ("cpu", r.phases_cpu_ms, r.host_cpu_ms)):
+            cells = [str(r.requests), f"{r.tokens_per_step:.0f}", f"{r.committed_per_step:.0f}", clock,
+                     *(f"{phases[p]:.3f}" for p in HOST_PHASES), f"**{host:.3f}**"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_host(r: HostResult) -> str:
+    flag = "ok" if r.host_ms <= HOST_TARGET_MS else f"above the {HOST_TARGET_MS} ms goal"
+    parts = "  ".join(f"{p} {r.phases_ms[p]:.3f}" for p in HOST_PHASES)
+    return (f"host  {r.requests:3d} req  ctx {r.context}  D={r.depth} W={r.width}  {r.tokens_per_step:5.0f} tok/step  "
+            f"{r.committed_per_step:4.0f} committed/step  iteration {r.iteration_ms:7.2f} ms  "
+            f"host {r.host_ms:6.2f} ms ({flag}), thread CPU {r.host_cpu_ms:6.2f} ms\n      ms: {parts}")
 
 
 # ---- (b) tokens/s ------------------------------------------------------------------------------
@@ -235,10 +402,10 @@ class GenResult:
 
 
 def engine_generate(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
-                    new_tokens: int, system: str) -> tuple[float, list[list[int]], float]:
+                    new_tokens: int, system: str, cuda_graphs: bool = False) -> tuple[float, list[list[int]], float]:
     """One run: (wall seconds, output tokens per request, tokens per request-step)."""
     drafter = NgramDrafter() if system != "vllm" else None
-    ex = make_executor(model, profile, drafter, prompts, new_tokens)
+    ex = make_executor(model, profile, drafter, prompts, new_tokens, cuda_graphs)
     requests = make_requests(prompts, new_tokens, profile.decode_baseline_ms)
     loop = ServingLoop(make_policy(system, model.config.family), ex, requests)
     dev = model_device(model)
@@ -291,7 +458,7 @@ def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[
 
 def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
                       new_tokens: int, repeat: int = 3, hf=None,
-                      systems: Sequence[str] = ("vllm", "adaserve")) -> list[GenResult]:
+                      systems: Sequence[str] = ("vllm", "adaserve"), cuda_graphs: bool = False) -> list[GenResult]:
     n = len(prompts)
     results = []
     ref = None
@@ -304,7 +471,7 @@ def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequ
     for system in systems:
         walls, per_step = [], None
         for _ in range(repeat):
-            w, outs, per_step = engine_generate(model, profile, prompts, new_tokens, system)
+            w, outs, per_step = engine_generate(model, profile, prompts, new_tokens, system, cuda_graphs)
             walls.append(w)
         r = _gen("vllm" if system == "vllm" else f"{system}+ngram", n, new_tokens, walls)
         r.tokens_per_step = round(per_step, 3)
@@ -332,37 +499,53 @@ class BenchConfig:
     new_tokens: int = 64  # generated tokens per request (tokens/s)
     repeat: int = 3  # generation runs per case (median)
     trace: str | None = None
+    prompts: str = PROMPT_SOURCES[0]  # without --trace: "pool" (generated trace) or "synthetic-text"
     hf: bool = True  # compare with transformers' generate
     overhead: bool = True
     generation: bool = True
+    host: bool = False  # (c) the host-work breakdown (``--only host``)
+    depth: int = 8  # (c): tree depth and beam width
+    width: int = 3
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     say = log or (lambda s: None)
     ec = replace(cfg.engine, max_num_seqs=max(cfg.engine.max_num_seqs or 0, *cfg.batches)).validate()
     t_load = time.perf_counter()
-    model, tokenizer, _ = load_models(ec)
+    model, tokenizer, _ = load_models(ec, say=say)
     say(f"loaded {ec.model} in {time.perf_counter() - t_load:.1f} s")
+    graphs = ec.use_cuda_graphs
+    out = {"model": ec.model, "hardware": hardware_string(model), "threads": torch.get_num_threads(),
+           "device": ec.device, "dtype": ec.dtype_name, "cuda_graphs": graphs, "config": asdict(cfg),
+           "overhead": [], "generation": []}
+    if cfg.host:
+        out["host"] = []
+        for n in cfg.batches:
+            h = host_breakdown(model, n, cfg.context, cfg.depth, cfg.width, cfg.steps, cuda_graphs=graphs)
+            say(format_host(h))
+            out["host"].append(asdict(h))
+        say(host_table([HostResult(**h) for h in out["host"]]))
+    if not (cfg.overhead or cfg.generation):
+        return out
     limits = ec.apply_limits(ec.default_limits(), model.config.max_position_embeddings)
     t0 = time.perf_counter()
     profile = quick_profile("bench", model, limits)
     say(f"quick profile in {time.perf_counter() - t0:.1f} s (baseline {profile.decode_baseline_ms:.1f} ms)")
-    out = {"model": ec.model, "hardware": hardware_string(model), "threads": torch.get_num_threads(),
-           "device": ec.device, "dtype": ec.dtype_name, "config": asdict(cfg),
-           "baseline_ms": round(profile.decode_baseline_ms, 3), "overhead": [], "generation": []}
+    out["baseline_ms"] = round(profile.decode_baseline_ms, 3)
     if cfg.overhead:
         for mode in ("incremental", "tree"):
             for n in cfg.batches:
-                r = engine_overhead(model, profile, n, mode, cfg.context, cfg.steps)
+                r = engine_overhead(model, profile, n, mode, cfg.context, cfg.steps, cuda_graphs=graphs)
                 say(format_overhead(r))
                 out["overhead"].append(_rounded(asdict(r)))
     if cfg.generation:
         hf = hf_twin(model) if cfg.hf else None
-        prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, cfg.trace)
+        prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, cfg.trace, cfg.prompts)
         say(f"prompts: {source}")
         out["prompts"] = source
         for n in cfg.batches:
-            for r in tokens_per_second(model, profile, prompts_all[:n], cfg.new_tokens, cfg.repeat, hf):
+            for r in tokens_per_second(model, profile, prompts_all[:n], cfg.new_tokens, cfg.repeat, hf,
+                                       cuda_graphs=graphs):
                 say(format_generation(r))
                 out["generation"].append(asdict(r))
     return out
@@ -390,6 +573,15 @@ def format_generation(r: GenResult) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    host = args.only == "host"
+    if args.batches is None:
+        args.batches = "16,64" if host else "1,16"
+    if args.context is None:
+        args.context = 1024 if host else 128
+    for name in ("depth", "width"):
+        v = getattr(args, name)
+        if v < 1:
+            raise UserError(f"--{name} must be >= 1, got {v}")
     try:
         batches = tuple(int(x) for x in str(args.batches).split(",") if x.strip())
     except ValueError:
@@ -402,8 +594,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UserError(f"--batches must be positive integers, got {args.batches!r}")
     return BenchConfig(engine=EngineConfig.from_args(args), batches=batches, context=args.context,
                        steps=args.steps, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                       repeat=args.repeat, trace=args.trace, hf=not args.no_hf,
-                       overhead=args.only in (None, "overhead"), generation=args.only in (None, "generation"))
+                       repeat=args.repeat, trace=args.trace, prompts=args.prompts, hf=not args.no_hf,
+                       overhead=args.only in (None, "overhead"), generation=args.only in (None, "generation"),
+                       host=host, depth=args.depth, width=args.width)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -411,7 +604,8 @@ def run_cli(args: argparse.Namespace) -> int:
     log = None if args.json else print
     ec = cfg.engine
     if log:
-        print(f"adaserve bench engine: {ec.model}, {ec.dtype_name}, {ec.device}, threads {ec.threads}")
+        print(f"adaserve bench engine: {ec.model}, {ec.dtype_name}, {ec.device}, threads {ec.threads}, "
+              f"CUDA graphs {'on' if ec.use_cuda_graphs else 'off'}")
     result = run_benchmark(cfg, log)
     if args.json:
         print(json.dumps(result))

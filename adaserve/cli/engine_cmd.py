@@ -61,7 +61,7 @@ def _profile(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise UserError(f"--repeat must be >= 1, got {args.repeat}")
     kind = cfg.drafter_kind()
-    model, _, draft = load_models(cfg)
+    model, _, draft = load_models(cfg, say=_say)
     limits = sized_limits(cfg, cfg.default_limits(), model, draft)
     grid = Grid.for_limits(limits, repeat=args.repeat, quick=args.quick)
     profile = measure_profile(args.name or args.model, model, limits, grid, draft if kind == "model" else None,

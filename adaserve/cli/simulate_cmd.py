@@ -26,8 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--acceptance", metavar="FILE",
                    help="replay acceptance recorded by `adaserve run --record-acceptance` (JSONL) "
                         "instead of the calibrated synthetic model")
-    p.add_argument("--prefill-mode", choices=("eager", "slack"),
+    p.add_argument("--prefill-mode", choices=("eager", "buffer", "slack"),
                    help="AdaServe's prefill mixing (default eager; see docs/scheduler.md)")
+    p.add_argument("--pricing", choices=("per-engine", "shared"), default="per-engine",
+                   help="per-engine (default): each system on the engine the paper ran it on "
+                        "(vLLM baselines on a vLLM roofline, docs/simulator.md); shared: every "
+                        "system on the named profile")
+    p.add_argument("--fix-input-length", action="store_true",
+                   help="give records whose input_length is more than 2x away from their prompt's "
+                        "token count that token count (a warning names them either way)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -42,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     result = simulate_file(args.trace, args.system, args.profile, args.out, seed=args.seed,
                            baseline_ms=args.baseline_ms, scale_slos=args.scale_slos,
                            progress=not args.no_progress, acceptance=args.acceptance,
+                           fix_input_lengths=args.fix_input_length, pricing=args.pricing,
                            policy_options={"prefill_mode": args.prefill_mode} if args.prefill_mode else None)
     s = result.summary
     keys = ("slo_attainment", "goodput", "mean_generated_tokens_per_step", "throughput_tokens_per_sec")

@@ -95,7 +95,8 @@ def add_generate(trace_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--pool", default="offline",
                    help="prompts: offline (ShareGPT + MT-Bench wheels), trace:PATH, or hf "
-                        "(HumanEval/Alpaca/CNN-DailyMail; needs the hub) (default %(default)s)")
+                        "(HumanEval/Alpaca/CNN-DailyMail; needs the hub), or synthetic-text (a built-in word list, no "
+                        "package; not natural language) (default %(default)s)")
     p.add_argument("--arrival", choices=ARRIVALS,
                    help="arrival process of fixed-count kinds (default bursty, artifact-like)")
     p.add_argument("--cv", type=float, help="inter-arrival CV for --arrival gamma (default 1.2)")

@@ -37,8 +37,15 @@ class Entry:
     num_new: int
     context_len: int  # committed KV before this entry
     key_len: int  # keys it attends over: context + (chain or whole tree)
-    tree_mask: np.ndarray | None  # [num_new, key_len - context_len] for trees; None = causal chain
+    tree_parents: np.ndarray | None  # trees: the whole tree's parents (local); None = causal chain
     logit_rows: range  # rows of the returned logits
+
+    @property
+    def tree_mask(self) -> np.ndarray | None:
+        """[num_new, key_len - context_len]: which tree nodes each new node attends to."""
+        if self.tree_parents is None:
+            return None
+        return tree_ancestor_mask(self.tree_parents)[len(self.tree_parents) - self.num_new:]
 
 
 @dataclass
@@ -70,23 +77,43 @@ class FlatBatch:
 
 def tree_ancestor_mask(parents: Sequence[int]) -> np.ndarray:
     """``mask[i, j]`` is True iff node ``j`` is node ``i`` or one of its ancestors (parents[i] < i, roots -1)."""
+    parents = check_parents(parents)
     n = len(parents)
     mask = np.zeros((n, n), dtype=bool)
-    for i, p in enumerate(parents):
-        p = int(p)
-        if not -1 <= p < i:
-            raise ValueError(f"parents must be topologically ordered (-1 <= parents[i] < i); node {i} has parent {p}")
-        if p >= 0:
-            mask[i] = mask[p]
-        mask[i, i] = True
+    node, anc = ancestor_pairs(parents)
+    mask[node, anc] = True
     return mask
 
 
+def check_parents(parents: Sequence[int]) -> np.ndarray:
+    """``parents`` as an int64 array; raises unless topologically ordered (-1 <= parents[i] < i)."""
+    p = np.asarray(parents, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((p < -1) | (p >= np.arange(len(p))))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"parents must be topologically ordered (-1 <= parents[i] < i); node {i} has parent {p[i]}")
+    return p
+
+
+def ancestor_pairs(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(node, ancestor)`` pair of a forest, a node being its own ancestor: ``parents`` are
+    indices into the same array (-1 for roots). One array step per tree level, no per-node Python."""
+    nodes = np.arange(len(parents), dtype=np.int64)
+    anc = nodes
+    out_nodes, out_anc = [nodes], [anc]
+    while len(anc):
+        up = parents[anc]
+        keep = up >= 0
+        nodes, anc = nodes[keep], up[keep]
+        out_nodes.append(nodes)
+        out_anc.append(anc)
+    return np.concatenate(out_nodes), np.concatenate(out_anc)
+
+
 def tree_depths(parents: Sequence[int]) -> np.ndarray:
-    depth = np.zeros(len(parents), dtype=np.int64)
-    for i, p in enumerate(parents):
-        depth[i] = 0 if p < 0 else depth[p] + 1
-    return depth
+    """Depth of every node of a forest (roots 0; ``parents[i] < i``)."""
+    p = np.asarray(parents, dtype=np.int64).reshape(-1)
+    return np.bincount(ancestor_pairs(p)[0], minlength=len(p)) - 1
 
 
 class BatchBuilder:
@@ -98,10 +125,12 @@ class BatchBuilder:
 
     def _reset(self) -> None:
         self.entries: list[Entry] = []
-        self._tokens: list[int] = []
-        self._positions: list[int] = []
-        self._slots: list[int] = []
-        self._logits_rows: list[int] = []
+        self._num_tokens = 0
+        self._tokens: list[np.ndarray] = []  # chunks, concatenated by build()
+        self._positions: list[np.ndarray] = []
+        self._slots: list[np.ndarray] = []
+        self._logits_rows: list[np.ndarray] = []
+        self._num_logits = 0
         self._undo: dict[Hashable, int | None] = {}  # length before this batch; None = added by this batch
         self._trees: set[Hashable] = set()
 
@@ -122,6 +151,7 @@ class BatchBuilder:
         n_total = len(tokens)
         if len(parents) != n_total or not 0 <= num_cached < n_total:
             raise ValueError("tokens and parents must have the same length and num_cached < len(tokens)")
+        parents = check_parents(parents)
         if seq_id in self._trees:
             raise ValueError(f"sequence {seq_id!r} already has a tree in this batch")
         self._register(seq_id)
@@ -130,13 +160,64 @@ class BatchBuilder:
             raise ValueError(f"num_cached={num_cached} nodes of {seq_id!r} were never written")
         self.alloc.reserve(seq_id, base + n_total)
         self._trees.add(seq_id)
-        depth = tree_depths(parents)
-        mask = tree_ancestor_mask(parents)[num_cached:]
-        new = range(num_cached, n_total)
-        slots = self.alloc.slots(seq_id, base + num_cached, base + n_total)
-        return self._push(Entry(seq_id, TREE, len(self._tokens), len(new), base, base + n_total, mask, range(0)),
-                          [int(tokens[i]) for i in new], [base + int(depth[i]) for i in new], slots,
+        depth = tree_depths(parents)[num_cached:]
+        slots = np.asarray(self.alloc.slots(seq_id, base + num_cached, base + n_total), np.int64)
+        entry = Entry(seq_id, TREE, self._num_tokens, n_total - num_cached, base, base + n_total, parents, range(0))
+        return self._push(entry, np.asarray(tokens, np.int64)[num_cached:], base + depth, slots,
                           "all" if logits else "none")
+
+    def add_trees(self, seq_ids: Sequence[Hashable], tokens: np.ndarray, parents: np.ndarray,
+                  offsets: np.ndarray) -> np.ndarray:
+        """Add one whole tree per sequence at once (``add_tree`` for many, without per-node Python):
+        tree ``i`` is ``tokens[offsets[i]:offsets[i+1]]`` with local ``parents`` (node 0 = root,
+        topologically ordered). Every node gets a logits row; returns the first row of every tree
+        (tree ``i``'s node ``j`` is row ``first[i] + j``)."""
+        offsets = np.asarray(offsets, np.int64)
+        sizes = np.diff(offsets)
+        n = len(sizes)
+        tokens, parents = np.asarray(tokens, np.int64), np.asarray(parents, np.int64)
+        if len(seq_ids) != n or len(tokens) != offsets[-1] or len(parents) != offsets[-1] or np.any(sizes < 1):
+            raise ValueError("add_trees: one non-empty tree per sequence, tokens/parents as long as offsets say")
+        local = np.arange(len(parents)) - np.repeat(offsets[:-1], sizes)
+        bad = np.flatnonzero((parents < -1) | (parents >= local) | ((parents == -1) != (local == 0)))
+        if len(bad):
+            raise ValueError(f"add_trees: node {int(local[bad[0]])} of tree {int(np.searchsorted(offsets, bad[0], 'right') - 1)}"
+                             f" has parent {int(parents[bad[0]])} (need -1 <= parent < node, one root first)")
+        if len(set(seq_ids)) != n or any(s in self._trees for s in seq_ids):
+            raise ValueError("add_trees: a sequence may have one tree per batch")
+        bs = self.alloc.block_size
+        base = np.empty(n, np.int64)
+        blocks: list[list[int]] = []
+        for i, (seq_id, size) in enumerate(zip(seq_ids, sizes.tolist())):
+            self._register(seq_id)
+            b = self.alloc.length(seq_id)
+            self.alloc.reserve(seq_id, b + size)
+            self._trees.add(seq_id)
+            base[i] = b
+            blocks.append(self.alloc.block_table(seq_id)[b // bs:])
+        global_parent = np.where(parents >= 0, parents + np.repeat(offsets[:-1], sizes), -1)
+        depth = tree_depths(global_parent)
+        pos = np.repeat(base, sizes) + local  # tentative KV positions
+        # slots: each tree's blocks from its first tentative position on, concatenated
+        nblk = np.fromiter((len(b) for b in blocks), np.int64, n)
+        flat_blocks = np.fromiter((x for b in blocks for x in b), np.int64, int(nblk.sum()))
+        blk_start = np.zeros(n, np.int64)
+        np.cumsum(nblk[:-1], out=blk_start[1:])
+        rel = pos - np.repeat(base - base % bs, sizes)
+        slots = flat_blocks[np.repeat(blk_start, sizes) + rel // bs] * bs + rel % bs
+        first = self._num_tokens + offsets[:-1]
+        first_logit = self._num_logits + offsets[:-1]
+        for i, seq_id in enumerate(seq_ids):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            self.entries.append(Entry(seq_id, TREE, int(first[i]), hi - lo, int(base[i]), int(base[i]) + hi - lo,
+                                      parents[lo:hi], range(int(first_logit[i]), int(first_logit[i]) + hi - lo)))
+        self._tokens.append(tokens)
+        self._positions.append(np.repeat(base, sizes) + depth)
+        self._slots.append(slots)
+        self._logits_rows.append(self._num_tokens + np.arange(len(tokens), dtype=np.int64))
+        self._num_tokens += len(tokens)
+        self._num_logits += len(tokens)
+        return first_logit
 
     def _add_chain(self, seq_id, tokens, kind, logits) -> range:
         if not len(tokens):
@@ -147,8 +228,9 @@ class BatchBuilder:
         base = self.alloc.length(seq_id)
         slots = self.alloc.append(seq_id, len(tokens))
         n = len(tokens)
-        entry = Entry(seq_id, kind, len(self._tokens), n, base, base + n, None, range(0))
-        return self._push(entry, [int(t) for t in tokens], list(range(base, base + n)), slots, logits)
+        entry = Entry(seq_id, kind, self._num_tokens, n, base, base + n, None, range(0))
+        return self._push(entry, np.asarray(tokens, np.int64), np.arange(base, base + n, dtype=np.int64),
+                          np.asarray(slots, np.int64), logits)
 
     def _register(self, seq_id):
         if seq_id not in self.alloc:
@@ -157,18 +239,20 @@ class BatchBuilder:
         else:
             self._undo.setdefault(seq_id, self.alloc.length(seq_id))
 
-    def _push(self, entry: Entry, tokens, positions, slots, logits) -> range:
+    def _push(self, entry: Entry, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logits) -> range:
         if logits not in ("last", "all", "none"):
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         n = entry.num_new
-        first = len(self._logits_rows)
         picked = {"all": range(n), "last": range(n - 1, n), "none": range(0)}[logits]
-        self._logits_rows.extend(entry.start + i for i in picked)
-        entry.logit_rows = range(first, len(self._logits_rows))
+        first = self._num_logits
+        self._logits_rows.append(entry.start + np.arange(picked.start, picked.stop, dtype=np.int64))
+        self._num_logits += len(picked)
+        entry.logit_rows = range(first, self._num_logits)
         self.entries.append(entry)
-        self._tokens += tokens
-        self._positions += positions
-        self._slots += slots
+        self._tokens.append(tokens)
+        self._positions.append(positions)
+        self._slots.append(slots)
+        self._num_tokens += n
         return entry.logit_rows
 
     def abort(self) -> None:
@@ -187,8 +271,9 @@ class BatchBuilder:
         if not self.entries:
             raise ValueError("empty batch")
         device = self.device if device is None else device
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        seq_index = np.repeat(np.arange(len(self.entries)), [e.num_new for e in self.entries])
+        as_long = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64, copy=False)).to(device)  # noqa: E731
+        num_new = np.fromiter((e.num_new for e in self.entries), np.int64, len(self.entries))
+        seq_index = np.repeat(np.arange(len(self.entries)), num_new)
         solo = [e for e in self.entries if e.num_new >= self.solo_threshold]
         shared = [e for e in self.entries if e.num_new < self.solo_threshold]
         groups = [self._group([e], device) for e in solo] + ([self._group(shared, device)] if shared else [])
@@ -198,25 +283,49 @@ class BatchBuilder:
                          torch.from_numpy(seq_index).to(device), as_long(self._logits_rows), self.entries, groups)
 
     def _group(self, entries: list[Entry], device) -> AttnGroup:
+        """One padded attention call; the mask is built with array operations over all entries:
+        every query row sees its sequence's committed context; a chain's rows see the chain up to
+        themselves, a tree's rows their ancestors (``ancestor_pairs``); padded rows see key 0 only."""
         bs = self.alloc.block_size
-        q = max(e.num_new for e in entries)
-        nblk = max(self.alloc.blocks_for(e.key_len) for e in entries)
         b = len(entries)
+        ctx = np.fromiter((e.context_len for e in entries), np.int64, b)
+        nnew = np.fromiter((e.num_new for e in entries), np.int64, b)
+        keys = np.fromiter((e.key_len for e in entries), np.int64, b)
+        start = np.fromiter((e.start for e in entries), np.int64, b)
+        q = int(nnew.max())
+        nblk_each = -(-keys // bs)
+        nblk = int(nblk_each.max())
         tables = np.zeros((b, nblk), dtype=np.int64)
-        mask = np.zeros((b, 1, q, nblk * bs), dtype=bool)
-        rows, pad = [], []
         for i, e in enumerate(entries):
-            table = self.alloc.block_table(e.seq_id)[: self.alloc.blocks_for(e.key_len)]
+            table = self.alloc.block_table(e.seq_id)[: nblk_each[i]]
             tables[i, : len(table)] = table
-            m = mask[i, 0]
-            m[: e.num_new, : e.context_len] = True
-            if e.tree_mask is None:
-                m[: e.num_new, e.context_len: e.key_len] = np.tri(e.num_new, dtype=bool)
-            else:
-                m[: e.num_new, e.context_len: e.key_len] = e.tree_mask
-            m[e.num_new:, 0] = True  # padded query rows attend somewhere (avoids NaN); their output is dropped
-            rows.extend(range(e.start, e.start + e.num_new))
-            pad.extend(range(i * q, i * q + e.num_new))
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return AttnGroup(as_long(rows), as_long(pad), torch.from_numpy(tables).to(device),
-                         torch.from_numpy(mask).to(device), q)
+        qi = np.arange(q)[None, :, None]
+        kj = np.arange(nblk * bs)[None, None, :]
+        c = ctx[:, None, None]
+        valid = qi < nnew[:, None, None]
+        mask = (kj < c) & valid  # every real row sees its context: the one full-size operation
+        chain = np.flatnonzero(np.fromiter((e.tree_parents is None for e in entries), bool, b))
+        if len(chain):  # a chain's rows also see its own tokens up to themselves
+            cc = c[chain]
+            mask[chain] |= valid[chain] & (kj >= cc) & (kj - cc <= qi)
+        mask[:, :, 0] |= ~valid[:, :, 0]  # padded query rows attend somewhere (avoids NaN); output dropped
+        trees = [i for i, e in enumerate(entries) if e.tree_parents is not None]
+        if trees:
+            par = [entries[i].tree_parents for i in trees]
+            sizes = np.fromiter((len(p) for p in par), np.int64, len(par))
+            off = np.zeros(len(par) + 1, np.int64)
+            np.cumsum(sizes, out=off[1:])
+            local = np.arange(off[-1]) - np.repeat(off[:-1], sizes)
+            parents = np.concatenate(par)
+            glob = np.where(parents >= 0, parents + np.repeat(off[:-1], sizes), -1)
+            node, anc = ancestor_pairs(glob)
+            owner = np.repeat(np.asarray(trees, np.int64), sizes)[node]
+            cached = (sizes - nnew[trees])[np.repeat(np.arange(len(par)), sizes)][node]  # nodes not computed now
+            row = local[node] - cached
+            keep = row >= 0
+            mask[owner[keep], row[keep], ctx[owner[keep]] + local[anc[keep]]] = True
+        j = np.arange(int(nnew.sum())) - np.repeat(np.cumsum(nnew) - nnew, nnew)  # row within its entry
+        rows = np.repeat(start, nnew) + j
+        pad = np.repeat(np.arange(b) * q, nnew) + j
+        return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
+                         torch.from_numpy(tables).to(device), torch.from_numpy(mask[:, None]).to(device), q)

@@ -47,69 +47,96 @@ class Drafter(Protocol):
 
 
 class TreeSet:
-    """The candidate trees of one batch while they grow (per-request lists, local node ids)."""
+    """The candidate trees of one batch while they grow, as flat arrays over all requests: each
+    level is grown for every request at once (``grow_level``), with no per-node Python.
+
+    Nodes get flat ids in creation order; the frontier (the last level's nodes) is kept grouped by
+    request. ``to_forest`` orders each request's nodes root first, then level by level, in the
+    order beam search created them."""
 
     def __init__(self, roots: Sequence[int]):
-        self.tokens = [[int(t)] for t in roots]
-        self.parents: list[list[int]] = [[-1] for _ in roots]
-        self.probs = [[1.0] for _ in roots]
-        self.frontier: list[list[int]] = [[0] for _ in roots]
-        self.expanded: list[dict[int, Expansion]] = [{} for _ in roots]
+        n = len(roots)
+        self.n_requests = n
+        self._tok = [np.asarray(roots, np.int64).reshape(n)]
+        self._par = [np.full(n, -1, np.int64)]
+        self._prob = [np.ones(n, np.float64)]
+        self._owner = [np.arange(n, dtype=np.int64)]
+        self.size = n
+        self.frontier = np.arange(n, dtype=np.int64)  # flat ids, grouped by request
+        self.frontier_owner = np.arange(n, dtype=np.int64)
+        self.frontier_prob = np.ones(n, np.float64)
+        self.frontier_token = self._tok[0]
+        self._expanded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, tokens, probs)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self.n_requests
 
     def live(self) -> list[int]:
-        return [i for i, f in enumerate(self.frontier) if f]
+        """Requests with a non-empty frontier, ascending (the frontier's request order)."""
+        return np.unique(self.frontier_owner).tolist()
 
-    def path_tokens(self, i: int, node: int) -> list[int]:
-        """Tokens from the root (exclusive) down to ``node`` (inclusive)."""
-        out = []
-        while node > 0:
-            out.append(self.tokens[i][node])
-            node = self.parents[i][node]
-        return out[::-1]
+    def local_trees(self, requests: Sequence[int]) -> list[tuple[list[int], list[int], int]]:
+        """The trees so far of ``requests``: tokens, local parents (node 0 = root), and how many of
+        each tree's nodes are not on the frontier (the draft model has their KV already)."""
+        tok, par, own = (np.concatenate(x) for x in (self._tok, self._par, self._owner))
+        order = np.argsort(own, kind="stable")  # per request: creation order
+        where = np.empty(self.size, np.int64)
+        where[order] = np.arange(self.size)
+        offsets = np.zeros(self.n_requests + 1, np.int64)
+        np.cumsum(np.bincount(own, minlength=self.n_requests), out=offsets[1:])
+        local = where - offsets[own]
+        parents = np.where(par >= 0, local[np.maximum(par, 0)], -1)[order].tolist()
+        tokens = tok[order].tolist()
+        on_frontier = np.bincount(self.frontier_owner, minlength=self.n_requests)
+        return [(tokens[offsets[i]:offsets[i + 1]], parents[offsets[i]:offsets[i + 1]],
+                 int(offsets[i + 1] - offsets[i] - on_frontier[i])) for i in requests]
 
-    def grow(self, i: int, exp: Expansion, keep: int | None, cols: int) -> None:
-        """Add children of request ``i``'s frontier from ``exp``: the first ``cols`` of each node;
-        ``keep``: beam search keeps that many highest-f̂ children overall, None keeps all."""
-        toks, ps = exp
-        frontier = self.frontier[i]
-        for f, node in enumerate(frontier):
-            self.expanded[i][node] = (toks[f, :RECORD_K], ps[f, :RECORD_K])
-        toks, ps = toks[:, :cols], ps[:, :cols]
-        path = np.asarray(self.probs[i])[frontier][:, None] * ps
-        cand = np.flatnonzero(((ps > 0) & (toks >= 0)).ravel())
-        if keep is not None:
-            cand = cand[np.argsort(-path.ravel()[cand], kind="stable")][:keep]
-        new = []
-        for j in cand:
-            f, k = divmod(int(j), toks.shape[1])
-            new.append(len(self.tokens[i]))
-            self.tokens[i].append(int(toks[f, k]))
-            self.parents[i].append(frontier[f])
-            self.probs[i].append(float(path[f, k]))
-        self.frontier[i] = new
+    def grow_level(self, toks: np.ndarray, ps: np.ndarray, keep: int | None, cols: int) -> np.ndarray:
+        """Add the next level: ``toks`` / ``ps`` [F, K] are the frontier nodes' next tokens (-1: none)
+        and conditional probabilities. Each node contributes its first ``cols``; beam search
+        (``keep``) then keeps, per request, the ``keep`` children with the highest path probability
+        (ties: frontier order, then column), None keeps all. Returns, for every new node, its
+        parent's position in the previous frontier."""
+        self._expanded.append((self.frontier, toks[:, :RECORD_K], ps[:, :RECORD_K]))
+        t, p = toks[:, :cols], ps[:, :cols]
+        path = (self.frontier_prob[:, None] * p).ravel()
+        cand = np.flatnonzero(((p > 0) & (t >= 0)).ravel())
+        own = self.frontier_owner[cand // cols]
+        if keep is not None and len(cand):
+            order = np.lexsort((cand, -path[cand], own))
+            cand, own = cand[order], own[order]
+            first = np.searchsorted(own, own)  # own is sorted: index of each request's first candidate
+            rank = np.arange(len(cand)) - first
+            cand, own = cand[rank < keep], own[rank < keep]
+        m = len(cand)
+        ids = np.arange(self.size, self.size + m, dtype=np.int64)
+        self.frontier_token = t.ravel()[cand].astype(np.int64)
+        self.frontier_prob = path[cand]
+        self._tok.append(self.frontier_token)
+        self._par.append(self.frontier[cand // cols])
+        self._prob.append(self.frontier_prob)
+        self._owner.append(own)
+        self.frontier, self.frontier_owner = ids, own
+        self.size += m
+        return cand // cols
 
     def to_forest(self) -> CandidateForest:
-        offsets = np.zeros(len(self) + 1, np.int64)
-        np.cumsum([len(t) for t in self.tokens], out=offsets[1:])
-        parent = np.concatenate([np.where(np.asarray(p) < 0, -1, np.asarray(p) + offsets[i])
-                                 for i, p in enumerate(self.parents)]).astype(np.int64)
-        depth = np.zeros(len(parent), np.int64)
-        for g in range(len(parent)):  # parents precede children
-            if parent[g] >= 0:
-                depth[g] = depth[parent[g]] + 1
-        n = int(offsets[-1])
-        next_tokens = np.full((n, RECORD_K), -1, np.int64)
-        next_probs = np.zeros((n, RECORD_K), np.float64)
-        expanded = np.zeros(n, bool)
-        for i, nodes in enumerate(self.expanded):
-            for node, (t, p) in nodes.items():
-                g = offsets[i] + node
-                next_tokens[g, :len(t)], next_probs[g, :len(p)], expanded[g] = t, p, True
-        return CandidateForest(offsets, parent, np.concatenate(self.tokens).astype(np.int64),
-                               np.concatenate(self.probs).astype(np.float64), depth,
+        tok, par, prob, own = (np.concatenate(x) for x in (self._tok, self._par, self._prob, self._owner))
+        depth = np.concatenate([np.full(len(t), d, np.int64) for d, t in enumerate(self._tok)])
+        order = np.argsort(own, kind="stable")  # per request: creation order (root, then by level)
+        where = np.empty(self.size, np.int64)
+        where[order] = np.arange(self.size)
+        offsets = np.zeros(self.n_requests + 1, np.int64)
+        np.cumsum(np.bincount(own, minlength=self.n_requests), out=offsets[1:])
+        p = par[order]
+        parent = np.where(p >= 0, where[np.maximum(p, 0)], -1)
+        next_tokens = np.full((self.size, RECORD_K), -1, np.int64)
+        next_probs = np.zeros((self.size, RECORD_K), np.float64)
+        expanded = np.zeros(self.size, bool)
+        for ids, t, q in self._expanded:
+            g = where[ids]
+            next_tokens[g, :t.shape[1]], next_probs[g, :q.shape[1]], expanded[g] = t, q, True
+        return CandidateForest(offsets, parent, tok[order], prob[order].astype(np.float64), depth[order],
                                {"next_tokens": next_tokens, "next_probs": next_probs, "expanded": expanded})
 
 
@@ -122,44 +149,348 @@ def level_plan(shape: SpecShape, level: int) -> tuple[int | None, int]:
 
 # ---- n-gram (prompt / suffix lookup) ----------------------------------------------------------
 
-class NgramIndex:
-    """n-gram -> {next token: count} over one request's committed tokens, updated incrementally."""
+WINDOW = 8  # probe slots an _IntMap looks at per round
+_WINDOW_STEPS = np.arange(WINDOW, dtype=np.int64)
+
+
+class _IntMap:
+    """int64 keys (>= 0) -> int64 values: open addressing with linear probing, every operation on
+    arrays of keys at once (a round per probe step, not a Python step per key)."""
+
+    def __init__(self, capacity: int = 1024):
+        self._alloc(capacity)
+        self.size = 0
+
+    def _alloc(self, capacity: int) -> None:
+        self.keys = np.full(capacity, -1, np.int64)
+        self.vals = np.zeros(capacity, np.int64)
+        self._bits = capacity.bit_length() - 1
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing (wraps mod 2**64)
+        return (h >> np.uint64(64 - self._bits)).astype(np.int64)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The slot of every key, -1 where absent. Each round looks at a window of ``WINDOW`` probe
+        slots per key: a key is found before the first empty slot of its probe sequence or absent."""
+        out = np.full(len(keys), -1, np.int64)
+        slot = self._hash(keys)
+        todo = np.arange(len(keys))
+        mask = len(self.keys) - 1
+        while len(todo):
+            win = (slot[todo, None] + _WINDOW_STEPS) & mask
+            k = self.keys[win]
+            hit = k == keys[todo, None]
+            stop = hit | (k < 0)
+            first = stop.argmax(1)
+            rows = np.arange(len(todo))
+            done = stop[rows, first]
+            found = done & hit[rows, first]
+            out[todo[found]] = win[found, first[found]]
+            todo = todo[~done]
+            slot[todo] = (slot[todo] + WINDOW) & mask
+        return out
+
+    def insert(self, keys: np.ndarray) -> np.ndarray:
+        """Add distinct keys that are not present (values 0); returns their slots. Each key takes the
+        first free slot of its probe sequence (one key per slot per round; the others retry)."""
+        if 2 * (self.size + len(keys)) > len(self.keys):
+            self._rehash(2 * (self.size + len(keys)))
+        out = np.empty(len(keys), np.int64)
+        slot = self._hash(keys)
+        todo = np.arange(len(keys))
+        mask = len(self.keys) - 1
+        while len(todo):
+            win = (slot[todo, None] + _WINDOW_STEPS) & mask
+            free = self.keys[win] < 0
+            first = free.argmax(1)
+            rows = np.arange(len(todo))
+            has = free[rows, first]
+            target = win[rows, first]
+            claim = np.flatnonzero(has)
+            won_slot, pick = np.unique(target[claim], return_index=True)  # one key per free slot
+            won = claim[pick]
+            self.keys[won_slot] = keys[todo[won]]
+            out[todo[won]] = won_slot
+            left = np.ones(len(todo), bool)
+            left[won] = False
+            slot[todo[~has]] = (slot[todo[~has]] + WINDOW) & mask  # a full window: probe further
+            todo = todo[left]
+        self.size += len(keys)
+        return out
+
+    def get_or_insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, inserted?) of distinct ``keys``, adding the absent ones."""
+        if 2 * (self.size + len(keys)) > len(self.keys):  # grow first: slots found now stay valid
+            self._rehash(2 * (self.size + len(keys)))
+        slots = self.find(keys)
+        new = slots < 0
+        if new.any():
+            slots[new] = self.insert(keys[new])
+        return slots, new
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        used = self.keys >= 0
+        return self.keys[used], self.vals[used]
+
+    def _rehash(self, at_least: int) -> None:
+        keys, vals = self.items()
+        self._alloc(1 << max(10, (at_least - 1).bit_length()))
+        self.size = 0
+        if len(keys):
+            slots = self.insert(keys)
+            self.vals[slots] = vals
+
+
+TOKEN_BITS = 21  # n-gram keys pack (id << TOKEN_BITS) | token: token ids below 2**21
+
+
+class NgramTable:
+    """n-gram -> {next token: count} for many sequences at once, on arrays.
+
+    Every n-gram of a sequence has an id: the empty n-gram is the sequence's root id, and
+    ``id(t1..tn) = grams[(id(t1..tn-1) << TOKEN_BITS) | tn]``. So the ids of the n-grams ending at a
+    tree node come from its parent's in one step (``extend``): a whole tree level of every request
+    is one hash-map probe. Per id: the total count of continuations and the top ``RECORD_K``
+    continuations by (count desc, token asc), kept exact incrementally (counts only grow, so a
+    token enters the top only when its own count grows). ``update`` indexes the tokens every
+    sequence committed since its last call (one probe per n for all of them). Released sequences'
+    entries are dropped by compaction once they outnumber the live ones."""
 
     def __init__(self, max_n: int):
         self.max_n = max_n
-        self.counts: dict[tuple[int, ...], dict[int, int]] = {}
-        self._top: dict[tuple[int, ...], Expansion] = {}
-        self.seen = 0
+        self.seqs: dict = {}  # seq_id -> [root id, tokens indexed]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.grams = _IntMap()  # (prefix id << TOKEN_BITS) | last token -> gram id
+        self.nexts = _IntMap()  # (gram id << TOKEN_BITS) | next token -> count
+        self.n_ids = 0
+        self.total = np.zeros(1024, np.int64)  # per id: continuations counted
+        self.top_tok = np.full((1024, RECORD_K), -1, np.int64)
+        self.top_cnt = np.zeros((1024, RECORD_K), np.int64)
+        self.root_of = np.zeros(1024, np.int64)  # per id: its sequence's root id
+        self.dead = 0  # ids of released sequences still stored
+
+    def _new_ids(self, roots: np.ndarray) -> np.ndarray:
+        m = len(roots)
+        ids = np.arange(self.n_ids, self.n_ids + m, dtype=np.int64)
+        if self.n_ids + m > len(self.total):
+            cap = 2 * (self.n_ids + m)
+            grow = lambda a, fill: np.concatenate([a, np.full((cap - len(a),) + a.shape[1:], fill, a.dtype)])  # noqa: E731
+            self.total, self.root_of = grow(self.total, 0), grow(self.root_of, 0)
+            self.top_tok, self.top_cnt = grow(self.top_tok, -1), grow(self.top_cnt, 0)
+        self.root_of[ids] = np.where(roots < 0, ids, roots)
+        self.n_ids += m
+        return ids
+
+    def root(self, seq_id) -> int:
+        state = self.seqs.get(seq_id)
+        if state is None:
+            state = self.seqs[seq_id] = [int(self._new_ids(np.array([-1]))[0]), 0]
+        return state[0]
+
+    def extend(self, prefix: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The ids of the n-grams ``prefix + token`` (-1 where the prefix is -1, the token < 0, or
+        the n-gram was never seen)."""
+        out = np.full(prefix.shape, -1, np.int64)
+        ok = (prefix >= 0) & (tokens >= 0)
+        slots = self.grams.find((prefix[ok] << TOKEN_BITS) | tokens[ok])
+        out[ok] = np.where(slots >= 0, self.grams.vals[slots], -1)
+        return out
+
+    def update(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> None:
+        """Index the tokens each ``(seq_id, ids)`` gained since its last update."""
+        tails, roots, new_from = [], [], []
+        for seq_id, ids in seqs:
+            root = self.root(seq_id)
+            state = self.seqs[seq_id]
+            a, n = max(state[1], 1), len(ids)
+            state[1] = max(state[1], n)
+            if n <= a:
+                continue
+            lo = max(a - self.max_n, 0)  # the n-grams before the new positions start here
+            tails.append(np.asarray(ids[lo:n], np.int64))
+            roots.append(root)
+            new_from.append(a - lo)
+        if not tails:
+            return
+        tok = np.concatenate(tails)
+        if tok.max() >= 1 << TOKEN_BITS or tok.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {1 << TOKEN_BITS})")
+        sizes = np.fromiter((len(t) for t in tails), np.int64, len(tails))
+        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        at = np.arange(len(tok)) - start  # position within its tail
+        new = at >= np.repeat(np.asarray(new_from, np.int64), sizes)  # positions whose continuations are new
+        ids = np.repeat(np.asarray(roots, np.int64), sizes)  # n = 0: the empty n-gram before every position
+        owner = ids
+        grams, conts = [], []
+        for n in range(1, self.max_n + 1):
+            # the n-gram ending just before position q is the (n-1)-gram before q-1 plus token q-1
+            before = np.roll(ids, 1)
+            q = np.flatnonzero((at >= n) & (before >= 0))
+            keys = (before[q] << TOKEN_BITS) | tok[q - 1]
+            uniq, inv = np.unique(keys, return_inverse=True)
+            slots, fresh = self.grams.get_or_insert(uniq)
+            if fresh.any():
+                first_owner = np.empty(len(uniq), np.int64)
+                first_owner[inv] = owner[q]
+                self.grams.vals[slots[fresh]] = self._new_ids(first_owner[fresh])
+            ids = np.full(len(tok), -1, np.int64)
+            ids[q] = self.grams.vals[slots][inv]
+            counted = q[new[q]]
+            grams.append(ids[counted])
+            conts.append(tok[counted])
+        pair, counts = np.unique((np.concatenate(grams) << TOKEN_BITS) | np.concatenate(conts), return_counts=True)
+        slots, _ = self.nexts.get_or_insert(pair)
+        self.nexts.vals[slots] += counts
+        gid = pair >> TOKEN_BITS
+        np.add.at(self.total, gid, counts)
+        self._update_top(gid, pair & ((1 << TOKEN_BITS) - 1), self.nexts.vals[slots])
+
+    def _update_top(self, gid: np.ndarray, tok: np.ndarray, cnt: np.ndarray) -> None:
+        """``(gid, tok)`` pairs sorted and distinct, ``cnt`` their new counts. Merge the grown counts into each gram's top list: the old top (with the grown counts)
+        plus the grown tokens, ranked by (count desc, token asc), first ``RECORD_K`` kept."""
+        ids = np.unique(gid)
+        old_t, old_c = self.top_tok[ids].ravel(), self.top_cnt[ids].ravel()
+        old_g = np.repeat(ids, RECORD_K)
+        grown = (gid << TOKEN_BITS) | tok  # sorted (np.unique made the pairs)
+        old_key = (old_g << TOKEN_BITS) | np.maximum(old_t, 0)
+        at = np.minimum(np.searchsorted(grown, old_key), len(grown) - 1)
+        stale = (old_t < 0) | (grown[at] == old_key)  # padding, or a count that grew (it comes anew)
+        g = np.concatenate([old_g[~stale], gid])
+        t = np.concatenate([old_t[~stale], tok])
+        c = np.concatenate([old_c[~stale], cnt])
+        order = np.lexsort((t, -c, g))
+        g, t, c = g[order], t[order], c[order]
+        rank = np.arange(len(g)) - np.searchsorted(g, g)
+        keep = rank < RECORD_K
+        row = np.searchsorted(ids, g[keep])
+        top_t = np.full((len(ids), RECORD_K), -1, np.int64)
+        top_c = np.zeros((len(ids), RECORD_K), np.int64)
+        top_t[row, rank[keep]], top_c[row, rank[keep]] = t[keep], c[keep]
+        self.top_tok[ids], self.top_cnt[ids] = top_t, top_c
+
+    def suffix_ids(self, roots: np.ndarray, suffix: np.ndarray) -> np.ndarray:
+        """[F, max_n + 1]: column n holds the id of the n-gram that ends ``suffix[row]`` ([F, m],
+        left-padded with -1) in sequence ``roots[row]`` (column 0: the root; -1: never seen)."""
+        f, m = suffix.shape
+        out = np.full((f, self.max_n + 1), -1, np.int64)
+        out[:, 0] = roots
+        for k in range(m):  # the n-gram of length n starts at column m - n: extend all together
+            ns = np.arange(max(1, m - k), min(self.max_n, m) + 1)
+            prev = np.where(k == m - ns, np.asarray(roots)[:, None], out[:, ns])
+            out[:, ns] = self.extend(prev, np.broadcast_to(suffix[:, k:k + 1], prev.shape))
+        return out
+
+    def child_ids(self, parent_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``suffix_ids`` of children from their parents' rows and their own tokens (one probe)."""
+        out = np.empty_like(parent_ids)
+        out[:, 0] = parent_ids[:, 0]
+        out[:, 1:] = self.extend(parent_ids[:, :-1], np.broadcast_to(tokens[:, None], parent_ids[:, 1:].shape))
+        return out
+
+    def continuations(self, gram_ids: np.ndarray, min_n: int, prior: float) -> Expansion:
+        """For every row of ``suffix_ids``: the continuations of its longest seen n-gram with
+        ``n >= min_n``: tokens [F, RECORD_K] (-1: none) and ``count / (occurrences + prior)``."""
+        f = len(gram_ids)
+        n = (gram_ids[:, 1:] >= 0).sum(1)  # seen n-grams are suffix-closed: the longest is the count
+        best = gram_ids[np.arange(f), n]
+        rows = np.flatnonzero(n >= min_n)
+        toks = np.full((f, RECORD_K), -1, np.int64)
+        probs = np.zeros((f, RECORD_K), np.float64)
+        g = best[rows]
+        toks[rows] = self.top_tok[g]
+        probs[rows] = self.top_cnt[g] / (self.total[g] + prior)[:, None]
+        return toks, probs
+
+    def lookup(self, roots: np.ndarray, suffix: np.ndarray, min_n: int, prior: float) -> Expansion:
+        """``continuations`` of ``suffix_ids``."""
+        return self.continuations(self.suffix_ids(roots, suffix), min_n, prior)
+
+    def release(self, seq_id) -> None:
+        state = self.seqs.pop(seq_id, None)
+        if state is None:
+            return
+        if not self.seqs:
+            self._reset()
+            return
+        self.dead += int((self.root_of[:self.n_ids] == state[0]).sum())
+        if self.dead > self.n_ids // 2:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the released sequences' ids and entries, renumbering the live ids densely."""
+        live_roots = np.array(sorted(s[0] for s in self.seqs.values()), np.int64)
+        live = np.isin(self.root_of[:self.n_ids], live_roots)
+        new_id = np.cumsum(live) - 1
+        total, top_t, top_c, root_of = (x[:self.n_ids][live] for x in (self.total, self.top_tok, self.top_cnt,
+                                                                        self.root_of))
+        gk, gv = self.grams.items()
+        nk, nv = self.nexts.items()
+        keep_g = live[gv]
+        keep_n = live[nk >> TOKEN_BITS]
+        mask = (1 << TOKEN_BITS) - 1
+        gk = (new_id[gk[keep_g] >> TOKEN_BITS] << TOKEN_BITS) | (gk[keep_g] & mask)
+        nk = (new_id[nk[keep_n] >> TOKEN_BITS] << TOKEN_BITS) | (nk[keep_n] & mask)
+        self._reset()
+        self._new_ids(new_id[root_of])
+        self.total[:len(total)], self.top_tok[:len(total)], self.top_cnt[:len(total)] = total, top_t, top_c
+        if len(gk):
+            slots = self.grams.insert(gk)  # (may reallocate: index the arrays afterwards)
+            self.grams.vals[slots] = new_id[gv[keep_g]]
+        if len(nk):
+            slots = self.nexts.insert(nk)
+            self.nexts.vals[slots] = nv[keep_n]
+        for state in self.seqs.values():
+            state[0] = int(new_id[state[0]])
+
+
+class NgramIndex:
+    """One sequence's n-gram index (an ``NgramTable`` holding that sequence alone), updated
+    incrementally: ``counts`` is the n-gram -> {next token: count} mapping it holds."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+        self.table = NgramTable(max_n)
+        self.root = self.table.root(0)
+
+    @property
+    def seen(self) -> int:
+        return self.table.seqs[0][1]
 
     def update(self, ids: Sequence[int]) -> None:
-        for j in range(max(self.seen, 1), len(ids)):
-            nxt = ids[j]
-            for n in range(1, min(self.max_n, j) + 1):
-                key = tuple(ids[j - n:j])
-                d = self.counts.setdefault(key, {})
-                d[nxt] = d.get(nxt, 0) + 1
-                self._top.pop(key, None)
-        self.seen = max(self.seen, len(ids))
+        self.table.update([(0, ids)])
 
     def lookup(self, suffix: Sequence[int], min_n: int, prior: float) -> Expansion | None:
         """Continuations of the longest matching n-gram (tokens by count, ``count / (total + prior)``)."""
-        for n in range(min(self.max_n, len(suffix)), min_n - 1, -1):
-            key = tuple(suffix[-n:])
-            if key in self.counts:
-                return self._top.get(key) or self._rank(key, prior)
-        return None
+        tail = [int(t) for t in suffix][-self.max_n:]
+        sfx = np.full((1, self.max_n), -1, np.int64)
+        sfx[0, self.max_n - len(tail):] = tail
+        toks, probs = self.table.lookup(np.array([self.root]), sfx, min_n, prior)
+        k = int((toks[0] >= 0).sum())
+        return (toks[0, :k], probs[0, :k]) if k else None
 
-    def _rank(self, key: tuple[int, ...], prior: float) -> Expansion:
-        d = self.counts[key]
-        top = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:RECORD_K]
-        total = sum(d.values()) + prior
-        out = (np.array([t for t, _ in top], np.int64), np.array([c / total for _, c in top], np.float64))
-        self._top[key] = out
+    @property
+    def counts(self) -> dict[tuple[int, ...], dict[int, int]]:
+        gk, gv = self.table.grams.items()
+        gram = {self.root: ()}
+        pending = dict(zip(gv.tolist(), zip((gk >> TOKEN_BITS).tolist(), (gk & ((1 << TOKEN_BITS) - 1)).tolist())))
+        while pending:  # an n-gram's id comes from its (n-1)-gram's: resolve shortest first
+            for gid, (prev, tok) in list(pending.items()):
+                if prev in gram:
+                    gram[gid] = gram[prev] + (tok,)
+                    del pending[gid]
+        out: dict[tuple[int, ...], dict[int, int]] = {}
+        nk, nv = self.table.nexts.items()
+        for g, t, c in zip((nk >> TOKEN_BITS).tolist(), (nk & ((1 << TOKEN_BITS) - 1)).tolist(), nv.tolist()):
+            out.setdefault(gram[g], {})[t] = c
         return out
 
 
 class NgramDrafter:
-    """Prompt/suffix lookup trees; path probabilities are products of frequency confidences."""
+    """Prompt/suffix lookup trees; path probabilities are products of frequency confidences. One
+    ``NgramTable`` holds every request's n-grams; each level of all trees is one ``lookup``."""
 
     name = "ngram"
 
@@ -167,31 +498,37 @@ class NgramDrafter:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.prior = max_ngram, min_ngram, prior
-        self._index: dict[int, NgramIndex] = {}
+        self.table = NgramTable(max_ngram)
+
+    @property
+    def _index(self) -> dict:
+        """The requests the table holds (empty once all are released)."""
+        return self.table.seqs
 
     def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
         trees = TreeSet([s.last for s in seqs])
-        for s in seqs:
-            self._index.setdefault(s.seq_id, NgramIndex(self.max_ngram)).update(s.ids)
+        self.table.update([(s.seq_id, s.ids) for s in seqs])  # only the tokens committed since the last call
+        roots = np.fromiter((self.table.root(s.seq_id) for s in seqs), np.int64, len(seqs))
+        m = self.max_ngram
+        suffix = np.full((len(seqs), m), -1, np.int64)  # the roots' last m committed tokens
+        for i, s in enumerate(seqs):
+            tail = s.ids[-m:]
+            suffix[i, m - len(tail):] = tail
+        grams = self.table.suffix_ids(roots, suffix)  # per frontier node: ids of the n-grams ending there
         for level in range(shape.depth):
+            if not len(trees.frontier):
+                break
             keep, cols = level_plan(shape, level)
-            for i in trees.live():
-                trees.grow(i, self._expand(seqs[i], trees, i), keep, cols)
+            parent = trees.grow_level(*self._expand_level(trees, grams), keep, cols)
+            grams = self.table.child_ids(grams[parent], trees.frontier_token)
         return trees.to_forest()
 
-    def _expand(self, seq: SeqState, trees: TreeSet, i: int) -> Expansion:
-        index = self._index[seq.seq_id]
-        toks = np.full((len(trees.frontier[i]), RECORD_K), -1, np.int64)
-        ps = np.zeros(toks.shape, np.float64)
-        head = seq.ids[-self.max_ngram:]
-        for f, node in enumerate(trees.frontier[i]):
-            found = index.lookup(head + trees.path_tokens(i, node), self.min_ngram, self.prior)
-            if found is not None:
-                toks[f, :len(found[0])], ps[f, :len(found[1])] = found
-        return toks, ps
+    def _expand_level(self, trees: TreeSet, grams: np.ndarray) -> Expansion:
+        """The next tokens [F, RECORD_K] (-1: none) and confidences of every frontier node."""
+        return self.table.continuations(grams, self.min_ngram, self.prior)
 
     def release(self, seq_id: int) -> None:
-        self._index.pop(seq_id, None)
+        self.table.release(seq_id)
 
 
 # ---- draft model ------------------------------------------------------------------------------
@@ -222,8 +559,8 @@ class ModelDrafter:
                 exps = self._expand(seqs, trees, live, level == 0, max(cols, RECORD_K))
                 if exps is None:  # out of draft KV blocks: stop growing, the trees stay valid
                     break
-                for i, exp in zip(live, exps):
-                    trees.grow(i, exp, keep, cols)
+                trees.grow_level(np.concatenate([e[0] for e in exps]), np.concatenate([e[1] for e in exps]),
+                                 keep, cols)
         finally:
             for s in seqs:
                 if s.seq_id in self.cache.alloc:
@@ -235,12 +572,11 @@ class ModelDrafter:
         b = BatchBuilder(self.cache)
         rows = []
         try:
-            for i in live:
+            for i, (tokens, parents, cached) in zip(live, trees.local_trees(live)):
                 s = seqs[i]
                 if catch_up:
                     self._catch_up(b, s)
-                cached = len(trees.tokens[i]) - len(trees.frontier[i])
-                rows.append(b.add_tree(s.seq_id, trees.tokens[i], trees.parents[i], num_cached=cached))
+                rows.append(b.add_tree(s.seq_id, tokens, parents, num_cached=cached))
         except OutOfBlocks:
             b.abort()
             return None

@@ -42,12 +42,13 @@ from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 
 from .batch import BatchBuilder, FlatBatch
+from .cuda_graphs import GraphedModel, GraphRunner, cache_with_scratch_block, make_graph_runner
 from .drafters import Drafter
 from .kv_cache import BLOCK_SIZE
 from .model import Transformer
 from .recorder import AcceptanceRecorder
 from .sequence import SamplingOptions, SeqState
-from .verify import cut, greedy_walk, gumbel_noise, softmax, stochastic_walk, target_logits
+from .verify import cut, greedy_walk, greedy_walks, gumbel_noise, softmax, stochastic_walk, target_logits
 
 log = logging.getLogger("adaserve.engine")
 
@@ -72,31 +73,62 @@ class Tree:
     nodes: np.ndarray
 
 
-def selected_trees(forest: CandidateForest, selected: np.ndarray, roots: Sequence[int]) -> list[Tree]:
-    """The selected nodes of every request as a tree whose root token is the request's last token."""
+@dataclass
+class TreeBatch:
+    """Every decoding request's selected tree as flat arrays: tree ``i`` is ``[offsets[i], offsets[i+1])``;
+    ``tokens`` (node 0 = the request's last token), local ``parents`` (-1 for the root), and the
+    nodes' global forest indices."""
+
+    offsets: np.ndarray
+    tokens: np.ndarray
+    parents: np.ndarray
+    nodes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def tree(self, i: int) -> Tree:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Tree(self.tokens[lo:hi].tolist(), self.parents[lo:hi].tolist(), self.nodes[lo:hi])
+
+
+def select_trees(forest: CandidateForest, selected: np.ndarray, roots: Sequence[int]) -> TreeBatch:
+    """The selected nodes of every request (its root always included) as one ``TreeBatch``, with
+    array operations only."""
     if forest.n_requests != len(roots):
         raise ValueError(f"forest has {forest.n_requests} trees for {len(roots)} decoding requests")
-    sel = np.asarray(selected, bool)
-    out = []
-    for i, root in enumerate(roots):
-        lo, hi = int(forest.offsets[i]), int(forest.offsets[i + 1])
-        nodes = lo + np.flatnonzero(sel[lo:hi])
-        if len(nodes) == 0 or nodes[0] != lo:
-            nodes = np.concatenate(([lo], nodes[nodes != lo]))
-        local = {int(g): j for j, g in enumerate(nodes)}
-        try:
-            parents = [-1] + [local[int(p)] for p in forest.parent[nodes[1:]]]
-        except KeyError:
-            raise ValueError(f"selection of request {i} is not connected (a node without its parent)") from None
-        out.append(Tree([int(root)] + forest.token[nodes[1:]].tolist(), parents, nodes))
-    return out
+    sel = np.array(selected, bool)
+    if sel.shape != (forest.n_nodes,):
+        raise ValueError(f"selection has shape {sel.shape}, the forest {forest.n_nodes} nodes")
+    sel[forest.offsets[:-1]] = True
+    nodes = np.flatnonzero(sel)
+    parent = forest.parent[nodes]
+    has = parent >= 0
+    orphan = has & ~sel[np.where(has, parent, 0)]
+    if orphan.any():
+        i = int(np.searchsorted(forest.offsets, nodes[np.argmax(orphan)], "right") - 1)
+        raise ValueError(f"selection of request {i} is not connected (a node without its parent)")
+    offsets = np.searchsorted(nodes, forest.offsets)  # every tree's first selected node (its root)
+    new = np.cumsum(sel) - 1  # each selected node's index in ``nodes``
+    start = np.repeat(offsets[:-1], np.diff(offsets))
+    parents = np.where(has, new[np.where(has, parent, 0)] - start, -1)
+    tokens = forest.token[nodes].astype(np.int64, copy=True)
+    tokens[offsets[:-1]] = np.asarray(roots, np.int64)
+    return TreeBatch(offsets.astype(np.int64), tokens, parents.astype(np.int64), nodes)
+
+
+def selected_trees(forest: CandidateForest, selected: np.ndarray, roots: Sequence[int]) -> list[Tree]:
+    """The selected nodes of every request as a tree whose root token is the request's last token."""
+    tb = select_trees(forest, selected, roots)
+    return [tb.tree(i) for i in range(len(tb))]
 
 
 @dataclass
 class _Step:
     batch: FlatBatch
     prefill_rows: list[range]
-    tree_rows: list[range]
+    tree_rows: np.ndarray  # first logits row of every tree (its node j is row tree_rows[i] + j)
+    trees: TreeBatch
 
 
 class TorchExecutor:
@@ -105,11 +137,22 @@ class TorchExecutor:
     def __init__(self, model: Transformer, latency: LatencyProfile, drafter: Drafter | None = None, *,
                  tokenizer=None, num_blocks: int | None = None, block_size: int = BLOCK_SIZE,
                  temperature: float = 0.0, seed: int = 0, recorder: AcceptanceRecorder | None = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, cuda_graphs: bool = False):
         self.model, self.latency, self.drafter, self.tokenizer = model, latency, drafter, tokenizer
         self.device = model.lm_head.weight.device
         self.num_blocks = num_blocks or default_num_blocks(latency.limits, block_size)
-        self.cache = model.make_cache(self.num_blocks, block_size)
+        # decode and verification steps replay CUDA graphs (engine/cuda_graphs.py): ``self.model``
+        # is then the model behind a graph runner, called the same way; on the CPU the same padded
+        # path runs eagerly (tests)
+        self.graphs: GraphRunner | None = None
+        if cuda_graphs:
+            self.cache, scratch = cache_with_scratch_block(model, self.num_blocks, block_size)
+            lim = latency.limits
+            self.graphs = make_graph_runner(model, self.cache, scratch, lim.max_batch_requests, lim.max_seq_len,
+                                            lim.max_batch_tokens)
+            self.model = GraphedModel(self.graphs)
+        else:
+            self.cache = model.make_cache(self.num_blocks, block_size)
         self.kv_capacity_tokens = kv_capacity_tokens(self.num_blocks, block_size, latency.limits.max_batch_requests)
         # the default for requests without options of their own (raises on a negative temperature)
         self.default_options = SamplingOptions(temperature=float(temperature), ignore_eos=bool(ignore_eos))
@@ -212,33 +255,21 @@ class TorchExecutor:
     def execute(self, prefill: list[tuple[Request, int]], decode: list[Request],
                 forest: CandidateForest, selected: np.ndarray, max_commit: np.ndarray) -> StepOutput:
         seqs = [self._seq(r) for r in decode]
-        trees = selected_trees(forest, selected, [s.last for s in seqs])
-        step = self._build(prefill, seqs, trees)
+        step = self._build(prefill, seqs, forest, selected)
         logits = self.model(step.batch, self.cache)
-        greedy = logits.argmax(-1).tolist()  # the greedy requests' tokens (cheap next to the forward)
         failed: dict[int, str] = {}  # requests whose own sampling failed: they alone end
+        greedy, walks = self._verify(decode, seqs, step, logits, failed)
         first, first_eos = self._first_tokens(prefill, step.prefill_rows, logits, greedy, failed)
-        committed = np.zeros(len(decode), np.int64)
-        eos = np.zeros(len(decode), bool)
-        tokens: list[list[int]] = []
-        for i, (r, seq, tree) in enumerate(zip(decode, seqs, trees)):
-            rows = step.tree_rows[i]
-            try:
-                path, out = self._walk(seq, tree, rows, logits, greedy)
-            except Exception as e:  # this request's own sampling: it alone fails
-                failed[r.rid] = self._failure(r, e)
-                path, out = [], []
-            else:
-                path, out = cut(path, out, int(max_commit[i]), seq.eos)
-                if self.recorder is not None:
-                    self._record(r, seq, tree, path, out, forest)
-            self.cache.commit(seq.seq_id, path)
-            seq.ids.extend(out)
-            tokens.append(out)
-            committed[i], eos[i] = len(out), bool(out) and out[-1] in seq.eos
+        committed, eos, tokens = self._commit_trees(decode, seqs, step.trees, walks, max_commit, forest)
         return StepOutput(committed, eos, first_eos, tokens, first, failed)
 
-    def _build(self, prefill: list[tuple[Request, int]], seqs: list[SeqState], trees: list[Tree]) -> _Step:
+    # The phases of ``execute`` are methods of their own so that ``adaserve bench engine --only host``
+    # can time each one (draft, batch build, forward, verification, commit).
+
+    def _build(self, prefill: list[tuple[Request, int]], seqs: list[SeqState], forest: CandidateForest,
+               selected: np.ndarray) -> _Step:
+        """The selected trees and the flat batch (prefill chunks first, then one tree per request)."""
+        trees = select_trees(forest, selected, [s.last for s in seqs])
         b = BatchBuilder(self.cache)
         try:
             prefill_rows = []
@@ -247,14 +278,70 @@ class TorchExecutor:
                 end = r.prefilled + chunk  # the loop owns prefill progress; it advances after the step
                 prefill_rows.append(b.add_prefill(r.rid, seq.ids[r.prefilled:end],
                                                   logits="last" if end >= seq.n_prompt else "none"))
-            tree_rows = [b.add_tree(s.seq_id, t.tokens, t.parents) for s, t in zip(seqs, trees)]
+            tree_rows = (b.add_trees([s.seq_id for s in seqs], trees.tokens, trees.parents, trees.offsets)
+                         if seqs else np.zeros(0, np.int64))
             batch = b.build(self.device)
         except BaseException:
             b.abort()
             raise
-        return _Step(batch, prefill_rows, tree_rows)
+        return _Step(batch, prefill_rows, tree_rows, trees)
 
-    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: list[int],
+    def _verify(self, decode: list[Request], seqs: list[SeqState], step: _Step, logits: torch.Tensor,
+                failed: dict[int, str]) -> tuple[np.ndarray, list[tuple[list[int], list[int]] | None]]:
+        """The target's argmax of every logits row, and each tree's walk ``(path, out)`` (None for a
+        request whose own sampling failed; it is added to ``failed``). The greedy trees are walked
+        all at once (``greedy_walks``), the sampled ones one by one."""
+        greedy = logits.argmax(-1).cpu().numpy()
+        tb = step.trees
+        walks: list[tuple[list[int], list[int]] | None] = [None] * len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.options.greedy]
+        if plain:
+            sizes = np.diff(tb.offsets)
+            if len(plain) == len(seqs):
+                lo, offsets = tb.offsets[:-1], tb.offsets
+            else:
+                lo = tb.offsets[plain]
+                offsets = np.concatenate(([0], np.cumsum(sizes[plain])))
+            idx = np.repeat(lo - offsets[:-1], np.diff(offsets)) + np.arange(offsets[-1])  # nodes in tb
+            rows = np.repeat(step.tree_rows[plain] - offsets[:-1], np.diff(offsets)) + np.arange(offsets[-1])
+            for i, w in zip(plain, greedy_walks(tb.tokens[idx], tb.parents[idx], offsets, greedy[rows])):
+                walks[i] = w
+        for i, (r, seq) in enumerate(zip(decode, seqs)):
+            if seq.options.greedy:
+                continue
+            try:
+                rows = range(int(step.tree_rows[i]), int(step.tree_rows[i]) + int(tb.offsets[i + 1] - tb.offsets[i]))
+                walks[i] = self._walk(seq, tb.tree(i), rows, logits)
+            except Exception as e:  # this request's own sampling: it alone fails
+                failed[r.rid] = self._failure(r, e)
+                walks[i] = None
+        return greedy, walks
+
+    def _commit_trees(self, decode: list[Request], seqs: list[SeqState], trees: TreeBatch,
+                      walks: list[tuple[list[int], list[int]] | None], max_commit: np.ndarray,
+                      forest: CandidateForest) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """Cap each walk (``cut``), keep the accepted paths' KV (one ``KVCache.commit_many``), append
+        the tokens to the requests."""
+        committed = np.zeros(len(decode), np.int64)
+        eos = np.zeros(len(decode), bool)
+        tokens: list[list[int]] = []
+        paths: dict[int, list[int]] = {}
+        caps = np.asarray(max_commit).tolist()
+        for i, (seq, walk) in enumerate(zip(seqs, walks)):
+            if walk is None:
+                path, out = [], []
+            else:
+                path, out = cut(walk[0], walk[1], caps[i], seq.eos)
+                if self.recorder is not None:
+                    self._record(decode[i], seq, trees.tree(i), path, out, forest)
+            paths[seq.seq_id] = path
+            seq.ids.extend(out)
+            tokens.append(out)
+            committed[i], eos[i] = len(out), bool(out) and out[-1] in seq.eos
+        self.cache.commit_many(paths)
+        return committed, eos, tokens
+
+    def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: np.ndarray,
                       failed: dict[int, str]) -> tuple[list[int], list[bool]]:
         """The token of every prompt-completing chunk, and whether each is EOS."""
         tokens, eos = [], []
@@ -311,11 +398,9 @@ class TorchExecutor:
             out.append(int(np.argmax(target_logits(z[j], o.temperature, o.top_k, o.top_p) + noise[pos])))
         return out
 
-    def _walk(self, seq: SeqState, tree: Tree, rows: range, logits: torch.Tensor, greedy: list[int]
-              ) -> tuple[list[int], list[int]]:
+    def _walk(self, seq: SeqState, tree: Tree, rows: range, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """One sampled request's walk (greedy requests are walked together in ``_verify``)."""
         o = seq.options
-        if o.greedy:
-            return greedy_walk(tree.tokens, tree.parents, greedy[rows.start:rows.stop])
         if o.seed is not None:
             depth = [0] * len(tree.parents)
             for j, p in enumerate(tree.parents):

@@ -8,7 +8,7 @@ the accepted nodes to ``length, length + 1, ...`` and releases everything after 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
@@ -167,17 +167,27 @@ class KVCache:
         ``len(path)`` and all other tentative KV is released. ``path`` is normally the accepted
         root-to-node path, e.g. ``[0, 2, 5]``.
         """
-        base, path = self.alloc.length(seq_id), [int(i) for i in path]
-        if len(set(path)) != len(path) or any(i < 0 for i in path):
-            raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
-        if path and base + max(path) >= self.alloc.capacity(seq_id):
-            raise IndexError(f"node {max(path)} of {seq_id!r} was never reserved")
-        moves = [(base + i, base + j) for j, i in enumerate(path) if i != j]
-        if moves:
-            table, bs = self.alloc.block_table(seq_id), self.block_size
-            src = torch.tensor([table[p // bs] * bs + p % bs for p, _ in moves], device=self.device)
-            dst = torch.tensor([table[p // bs] * bs + p % bs for _, p in moves], device=self.device)
+        self.commit_many({seq_id: path})
+
+    def commit_many(self, paths: Mapping[Hashable, Sequence[int]]) -> None:
+        """``commit`` for several sequences with one K and one V copy for all of them."""
+        src, dst = [], []
+        bs = self.block_size
+        for seq_id, path in paths.items():
+            base, path = self.alloc.length(seq_id), [int(i) for i in path]
+            if len(set(path)) != len(path) or any(i < 0 for i in path):
+                raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
+            if path and base + max(path) >= self.alloc.capacity(seq_id):
+                raise IndexError(f"node {max(path)} of {seq_id!r} was never reserved")
+            moved = [(base + i, base + j) for j, i in enumerate(path) if i != j]
+            if moved:
+                table = self.alloc.block_table(seq_id)
+                src += [table[p // bs] * bs + p % bs for p, _ in moved]
+                dst += [table[p // bs] * bs + p % bs for _, p in moved]
+        if src:
+            s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
             for store in (self.k, self.v):
                 flat = store.view(store.shape[0], -1, *store.shape[3:])
-                flat[:, dst] = flat[:, src]  # the right side is gathered first, so overlaps are safe
-        self.alloc.truncate(seq_id, base + len(path))
+                flat[:, d] = flat[:, s]  # gathered first: overlaps within a sequence are safe
+        for seq_id, path in paths.items():
+            self.alloc.truncate(seq_id, self.alloc.length(seq_id) + len(path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,9 @@ BUILTIN_MODELS = {
 }
 TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}  # random weights, ByteTokenizer
 TINY_DRAFT_SEED = 1  # a tiny draft is the same architecture with other random weights
+# a folder with none of these has no tokenizer of its own (random weights): it gets the byte tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+log = logging.getLogger("adaserve")
 # parameters of Hugging Face checkpoints that we compute instead of loading
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -54,7 +58,19 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu", tokenizer: bool =
         raise ModelNotFound(f"{path}: no config.json (not a Hugging Face model folder)")
     config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
     model = from_state_dict(config, _read_state_dict(Path(path)), dtype, device)
-    return model, (_tokenizer(path) if tokenizer else None)
+    return model, (folder_tokenizer(Path(path), config.vocab_size) if tokenizer else None)
+
+
+def folder_tokenizer(path: Path, vocab_size: int):
+    """The folder's Hugging Face tokenizer; the byte tokenizer for a folder without tokenizer files
+    (a checkpoint of random weights, e.g. the 1B/8B-shaped ones of scripts/gpu-check.sh)."""
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        return _tokenizer(path)
+    from .tokenizer import ByteTokenizer
+
+    log.warning("%s has no tokenizer files (%s): using the byte tokenizer (token id = UTF-8 byte + %d), "
+                "as for the tiny random models", path, ", ".join(TOKENIZER_FILES), ByteTokenizer.OFFSET)
+    return ByteTokenizer(vocab_size)
 
 
 def from_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,

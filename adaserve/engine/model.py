@@ -14,48 +14,111 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaserve.core.errors import UserError
+
 from .batch import FlatBatch
 from .config import ModelConfig
 from .kv_cache import BLOCK_SIZE, KVCache
 
 
-# CPU linears through oneDNN with prepacked weights. MKL's fp32 GEMM (what F.linear uses on CPU) is
-# slow for the few-row products of decoding and tree verification, notably on AMD CPUs: measured on the
-# 2-core EPYC VM, SmolLM2's 30 layers of 576x1536 weights at 3 / 8 / 32 tokens take 14.7 / 11.9 / 23.3 ms
-# with F.linear and 4.6 / 5.1 / 10.8 ms with oneDNN (docs/engine.md, "Speed"). The packed copy lives
-# next to the parameter (state dicts, tying and loading are unchanged) and is rebuilt whenever the
-# parameter is replaced or modified in place. ADASERVE_PREPACK=0 turns it off.
+# CPU linears through oneDNN with prepacked weights (``torch.ops.mkldnn._reorder_linear_weight`` +
+# ``_linear_pointwise``, what inductor uses for frozen CPU linears) or plain F.linear (MKL's GEMM).
+# Which is faster depends on the CPU, the dtype, the threads and the number of rows: on the 2-core
+# AMD EPYC VM prepacked is faster from 2 rows on and slower at 1 row; on an Intel CPU it was slower
+# (docs/engine.md, "CPU kernels"). So nothing here guesses: the runtime times both on the
+# model's own weights at load time (runtime/kernels.py) and records, per dtype, from how many rows
+# on the prepacked path wins (``set_prepack``). Until then, and for dtypes this CPU cannot pack (bf16
+# needs AVX512 or AVX-NE-CONVERT), linears are plain F.linear. ``ADASERVE_PREPACK=0/1`` (read at model
+# load) forces it.
+# The packed copy lives next to the parameter (state dicts, tying and loading are unchanged) and is
+# rebuilt whenever the parameter is replaced or modified in place.
 PACK_BATCH_HINT = 256
+PREPACK_ENV = "ADASERVE_PREPACK"
+PREPACKED, PLAIN = "onednn-prepacked", "plain"
 _packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_min_rows: dict[torch.dtype, int] = {}  # prepacked from this many rows on, per dtype (set_prepack)
 
 
 @functools.lru_cache(maxsize=None)
-def prepack_available() -> bool:
-    """Decided once per process, by trying it: oneDNN's prepacked linear works in this torch build
-    (and ``ADASERVE_PREPACK`` is not 0)."""
-    if os.environ.get("ADASERVE_PREPACK", "1") == "0" or not torch.backends.mkldnn.is_available():
+def prepack_supported(dtype: torch.dtype = torch.float32) -> bool:
+    """Decided once per process and dtype, by trying it: oneDNN's prepacked linear works in this torch
+    build on this CPU for weights of ``dtype``."""
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), PACK_BATCH_HINT)
-        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "")
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=dtype), PACK_BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2, dtype=dtype), w, None, "none", [], "")
         return True
     except (RuntimeError, AttributeError):
         return False
 
 
+def prepack_forced() -> bool | None:
+    """``ADASERVE_PREPACK``, read when a model is loaded (runtime/kernels.py): 1 forces the prepacked
+    path at every row count (where supported), 0 forces F.linear, unset or empty lets the load-time
+    measurement decide."""
+    value = os.environ.get(PREPACK_ENV, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise UserError(f"{PREPACK_ENV}={value!r}: use 1 (prepacked oneDNN linears), 0 (plain F.linear) "
+                        "or leave it unset (measured at model load)")
+    return value == "1"
+
+
+def set_prepack(dtype: torch.dtype, min_rows: int | None) -> None:
+    """Set the kernel of CPU linears of ``dtype``: the prepacked path for inputs of at least
+    ``min_rows`` rows (1: always), plain F.linear below; None, or a dtype this CPU cannot pack:
+    always plain."""
+    if min_rows is None or not prepack_supported(dtype):
+        _min_rows.pop(dtype, None)
+    else:
+        _min_rows[dtype] = max(1, int(min_rows))
+
+
+def prepack_min_rows(dtype: torch.dtype = torch.float32) -> int | None:
+    """From how many input rows CPU linears of ``dtype`` run prepacked now (None: never)."""
+    return _min_rows.get(dtype)
+
+
+def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether CPU linears of ``dtype`` use prepacked oneDNN weights at all now."""
+    return dtype in _min_rows
+
+
+def linear_kernel(weight: torch.Tensor) -> str:
+    """What a ``Linear`` with this weight runs at inference: ``plain``, ``onednn-prepacked`` or
+    ``onednn-prepacked from N rows`` (plain below)."""
+    rows = prepack_min_rows(weight.dtype) if weight.device.type == "cpu" else None
+    if rows is None:
+        return PLAIN
+    return PREPACKED if rows == 1 else f"{PREPACKED} from {rows} rows"
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters) whose CPU fp32 inference forward runs oneDNN on a prepacked weight."""
+    """``nn.Linear`` (same parameters) whose CPU inference forward can run oneDNN on a prepacked weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (w.dtype == x.dtype == torch.float32 and w.device.type == "cpu" and not torch.is_grad_enabled()
-                and prepack_available()):
-            key = (w.data_ptr(), w._version, tuple(w.shape))
-            hit = _packed.get(self)
-            if hit is None or hit[0] != key:
-                hit = _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT))
-            return torch.ops.mkldnn._linear_pointwise(x, hit[1], self.bias, "none", [], "")
+        rows = _min_rows.get(w.dtype)  # a dict lookup: this runs ~200 times per step
+        if rows is not None and w.dtype == x.dtype and w.device.type == "cpu" and not torch.is_grad_enabled():
+            if rows == 1 or x.numel() >= rows * x.shape[-1]:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The oneDNN-prepacked copy of the weight, built on first use and again whenever the
+        parameter was replaced or modified in place."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        hit = _packed.get(self)
+        if hit is None or hit[0] != key:
+            hit = _packed[self] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT))
+        return hit[1]
+
+    def drop_packed(self) -> None:
+        """Free the packed copy (it is rebuilt on the next prepacked forward)."""
+        _packed.pop(self, None)
 
 
 class RMSNorm(nn.Module):
@@ -183,6 +246,12 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
+        return self.head(self.hidden(batch, cache)[batch.logits_rows])
+
+    @torch.inference_mode()
+    def hidden(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
+        """The last layer's output for every row ``[T, hidden]`` (before the final norm); the part
+        of the forward that CUDA graphs capture (engine/cuda_graphs.py)."""
         x = self.model.embed_tokens(batch.token_ids)
         cos, sin = self.rope(batch.positions, x.dtype)
         block_numel = cache.k[0, 0].numel()
@@ -190,8 +259,12 @@ class Transformer(nn.Module):
         workspace = cache.workspace(2 * need).view(2, need)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, batch, cache.k[i], cache.v[i], workspace)
-        x = self.model.norm(x[batch.logits_rows])
-        return self.lm_head(x)
+        return x
+
+    @torch.inference_mode()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden rows (final norm, then the LM head; both act row by row)."""
+        return self.lm_head(self.model.norm(x))
 
     def make_cache(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> KVCache:
         p = self.lm_head.weight

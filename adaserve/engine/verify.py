@@ -76,6 +76,35 @@ def greedy_walk(tokens: Sequence[int], parents: Sequence[int], argmax: Sequence[
         path.append(nxt)
 
 
+def greedy_walks(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
+                 ) -> list[tuple[list[int], list[int]]]:
+    """``greedy_walk`` of many trees at once, with array operations over all their nodes: tree ``i``
+    is ``[offsets[i], offsets[i+1])`` of ``tokens`` / local ``parents`` / ``argmax`` (the target's
+    token at each node). A node is accepted when its token equals its parent's argmax, it is the
+    first such child of its parent (as the one-tree walk picks it) and its parent is accepted; each
+    tree's accepted nodes are then its path, root first. Same result as ``greedy_walk`` per tree."""
+    tokens, parents, argmax = (np.asarray(x, np.int64) for x in (tokens, parents, argmax))
+    offsets = np.asarray(offsets, np.int64)
+    n, sizes = len(tokens), np.diff(offsets)
+    start = np.repeat(offsets[:-1], sizes)
+    up = np.where(parents >= 0, parents + start, np.arange(n))  # a root is its own parent
+    child = np.flatnonzero(parents >= 0)
+    hit = child[tokens[child] == argmax[up[child]]]  # ascending: the first hit of a parent comes first
+    ok = np.zeros(n, bool)
+    ok[offsets[:-1]] = True
+    ok[hit[np.unique(up[hit], return_index=True)[1]]] = True
+    acc = ok
+    while True:  # accepted = ok along the whole way up: one step per tree level
+        nxt = ok & acc[up]
+        if np.array_equal(nxt, acc):
+            break
+        acc = nxt
+    path = np.flatnonzero(acc)
+    bounds = np.searchsorted(path, offsets).tolist()
+    local, out = (path - start[path]).tolist(), argmax[path].tolist()
+    return [(local[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def stochastic_walk(tokens: Sequence[int], parents: Sequence[int],
                     target_probs: Callable[[int], np.ndarray], rng: np.random.Generator
                     ) -> tuple[list[int], list[int]]:

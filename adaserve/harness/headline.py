@@ -48,6 +48,17 @@ class Comparison:
     baseline_goodput: float
     violation_ratio: float | None
     goodput_ratio: float | None
+    # TTFT beside attainment, so that no setting buys attainment with queueing unseen (NaN: absent)
+    adaserve_ttft_s: tuple[float, float] = (math.nan, math.nan)   # p50, p90
+    baseline_ttft_s: tuple[float, float] = (math.nan, math.nan)
+
+
+def ttft_s(summary: dict[str, Any]) -> tuple[float, float]:
+    """(p50, p90) TTFT in seconds from a summary's ``ttft_ms`` distribution; NaN when absent."""
+    dist = summary.get("ttft_ms")
+    dist = dist if isinstance(dist, dict) else {}
+    return tuple(float(dist[q]) / 1e3 if isinstance(dist.get(q), (int, float)) else math.nan
+                 for q in ("p50", "p90"))
 
 
 @dataclass
@@ -121,7 +132,8 @@ def compare(ada: Point, baselines: Sequence[Point]) -> Comparison | None:
         baseline=best.system, baseline_attainment=best.metric("slo_attainment"),
         baseline_goodput=best.metric("goodput"),
         violation_ratio=violation_ratio(violations(best.summary), a_viol),
-        goodput_ratio=goodput_ratio(ada.metric("goodput"), best.metric("goodput")))
+        goodput_ratio=goodput_ratio(ada.metric("goodput"), best.metric("goodput")),
+        adaserve_ttft_s=ttft_s(ada.summary), baseline_ttft_s=ttft_s(best.summary))
 
 
 def _finite_or(v: float, default: float) -> float:
@@ -264,8 +276,13 @@ def _x(v: float | None) -> str:
     return text + ".0" if text.lstrip("-").isdigit() else text
 
 
-HEADER = ("figure", "model", "hardest point", "AdaServe att", "goodput", "best baseline",
-          "att", "goodput", "viol. ratio", "goodput ratio", "max viol. ratio", "max goodput ratio")
+HEADER = ("figure", "model", "hardest point", "AdaServe att", "goodput", "TTFT p50/p90",
+          "best baseline", "att", "goodput", "TTFT p50/p90", "viol. ratio", "goodput ratio",
+          "max viol. ratio", "max goodput ratio")
+
+
+def _ttft(v: tuple[float, float]) -> str:
+    return "-" if any(math.isnan(x) for x in v) else f"{v[0]:.1f}/{v[1]:.1f}s"
 
 
 def _at(v: float | None, x: float | None) -> str:
@@ -273,14 +290,15 @@ def _at(v: float | None, x: float | None) -> str:
 
 
 def table_cells(h: Headline) -> list[tuple[str, ...]]:
-    """The table's rows as strings (goodput in tokens/s)."""
+    """The table's rows as strings (goodput in tokens/s, TTFT p50/p90 in s)."""
     rows = []
     for r in h.rows:
         c = r.hardest
         where = "single point" if r.x_name is None else f"{r.x_name} {_x(c.x)}"
         rows.append((r.figure, r.model, where, _pct(c.adaserve_attainment),
-                     _tok(c.adaserve_goodput), label_of(c.baseline), _pct(c.baseline_attainment),
-                     _tok(c.baseline_goodput), fmt_ratio(c.violation_ratio),
+                     _tok(c.adaserve_goodput), _ttft(c.adaserve_ttft_s), label_of(c.baseline),
+                     _pct(c.baseline_attainment), _tok(c.baseline_goodput),
+                     _ttft(c.baseline_ttft_s), fmt_ratio(c.violation_ratio),
                      fmt_ratio(c.goodput_ratio),
                      _at(r.max_violation_ratio, r.max_violation_ratio_x),
                      _at(r.max_goodput_ratio, r.max_goodput_ratio_x)))
@@ -299,7 +317,7 @@ def format_headline(h: Headline) -> str:
                   "/ baseline (tokens/s); 'max' = over the sweep, @ where."]
         cells = [HEADER] + table_cells(h)
         widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-        left = {0, 1, 2, 5}
+        left = {0, 1, 2, 6}
         fmt = lambda row: "  ".join(v.ljust(w) if i in left else v.rjust(w)  # noqa: E731
                                     for i, (v, w) in enumerate(zip(row, widths))).rstrip()
         lines += [fmt(cells[0]), "-" * len(fmt(cells[0]))] + [fmt(row) for row in cells[1:]]

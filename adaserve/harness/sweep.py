@@ -308,7 +308,9 @@ def point_config(s: Settings, p: Point, trace_sha256: str) -> dict:
               "trace_sha256": trace_sha256, "backend": s.backend}
     a = s.backend_args
     if s.backend == "sim":
-        config["profile"] = MODELS[p.model]
+        from adaserve.sim import SIM_MODEL
+
+        config.update(profile=MODELS[p.model], sim_model=SIM_MODEL)
     elif s.backend == "engine":
         config.update(engine_model=a["model"], draft=a["draft"], drafter=a["drafter"],
                       profile=a["profile"],

@@ -31,10 +31,11 @@ from adaserve.engine.drafters import Drafter, ModelDrafter, NgramDrafter
 from adaserve.engine.executor import TorchExecutor, default_num_blocks, kv_capacity_tokens
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.loader import TINY_DRAFT_SEED, resolve_model
-from adaserve.engine.model import Transformer
+from adaserve.engine.model import Transformer, prepack_forced
 from adaserve.engine.recorder import AcceptanceRecorder
 from adaserve.scheduling.admission import kv_reservation
 
+from .kernels import choose_linear_kernels
 from .profiler import BASELINE_CONTEXT, StepBench, measured_with, quick_profile
 
 log = logging.getLogger("adaserve")
@@ -69,12 +70,15 @@ def setup_torch(cfg: EngineConfig) -> None:
     torch.set_num_threads(cfg.threads)
 
 
-def load_models(cfg: EngineConfig) -> tuple[Transformer, object, Transformer | None]:
-    """Target, tokenizer and (for the model drafter) the draft model."""
+def load_models(cfg: EngineConfig, say: Say = log.info) -> tuple[Transformer, object, Transformer | None]:
+    """Target, tokenizer and (for the model drafter) the draft model. On the CPU, the linear kernel
+    for the dtype is chosen by measuring the target's weights (kernels.py; cached, reported)."""
     cfg.validate()
     setup_torch(cfg)
+    prepack_forced()  # a bad ADASERVE_PREPACK is a user error before minutes of loading
     kind = cfg.drafter_kind()
     model, tok = resolve_model(cfg.model, torch_dtype(cfg), cfg.device)
+    choose_linear_kernels(model, say=say, cache=profile_cache_enabled())
     draft = None
     if kind == "model":
         draft, _ = resolve_model(cfg.draft, torch_dtype(cfg), cfg.device, seed=TINY_DRAFT_SEED)
@@ -180,7 +184,7 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
 def warn_if_measured_elsewhere(profile: LatencyProfile, model: Transformer, say: Say) -> None:
     here = measured_with(model)
     then = profile.measured_with
-    diff = [f"{k} {then[k]} (now {here[k]})" for k in ("device", "dtype", "threads")
+    diff = [f"{k} {then[k]} (now {here[k]})" for k in ("device", "dtype", "threads", "linear")
             if then.get(k) is not None and here.get(k) is not None and then[k] != here[k]]
     if diff:
         say(f"warning: profile {profile.name!r} was measured with {', '.join(diff)}: its latencies do not "
@@ -211,11 +215,12 @@ def make_drafter(kind: str, draft: Transformer | None, num_blocks: int) -> Draft
 
 def make_executor(model: Transformer, tokenizer, draft: Transformer | None, kind: str,
                   profile: LatencyProfile, *, temperature: float = 0.0, seed: int = 0,
-                  recorder: AcceptanceRecorder | None = None, ignore_eos: bool = False) -> TorchExecutor:
+                  recorder: AcceptanceRecorder | None = None, ignore_eos: bool = False,
+                  cuda_graphs: bool = False) -> TorchExecutor:
     blocks = num_blocks_for(profile.limits)
     return TorchExecutor(model, profile, make_drafter(kind, draft, blocks), tokenizer=tokenizer,
                          num_blocks=blocks, block_size=BLOCK_SIZE, temperature=temperature, seed=seed,
-                         recorder=recorder, ignore_eos=ignore_eos)
+                         recorder=recorder, ignore_eos=ignore_eos, cuda_graphs=cuda_graphs)
 
 
 def warm_up(model: Transformer) -> None:
@@ -231,7 +236,7 @@ def build_engine(cfg: EngineConfig, *, baseline_ms: float | None = None, tempera
     """Models, profile, baseline, executor, warmed up: everything ``run`` and ``serve`` need."""
     kind = cfg.validate().drafter_kind()
     t0 = time.perf_counter()
-    model, tok, draft = load_models(cfg)
+    model, tok, draft = load_models(cfg, say)
     c = model.config
     say(f"loaded {cfg.model} ({c.family}, {c.num_layers} layers, vocab {c.vocab_size}, {cfg.dtype_name}, "
         f"{cfg.device}, {torch.get_num_threads()} thread(s)) in {time.perf_counter() - t0:.1f} s; drafter {kind}")
@@ -239,7 +244,7 @@ def build_engine(cfg: EngineConfig, *, baseline_ms: float | None = None, tempera
     where = f"profile {cfg.profile}" if cfg.profile else "the quick profile"
     baseline, source = resolve_baseline(profile, model, baseline_ms, where)
     executor = make_executor(model, tok, draft, kind, profile, temperature=temperature, seed=seed,
-                             recorder=recorder, ignore_eos=ignore_eos)
+                             recorder=recorder, ignore_eos=ignore_eos, cuda_graphs=cfg.use_cuda_graphs)
     for m in (model, draft):
         if m is not None:
             warm_up(m)

@@ -34,7 +34,7 @@ from adaserve.core.progress import progress as progress_bar
 from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
-from adaserve.engine.model import Transformer
+from adaserve.engine.model import Transformer, linear_kernel
 from adaserve.engine.sequence import SeqState
 
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -190,7 +190,7 @@ def measured_with(model: Transformer) -> dict:
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "linear": linear_kernel(w)}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer) -> LatencyProfile:

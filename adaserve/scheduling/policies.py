@@ -23,6 +23,7 @@ from adaserve.scheduling.trees import CandidateForest
 
 SPECINFER_WIDTHS = (1, 1, 3, 1, 1, 1, 1, 1)
 SARATHI_TOKEN_BUDGET = 2048
+PREFILL_MODES = ("eager", "buffer", "slack")  # AdaServe's prefill mixing (docs/scheduler.md)
 
 
 @dataclass
@@ -31,8 +32,11 @@ class PolicyConfig:
     min_prefill_chunk: int = 128       # prefill tokens an iteration always grants when requests wait
     sarathi_token_budget: int = SARATHI_TOKEN_BUDGET
     urgent_factor: float = 1.25        # priority: urgent iff slo_ms <= urgent_factor * tightest SLO
-    prefill_mode: str = "eager"        # AdaServe: "eager" (a full prefill chunk every iteration) or
-                                       # "slack" (fit the tightest request's slack); docs/scheduler.md
+    prefill_mode: str = "eager"        # AdaServe: "eager" (a full prefill chunk every iteration),
+                                       # "buffer" (at most prefill_buffer tokens while requests
+                                       # decode) or "slack" (fit the tightest request's slack);
+                                       # docs/scheduler.md
+    prefill_buffer: int = 128          # the artifact's --chunked-prefill-buffer-size (our reading)
 
 
 def context_tokens(requests: list[Request]) -> int:
@@ -41,12 +45,15 @@ def context_tokens(requests: list[Request]) -> int:
 
 def step_ms(view: IterationView, shape: SpecShape, n: int, tokens, ctx: int):
     """Predicted iteration time: the draft steps of ``shape`` plus one target forward of ``tokens``."""
-    return draft_phase_ms(view, shape, n) + view.latency.verify_ms(tokens, ctx)
+    return draft_phase_ms(view, shape, n, ctx) + view.latency.verify_ms(tokens, ctx)
 
 
-def draft_phase_ms(view: IterationView, shape: SpecShape, n: int) -> float:
+def draft_phase_ms(view: IterationView, shape: SpecShape, n: int, ctx: int | None = None) -> float:
+    """The draft steps of ``shape`` for ``n`` requests whose KV context totals ``ctx`` tokens."""
     steps = shape.draft_tokens_per_step(n)
-    return float(np.sum(view.latency.draft_ms(np.asarray(steps, np.float64)))) if steps else 0.0
+    if not steps:
+        return 0.0
+    return float(np.sum(view.latency.draft_ms(np.asarray(steps, np.float64), ctx)))
 
 
 def needed_tokens(requests: list[Request], now_ms: float, t_iter_ms: float) -> np.ndarray:
@@ -70,6 +77,7 @@ def select_all(forest: CandidateForest, predicted_ms: float) -> Selection:
 
 class _Base:
     name = "base"
+    drafts = False  # runs a draft model (which then also prefills every prompt)
 
     def __init__(self, config: PolicyConfig):
         self.config = config
@@ -84,12 +92,15 @@ class AdaServe(_Base):
     """SLO-customized speculative decoding (docs/definitions.md §4). ``mode``: "adaserve", or the ablations
     "greedy" (throughput selection only) and "equal" (equal per-request budget)."""
 
+    drafts = True
+
     def __init__(self, config: PolicyConfig, mode: str = "adaserve"):
         super().__init__(config)
         if mode not in ("adaserve", "greedy", "equal"):
             raise ValueError(f"unknown AdaServe mode {mode!r}")
-        if config.prefill_mode not in ("eager", "slack"):
-            raise UserError(f"unknown prefill mode {config.prefill_mode!r}; valid: eager, slack")
+        if config.prefill_mode not in PREFILL_MODES:
+            raise UserError(f"unknown prefill mode {config.prefill_mode!r}; valid: "
+                            f"{', '.join(PREFILL_MODES)}")
         self.mode = mode
         self.name = mode
 
@@ -109,6 +120,8 @@ class AdaServe(_Base):
             return lim.max_batch_tokens
         if self.config.prefill_mode == "eager":
             return lim.prefill_chunk
+        if self.config.prefill_mode == "buffer":
+            return min(self.config.prefill_buffer, lim.prefill_chunk)
         floor = self.config.min_prefill_chunk
         base = min(len(decode) * (shape.depth + 1), lim.max_batch_tokens - floor)
         slack = min((r.slo_ms * r.generated - (view.now_ms - r.first_decode_ms) for r in decode),
@@ -127,7 +140,7 @@ class AdaServe(_Base):
         n = len(decode)
         prefill_tokens = sum(c for _, c in plan.prefill)
         ctx = context_tokens(decode)
-        draft = draft_phase_ms(view, shape, n)
+        draft = draft_phase_ms(view, shape, n, ctx)
 
         def predict(b):
             return draft + view.latency.verify_ms(np.asarray(b) + prefill_tokens, ctx)
@@ -182,6 +195,7 @@ class PrefillFirst(_Base):
         super().__init__(config)
         self.shape = SpecShape.chain(k) if k else SpecShape()
         self.name = f"vllm_spec_{k}" if k else "vllm"
+        self.drafts = k > 0
 
     def plan(self, view: IterationView) -> Plan:
         prefill = whole_prefill(view, len(view.running)) if view.waiting else []

@@ -1,5 +1,6 @@
 """What the paper's artifact fixes for its two model pairs: the measured verification tables, the
-baselines, tensor parallelism, batch limits and the draft phase estimate (docs/definitions.md).
+baselines, tensor parallelism, batch limits (FlexFlow and vLLM) and the draft phase figure its
+scheduler was given (docs/definitions.md).
 
 Everything that needs these numbers (the built-in profiles, the roofline's calibration, the
 scheduler benchmark) reads them from here, so each is written once.
@@ -39,7 +40,12 @@ class Family:
     tp_40g: int
     baseline_ms: float
     max_batch_requests: int
-    phase_ms: float  # draft speculation phase estimate at D_max
+    # the artifact's --ssm-spec-latency-ms: the speculation-phase figure its scheduler was given,
+    # not a measurement; the simulator prices drafting from the draft model's roofline instead
+    phase_ms: float
+    # the target's context window (config.json max_position_embeddings): vLLM's max_model_len when
+    # the artifact sets none, which without chunked prefill is its max_num_batched_tokens
+    max_model_len: int
 
     @property
     def d_max(self) -> int:
@@ -58,15 +64,26 @@ class Family:
         return Limits(max_batch_requests=self.max_batch_requests, max_batch_tokens=1024,
                       prefill_chunk=1024, max_seq_len=2048)
 
-    @property
-    def typical_context(self) -> int:
-        """KV context of the typical draft step: B2 // W_max requests x half the max seq len."""
-        return (self.b2 // self.w_max) * (self.limits().max_seq_len // 2)
+    def vllm_limits(self, system: str) -> Limits:
+        """The artifact's vLLM flags for ``system`` (exps/test.sh). vLLM and vLLM-Spec:
+        ``--max-num-seqs 512 --enable-chunked-prefill False``, no ``--max-num-batched-tokens``, so
+        vLLM batches whole prompts up to max(max_model_len, 2048) tokens. Sarathi-Serve:
+        ``--enable-chunked-prefill True --max-num-seqs 2048 --max-num-batched-tokens 2048`` (a
+        chunk may take the whole token budget). Priority is not in the artifact's scripts; it gets
+        Sarathi's (vLLM with chunked prefill). ``max_seq_len`` stays the trace's 2048 for every
+        system, so all of them serve the same requests."""
+        if system == "vllm" or system.startswith("vllm_spec_"):
+            return Limits(max_batch_requests=512, max_batch_tokens=max(self.max_model_len, 2048),
+                          prefill_chunk=max(self.max_model_len, 2048), max_seq_len=2048)
+        return Limits(max_batch_requests=2048, max_batch_tokens=2048, prefill_chunk=2048,
+                      max_seq_len=2048)
 
 
 FAMILIES: dict[str, Family] = {
     "llama-3.1-70b": Family("llama-3.1-70b", "llama-3.2-1b", "llama", LLAMA_SPEC, tp_80g=4, tp_40g=8,
-                            baseline_ms=ARTIFACT_BASELINE_MS, max_batch_requests=64, phase_ms=70.0),
+                            baseline_ms=ARTIFACT_BASELINE_MS, max_batch_requests=64, phase_ms=70.0,
+                            max_model_len=131072),
     "qwen2.5-32b": Family("qwen2.5-32b", "qwen2.5-0.5b", "qwen2", QWEN_SPEC, tp_80g=2, tp_40g=4,
-                          baseline_ms=28.0, max_batch_requests=80, phase_ms=35.0),
+                          baseline_ms=28.0, max_batch_requests=80, phase_ms=35.0,
+                          max_model_len=32768),
 }

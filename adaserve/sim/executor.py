@@ -15,8 +15,11 @@ from adaserve.sim.acceptance import accepted_lengths
 
 class SimExecutor:
     def __init__(self, latency: LatencyProfile, acceptance, seed: int = 0,
-                 kv_capacity_tokens: int | None = None):
+                 kv_capacity_tokens: int | None = None, draft_prefill: bool = False):
+        """``draft_prefill``: the system runs a draft model, which must also prefill every prompt
+        chunk (one draft forward over the chunk tokens after the target's step)."""
         self.latency = latency
+        self.draft_prefill = draft_prefill
         self.acceptance = acceptance
         self.rng = np.random.default_rng(seed)
         self.kv_capacity_tokens = kv_capacity_tokens or latency.limits.kv_capacity_tokens
@@ -31,7 +34,8 @@ class SimExecutor:
     def speculate(self, requests: list[Request], shape: SpecShape) -> CandidateForest:
         forest = self.acceptance.draft(requests, shape, self.rng)
         steps = shape.draft_tokens_per_step(len(requests))
-        self.clock += float(np.sum(self.latency.draft_ms(np.asarray(steps, np.float64))))
+        ctx = sum(r.context_len for r in requests)
+        self.clock += float(np.sum(self.latency.draft_ms(np.asarray(steps, np.float64), ctx)))
         return forest
 
     def execute(self, prefill: list[tuple[Request, int]], decode: list[Request],
@@ -49,6 +53,9 @@ class SimExecutor:
             ctx = sum(r.prefilled for r, _ in prefill)
             self.clock += float(self.latency.prefill_ms(prefill_tokens, ctx))
             committed = np.zeros(0, np.int64)
+        if self.draft_prefill and prefill_tokens:
+            self.clock += float(self.latency.draft_ms(prefill_tokens,
+                                                      sum(r.prefilled for r, _ in prefill)))
         completes = sum(1 for r, c in prefill if r.prefilled + c >= r.input_len)
         return StepOutput(committed, np.zeros(len(decode), bool), [False] * completes)
 

@@ -1,19 +1,18 @@
-"""Built-in latency profiles by name (the artifact's hardware) and loading of profile files.
+"""Built-in latency profiles by name (the artifact's hardware), the profile each system is priced
+with, and loading of profile files.
 
 - ``llama-3.1-70b`` / ``qwen2.5-32b``: 4× A100-SXM4-80GB, verification table = the artifact's
-  measured table, baselines 30 / 28 ms (docs/definitions.md §8, §1).
+  measured FlexFlow table, baselines 30 / 28 ms (docs/definitions.md §8, §1).
 - ``llama-3.1-70b-a100-40g`` / ``qwen2.5-32b-a100-40g``: the artifact's 8× A100-40GB re-run (TP 8 /
   TP 4), from the roofline (adaserve.sim.roofline); baseline = the roofline's 1-token step.
 
-Draft tables. The artifact gives only a speculation-phase estimate: 70 ms (Llama, draft Llama-3.2-1B) and
-35 ms (Qwen, draft Qwen2.5-0.5B). We read it as the whole phase at maximum depth (D_max = 8 / 5
-draft steps) for a *typical batch*: every step expands B2 draft tokens (96 / 80 — the artifact's
-draft tokens per step, which n·w reaches once w hits W_max = 3) over the KV context of
-B2 // W_max requests of 1024 cached tokens each (half the 2048 max sequence length). The draft's
-per-step table takes its shape (vs tokens and context) from the draft model's roofline — nearly flat
-in tokens, dominated by weight streaming and launch overhead — multiplied by one factor per model
-family so that D_max · draft_ms(B2, typical context) equals the estimate. The 40 GB variants reuse
-the factor of their family (same framework, same draft, a GPU of the same generation).
+Draft tables: the draft model's roofline on one GPU of the same hardware, with the same constants
+as the target (docs/simulator.md, "Built-in profiles").
+
+Each system is priced on the engine the paper ran it on (``system_profile``): AdaServe, its
+ablations and SpecInfer on FlexFlow (the profiles above); vLLM, Sarathi-Serve, vLLM-Spec (and
+Priority, "vLLM + Priority" in the paper's Figure 1) on vLLM, with a roofline of the same hardware
+(``roofline.VLLM_EFFICIENCY``) and the artifact's vLLM batch limits (``Family.vllm_limits``).
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ from adaserve.sim.artifact import ARTIFACT_VERIFY_MS, FAMILIES, GPU_40G, GPU_80G
 A100_40G_SUFFIX = "-a100-40g"
 
 
-def draft_scale(family: Family) -> float:
-    """Factor that makes D_max roofline draft steps of a typical batch last the artifact's estimate."""
-    step = roofline.step_ms(family.draft, GPU_80G, 1, family.b2, family.typical_context)
-    return family.phase_ms / family.d_max / step
+def runs_on_vllm(system: str) -> bool:
+    """Whether the paper ran ``system`` on vLLM (v0.8.4, §6.1) rather than on FlexFlow Serve."""
+    return system in ("vllm", "sarathi", "priority") or system.startswith("vllm_spec_")
 
 
 def artifact_verify_points(name: str) -> tuple[list[int], list[float]]:
@@ -50,16 +48,15 @@ def artifact_verify_points(name: str) -> tuple[list[int], list[float]]:
 
 def _artifact_profile(name: str, fam: Family) -> LatencyProfile:
     tokens, ms = artifact_verify_points(name)
-    scale = draft_scale(fam)
     draft_source = roofline.roofline_profile(fam.target, fam.draft, GPU_80G, fam.tp_80g,
-                                             draft_scale=scale, limits=fam.limits())
+                                             limits=fam.limits())
     return LatencyProfile(
         name=name,
         verify=Table(np.asarray(tokens, dtype=np.float64), np.asarray(ms, dtype=np.float64)),
         draft=draft_source.draft,
         baseline_ms=fam.baseline_ms,
         source=(f"artifact-table (artifact verify table + 1 token = baseline_ms; draft = "
-                f"{fam.draft} roofline x{scale:.2f} so that {fam.d_max} steps of {fam.b2} tokens = {fam.phase_ms:g} ms)"),
+                f"{fam.draft} roofline, same constants as the target)"),
         hardware=f"{fam.tp_80g}x A100-SXM4-80GB TP{fam.tp_80g}; draft {fam.draft} TP1",
         limits=draft_source.limits,
         family=fam.model_type,
@@ -67,12 +64,27 @@ def _artifact_profile(name: str, fam: Family) -> LatencyProfile:
 
 
 def _roofline_40g_profile(name: str, fam: Family) -> LatencyProfile:
-    scale = draft_scale(fam)
     prof = roofline.roofline_profile(fam.target, fam.draft, GPU_40G, fam.tp_40g, name=name,
-                                     draft_scale=scale, limits=fam.limits())
+                                     limits=fam.limits())
     prof.source = (f"roofline (baseline_ms = roofline 1-token step at context 0; draft = "
-                   f"{fam.draft} roofline x{scale:.2f}, the factor calibrated on the 80 GB "
-                   "profile)")
+                   f"{fam.draft} roofline)")
+    prof.family = fam.model_type
+    return prof
+
+
+def _vllm_profile(name: str, system: str) -> LatencyProfile:
+    """``name``'s hardware priced as vLLM runs it: the roofline with ``VLLM_EFFICIENCY``, the
+    artifact's vLLM limits for ``system``, the draft model only for vLLM-Spec. The baseline (which
+    relative SLOs are multiples of) stays the profile's, so every system serves the same SLOs."""
+    base = get_profile(name)
+    fam = _builders()[name][1]
+    gpu, tp = (GPU_40G, fam.tp_40g) if name.endswith(A100_40G_SUFFIX) else (GPU_80G, fam.tp_80g)
+    draft = fam.draft if system.startswith("vllm_spec_") else None
+    prof = roofline.roofline_profile(fam.target, draft, gpu, tp, name=f"{name}@vllm",
+                                     eff=roofline.VLLM_EFFICIENCY, limits=fam.vllm_limits(system))
+    prof.baseline_ms = base.baseline_ms
+    prof.source = (f"vllm roofline (overlap {roofline.VLLM_EFFICIENCY.overlap:g}, other constants "
+                   f"as fitted; vLLM limits of the artifact for {system}); SLO baseline of {name}")
     prof.family = fam.model_type
     return prof
 
@@ -93,6 +105,28 @@ def list_profiles() -> list[str]:
 def _built(name: str) -> dict:
     build, fam = _builders()[name]
     return build(name, fam).to_dict()
+
+
+@cache
+def _built_vllm(name: str, system: str) -> dict:
+    return _vllm_profile(name, system).to_dict()
+
+
+PRICINGS = ("per-engine", "shared")
+
+
+def system_profile(name_or_path: str | Path, system: str, pricing: str = "per-engine") -> LatencyProfile:
+    """The profile ``system`` is simulated with. ``pricing="per-engine"`` (default): a built-in
+    profile's vLLM variant for the systems the paper ran on vLLM (``runs_on_vllm``);
+    ``"shared"``: every system on the named profile (the artifact's FlexFlow table), for
+    comparison. A profile file is always used as is: it describes one engine, ours."""
+    if pricing not in PRICINGS:
+        raise UserError(f"unknown pricing {pricing!r}; valid: {', '.join(PRICINGS)}")
+    key = str(name_or_path)
+    if pricing == "per-engine" and key in _builders() and runs_on_vllm(system):
+        d = _built_vllm(key, system)
+        return LatencyProfile.from_dict(d, d["name"])
+    return get_profile(name_or_path)
 
 
 def get_profile(name_or_path: str | Path) -> LatencyProfile:

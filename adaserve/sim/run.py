@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +14,12 @@ from adaserve.core.request import Request
 from adaserve.core.results import write_results
 from adaserve.core.trace import TraceRecord, drop_prompts, load_trace, prepare_records, to_requests
 from adaserve.iteration import ServingLoop
+from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
 from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
 from adaserve.sim.executor import SimExecutor
-from adaserve.sim.profiles import get_profile
+from adaserve.sim.profiles import system_profile
+from adaserve.workload.tokens import check_input_lengths
 
 
 @dataclass
@@ -29,15 +33,17 @@ class SimResult:
 def simulate_records(records: list[TraceRecord], system: str, profile_name: str, *, seed: int = 0,
                      baseline_ms: float | None = None, scale_slos: bool = False,
                      acceptance=None, progress: bool = False,
-                     policy_options: dict | None = None) -> SimResult:
+                     policy_options: dict | None = None, pricing: str = "per-engine") -> SimResult:
     """Simulate ``records``; the profile's ``family`` picks the speculation constants and, unless
-    ``acceptance`` is given, the calibrated acceptance model."""
-    profile = get_profile(profile_name)
+    ``acceptance`` is given, the calibrated acceptance model. ``system`` is priced on the engine
+    the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile)."""
+    profile = system_profile(profile_name, system, pricing)
     policy = make_policy(system, profile.family, **(policy_options or {}))
     baseline = baseline_ms or profile.decode_baseline_ms
     records = prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos)
     requests = to_requests(records, baseline)
-    executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed)
+    executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed,
+                           draft_prefill=policy.drafts)
     bar = progress_bar(len(requests), f"{system} on {profile.name}", "req", enabled=progress,
                        leave=False)
     loop = ServingLoop(policy, executor, requests, on_finish=lambda r: bar.update())
@@ -54,20 +60,28 @@ def simulate_records(records: list[TraceRecord], system: str, profile_name: str,
 def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | Path | None, *,
                   seed: int = 0, baseline_ms: float | None = None, scale_slos: bool = False,
                   progress: bool = False, policy_options: dict | None = None,
-                  acceptance: str | Path | None = None) -> SimResult:
-    """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay."""
-    records = drop_prompts(load_trace(trace))  # the simulator needs no text
+                  acceptance: str | Path | None = None, fix_input_lengths: bool = False,
+                  pricing: str = "per-engine",
+                  warn: Callable[[str], None] | None = None) -> SimResult:
+    """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay. Records whose
+    ``input_length`` disagrees with their prompt's token count by more than 2x are reported through
+    ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
+    records, warning = check_input_lengths(load_trace(trace), str(trace), fix=fix_input_lengths)
+    if warning:
+        (warn or _stderr_warning)(warning)
+    records = drop_prompts(records)  # the simulator needs no text
     model = RecordedAcceptance.load(acceptance) if acceptance else None
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
                               scale_slos=scale_slos, progress=progress, policy_options=policy_options,
-                              acceptance=model)
+                              acceptance=model, pricing=pricing)
     if out is not None:
-        profile = get_profile(profile_name)
-        meta = {"backend": "sim", "system": system, "trace": str(trace), "profile": profile.name,
+        profile = system_profile(profile_name, system, pricing)
+        meta = {"backend": "sim", "sim_model": SIM_MODEL, "system": system, "trace": str(trace), "profile": profile.name,
                 "profile_source": profile.source, "hardware": profile.hardware, "seed": seed,
                 "baseline_ms": baseline_ms or profile.decode_baseline_ms,
                 "hardware_scaled_slos": scale_slos, "iterations": result.iterations,
                 "policy_options": policy_options or {},
+                "fixed_input_lengths": fix_input_lengths, "pricing": pricing,
                 "acceptance": str(acceptance) if acceptance else "synthetic (calibrated)",
                 "simulation_wall_s": round(result.wall_s, 3),
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
@@ -75,3 +89,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                         "overhead that of the serving loop's own bookkeeping"}
         write_results(out, result.summary, result.requests, meta)
     return result
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"adaserve: warning: {message}", file=sys.stderr)

@@ -9,10 +9,10 @@ rps        Figures 8, 9, 12: bursty arrivals rescaled onto 360 s, ``request_coun
            summarization, 256 output tokens.
 prop       Figure 10: RPS 4.0; coding (the urgent category) has share ``prop``, chat and
            summarization split the rest evenly.
-slo        Figure 11: RPS 4.0, 60/20/20; the coding SLO ratio is ``1.2 * slo_scale`` (the records
-           keep ``category: "coding"``).
+slo        Figure 11: RPS 4.0, 60/20/20; the coding SLO ratio is ``slo_scale`` itself, as in the
+           artifact's files (the records keep ``category: "coding"``).
 fluc       Figure 14: a 6-minute trace; chat, coding and summarization each follow a bell-shaped
-           rate (Gaussian, sd = duration/12) peaking at ``rps`` (default 4 req/s) at 1/4, 1/2 and
+           rate (Gaussian, sd = 2·duration/15) peaking at ``rps`` (default 4 req/s) at 1/4, 1/2 and
            3/4 of the trace (1.5, 3 and 4.5 minutes). Times are from the start of the window.
 overhead   Figure 15: RPS 3.6, 60/20/20, 128 output tokens.
 =========  ======================================================================================
@@ -48,7 +48,9 @@ DEFAULT_RPS = {"rps": None, "prop": 4.0, "slo": 4.0, "fluc": 4.0, "overhead": 3.
 DEFAULT_OUTPUT_LEN = {"rps": 256, "prop": 256, "slo": 256, "fluc": 256, "overhead": 128}
 # Figure 13: where each category's bump peaks, as a fraction of the trace, and its width.
 FLUC_PEAK_AT = {"chat": 0.25, "coding": 0.5, "summarization": 0.75}
-FLUC_WIDTH_FRACTION = 1.0 / 12.0
+# sd 48 s of 360: the artifact's emission_fluc_6m_peak4.0.json has bumps of about 0.8 min sd and
+# 1,445 requests (docs/workloads.md); three 4 req/s bumps of 48 s sd give ≈ 1,415
+FLUC_WIDTH_FRACTION = 2.0 / 15.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class TraceSpec:
     def slo_ratio(self, category: str) -> float:
         ratio = BASE_SLO_RATIO[category]
         if self.kind == "slo" and category == "coding":
-            ratio = round(ratio * float(self.slo_scale), 9)
+            ratio = round(float(self.slo_scale), 9)  # the artifact's files: slo_ratio = the scale
         return ratio
 
 

@@ -110,14 +110,20 @@ class PromptPool:
 # ------------------------------------------------------------------------------------ dispatch
 
 def load_pool(spec: str) -> PromptPool:
-    """The pool named by a ``--pool`` value: ``offline``, ``trace:PATH`` or ``hf``."""
+    """The pool named by a ``--pool`` value: ``offline``, ``trace:PATH``, ``hf`` or
+    ``synthetic-text`` (built-in word list, no package: workload/synthetic_text.py)."""
     if spec == "offline":
         return offline_pool()
+    if spec == "synthetic-text":
+        from .synthetic_text import POOL_SOURCE, synthetic_pool_texts
+
+        groups = {c: [Prompt(t, estimate_tokens(t)) for t in texts] for c, texts in synthetic_pool_texts().items()}
+        return _pool(POOL_SOURCE, groups)
     if spec == "hf":
         return hf_pool()
     if spec.startswith("trace:") and spec[len("trace:"):]:
         return trace_pool(spec[len("trace:"):])
-    raise PoolError(f"--pool must be 'offline', 'trace:PATH' or 'hf', got {spec!r}")
+    raise PoolError(f"--pool must be 'offline', 'trace:PATH', 'hf' or 'synthetic-text', got {spec!r}")
 
 
 def _pool(source: str, groups: dict[str, list[Prompt]], notes: Sequence[str] = ()) -> PromptPool:

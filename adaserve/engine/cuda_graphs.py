@@ -1,0 +1,339 @@
+"""CUDA graphs for decode and tree-verification steps.
+
+Why: on a GPU a decode or verification step of a small batch is bound by kernel launches, not by
+the GPU (issue 12: a 1B-shaped decode step took 10.2 ms against a 0.83 ms weight-read floor, and
+verifying 256 tokens cost about the same as 1). A CUDA graph replays all of a forward's kernels
+with one launch.
+
+**Which steps.** A step is graphable when all its tokens form one attention group
+(``batch.py``): decode tokens and trees of fewer than ``SOLO_QUERY_THRESHOLD`` nodes, no prefill
+chunk. Its attention is then one SDPA call: queries ``[B, Q]``, keys gathered from ``B`` block
+tables of ``nblk`` blocks, a dense boolean mask ``[B, 1, Q, nblk * block_size]``. Prefill chunks,
+larger trees and shapes beyond the largest bucket run eagerly.
+
+**Static layout.** A graph replays fixed kernels on fixed addresses, so each of the three sizes is
+rounded up to a bucket ``(requests B', queries per request Q', context blocks NB')`` and the inputs
+are copied into static buffers of that shape:
+
+- flat rows: token ``j`` of request ``i`` sits at row ``i * Q' + j`` of ``[B' * Q']`` (token ids,
+  positions, KV slots);
+- block tables ``[B', NB']`` and mask ``[B', 1, Q', NB' * block_size]``: the real ones in the
+  top-left corner. The KV gather is thus padded to the bucket's context (powers of two of
+  blocks), and the extra keys are masked out;
+- padded rows (rows ``j >= num_new`` of a request, and whole padded requests) hold token 0 at
+  position 0, write their K/V to the **scratch block** (one block of KV storage that the allocator
+  never hands out, ``cache_with_scratch_block``) and attend to key 0 only, so they never write a
+  real sequence's KV and never produce NaN. Real rows attend only to their own keys, and every
+  other operation acts row by row, so padding does not change the real rows' results.
+
+The graph computes the last hidden state of every row; the final norm and the LM head run eagerly
+on the real logits rows only (one GEMM: inside the graph each bucket would hold a
+``[B' * Q', vocab]`` output and compute logits for padded rows).
+
+Graphs are captured lazily, the first time a bucket is needed (on padding-only inputs, so a capture
+never touches real KV), into one shared memory pool; at most ``max_graphs`` of them. A failed
+capture is logged once and that bucket runs eagerly from then on.
+
+Tests on the CPU replace the CUDA capture by ``eager_capture`` (the same padded buffers, run
+eagerly at replay), which checks the layout, the padding and the bucket choice without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .batch import DECODE, TREE, AttnGroup, FlatBatch
+from .kv_cache import BlockAllocator, KVCache
+from .model import Transformer
+
+log = logging.getLogger("adaserve.engine")
+
+QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)  # nodes per tree; trees of >= 32 nodes get their own SDPA call anyway
+MIN_CONTEXT_BLOCKS = 4
+MAX_GRAPH_TOKENS = 512  # padded rows per graph (B' * Q')
+MAX_GRAPHS = 64
+
+Replay = Callable[[], None]
+# capture(fn) -> (replay, output): ``fn`` runs the forward on the static buffers and returns its
+# output tensor; ``replay()`` recomputes that output in place
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Replay, torch.Tensor]]
+
+
+# ---- buckets --------------------------------------------------------------------------------
+
+def request_buckets(max_requests: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, 12, 16, 24, 32, 48, 64, ... (powers of two and 1.5x them: at most a third of
+    the rows are padding), ending with ``max_requests`` itself."""
+    out, p = [], 1
+    while p < max_requests:
+        out.append(p)
+        if p >= 8 and p * 3 // 2 < max_requests:
+            out.append(p * 3 // 2)
+        p *= 2
+    return tuple(out) + (max_requests,)
+
+
+def block_buckets(max_blocks: int) -> tuple[int, ...]:
+    """Powers of two of KV blocks from ``MIN_CONTEXT_BLOCKS``, ending with ``max_blocks``."""
+    out, p = [], MIN_CONTEXT_BLOCKS
+    while p < max_blocks:
+        out.append(p)
+        p *= 2
+    return tuple(out) + (max_blocks,)
+
+
+def round_up(value: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= ``value``, None when ``value`` is beyond the largest."""
+    for b in buckets:
+        if b >= value:
+            return b
+    return None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    requests: int  # B'
+    queries: int  # Q'
+    blocks: int  # NB'
+
+    @property
+    def rows(self) -> int:
+        return self.requests * self.queries
+
+
+@dataclass(frozen=True)
+class BucketLimits:
+    max_requests: int
+    max_blocks: int
+    max_tokens: int = MAX_GRAPH_TOKENS
+
+    def __post_init__(self):
+        if min(self.max_requests, self.max_blocks, self.max_tokens) < 1:
+            raise ValueError(f"bucket limits must be positive: {self}")
+
+    def choose(self, requests: int, queries: int, blocks: int) -> Bucket | None:
+        """The bucket of a step with these sizes, None when one of them is beyond the buckets."""
+        b = round_up(requests, request_buckets(self.max_requests))
+        q = round_up(queries, QUERY_BUCKETS)
+        n = round_up(blocks, block_buckets(self.max_blocks))
+        if b is None or q is None or n is None or b * q > self.max_tokens:
+            return None
+        return Bucket(b, q, n)
+
+
+def graphable_group(batch: FlatBatch) -> AttnGroup | None:
+    """The batch's one attention group when the step can replay a graph (decode tokens and small
+    trees only), else None."""
+    if len(batch.groups) != 1 or not batch.groups[0].all_rows:
+        return None
+    if any(e.kind not in (DECODE, TREE) for e in batch.entries):
+        return None
+    return batch.groups[0]
+
+
+def padded_rows(num_new: np.ndarray, queries: int) -> np.ndarray:
+    """Row of every real token in the padded ``[B' * Q']`` layout: token ``j`` of request ``i`` ->
+    ``i * queries + j`` (tokens in the flat batch's order: request by request)."""
+    num_new = np.asarray(num_new, dtype=np.int64)
+    starts = np.repeat(np.cumsum(num_new) - num_new, num_new)
+    within = np.arange(int(num_new.sum())) - starts
+    return np.repeat(np.arange(len(num_new)) * queries, num_new) + within
+
+
+# ---- the scratch block ------------------------------------------------------------------------
+
+def cache_with_scratch_block(model: Transformer, num_blocks: int, block_size: int) -> tuple[KVCache, int]:
+    """A KV cache whose storage holds one block more than its allocator: that last block (index
+    ``num_blocks``) is never handed out to a sequence, and padded rows write their KV there."""
+    cache = model.make_cache(num_blocks + 1, block_size)
+    cache.alloc = BlockAllocator(num_blocks, block_size)
+    return cache, num_blocks
+
+
+# ---- capture --------------------------------------------------------------------------------
+
+def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
+    """A stand-in for a CUDA graph: ``replay`` runs ``fn`` eagerly on the same static buffers and
+    writes its result into the same output tensor. Used on the CPU (tests)."""
+    out = fn().clone()
+
+    def replay() -> None:
+        out.copy_(fn())
+
+    return replay, out
+
+
+class CudaCapture:
+    """``torch.cuda.CUDAGraph`` capture; every graph of one runner shares one memory pool (steps
+    run one after the other on one stream, and each output is copied out before the next replay)."""
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy initialisation, kernel choice
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay, out
+
+
+# ---- the runner -------------------------------------------------------------------------------
+
+@dataclass
+class _Graph:
+    replay: Replay
+    hidden: torch.Tensor  # [B' * Q', hidden] output of the captured forward
+    batch: FlatBatch  # the static inputs (views of the runner's buffers)
+    keep: list = field(default_factory=list)  # tensors the graph reads that must outlive it
+
+
+EAGER = object()  # a bucket whose capture failed or came after max_graphs
+
+
+class GraphRunner:
+    """``runner(batch) -> logits``, the same as ``model(batch, cache)``: graphable steps replay the
+    graph of their bucket, the others run eagerly."""
+
+    def __init__(self, model: Transformer, cache: KVCache, scratch_block: int, limits: BucketLimits, *,
+                 capture: Capture | None = None, max_graphs: int = MAX_GRAPHS):
+        if not cache.alloc.num_blocks <= scratch_block < cache.k.shape[1]:
+            raise ValueError(f"scratch block {scratch_block} must be a block of the KV storage that the allocator "
+                             f"never hands out (it has {cache.alloc.num_blocks})")
+        self.model, self.cache, self.scratch, self.limits = model, cache, scratch_block, limits
+        self.capture = capture if capture is not None else (
+            CudaCapture() if cache.device.type == "cuda" else eager_capture)
+        self.max_graphs = max_graphs
+        self.graphs: dict[Bucket, _Graph | object] = {}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
+        self._buffers = self._allocate()
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        """One set of flat buffers sized for the largest bucket; each bucket uses views of them."""
+        lim, dev = self.limits, self.cache.device
+        rows = lim.max_tokens
+        long = dict(dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            return {"token_ids": torch.zeros(rows, **long), "positions": torch.zeros(rows, **long),
+                    "slot_mapping": torch.zeros(rows, **long), "index": torch.arange(rows, **long),
+                    "block_tables": torch.zeros(lim.max_requests * lim.max_blocks, **long),
+                    "mask": torch.zeros(rows * lim.max_blocks * self.cache.block_size, dtype=torch.bool, device=dev)}
+
+    # ---- choosing --------------------------------------------------------------------------
+    def bucket_for(self, batch: FlatBatch) -> Bucket | None:
+        g = graphable_group(batch)
+        if g is None:
+            return None
+        return self.limits.choose(len(batch.entries), g.num_queries, int(g.block_tables.shape[1]))
+
+    # ---- running ---------------------------------------------------------------------------
+    def __call__(self, batch: FlatBatch) -> torch.Tensor:
+        bucket = self.bucket_for(batch)
+        graph = self.graphs.get(bucket) if bucket is not None else EAGER
+        if graph is None:
+            graph = self._capture(bucket)
+        if graph is EAGER:
+            self.stats["eager_steps"] += 1
+            return self.model(batch, self.cache)
+        with torch.inference_mode():
+            rows = torch.from_numpy(padded_rows([e.num_new for e in batch.entries], bucket.queries))
+            rows = rows.to(self.cache.device, non_blocking=True)
+            self._fill(graph.batch, bucket, batch, rows)
+            graph.replay()
+            self.stats["graph_steps"] += 1
+            return self.model.head(graph.hidden[rows[batch.logits_rows]])
+
+    def _static_batch(self, bucket: Bucket) -> FlatBatch:
+        buf, n = self._buffers, bucket.rows
+        bs = self.cache.block_size
+        index = buf["index"][:n]
+        tables = buf["block_tables"][: bucket.requests * bucket.blocks].view(bucket.requests, bucket.blocks)
+        mask = buf["mask"][: n * bucket.blocks * bs].view(bucket.requests, 1, bucket.queries, bucket.blocks * bs)
+        group = AttnGroup(index, index, tables, mask, bucket.queries, all_rows=True)
+        return FlatBatch(buf["token_ids"][:n], buf["positions"][:n], buf["slot_mapping"][:n], index, index,
+                         [], [group])
+
+    def _fill(self, static: FlatBatch, bucket: Bucket, batch: FlatBatch | None, rows: torch.Tensor | None) -> None:
+        """Copy ``batch`` into the static buffers (None: padding only), padding every other row."""
+        g = static.groups[0]
+        static.token_ids.zero_()
+        static.positions.zero_()
+        static.slot_mapping.fill_(self.scratch * self.cache.block_size)
+        g.block_tables.fill_(self.scratch)
+        g.mask.zero_()
+        g.mask[:, :, :, 0] = True  # padded rows attend to key 0 (a real row's own mask is copied over it)
+        if batch is None:
+            return
+        real = batch.groups[0]
+        b, q = real.block_tables.shape[0], real.num_queries
+        static.token_ids.index_copy_(0, rows, batch.token_ids)
+        static.positions.index_copy_(0, rows, batch.positions)
+        static.slot_mapping.index_copy_(0, rows, batch.slot_mapping)
+        g.block_tables[:b, : real.block_tables.shape[1]].copy_(real.block_tables)
+        g.mask[:b, :, :q, : real.mask.shape[-1]].copy_(real.mask)
+
+    def _capture(self, bucket: Bucket):
+        if len(self.graphs) >= self.max_graphs:
+            log.warning("CUDA graphs: %d buckets captured already (the maximum); bucket %s runs eagerly",
+                        self.max_graphs, bucket)
+            self.graphs[bucket] = EAGER
+            return EAGER
+        static = self._static_batch(bucket)
+        need = bucket.requests * bucket.blocks * self.cache.k[0, 0].numel()
+        try:
+            with torch.inference_mode():
+                # the workspace the graph gathers K/V into must outlive it: an eager step may later
+                # replace the cache's workspace with a larger one
+                keep = [self.cache.workspace(2 * need)]
+                self._fill(static, bucket, None, None)
+                replay, hidden = self.capture(lambda: self.model.hidden(static, self.cache))
+        except Exception as e:  # noqa: BLE001 - any capture failure: this bucket stays eager
+            log.warning("CUDA graph capture failed for %s (%s: %s); this bucket runs eagerly",
+                        bucket, type(e).__name__, e)
+            self.stats["failed"] += 1
+            self.graphs[bucket] = EAGER
+            return EAGER
+        self.stats["captured"] += 1
+        graph = self.graphs[bucket] = _Graph(replay, hidden, static, keep)
+        return graph
+
+
+class GraphedModel:
+    """The target model behind a ``GraphRunner``: called like the model, ``(batch, cache) ->
+    logits`` (graphs for the runner's cache, eager for any other); every other attribute is the
+    model's. What ``TorchExecutor.model`` is with CUDA graphs on, so wrappers that time the
+    executor's forward (``adaserve bench engine``) time the replays."""
+
+    def __init__(self, runner: GraphRunner):
+        self.runner = runner
+
+    def __call__(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
+        if cache is not self.runner.cache:
+            return self.runner.model(batch, cache)
+        return self.runner(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner.model, name)
+
+
+def make_graph_runner(model: Transformer, cache: KVCache, scratch_block: int, max_requests: int,
+                      max_seq_len: int, max_tokens: int, **kw) -> GraphRunner:
+    """A runner whose buckets cover ``max_requests`` requests, ``max_tokens`` padded rows and
+    sequences of ``max_seq_len`` tokens plus a tree."""
+    from adaserve.scheduling.admission import SPEC_HEADROOM
+
+    max_blocks = cache.alloc.blocks_for(max_seq_len + SPEC_HEADROOM) + 1
+    limits = BucketLimits(max_requests, max_blocks, min(max_tokens, MAX_GRAPH_TOKENS))
+    return GraphRunner(model, cache, scratch_block, limits, **kw)

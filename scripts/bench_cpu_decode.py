@@ -1,0 +1,120 @@
+"""Batch-1 decode step on the CPU against the weight-read floor, per dtype and linear kernel.
+
+    .venv/bin/python scripts/bench_cpu_decode.py [--model smollm2-135m] [--threads 1]
+        [--dtypes float32,bfloat16] [--rounds 7] [--json]
+
+For each dtype: the step (1 sequence, 1 new token over 128 context tokens, as the profile's baseline;
+and 8 tokens of a chain, a small tree) with plain ``F.linear``, with oneDNN prepacked linears (where
+the CPU can pack that dtype) and with what the load-time measurement chose (runtime/kernels.py, not
+cached here); the floor = bytes of the weights one decode step reads / memory bandwidth, measured
+with a large tensor copy ((read + write) bytes per second, as tests/test_engine_cuda.py does on a
+GPU). Kernels, copies and rounds are interleaved so that load from other processes hits all alike;
+every number is a median over rounds. A benchmark, not a test: nothing is asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from adaserve.engine import model as model_mod
+from adaserve.engine.loader import resolve_model
+from adaserve.runtime.kernels import choose_linear_kernels
+from adaserve.runtime.profiler import BASELINE_CONTEXT, StepBench, cpu_name
+
+COPY_BYTES = 512 * 2**20
+
+
+def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """(read + write) bytes per second of one large copy."""
+    t0 = time.perf_counter()
+    dst.copy_(src)
+    return 2 * src.numel() * src.element_size() / (time.perf_counter() - t0)
+
+
+def decode_weight_bytes(model: model_mod.Transformer) -> int:
+    """Bytes of the weights one decode step reads: every layer, the final norm and the LM head (a
+    tied embedding counted once, as the LM head; the input embedding reads one row)."""
+    seen = {id(p): p for p in (*model.model.layers.parameters(), *model.model.norm.parameters(),
+                               model.lm_head.weight)}
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
+    model, _ = resolve_model(name, dtype, "cpu")
+    choice = choose_linear_kernels(model, say=say, cache=False)
+    kernels = {"plain": None}
+    if model_mod.prepack_supported(dtype):
+        kernels["prepacked"] = 1
+    if choice.min_rows not in kernels.values():
+        kernels[f"measured ({choice.kernel})"] = choice.min_rows
+    bench = StepBench(model, BASELINE_CONTEXT + 64)
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    times = {(k, t): [] for k in kernels for t in (1, 8)}
+    bandwidth = []
+    for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
+        bw = copy_bandwidth(src, dst)
+        for k, rows in kernels.items():
+            model_mod.set_prepack(dtype, rows)
+            for t in (1, 8):
+                ms = bench.step_ms(1, t, BASELINE_CONTEXT, 3)
+                if r:
+                    times[(k, t)].append(ms)
+        if r:
+            bandwidth.append(bw)
+    model_mod.set_prepack(dtype, choice.min_rows)
+    bw = statistics.median(bandwidth)
+    weight_bytes = decode_weight_bytes(model)
+    floor_ms = weight_bytes / bw * 1e3
+    rows = []
+    for k in kernels:
+        one, eight = (statistics.median(times[(k, t)]) for t in (1, 8))
+        rows.append({"kernel": k, "decode_ms": round(one, 2), "ratio_to_floor": round(one / floor_ms, 2),
+                     "verify8_ms": round(eight, 2),
+                     "range_ms": [round(min(times[(k, 1)]), 2), round(max(times[(k, 1)]), 2)]})
+    return {"dtype": str(dtype).replace("torch.", ""), "weight_bytes": weight_bytes,
+            "copy_bandwidth_gbs": round(bw / 1e9, 2), "floor_ms": round(floor_ms, 2),
+            "choice": {"kernel": choice.kernel, "reason": choice.reason, "ratios": choice.ratios},
+            "steps": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    say = (lambda s: print(s, file=sys.stderr))
+    with open("/proc/loadavg") as f:
+        load_before = f.read().split()[:3]
+    out = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+           "loadavg_before": load_before, "dtypes": []}
+    for d in args.dtypes.split(","):
+        out["dtypes"].append(bench_dtype(args.model, getattr(torch, d.strip()), args.rounds, say))
+    with open("/proc/loadavg") as f:
+        out["loadavg_after"] = f.read().split()[:3]
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{args.model} on {out['cpu']}, {args.threads} thread(s), torch {torch.__version__}; "
+          f"load average {' '.join(load_before)} -> {' '.join(out['loadavg_after'])}")
+    for d in out["dtypes"]:
+        print(f"{d['dtype']}: {d['weight_bytes'] / 1e6:.0f} MB of weights per decode step, copy bandwidth "
+              f"{d['copy_bandwidth_gbs']} GB/s -> floor {d['floor_ms']} ms; measured choice: {d['choice']['kernel']} "
+              f"({d['choice']['ratios']})")
+        for r in d["steps"]:
+            print(f"  {r['kernel']:<40} decode {r['decode_ms']:7.2f} ms [{r['range_ms'][0]}-{r['range_ms'][1]}]"
+                  f"  = {r['ratio_to_floor']:.2f}x floor   8-token step {r['verify8_ms']:7.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The device check (issue 12, item 4): one command that checks and measures the engine on a GPU.
+#
+#   scripts/gpu-check.sh              # on a machine with a CUDA GPU, from the repository root or anywhere
+#   scripts/gpu-check.sh --dry-run    # print the commands only
+#   DEVICE=cpu scripts/gpu-check.sh   # the same steps on the CPU with a tiny shape (tests the script)
+#
+# It needs only a PyTorch stack (torch, transformers, safetensors, numpy, tqdm, pytest): no installs,
+# no downloads. The package is taken from this source tree (PYTHONPATH), nothing is written into it.
+# Steps, each with its own time limit; a failed step is reported and the others still run:
+#   1. pytest -m cuda: tests/test_engine_cuda.py (the engine and its CUDA graphs on the GPU)
+#   2. random-weight checkpoints of the Llama-3.2-1B and Llama-3.1-8B shapes (bf16, no tokenizer:
+#      the byte tokenizer), written under $WORK (in /dev/shm when it has room)
+#   3. adaserve bench engine on both, CUDA graphs on and off (synthetic text prompts: the offline
+#      prompt pool is a wheel such machines lack); transformers' generate as the peer on the 1B shape
+#   4. adaserve run of vllm and adaserve (n-gram drafter) on a generated RPS-4.8 trace, 1B shape
+#   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md
+#
+# Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
+# temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
+# "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40).
+# Timing budget on one H100: about 6 minutes (docs/engine.md, "GPU check").
+set -uo pipefail
+
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "gpu-check: unknown argument '$1' (use --dry-run or --help)" >&2; exit 2 ;;
+esac
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 1
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+RUN_REQUESTS=${RUN_REQUESTS:-40}
+if [[ $DEVICE == cpu ]]; then
+  SHAPES=${SHAPES:-llama-tiny}
+  GRAPHS=(off)                 # CUDA graphs exist on CUDA only
+  BENCH_SIZE=(--batches "1,4" --context 32 --steps 3 --prompt-len 16 --new-tokens 8 --repeat 1)
+  RUN_SIZE=(--output-len-cap 8 --max-num-seqs 8)
+  TESTS=(-k graph)             # the CUDA tests run on the CPU too, slowly: the CUDA-graph ones only
+elif [[ $DEVICE == cuda* ]]; then
+  SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}
+  GRAPHS=(on off)
+  BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
+  RUN_SIZE=(--output-len-cap 64)
+  TESTS=()
+else
+  echo "gpu-check: DEVICE must be cuda[:N] or cpu, got '$DEVICE'" >&2
+  exit 2
+fi
+if [[ -z ${WORK:-} ]]; then
+  base=${TMPDIR:-/tmp}
+  # the 8B checkpoint is 16 GB: write it to memory when there is room
+  if [[ -d /dev/shm && -w /dev/shm ]] && (( $(df -Pk /dev/shm | awk 'NR==2 {print $4}') > 40000000 )); then
+    base=/dev/shm
+  fi
+  if ((DRY)); then WORK="$base/adaserve-gpu-check.XXXX"; else WORK=$(mktemp -d "$base/adaserve-gpu-check.XXXX"); fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export ADASERVE_CACHE="$WORK/cache"        # quick profiles are cached here, not in ~/.cache
+export PYTHONDONTWRITEBYTECODE=1           # nothing written into the source tree
+ADASERVE=("$PY" -m adaserve)
+FAILED=()
+
+say() { printf '[gpu-check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# step NAME OUTFILE CMD...: run CMD with the step time limit; its stdout goes to OUTFILE ("-" = terminal)
+step() {
+  local name=$1 out=$2; shift 2
+  if ((DRY)); then
+    local words=() a
+    for a in "$@"; do
+      if [[ $a =~ ^[A-Za-z0-9_./:=,+-]+$ ]]; then words+=("$a"); else words+=("$(printf '%q' "$a")"); fi
+    done
+    [[ $out != - ]] && words+=(">" "$out")
+    echo "${words[*]}"
+    return 0
+  fi
+  say "$name"
+  local t0=$SECONDS rc
+  if [[ $out == - ]]; then
+    timeout "$STEP_TIMEOUT" "$@"; rc=$?
+  else
+    timeout "$STEP_TIMEOUT" "$@" > "$out"; rc=$?
+  fi
+  say "$name: exit $rc in $((SECONDS - t0)) s"
+  if ((rc != 0)); then
+    FAILED+=("$name (exit $rc$( ((rc == 124)) && echo ", over ${STEP_TIMEOUT} s"))")
+    [[ $out != - ]] && rm -f "$out"   # a partial result is not a result
+  fi
+  return 0
+}
+
+if ! ((DRY)); then
+  mkdir -p "$WORK/cache" || exit 1
+  trap 'rm -rf "$WORK"/ckpt-*' EXIT   # the checkpoints are large (and may sit in memory); results stay
+  say "device $DEVICE, python $PY, work folder $WORK"
+fi
+((DRY)) || "$PY" -c 'import torch, transformers, safetensors; print("torch", torch.__version__, "transformers",
+transformers.__version__, "cuda", torch.cuda.is_available(),
+torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+
+# 1. tests
+step "pytest -m cuda" - env ADASERVE_CUDA_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+  tests/test_engine_cuda.py -s "${TESTS[@]}"
+
+# 2-3. checkpoints and bench engine
+for shape in $SHAPES; do
+  ckpt="$WORK/ckpt-$shape"
+  step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
+  hf=()
+  [[ $shape == llama-3.1-8b ]] && hf=(--no-hf)   # transformers' twin would double the 8B load time
+  for g in "${GRAPHS[@]}"; do
+    step "bench engine $shape graphs $g" "$WORK/bench-$shape-graphs-$g.json" "${ADASERVE[@]}" bench engine \
+      --model "$ckpt" --device "$DEVICE" --"$( [[ $g == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
+      --prompts synthetic-text "${BENCH_SIZE[@]}" "${hf[@]}" --json
+  done
+done
+
+# 4. adaserve run: vllm vs adaserve on the first shape
+first=${SHAPES%% *}
+trace="$WORK/trace-rps4.8.json"
+step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
+for system in vllm adaserve; do
+  step "run $system $first" - "${ADASERVE[@]}" run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
+    --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+    "${RUN_SIZE[@]}" --out "$WORK/run-$system"
+done
+
+# 5. the table
+if ((DRY)); then
+  echo "$PY scripts/gpu_check_table.py $WORK"
+  exit 0
+fi
+"$PY" scripts/gpu_check_table.py "$WORK" | tee "$WORK/table.md"
+if ((${#FAILED[@]})); then
+  say "FAILED: ${FAILED[*]}"
+  exit 1
+fi
+say "all steps passed; results in $WORK"

