@@ -436,8 +436,11 @@ def hf_twin(model: Transformer):
     return hf
 
 
-def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    """``generate`` (greedy) on the batch, left-padded; (wall seconds, new tokens per request)."""
+def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int, cache: str | None = None
+                ) -> tuple[float, list[list[int]]]:
+    """``generate`` (greedy) on the batch, left-padded; (wall seconds, new tokens per request).
+    ``cache="static"``: transformers' preallocated KV cache (no per-step growth), the fair peer of
+    an engine with a paged pool."""
     dev = hf.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -450,7 +453,7 @@ def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0)
+                          do_sample=False, pad_token_id=0, **({"cache_implementation": cache} if cache else {}))
     sync(dev)
     wall = time.perf_counter() - t0
     return wall, out[:, width:].tolist()
@@ -463,11 +466,17 @@ def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequ
     results = []
     ref = None
     if hf is not None:
-        walls = []
-        for _ in range(repeat):
-            w, ref = hf_generate(hf, prompts, new_tokens)
-            walls.append(w)
-        results.append(_gen("transformers", n, new_tokens, walls))
+        for name, cache in (("transformers", None), ("transformers-static", "static")):
+            walls = []
+            for _ in range(repeat):
+                w, outs = hf_generate(hf, prompts, new_tokens, cache)
+                walls.append(w)
+            r = _gen(name, n, new_tokens, walls)
+            if ref is None:
+                ref = outs  # the dynamic cache's tokens: what every other row is compared with
+            else:
+                r.same_as_hf = sum(a == b for a, b in zip(outs, ref))
+            results.append(r)
     for system in systems:
         walls, per_step = [], None
         for _ in range(repeat):
