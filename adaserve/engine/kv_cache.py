@@ -185,9 +185,13 @@ class KVCache:
                 src += [table[p // bs] * bs + p % bs for p, _ in moved]
                 dst += [table[p // bs] * bs + p % bs for _, p in moved]
         if src:
-            s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-            for store in (self.k, self.v):
-                flat = store.view(store.shape[0], -1, *store.shape[3:])
-                flat[:, d] = flat[:, s]  # gathered first: overlaps within a sequence are safe
+            self.move_slots(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
         for seq_id, path in paths.items():
             self.alloc.truncate(seq_id, self.alloc.length(seq_id) + len(path))
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of flat slots ``src`` to slots ``dst`` in every layer (the only place that
+        writes storage outside the model's forward: a sharded cache replays it on every rank)."""
+        for store in (self.k, self.v):
+            flat = store.view(store.shape[0], -1, *store.shape[3:])
+            flat[:, dst] = flat[:, src]  # gathered first: overlaps within a sequence are safe
