@@ -1,0 +1,42 @@
+"""Optional numba compilation for the host-side hot loops (n-gram drafting, tree growth, walks).
+
+Per-node work written as plain loops is the clearest form and, compiled, the fastest; numpy
+vectorization of the same work pays a few microseconds per array call, thousands of times per
+iteration. ``njit(fn)`` returns the compiled function when numba is importable and not disabled
+(``ADASERVE_NUMBA=0``), else ``fn`` unchanged, and ``enabled()`` says which: a caller that has a
+vectorized numpy path for machines without numba (e.g. a GPU box with a fixed software stack)
+chooses it when ``enabled()`` is false.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import UserError
+
+ENV = "ADASERVE_NUMBA"
+F = TypeVar("F", bound=Callable)
+
+try:  # numba is a dependency, but the package must still run where it cannot be installed
+    import numba
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+
+
+def enabled() -> bool:
+    """numba is importable and ``ADASERVE_NUMBA`` is not 0 (read at each call: tests flip it)."""
+    value = os.environ.get(ENV, "1").strip()
+    if value not in ("0", "1", ""):
+        raise UserError(f"{ENV}={value!r}: use 1 (compile host loops with numba) or 0 (numpy paths only)")
+    return numba is not None and value != "0"
+
+
+def njit(fn: F) -> F:
+    """``fn`` compiled with numba (nopython, cached on disk) when available, else ``fn`` itself.
+
+    Compilation is lazy (first call) so importing a module costs nothing."""
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True)(fn)
