@@ -58,8 +58,11 @@ class EngineConfig:
                                      group="limits")
     kv_cache_gb: float | None = _opt("cap the KV pool (target + draft) at this many GiB", "--kv-cache-gb",
                                      type=float, group="limits")
-    tensor_parallel_size: int = _opt("GPUs (or CPU processes) the model is sharded over; only 1 is "
-                                     "implemented so far", "--tensor-parallel-size", default=1, type=int)
+    tensor_parallel_size: int = _opt("GPUs (or CPU processes) the target is sharded over (tensor parallel; "
+                                     "must divide its KV heads): the command spawns N-1 workers, or under "
+                                     "torchrun (WORLD_SIZE=N) joins them; rank 0 schedules and drafts "
+                                     "(docs/engine.md, \"Tensor parallelism\")", "--tensor-parallel-size",
+                                     default=1, type=int)
     cuda_graphs: bool | None = _opt("replay decode and tree-verification steps as CUDA graphs, captured per "
                                     "bucket of requests, tree size and context (default: on with --device "
                                     "cuda; CUDA only)", "--cuda-graphs", action=argparse.BooleanOptionalAction)
@@ -71,8 +74,10 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """``--cuda-graphs`` as given, else on for CUDA and off on the CPU."""
-        return self.on_cuda if self.cuda_graphs is None else bool(self.cuda_graphs)
+        """``--cuda-graphs`` as given, else on for CUDA (with one rank) and off on the CPU."""
+        if self.cuda_graphs is None:
+            return self.on_cuda and self.tensor_parallel_size == 1
+        return bool(self.cuda_graphs)
 
     @property
     def dtype_name(self) -> str:
@@ -124,9 +129,9 @@ class EngineConfig:
                 raise UserError(f"{flag_of(name)} must be >= 1, got {v}")
         if self.kv_cache_gb is not None and not (math.isfinite(self.kv_cache_gb) and self.kv_cache_gb > 0):
             raise UserError(f"--kv-cache-gb must be a positive finite number of GiB, got {self.kv_cache_gb}")
-        if self.tensor_parallel_size != 1:
-            raise UserError(f"--tensor-parallel-size {self.tensor_parallel_size}: tensor parallelism is not "
-                            "implemented yet; only 1 is supported")
+        if self.tensor_parallel_size > 1 and self.cuda_graphs:
+            raise UserError(f"--cuda-graphs with --tensor-parallel-size {self.tensor_parallel_size}: CUDA graphs "
+                            "are not implemented for tensor-parallel ranks yet; drop --cuda-graphs")
         return self
 
     # ---- command line ---------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Helpers shared by the engine and server tests."""
 
+import socket
+import subprocess
+import time
+
 from adaserve.engine import BatchBuilder
 
 
@@ -25,3 +29,25 @@ def root_path(parents, node):
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> None:
+    """Until ``url``/health answers 200; fails with the process's output if it exits first."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "adaserve serve did not come up"
+        time.sleep(0.2)

@@ -42,7 +42,7 @@ def test_threads_default_is_one_everywhere(command):
 @pytest.mark.parametrize("field,value,message", [
     ("kv_cache_gb", math.inf, "--kv-cache-gb"), ("kv_cache_gb", math.nan, "--kv-cache-gb"),
     ("kv_cache_gb", 0.0, "--kv-cache-gb"), ("threads", 0, "--threads"), ("max_num_seqs", 0, "--max-num-seqs"),
-    ("tensor_parallel_size", 2, "not implemented"), ("dtype", "float8", "--dtype"), ("device", "tpu", "--device"),
+    ("tensor_parallel_size", 0, "--tensor-parallel-size"), ("dtype", "float8", "--dtype"), ("device", "tpu", "--device"),
 ])
 def test_bad_engine_options_are_user_errors(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -38,6 +38,8 @@ from adaserve.server.metrics import parse_prometheus
 from adaserve.server.build import codec_for
 from adaserve.server.tokenizer import IncrementalDetokenizer, TextStream
 
+from engine_util import free_port, wait_for_server
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASELINE_MS = 2.0
@@ -633,12 +635,6 @@ def test_bench_cli_errors(tmp_path):
     assert not (tmp_path / "r.txt").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_in_a_process(tmp_path):
     profile = tmp_path / "tiny.json"
     profile.write_text(json.dumps(PROFILE))
@@ -650,16 +646,7 @@ def test_serve_command_in_a_process(tmp_path):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "adaserve serve did not come up"
-            time.sleep(0.2)
+        wait_for_server(proc, url)
         assert httpx.get(f"{url}/health").json()["baseline_ms"] == BASELINE_MS  # the profile's
         with httpx.Client(base_url=url) as c:
             chunks = stream(c, "/v1/chat/completions", {"model": "t", "messages": MSG, "max_tokens": 4,

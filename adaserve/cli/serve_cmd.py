@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from adaserve.config import EngineConfig
 from adaserve.core.errors import UserError
@@ -62,4 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("serving %r on http://%s:%d (baseline %.2f ms, %s)", name, args.host, args.port,
              built.baseline_ms, built.baseline_source)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    failure = getattr(getattr(built.executor.model, "channel", None), "failure", None)  # tensor parallel
+    if failure is not None:
+        print(f"adaserve: error: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -77,7 +77,12 @@ def load_models(cfg: EngineConfig, say: Say = log.info) -> tuple[Transformer, ob
     setup_torch(cfg)
     prepack_forced()  # a bad ADASERVE_PREPACK is a user error before minutes of loading
     kind = cfg.drafter_kind()
-    model, tok = resolve_model(cfg.model, torch_dtype(cfg), cfg.device)
+    if cfg.tensor_parallel_size > 1:  # rank 0 from here on; other ranks serve as workers (and exit) there
+        from .distributed import load_sharded
+
+        model, tok = load_sharded(cfg, say)
+    else:
+        model, tok = resolve_model(cfg.model, torch_dtype(cfg), cfg.device)
     choose_linear_kernels(model, say=say, cache=profile_cache_enabled())
     draft = None
     if kind == "model":
@@ -184,7 +189,7 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
 def warn_if_measured_elsewhere(profile: LatencyProfile, model: Transformer, say: Say) -> None:
     here = measured_with(model)
     then = profile.measured_with
-    diff = [f"{k} {then[k]} (now {here[k]})" for k in ("device", "dtype", "threads", "linear")
+    diff = [f"{k} {then[k]} (now {here[k]})" for k in ("device", "dtype", "threads", "linear", "tensor_parallel")
             if then.get(k) is not None and here.get(k) is not None and then[k] != here[k]]
     if diff:
         say(f"warning: profile {profile.name!r} was measured with {', '.join(diff)}: its latencies do not "

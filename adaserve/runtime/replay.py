@@ -123,6 +123,7 @@ def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float) -> dic
             "max_requests": cfg.max_requests, "output_len_cap": cfg.output_len_cap,
             "ignore_eos": cfg.ignore_eos, "chat_template": cfg.chat_template, "temperature": cfg.temperature,
             "seed": cfg.seed, "dtype": ec.dtype_name, "device": ec.device,
+            "tensor_parallel": ec.tensor_parallel_size,
             "cuda_graphs": dict(ex.graphs.stats) if ex.graphs is not None else None,
             "threads": torch.get_num_threads(), "limits": asdict(profile.limits),
             "iterations": loop.stats.iterations, "wall_s": round(wall, 3),

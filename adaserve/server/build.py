@@ -8,6 +8,8 @@ measured at start-up (one short decode)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,7 +63,17 @@ def build_server_engine(cfg: EngineConfig, system: str, *, baseline_ms: float | 
     if longest < profile.limits.max_seq_len:
         log.warning("the KV pool holds %d tokens: requests with prompt + max_tokens above %d are refused "
                     "(raise --kv-cache-gb)", ex.kv_capacity_tokens, longest)
+    channel = getattr(eng.model, "channel", None)  # tensor parallel: a failed rank ends the server
+    if channel is not None:
+        channel.on_failure.append(_stop_server)
     say(f"baseline latency {eng.baseline_ms:.2f} ms/token ({eng.baseline_source}); system {system}; "
         f"KV pool {ex.num_blocks} blocks; {profile.limits}")
     return Built(ex, make_policy(system, eng.model.config.family), codec, eng.baseline_ms, eng.baseline_source,
                  profile)
+
+
+def _stop_server(error: Exception) -> None:
+    """A tensor-parallel rank failed: the engine cannot serve any more, so the server shuts down
+    (SIGTERM to itself: uvicorn's graceful exit; ``adaserve serve`` then exits non-zero)."""
+    log.error("%s; shutting the server down", error)
+    os.kill(os.getpid(), signal.SIGTERM)
