@@ -1,11 +1,12 @@
-"""The engine's vectorized host work (issue 12: drafting, tree selection, batch and mask building,
-the greedy verification walk, the KV commit) against simple per-node reference implementations
-kept here, on random inputs."""
+"""The engine's host work (issue 12: drafting, tree selection, batch and mask building, the greedy
+verification walk, the KV commit) against simple per-node reference implementations kept here, on
+random inputs; each test runs the numpy paths (``ADASERVE_NUMBA=0``) and the compiled ones."""
 
 import numpy as np
 import pytest
 import torch
 
+from adaserve.core import jit
 from adaserve.engine import tiny_random_model
 from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.drafters import RECORD_K, NgramIndex, NgramTable, TreeSet, level_plan
@@ -129,9 +130,19 @@ def connected_selection(rng, forest):
     return sel
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def host_path(request, monkeypatch):
+    """Run the test on the numpy paths and on the compiled ones (``adaserve.core.jit``)."""
+    if request.param == "numba" and jit._numba() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv(jit.ENV, "1" if request.param == "numba" else "0")
+    assert jit.enabled() == (request.param == "numba")
+    return request.param
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
-def test_select_trees_matches_the_per_request_version():
+def test_select_trees_matches_the_per_request_version(host_path):
     rng = np.random.default_rng(0)
     for _ in range(50):
         forest = random_forest(rng, int(rng.integers(1, 7)))
@@ -142,7 +153,7 @@ def test_select_trees_matches_the_per_request_version():
         assert got == ref_selected_trees(forest, sel, roots)
 
 
-def test_greedy_walks_match_one_tree_walks():
+def test_greedy_walks_match_one_tree_walks(host_path):
     rng = np.random.default_rng(1)
     for _ in range(50):
         forest = random_forest(rng, int(rng.integers(1, 8)), max_nodes=20, vocab=3)  # duplicate siblings
@@ -154,7 +165,7 @@ def test_greedy_walks_match_one_tree_walks():
             assert walk == greedy_walk(tb.tokens[lo:hi].tolist(), tb.parents[lo:hi].tolist(), argmax[lo:hi].tolist())
 
 
-def test_batch_masks_match_the_per_entry_version():
+def test_batch_masks_match_the_per_entry_version(host_path):
     rng = np.random.default_rng(2)
     for trial in range(20):
         cache = KVCache(tiny_random_model("llama").config, num_blocks=200, block_size=4)
@@ -216,7 +227,7 @@ def test_tree_growth_matches_the_per_request_version(shape):
             assert forest.prob[lo:hi].tolist() == ref.probs[i]
 
 
-def test_ngram_table_matches_the_dict_index_through_updates_and_releases():
+def test_ngram_table_matches_the_dict_index_through_updates_and_releases(host_path):
     rng = np.random.default_rng(4)
     table, refs, ids = NgramTable(3), {}, {}
     for step in range(60):
@@ -246,7 +257,7 @@ def test_ngram_table_matches_the_dict_index_through_updates_and_releases():
     assert table.n_ids < 2000  # released sequences' entries were dropped
 
 
-def test_ngram_index_counts_match_the_dict_index():
+def test_ngram_index_counts_match_the_dict_index(host_path):
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 4, 40).tolist()
     new, ref = NgramIndex(4), RefNgramIndex(4)
@@ -256,7 +267,7 @@ def test_ngram_index_counts_match_the_dict_index():
         assert new.counts == ref.counts
 
 
-def test_commit_many_equals_one_commit_per_sequence():
+def test_commit_many_equals_one_commit_per_sequence(host_path):
     config = tiny_random_model("llama").config
     caches = [KVCache(config, num_blocks=40, block_size=4) for _ in range(2)]
     paths = {0: [0, 2, 5], 1: [0], 2: [0, 1, 3, 4], 3: []}

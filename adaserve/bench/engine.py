@@ -44,7 +44,7 @@ from adaserve.config import EngineConfig
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Request
-from adaserve.engine.drafters import RECORD_K, NgramDrafter, TreeSet
+from adaserve.engine.drafters import RECORD_K, Filler, NgramDrafter
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer
@@ -94,24 +94,15 @@ class TimedModel:
 
 class BenchDrafter(NgramDrafter):
     """Full candidate trees without a draft model: at every frontier node the n-gram drafter's
-    continuations come first, the remaining children are random tokens with small confidences, so
-    beam search and static shapes always find ``width`` children per node (the trees a draft model
-    would give, at no cost)."""
+    continuations come first, the remaining children are pseudo-random tokens with small
+    confidences (``Filler``), so beam search and static shapes always find ``width`` children per
+    node (the trees a draft model would give, at no cost)."""
 
     name = "bench"
 
     def __init__(self, vocab_size: int, seed: int = 0, max_ngram: int = 4):
-        super().__init__(max_ngram=max_ngram)
-        self.vocab = vocab_size
-        self.rng = np.random.default_rng(seed)
-        self.filler = 0.05 / np.arange(1, RECORD_K + 1)
-
-    def _expand_level(self, trees: TreeSet, grams: np.ndarray):
-        toks, ps = super()._expand_level(trees, grams)
-        empty = toks < 0
-        toks[empty] = self.rng.integers(3, self.vocab, int(empty.sum()))
-        ps[empty] = np.broadcast_to(self.filler, toks.shape)[empty]
-        return toks, ps
+        filler = Filler(3, vocab_size, tuple((0.05 / np.arange(1, RECORD_K + 1)).tolist()), seed)
+        super().__init__(max_ngram=max_ngram, filler=filler)
 
 
 def repeated_prompts(n: int, length: int, vocab: int, period: int = 32, seed: int = 0) -> list[list[int]]:
@@ -548,7 +539,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
                 say(format_overhead(r))
                 out["overhead"].append(_rounded(asdict(r)))
     if cfg.generation:
-        hf = hf_twin(model) if cfg.hf else None
+        # a tensor-parallel target holds only rank 0's shard: no transformers twin of it
+        hf = hf_twin(model) if cfg.hf and getattr(model, "world_size", 1) == 1 else None
         prompts_all, source = trace_prompts(tokenizer, max(cfg.batches), cfg.prompt_len, cfg.trace, cfg.prompts)
         say(f"prompts: {source}")
         out["prompts"] = source

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adaserve.core import jit
+
 from .kv_cache import BlockAllocator, KVCache
 
 PREFILL, DECODE, TREE = "prefill", "decode", "tree"
@@ -116,6 +118,57 @@ def tree_depths(parents: Sequence[int]) -> np.ndarray:
     return np.bincount(ancestor_pairs(p)[0], minlength=len(p)) - 1
 
 
+def _first_bad_parent(parents: np.ndarray, offsets: np.ndarray) -> int:
+    """The first node of the trees ``[offsets[i], offsets[i+1])`` whose local parent is not in
+    ``[-1, node)`` or that is a root (-1) but not its tree's first node, or the other way round; -1 if none."""
+    local = np.arange(len(parents)) - np.repeat(offsets[:-1], np.diff(offsets))
+    bad = np.flatnonzero((parents < -1) | (parents >= local) | ((parents == -1) != (local == 0)))
+    return int(bad[0]) if len(bad) else -1
+
+
+@jit.njit
+def _first_bad_parent_kernel(parents, offsets):
+    """``_first_bad_parent`` compiled."""
+    for i in range(len(offsets) - 1):
+        for j in range(offsets[i + 1] - offsets[i]):
+            p = parents[offsets[i] + j]
+            if p < -1 or p >= j or (p == -1) != (j == 0):
+                return offsets[i] + j
+    return -1
+
+
+def _tree_rows_arrays(parents: np.ndarray, offsets: np.ndarray, base: np.ndarray, flat_blocks: np.ndarray,
+                      nblk: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE positions (``base + depth``) and KV slots (of the tentative positions ``base + node``)
+    of the nodes of trees ``[offsets[i], offsets[i+1])`` with local ``parents``; tree ``i``'s
+    blocks from its first tentative position on are ``flat_blocks``' next ``nblk[i]``."""
+    sizes = np.diff(offsets)
+    first = np.repeat(offsets[:-1], sizes)
+    depth = tree_depths(np.where(parents >= 0, parents + first, -1))
+    rel = np.repeat(base % bs, sizes) + np.arange(len(parents)) - first  # from its first block's start
+    blk_start = np.zeros(len(nblk), np.int64)
+    np.cumsum(nblk[:-1], out=blk_start[1:])
+    slots = flat_blocks[np.repeat(blk_start, sizes) + rel // bs] * bs + rel % bs
+    return np.repeat(base, sizes) + depth, slots
+
+
+@jit.njit
+def _tree_rows_kernel(parents, offsets, base, flat_blocks, nblk, bs):
+    """``_tree_rows_arrays`` compiled: one pass over the nodes (parents come before children)."""
+    positions = np.empty(len(parents), np.int64)
+    slots = np.empty(len(parents), np.int64)
+    blk = 0
+    for i in range(len(offsets) - 1):
+        lo = offsets[i]
+        for j in range(offsets[i + 1] - lo):
+            p = parents[lo + j]
+            positions[lo + j] = base[i] if p < 0 else positions[lo + p] + 1
+            rel = base[i] % bs + j
+            slots[lo + j] = flat_blocks[blk + rel // bs] * bs + rel % bs
+        blk += nblk[i]
+    return positions, slots
+
+
 class BatchBuilder:
     def __init__(self, cache: KVCache | BlockAllocator, solo_threshold: int = SOLO_QUERY_THRESHOLD):
         self.alloc = cache.alloc if isinstance(cache, KVCache) else cache
@@ -178,43 +231,37 @@ class BatchBuilder:
         tokens, parents = np.asarray(tokens, np.int64), np.asarray(parents, np.int64)
         if len(seq_ids) != n or len(tokens) != offsets[-1] or len(parents) != offsets[-1] or np.any(sizes < 1):
             raise ValueError("add_trees: one non-empty tree per sequence, tokens/parents as long as offsets say")
-        local = np.arange(len(parents)) - np.repeat(offsets[:-1], sizes)
-        bad = np.flatnonzero((parents < -1) | (parents >= local) | ((parents == -1) != (local == 0)))
-        if len(bad):
-            raise ValueError(f"add_trees: node {int(local[bad[0]])} of tree {int(np.searchsorted(offsets, bad[0], 'right') - 1)}"
-                             f" has parent {int(parents[bad[0]])} (need -1 <= parent < node, one root first)")
+        bad = (_first_bad_parent_kernel if jit.enabled() else _first_bad_parent)(parents, offsets)
+        if bad >= 0:
+            tree = int(np.searchsorted(offsets, bad, 'right') - 1)
+            raise ValueError(f"add_trees: node {bad - int(offsets[tree])} of tree {tree} has parent {int(parents[bad])}"
+                             " (need -1 <= parent < node, one root first)")
         if len(set(seq_ids)) != n or any(s in self._trees for s in seq_ids):
             raise ValueError("add_trees: a sequence may have one tree per batch")
         bs = self.alloc.block_size
-        base = np.empty(n, np.int64)
-        blocks: list[list[int]] = []
-        for i, (seq_id, size) in enumerate(zip(seq_ids, sizes.tolist())):
-            self._register(seq_id)
-            b = self.alloc.length(seq_id)
+        base, nblk, flat_blocks = [], [], []
+        for seq_id, size in zip(seq_ids, sizes.tolist()):
+            b = self._register(seq_id)
             self.alloc.reserve(seq_id, b + size)
             self._trees.add(seq_id)
-            base[i] = b
-            blocks.append(self.alloc.block_table(seq_id)[b // bs:])
-        global_parent = np.where(parents >= 0, parents + np.repeat(offsets[:-1], sizes), -1)
-        depth = tree_depths(global_parent)
-        pos = np.repeat(base, sizes) + local  # tentative KV positions
-        # slots: each tree's blocks from its first tentative position on, concatenated
-        nblk = np.fromiter((len(b) for b in blocks), np.int64, n)
-        flat_blocks = np.fromiter((x for b in blocks for x in b), np.int64, int(nblk.sum()))
-        blk_start = np.zeros(n, np.int64)
-        np.cumsum(nblk[:-1], out=blk_start[1:])
-        rel = pos - np.repeat(base - base % bs, sizes)
-        slots = flat_blocks[np.repeat(blk_start, sizes) + rel // bs] * bs + rel % bs
+            base.append(b)
+            table = self.alloc.block_table(seq_id)[b // bs:]  # the blocks of its tentative positions
+            nblk.append(len(table))
+            flat_blocks += table
+        base_a = np.array(base, np.int64)
+        positions, slots = (_tree_rows_kernel if jit.enabled() else _tree_rows_arrays)(
+            parents, offsets, base_a, np.array(flat_blocks, np.int64), np.array(nblk, np.int64), bs)
         first = self._num_tokens + offsets[:-1]
         first_logit = self._num_logits + offsets[:-1]
-        for i, seq_id in enumerate(seq_ids):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            self.entries.append(Entry(seq_id, TREE, int(first[i]), hi - lo, int(base[i]), int(base[i]) + hi - lo,
-                                      parents[lo:hi], range(int(first_logit[i]), int(first_logit[i]) + hi - lo)))
+        bounds = offsets.tolist()
+        for i, (seq_id, b, t0, l0) in enumerate(zip(seq_ids, base, first.tolist(), first_logit.tolist())):
+            size = bounds[i + 1] - bounds[i]
+            self.entries.append(Entry(seq_id, TREE, t0, size, b, b + size, parents[bounds[i]:bounds[i + 1]],
+                                      range(l0, l0 + size)))
         self._tokens.append(tokens)
-        self._positions.append(np.repeat(base, sizes) + depth)
+        self._positions.append(positions)
         self._slots.append(slots)
-        self._logits_rows.append(self._num_tokens + np.arange(len(tokens), dtype=np.int64))
+        self._logits_rows.append(np.arange(self._num_tokens, self._num_tokens + len(tokens), dtype=np.int64))
         self._num_tokens += len(tokens)
         self._num_logits += len(tokens)
         return first_logit
@@ -232,12 +279,15 @@ class BatchBuilder:
         return self._push(entry, np.asarray(tokens, np.int64), np.arange(base, base + n, dtype=np.int64),
                           np.asarray(slots, np.int64), logits)
 
-    def _register(self, seq_id):
+    def _register(self, seq_id) -> int:
+        """Add the sequence to the allocator if new (remembering how to undo); its committed length."""
         if seq_id not in self.alloc:
             self.alloc.add(seq_id)
             self._undo.setdefault(seq_id, None)
-        else:
-            self._undo.setdefault(seq_id, self.alloc.length(seq_id))
+            return 0
+        length = self.alloc.length(seq_id)
+        self._undo.setdefault(seq_id, length)
+        return length
 
     def _push(self, entry: Entry, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logits) -> range:
         if logits not in ("last", "all", "none"):
@@ -283,49 +333,98 @@ class BatchBuilder:
                          torch.from_numpy(seq_index).to(device), as_long(self._logits_rows), self.entries, groups)
 
     def _group(self, entries: list[Entry], device) -> AttnGroup:
-        """One padded attention call; the mask is built with array operations over all entries:
-        every query row sees its sequence's committed context; a chain's rows see the chain up to
-        themselves, a tree's rows their ancestors (``ancestor_pairs``); padded rows see key 0 only."""
+        """One padded attention call: every query row sees its sequence's committed context; a
+        chain's rows see the chain up to themselves, a tree's rows their ancestors; padded rows see
+        key 0 only. The mask is built by ``_group_mask_kernel`` (compiled) or array operations."""
         bs = self.alloc.block_size
         b = len(entries)
-        ctx = np.fromiter((e.context_len for e in entries), np.int64, b)
-        nnew = np.fromiter((e.num_new for e in entries), np.int64, b)
-        keys = np.fromiter((e.key_len for e in entries), np.int64, b)
-        start = np.fromiter((e.start for e in entries), np.int64, b)
+        cols = [(e.context_len, e.num_new, e.start, -(-e.key_len // bs)) for e in entries]
+        ctx, nnew, start, nblk_each = np.array(cols, np.int64).reshape(b, 4).T.copy()
         q = int(nnew.max())
-        nblk_each = -(-keys // bs)
         nblk = int(nblk_each.max())
+        flat: list[int] = []
+        lens = []
+        for e, k in zip(entries, nblk_each.tolist()):
+            table = self.alloc.block_table(e.seq_id)[:k]
+            flat += table
+            lens.append(len(table))
         tables = np.zeros((b, nblk), dtype=np.int64)
-        for i, e in enumerate(entries):
-            table = self.alloc.block_table(e.seq_id)[: nblk_each[i]]
-            tables[i, : len(table)] = table
-        qi = np.arange(q)[None, :, None]
-        kj = np.arange(nblk * bs)[None, None, :]
-        c = ctx[:, None, None]
-        valid = qi < nnew[:, None, None]
-        mask = (kj < c) & valid  # every real row sees its context: the one full-size operation
-        chain = np.flatnonzero(np.fromiter((e.tree_parents is None for e in entries), bool, b))
-        if len(chain):  # a chain's rows also see its own tokens up to themselves
-            cc = c[chain]
-            mask[chain] |= valid[chain] & (kj >= cc) & (kj - cc <= qi)
-        mask[:, :, 0] |= ~valid[:, :, 0]  # padded query rows attend somewhere (avoids NaN); output dropped
-        trees = [i for i, e in enumerate(entries) if e.tree_parents is not None]
-        if trees:
-            par = [entries[i].tree_parents for i in trees]
-            sizes = np.fromiter((len(p) for p in par), np.int64, len(par))
-            off = np.zeros(len(par) + 1, np.int64)
-            np.cumsum(sizes, out=off[1:])
-            local = np.arange(off[-1]) - np.repeat(off[:-1], sizes)
-            parents = np.concatenate(par)
-            glob = np.where(parents >= 0, parents + np.repeat(off[:-1], sizes), -1)
-            node, anc = ancestor_pairs(glob)
-            owner = np.repeat(np.asarray(trees, np.int64), sizes)[node]
-            cached = (sizes - nnew[trees])[np.repeat(np.arange(len(par)), sizes)][node]  # nodes not computed now
-            row = local[node] - cached
-            keep = row >= 0
-            mask[owner[keep], row[keep], ctx[owner[keep]] + local[anc[keep]]] = True
-        j = np.arange(int(nnew.sum())) - np.repeat(np.cumsum(nnew) - nnew, nnew)  # row within its entry
-        rows = np.repeat(start, nnew) + j
-        pad = np.repeat(np.arange(b) * q, nnew) + j
+        tables[np.arange(nblk) < np.array(lens)[:, None]] = np.fromiter(flat, np.int64, len(flat))
+        if jit.enabled():
+            trees = [e.tree_parents for e in entries if e.tree_parents is not None]
+            sizes = [0 if e.tree_parents is None else len(e.tree_parents) for e in entries]
+            tree_off = np.zeros(b + 1, np.int64)
+            np.cumsum(sizes, out=tree_off[1:])
+            mask, rows, pad = _group_mask_kernel(ctx, nnew, start, np.concatenate(trees) if trees else tree_off[:0],
+                                                 tree_off, q, nblk * bs)
+        else:
+            mask, rows, pad = _group_mask_arrays(entries, ctx, nnew, start, q, nblk * bs)
         return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
-                         torch.from_numpy(tables).to(device), torch.from_numpy(mask[:, None]).to(device), q)
+                         torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q)
+
+
+def _group_mask_arrays(entries: list[Entry], ctx: np.ndarray, nnew: np.ndarray, start: np.ndarray, q: int,
+                       width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The group's mask ``[B, 1, Q, width]``, rows and padded positions with array operations
+    over all entries (tree rows: ``ancestor_pairs``)."""
+    b = len(entries)
+    qi = np.arange(q)[None, :, None]
+    kj = np.arange(width)[None, None, :]
+    c = ctx[:, None, None]
+    valid = qi < nnew[:, None, None]
+    mask = (kj < c) & valid  # every real row sees its context: the one full-size operation
+    chain = np.flatnonzero(np.fromiter((e.tree_parents is None for e in entries), bool, b))
+    if len(chain):  # a chain's rows also see its own tokens up to themselves
+        cc = c[chain]
+        mask[chain] |= valid[chain] & (kj >= cc) & (kj - cc <= qi)
+    mask[:, :, 0] |= ~valid[:, :, 0]  # padded query rows attend somewhere (avoids NaN); output dropped
+    trees = [i for i, e in enumerate(entries) if e.tree_parents is not None]
+    if trees:
+        par = [entries[i].tree_parents for i in trees]
+        sizes = np.fromiter((len(p) for p in par), np.int64, len(par))
+        off = np.zeros(len(par) + 1, np.int64)
+        np.cumsum(sizes, out=off[1:])
+        local = np.arange(off[-1]) - np.repeat(off[:-1], sizes)
+        parents = np.concatenate(par)
+        glob = np.where(parents >= 0, parents + np.repeat(off[:-1], sizes), -1)
+        node, anc = ancestor_pairs(glob)
+        owner = np.repeat(np.asarray(trees, np.int64), sizes)[node]
+        cached = (sizes - nnew[trees])[np.repeat(np.arange(len(par)), sizes)][node]  # nodes not computed now
+        row = local[node] - cached
+        keep = row >= 0
+        mask[owner[keep], row[keep], ctx[owner[keep]] + local[anc[keep]]] = True
+    j = np.arange(int(nnew.sum())) - np.repeat(np.cumsum(nnew) - nnew, nnew)  # row within its entry
+    rows = np.repeat(start, nnew) + j
+    pad = np.repeat(np.arange(b) * q, nnew) + j
+    return mask[:, None], rows, pad
+
+
+@jit.njit
+def _group_mask_kernel(ctx, nnew, start, tree_parents, tree_off, q, width):
+    """``_group_mask_arrays`` compiled; entry ``i``'s whole tree has parents
+    ``tree_parents[tree_off[i]:tree_off[i+1]]`` (none: a chain), its last ``nnew[i]`` nodes are the rows."""
+    b = len(ctx)
+    mask = np.empty((b, 1, q, width), np.bool_)  # every element is written below (no zeroing pass)
+    rows = np.empty(nnew.sum(), np.int64)
+    pad = np.empty(nnew.sum(), np.int64)
+    at = 0
+    for i in range(b):
+        c, lo = ctx[i], tree_off[i]
+        cached = tree_off[i + 1] - lo - nnew[i]
+        for r in range(nnew[i]):
+            row = mask[i, 0, r]
+            row[:c] = True
+            row[c:] = False
+            if tree_off[i + 1] == lo:
+                row[c:c + r + 1] = True
+            else:
+                j = cached + r
+                while j >= 0:
+                    row[c + j] = True
+                    j = tree_parents[lo + j]
+            rows[at], pad[at] = start[i] + r, i * q + r
+            at += 1
+        for r in range(nnew[i], q):
+            mask[i, 0, r] = False
+            mask[i, 0, r, 0] = True
+    return mask, rows, pad

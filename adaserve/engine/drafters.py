@@ -7,7 +7,9 @@ token), and differ only in where a node's next-token distribution comes from:
   level over the frontier nodes of every request (docs/definitions.md §4, step 3).
 * ``NgramDrafter``: prompt / suffix lookup over the request's own tokens; a node's continuations are
   the tokens that followed the longest matching n-gram earlier in the request, with confidence
-  ``count / (occurrences + prior)``.
+  ``count / (occurrences + prior)``. Where numba is available (``adaserve.core.jit``) its table
+  update and its whole draft are one compiled kernel each (``_table_update_kernel``,
+  ``_draft_kernel``: the same trees as ``TreeSet`` growth, node by node); else numpy, per level.
 
 Shapes (``SpecShape``): beam search keeps, per request and level, the ``width`` children with the
 highest path probability f̂ among the top-``width`` children of every frontier node; a static shape
@@ -20,11 +22,13 @@ next tokens and their (conditional) probabilities: the acceptance recorder reads
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from adaserve.core import jit
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 
@@ -150,6 +154,7 @@ def level_plan(shape: SpecShape, level: int) -> tuple[int | None, int]:
 # ---- n-gram (prompt / suffix lookup) ----------------------------------------------------------
 
 WINDOW = 8  # probe slots an _IntMap looks at per round
+_FIB = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the maps' Fibonacci hashing
 _WINDOW_STEPS = np.arange(WINDOW, dtype=np.int64)
 
 
@@ -162,13 +167,12 @@ class _IntMap:
         self.size = 0
 
     def _alloc(self, capacity: int) -> None:
-        self.keys = np.full(capacity, -1, np.int64)
+        self.keys = np.full(capacity, -1, np.int64)  # a power of two (the compiled paths may replace them)
         self.vals = np.zeros(capacity, np.int64)
-        self._bits = capacity.bit_length() - 1
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
-        h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing (wraps mod 2**64)
-        return (h >> np.uint64(64 - self._bits)).astype(np.int64)
+        h = keys.astype(np.uint64) * np.uint64(_FIB)  # Fibonacci hashing (wraps mod 2**64)
+        return (h >> np.uint64(65 - len(self.keys).bit_length())).astype(np.int64)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The slot of every key, -1 where absent. Each round looks at a window of ``WINDOW`` probe
@@ -299,30 +303,49 @@ class NgramTable:
         out[ok] = np.where(slots >= 0, self.grams.vals[slots], -1)
         return out
 
-    def update(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> None:
-        """Index the tokens each ``(seq_id, ids)`` gained since its last update."""
-        tails, roots, new_from = [], [], []
+    def update(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> np.ndarray:
+        """Index the tokens each ``(seq_id, ids)`` gained since its last update; returns the
+        sequences' root ids."""
+        flat: list[int] = []
+        all_roots, roots, sizes, new_from = [], [], [], []
         for seq_id, ids in seqs:
-            root = self.root(seq_id)
-            state = self.seqs[seq_id]
+            state = self.seqs.get(seq_id)
+            if state is None:
+                self.root(seq_id)
+                state = self.seqs[seq_id]
+            all_roots.append(state[0])
             a, n = max(state[1], 1), len(ids)
-            state[1] = max(state[1], n)
             if n <= a:
+                state[1] = max(state[1], n)
                 continue
+            state[1] = n
             lo = max(a - self.max_n, 0)  # the n-grams before the new positions start here
-            tails.append(np.asarray(ids[lo:n], np.int64))
-            roots.append(root)
+            flat += ids[lo:n]
+            roots.append(state[0])
+            sizes.append(n - lo)
             new_from.append(a - lo)
-        if not tails:
-            return
-        tok = np.concatenate(tails)
-        if tok.max() >= 1 << TOKEN_BITS or tok.min() < 0:
-            raise ValueError(f"token ids must lie in [0, {1 << TOKEN_BITS})")
-        sizes = np.fromiter((len(t) for t in tails), np.int64, len(tails))
+        if flat:
+            tok = np.array(flat, np.int64)
+            if tok.max() >= 1 << TOKEN_BITS or tok.min() < 0:
+                raise ValueError(f"token ids must lie in [0, {1 << TOKEN_BITS})")
+            as_array = lambda xs: np.array(xs, np.int64)  # noqa: E731
+            (self._update_compiled if jit.enabled() else self._update_arrays)(
+                tok, as_array(sizes), as_array(roots), as_array(new_from))
+        return np.array(all_roots, np.int64)
+
+    def _update_compiled(self, tok: np.ndarray, sizes: np.ndarray, roots: np.ndarray, new_from: np.ndarray) -> None:
+        g, nx = self.grams, self.nexts
+        (g.keys, g.vals, g.size, nx.keys, nx.vals, nx.size, self.total, self.top_tok, self.top_cnt, self.root_of,
+         self.n_ids) = _table_update_kernel(tok, sizes, roots, new_from, self.max_n, g.keys, g.vals, g.size,
+                                            nx.keys, nx.vals, nx.size, self.total, self.top_tok, self.top_cnt,
+                                            self.root_of, self.n_ids)
+
+    def _update_arrays(self, tok: np.ndarray, sizes: np.ndarray, roots: np.ndarray, new_from: np.ndarray) -> None:
+        """``update`` with numpy array operations (one probe per n for all positions)."""
         start = np.repeat(np.cumsum(sizes) - sizes, sizes)
         at = np.arange(len(tok)) - start  # position within its tail
-        new = at >= np.repeat(np.asarray(new_from, np.int64), sizes)  # positions whose continuations are new
-        ids = np.repeat(np.asarray(roots, np.int64), sizes)  # n = 0: the empty n-gram before every position
+        new = at >= np.repeat(new_from, sizes)  # positions whose continuations are new
+        ids = np.repeat(roots, sizes)  # n = 0: the empty n-gram before every position
         owner = ids
         grams, conts = [], []
         for n in range(1, self.max_n + 1):
@@ -446,6 +469,238 @@ class NgramTable:
             state[0] = int(new_id[state[0]])
 
 
+# ---- the n-gram drafter compiled (numba, adaserve.core.jit) -----------------------------------
+# The same data structures as the numpy paths above (open-addressing maps with Fibonacci hashing
+# and linear probing, per-id totals and exact top lists), walked one key at a time: a table may be
+# updated by either path and read by the other. Used when ``jit.enabled()``.
+
+@jit.njit
+def _slot_for(keys: np.ndarray, shift: np.uint64, key: int) -> int:
+    """The slot holding ``key`` in an ``_IntMap``'s keys, else the empty slot where it would go
+    (``shift``: ``_shift(keys)``)."""
+    mask = len(keys) - 1
+    s = np.int64((np.uint64(key) * np.uint64(_FIB)) >> shift)
+    while keys[s] != key and keys[s] >= 0:
+        s = (s + 1) & mask
+    return s
+
+
+@jit.njit
+def _shift(keys: np.ndarray) -> np.uint64:
+    """64 - log2(slots): Fibonacci hashing's shift for a map of ``len(keys)`` slots (a power of two)."""
+    bits = 0
+    while (1 << bits) < len(keys):
+        bits += 1
+    return np.uint64(64 - bits)
+
+
+@jit.njit
+def _map_grown(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The map rehashed into twice the slots (``_IntMap._rehash``)."""
+    new_keys = np.full(2 * len(keys), -1, np.int64)
+    new_vals = np.zeros(2 * len(keys), np.int64)
+    shift = _shift(new_keys)
+    for j in range(len(keys)):
+        if keys[j] >= 0:
+            s = _slot_for(new_keys, shift, keys[j])
+            new_keys[s], new_vals[s] = keys[j], vals[j]
+    return new_keys, new_vals
+
+
+@jit.njit
+def _rows_grown(a: np.ndarray, fill: int) -> np.ndarray:
+    out = np.full((2 * a.shape[0],) + a.shape[1:], fill, a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
+@jit.njit
+def _count_next(top_tok: np.ndarray, top_cnt: np.ndarray, g: int, tok: int, count: int) -> None:
+    """Gram ``g``'s continuation ``tok`` now has ``count``: keep its top list exact (count desc,
+    token asc). Only this token's rank changes, so it moves up past the entries it now beats."""
+    row, cnt = top_tok[g], top_cnt[g]
+    pos = -1
+    for j in range(RECORD_K):
+        if row[j] == tok:
+            pos = j
+            break
+    last = RECORD_K - 1
+    if pos < 0:
+        if row[last] >= 0 and (cnt[last] > count or (cnt[last] == count and row[last] < tok)):
+            return  # still outside the top
+        pos = last
+        row[pos] = tok
+    cnt[pos] = count
+    while pos > 0 and (cnt[pos - 1] < count or (cnt[pos - 1] == count and row[pos - 1] > tok)):
+        row[pos], row[pos - 1] = row[pos - 1], row[pos]
+        cnt[pos], cnt[pos - 1] = cnt[pos - 1], cnt[pos]
+        pos -= 1
+
+
+@jit.njit
+def _table_update_kernel(tok, sizes, roots, new_from, max_n, gkeys, gvals, g_size, nkeys, nvals, n_size,
+                     total, top_tok, top_cnt, root_of, n_ids):
+    """``NgramTable.update`` over the concatenated tails ``tok`` (tail ``s``: ``sizes[s]`` tokens of
+    the sequence with root id ``roots[s]``, whose continuations count from ``new_from[s]`` on).
+    Returns every array (grown ones are new) and the new sizes."""
+    prev = np.full(max_n + 1, -1, np.int64)  # ids of the n-grams ending before the previous position
+    cur = np.full(max_n + 1, -1, np.int64)
+    g_shift, n_shift = _shift(gkeys), _shift(nkeys)
+    q = 0
+    for s in range(len(sizes)):
+        for a in range(sizes[s]):
+            cur[0] = roots[s]
+            for n in range(1, max_n + 1):
+                cur[n] = -1
+                if a < n or prev[n - 1] < 0:
+                    continue
+                key = (prev[n - 1] << TOKEN_BITS) | tok[q - 1]
+                if 2 * (g_size + 1) > len(gkeys):
+                    gkeys, gvals = _map_grown(gkeys, gvals)
+                    g_shift = _shift(gkeys)
+                slot = _slot_for(gkeys, g_shift, key)
+                if gkeys[slot] < 0:  # a new n-gram: a new id
+                    if n_ids >= len(total):
+                        total, root_of = _rows_grown(total, 0), _rows_grown(root_of, 0)
+                        top_tok, top_cnt = _rows_grown(top_tok, -1), _rows_grown(top_cnt, 0)
+                    gkeys[slot], gvals[slot], root_of[n_ids] = key, n_ids, roots[s]
+                    n_ids += 1
+                    g_size += 1
+                g = gvals[slot]
+                cur[n] = g
+                if a >= new_from[s]:
+                    pair = (g << TOKEN_BITS) | tok[q]
+                    if 2 * (n_size + 1) > len(nkeys):
+                        nkeys, nvals = _map_grown(nkeys, nvals)
+                        n_shift = _shift(nkeys)
+                    slot = _slot_for(nkeys, n_shift, pair)
+                    if nkeys[slot] < 0:
+                        nkeys[slot], nvals[slot] = pair, 0
+                        n_size += 1
+                    nvals[slot] += 1
+                    total[g] += 1
+                    _count_next(top_tok, top_cnt, g, tok[q], nvals[slot])
+            prev[:] = cur
+            q += 1
+    return gkeys, gvals, g_size, nkeys, nvals, n_size, total, top_tok, top_cnt, root_of, n_ids
+
+
+def filler_hash(key, request, level, node, col):
+    """The hash behind the filler token of column ``col`` of the ``node``-th frontier node of
+    ``request`` at ``level`` (uint64 arrays, or scalars compiled; ``key`` mixes the seed and the
+    draft call): the fields packed into one word, then splitmix64's finalizer."""
+    u = np.uint64
+    z = key ^ (request << u(32)) ^ (level << u(24)) ^ (node << u(8)) ^ col
+    z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
+    return z ^ (z >> u(31))
+
+
+_filler_hash_compiled = jit.njit(filler_hash)
+
+
+@jit.njit
+def _draft_kernel(root_tokens, root_ids, suffix, gkeys, gvals, top_tok, top_cnt, total, min_n, prior,
+                    keeps, cols, max_nodes, fill_probs, fill_low, fill_high, fill_key):
+    """``NgramDrafter.draft`` of all requests (numpy path: ``TreeSet`` + ``NgramTable`` lookups),
+    one request after the other, all its levels: the forest's arrays, each request's nodes root
+    first, then level by level in the order beam search created them. ``keeps[l]`` < 0: keep all
+    (static shapes); ``fill_probs`` non-empty: pad every expanded node's continuations to
+    ``RECORD_K`` with filler tokens (``Filler``)."""
+    n, max_n = suffix.shape
+    shift = _shift(gkeys)
+    cap = n * max_nodes
+    offsets = np.zeros(n + 1, np.int64)
+    parent = np.empty(cap, np.int64)
+    token = np.empty(cap, np.int64)
+    prob = np.empty(cap, np.float64)
+    depth = np.empty(cap, np.int64)
+    next_tokens = np.full((cap, RECORD_K), -1, np.int64)
+    next_probs = np.zeros((cap, RECORD_K), np.float64)
+    expanded = np.zeros(cap, np.bool_)
+    grams = np.full((max_nodes, max_n + 1), -1, np.int64)  # per node of the current tree: n-gram ids
+    frontier = np.empty(max_nodes, np.int64)
+    cand_f = np.empty(max_nodes * RECORD_K, np.int64)
+    cand_k = np.empty(max_nodes * RECORD_K, np.int64)
+    cand_p = np.empty(max_nodes * RECORD_K, np.float64)
+    at = 0
+    for i in range(n):
+        lo = at
+        parent[at], token[at], prob[at], depth[at] = -1, root_tokens[i], 1.0, 0
+        grams[0, 0] = root_ids[i]
+        for length in range(1, max_n + 1):  # the n-gram of the last ``length`` committed tokens
+            g = root_ids[i]
+            for j in range(max_n - length, max_n):
+                if g < 0 or suffix[i, j] < 0:
+                    g = -1
+                    break
+                s = _slot_for(gkeys, shift, (g << TOKEN_BITS) | suffix[i, j])
+                g = gvals[s] if gkeys[s] >= 0 else -1
+            grams[0, length] = g
+        at += 1
+        frontier[0], n_front = 0, 1
+        for level in range(len(keeps)):
+            if n_front == 0:
+                break
+            n_cand = 0
+            for f in range(n_front):
+                node = frontier[f]
+                g_row = grams[node]
+                seen = 0
+                for length in range(1, max_n + 1):
+                    if g_row[length] >= 0:
+                        seen += 1
+                best = g_row[seen]
+                row = lo + node
+                expanded[row] = True
+                if seen >= min_n:
+                    for k in range(RECORD_K):
+                        next_tokens[row, k] = top_tok[best, k]
+                        next_probs[row, k] = top_cnt[best, k] / (total[best] + prior)
+                if len(fill_probs):
+                    for k in range(RECORD_K):
+                        if next_tokens[row, k] < 0:
+                            h = _filler_hash_compiled(fill_key, np.uint64(i), np.uint64(level), np.uint64(f), np.uint64(k))
+                            next_tokens[row, k] = fill_low + np.int64(h % np.uint64(fill_high - fill_low))
+                            next_probs[row, k] = fill_probs[k]
+                for k in range(min(cols[level], RECORD_K)):
+                    t, p = next_tokens[row, k], next_probs[row, k]
+                    if p > 0 and t >= 0:
+                        cand_f[n_cand], cand_k[n_cand], cand_p[n_cand] = f, k, prob[row] * p
+                        n_cand += 1
+            if keeps[level] >= 0:  # beam: the best ``keep`` by path probability (ties: frontier order, column)
+                n_keep = min(keeps[level], n_cand)
+                for r in range(n_keep):
+                    b = r
+                    for c in range(r + 1, n_cand):
+                        if cand_p[c] > cand_p[b]:
+                            b = c
+                    for c in range(b, r, -1):  # move it to place r, keeping the others in order
+                        cand_f[c], cand_f[c - 1] = cand_f[c - 1], cand_f[c]
+                        cand_k[c], cand_k[c - 1] = cand_k[c - 1], cand_k[c]
+                        cand_p[c], cand_p[c - 1] = cand_p[c - 1], cand_p[c]
+                n_cand = n_keep
+            for c in range(n_cand):
+                par = frontier[cand_f[c]]
+                node = at - lo
+                t = next_tokens[lo + par, cand_k[c]]
+                parent[at], token[at], prob[at], depth[at] = lo + par, t, cand_p[c], level + 1
+                grams[node, 0] = grams[par, 0]
+                for length in range(1, max_n + 1):  # a child's n-grams extend its parent's by its token
+                    g = grams[par, length - 1]
+                    if g >= 0:
+                        s = _slot_for(gkeys, shift, (g << TOKEN_BITS) | t)
+                        g = gvals[s] if gkeys[s] >= 0 else -1
+                    grams[node, length] = g
+                at += 1
+            n_front = n_cand
+            for c in range(n_cand):
+                frontier[c] = at - n_cand + c - lo
+        offsets[i + 1] = at
+    return (offsets, parent[:at], token[:at], prob[:at], depth[:at], next_tokens[:at], next_probs[:at],
+            expanded[:at])
+
+
 class NgramIndex:
     """One sequence's n-gram index (an ``NgramTable`` holding that sequence alone), updated
     incrementally: ``counts`` is the n-gram -> {next token: count} mapping it holds."""
@@ -488,17 +743,50 @@ class NgramIndex:
         return out
 
 
+@dataclass(frozen=True)
+class Filler:
+    """Pads every expanded node's continuations to ``RECORD_K`` with pseudo-random tokens in
+    ``[low, high)``, column ``k`` with confidence ``probs[k]``, so that beam search always finds
+    full-width trees (benchmarks without a draft model). A token is a hash of ``seed``, the draft
+    call, and the node's request, level, place in its request's frontier and column."""
+
+    low: int
+    high: int
+    probs: tuple[float, ...]
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.low < self.high or len(self.probs) != RECORD_K:
+            raise ValueError(f"Filler needs 0 <= low < high and {RECORD_K} probs, got {self}")
+
+    def key(self, call: int) -> np.uint64:
+        return np.uint64(((self.seed << 32) ^ call) & (2**64 - 1))
+
+    def fill(self, toks: np.ndarray, ps: np.ndarray, owner: np.ndarray, level: int, call: int) -> None:
+        """Fill the empty entries (token < 0) of a level's expansion in place (numpy path);
+        ``owner``: the frontier nodes' requests, grouped ascending."""
+        rows, cols = np.nonzero(toks < 0)
+        node = np.arange(len(owner)) - np.searchsorted(owner, owner)  # place in its request's frontier
+        u = np.uint64
+        h = filler_hash(self.key(call), owner[rows].astype(u), u(level), node[rows].astype(u), cols.astype(u))
+        toks[rows, cols] = self.low + (h % u(self.high - self.low)).astype(np.int64)
+        ps[rows, cols] = np.asarray(self.probs, np.float64)[cols]
+
+
 class NgramDrafter:
     """Prompt/suffix lookup trees; path probabilities are products of frequency confidences. One
-    ``NgramTable`` holds every request's n-grams; each level of all trees is one ``lookup``."""
+    ``NgramTable`` holds every request's n-grams. Compiled (``jit.enabled()``): one kernel drafts
+    every request's whole tree; else each level of all trees is one ``lookup`` (numpy)."""
 
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, prior: float = 1.0):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, prior: float = 1.0, filler: Filler | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.prior = max_ngram, min_ngram, prior
         self.table = NgramTable(max_ngram)
+        self.filler = filler
+        self.calls = 0  # draft calls so far (the filler's hash)
 
     @property
     def _index(self) -> dict:
@@ -506,26 +794,47 @@ class NgramDrafter:
         return self.table.seqs
 
     def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
-        trees = TreeSet([s.last for s in seqs])
-        self.table.update([(s.seq_id, s.ids) for s in seqs])  # only the tokens committed since the last call
-        roots = np.fromiter((self.table.root(s.seq_id) for s in seqs), np.int64, len(seqs))
+        self.calls += 1
+        roots = self.table.update([(s.seq_id, s.ids) for s in seqs])  # only the tokens committed since the last call
         m = self.max_ngram
-        suffix = np.full((len(seqs), m), -1, np.int64)  # the roots' last m committed tokens
-        for i, s in enumerate(seqs):
-            tail = s.ids[-m:]
-            suffix[i, m - len(tail):] = tail
+        flat: list[int] = []  # the roots' last m committed tokens, left-padded with -1
+        for s in seqs:
+            flat += s.ids[-m:] if len(s.ids) >= m else [-1] * (m - len(s.ids)) + s.ids
+        suffix = np.array(flat, np.int64).reshape(len(seqs), m)
+        last = suffix[:, -1]
+        if jit.enabled():
+            return self._draft_compiled(last, roots, suffix, shape)
+        trees = TreeSet(last)
         grams = self.table.suffix_ids(roots, suffix)  # per frontier node: ids of the n-grams ending there
         for level in range(shape.depth):
             if not len(trees.frontier):
                 break
             keep, cols = level_plan(shape, level)
-            parent = trees.grow_level(*self._expand_level(trees, grams), keep, cols)
+            toks, ps = self.table.continuations(grams, self.min_ngram, self.prior)
+            if self.filler is not None:
+                self.filler.fill(toks, ps, trees.frontier_owner, level, self.calls)
+            parent = trees.grow_level(toks, ps, keep, cols)
             grams = self.table.child_ids(grams[parent], trees.frontier_token)
         return trees.to_forest()
 
-    def _expand_level(self, trees: TreeSet, grams: np.ndarray) -> Expansion:
-        """The next tokens [F, RECORD_K] (-1: none) and confidences of every frontier node."""
-        return self.table.continuations(grams, self.min_ngram, self.prior)
+    def _draft_compiled(self, last: np.ndarray, roots: np.ndarray, suffix: np.ndarray,
+                        shape: SpecShape) -> CandidateForest:
+        plans = [level_plan(shape, level) for level in range(shape.depth)]
+        keeps = np.array([-1 if k is None else k for k, _ in plans], np.int64)
+        cols = np.array([c for _, c in plans], np.int64)
+        max_nodes, front = 1, 1
+        for keep, c in plans:
+            front = front * min(c, RECORD_K) if keep is None else min(keep, front * min(c, RECORD_K))
+            max_nodes += front
+        f = self.filler
+        t = self.table
+        arrays = _draft_kernel(last, roots, suffix, t.grams.keys, t.grams.vals, t.top_tok, t.top_cnt, t.total,
+                               self.min_ngram, float(self.prior), keeps, cols, max_nodes,
+                               np.asarray(f.probs if f else (), np.float64), f.low if f else 0,
+                               f.high if f else 1, f.key(self.calls) if f else np.uint64(0))
+        offsets, parent, token, prob, depth, next_tokens, next_probs, expanded = arrays
+        return CandidateForest(offsets, parent, token, prob, depth,
+                               {"next_tokens": next_tokens, "next_probs": next_probs, "expanded": expanded})
 
     def release(self, seq_id: int) -> None:
         self.table.release(seq_id)

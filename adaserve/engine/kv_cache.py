@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
+
+from adaserve.core import jit
 
 from adaserve.scheduling.admission import BLOCK_SIZE
 
@@ -171,27 +174,82 @@ class KVCache:
 
     def commit_many(self, paths: Mapping[Hashable, Sequence[int]]) -> None:
         """``commit`` for several sequences with one K and one V copy for all of them."""
-        src, dst = [], []
         bs = self.block_size
+        lens, flat, bases, caps, tables, nblk = [], [], [], [], [], []
         for seq_id, path in paths.items():
-            base, path = self.alloc.length(seq_id), [int(i) for i in path]
-            if len(set(path)) != len(path) or any(i < 0 for i in path):
-                raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
-            if path and base + max(path) >= self.alloc.capacity(seq_id):
+            base = self.alloc.length(seq_id)
+            table = self.alloc.block_table(seq_id)[base // bs:]  # the blocks of its tentative positions
+            lens.append(len(path))
+            flat += path
+            bases.append(base)
+            caps.append((base // bs + len(table)) * bs)  # the positions its blocks cover
+            tables += table
+            nblk.append(len(table))
+        if flat:
+            arrays = [np.array(x, np.int64) for x in (flat, lens, bases, caps, tables, nblk)]
+            src, dst, bad = (_commit_slots_kernel if jit.enabled() else _commit_slots_arrays)(*arrays, bs)
+            if bad >= 0:
+                seq_id, path = list(paths.items())[bad]
+                path = [int(i) for i in path]
+                if len(set(path)) != len(path) or min(path) < 0:
+                    raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
                 raise IndexError(f"node {max(path)} of {seq_id!r} was never reserved")
-            moved = [(base + i, base + j) for j, i in enumerate(path) if i != j]
-            if moved:
-                table = self.alloc.block_table(seq_id)
-                src += [table[p // bs] * bs + p % bs for p, _ in moved]
-                dst += [table[p // bs] * bs + p % bs for _, p in moved]
-        if src:
-            self.move_slots(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
-        for seq_id, path in paths.items():
-            self.alloc.truncate(seq_id, self.alloc.length(seq_id) + len(path))
+            if len(src):
+                self.move_slots(torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device))
+        for seq_id, n in zip(paths, lens):
+            self.alloc.truncate(seq_id, self.alloc.length(seq_id) + n)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the K/V of flat slots ``src`` to slots ``dst`` in every layer (the only place that
         writes storage outside the model's forward: a sharded cache replays it on every rank)."""
         for store in (self.k, self.v):
             flat = store.view(store.shape[0], -1, *store.shape[3:])
-            flat[:, dst] = flat[:, src]  # gathered first: overlaps within a sequence are safe
+            flat.index_copy_(1, dst, flat.index_select(1, src))  # gathered first: overlaps are safe
+
+
+def _commit_slots_arrays(paths: np.ndarray, lens: np.ndarray, bases: np.ndarray, caps: np.ndarray,
+                         blocks: np.ndarray, nblk: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The slot copies of ``commit_many``: path ``s`` (``lens[s]`` nodes of ``paths``) of the
+    sequence with committed length ``bases[s]`` moves node ``i`` (tentative position
+    ``base + i``) to ``base + j`` for its ``j``-th node where ``i != j``; the sequence's blocks from
+    its first tentative position on are ``blocks``' next ``nblk[s]``. Returns (src, dst, the first
+    path with a repeated, negative or unreserved node, or -1)."""
+    owner = np.repeat(np.arange(len(lens)), lens)
+    j = np.arange(len(paths)) - np.repeat(np.cumsum(lens) - lens, lens)
+    bad = np.zeros(len(lens), bool)
+    bad[owner[(paths < 0) | (bases[owner] + paths >= caps[owner])]] = True
+    o = np.lexsort((paths, owner))
+    po, pp = owner[o], paths[o]
+    bad[po[1:][(po[1:] == po[:-1]) & (pp[1:] == pp[:-1])]] = True  # a node twice in one path
+    if bad.any():
+        return paths[:0], paths[:0], int(np.argmax(bad))
+    blk_start = np.repeat(np.cumsum(nblk) - nblk, lens)
+    moved = paths != j
+    rel_src = (bases % bs)[owner] + paths
+    rel_dst = (bases % bs)[owner] + j
+    slot = lambda rel: blocks[blk_start + rel // bs] * bs + rel % bs  # noqa: E731
+    return slot(rel_src)[moved], slot(rel_dst)[moved], -1
+
+
+@jit.njit
+def _commit_slots_kernel(paths, lens, bases, caps, blocks, nblk, bs):
+    """``_commit_slots_arrays`` compiled: one pass over the paths."""
+    src = np.empty(len(paths), np.int64)
+    dst = np.empty(len(paths), np.int64)
+    m, at, blk = 0, 0, 0
+    for s in range(len(lens)):
+        for j in range(lens[s]):
+            i = paths[at + j]
+            if i < 0 or bases[s] + i >= caps[s]:
+                return src[:0], dst[:0], s
+            for k in range(j):
+                if paths[at + k] == i:
+                    return src[:0], dst[:0], s
+            if i != j:
+                a, b = bases[s] % bs + i, bases[s] % bs + j
+                src[m] = blocks[blk + a // bs] * bs + a % bs
+                dst[m] = blocks[blk + b // bs] * bs + b % bs
+                m += 1
+        at += lens[s]
+        blk += nblk[s]
+    return src[:m], dst[:m], -1

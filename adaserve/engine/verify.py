@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from adaserve.core import jit
+
 
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max())
@@ -78,13 +80,57 @@ def greedy_walk(tokens: Sequence[int], parents: Sequence[int], argmax: Sequence[
 
 def greedy_walks(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
                  ) -> list[tuple[list[int], list[int]]]:
-    """``greedy_walk`` of many trees at once, with array operations over all their nodes: tree ``i``
-    is ``[offsets[i], offsets[i+1])`` of ``tokens`` / local ``parents`` / ``argmax`` (the target's
-    token at each node). A node is accepted when its token equals its parent's argmax, it is the
-    first such child of its parent (as the one-tree walk picks it) and its parent is accepted; each
-    tree's accepted nodes are then its path, root first. Same result as ``greedy_walk`` per tree."""
+    """``greedy_walk`` of many trees at once: tree ``i`` is ``[offsets[i], offsets[i+1])`` of
+    ``tokens`` / local ``parents`` / ``argmax`` (the target's token at each node). Compiled: every
+    walk in one kernel (``greedy_walks_compiled``); else array operations over all the nodes."""
     tokens, parents, argmax = (np.asarray(x, np.int64) for x in (tokens, parents, argmax))
     offsets = np.asarray(offsets, np.int64)
+    if jit.enabled():
+        return greedy_walks_compiled(tokens, parents, offsets, argmax, offsets[:-1], np.ones(len(offsets) - 1, bool))
+    return _greedy_walks_arrays(tokens, parents, offsets, argmax)
+
+
+def greedy_walks_compiled(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray,
+                          first_row: np.ndarray, walk: np.ndarray) -> list[tuple[list[int], list[int]] | None]:
+    """The walks of the trees with ``walk[i]`` (None for the others) by ``_greedy_walks_kernel``;
+    node ``j`` of tree ``i`` has the target token ``argmax[first_row[i] + j]``."""
+    path, out, bounds = _greedy_walks_kernel(tokens, parents, offsets, argmax, first_row, walk)
+    b, path, out = bounds.tolist(), path.tolist(), out.tolist()
+    return [(path[b[i]:b[i + 1]], out[b[i]:b[i + 1]]) if w else None for i, w in enumerate(walk.tolist())]
+
+
+@jit.njit
+def _greedy_walks_kernel(tokens, parents, offsets, argmax, first_row, walk):
+    """Each walked tree's path (local nodes, root first) and the target's token at each,
+    concatenated, with per-tree bounds. A node's children come after it: scan forward for the
+    first child whose token is the node's target token."""
+    n = len(offsets) - 1
+    path = np.empty(len(tokens), np.int64)
+    out = np.empty(len(tokens), np.int64)
+    bounds = np.zeros(n + 1, np.int64)
+    at = 0
+    for i in range(n):
+        if walk[i]:
+            lo, size, node = offsets[i], offsets[i + 1] - offsets[i], 0
+            while node >= 0:
+                t = argmax[first_row[i] + node]
+                path[at], out[at] = node, t
+                at += 1
+                nxt = -1
+                for c in range(node + 1, size):
+                    if parents[lo + c] == node and tokens[lo + c] == t:
+                        nxt = c
+                        break
+                node = nxt
+        bounds[i + 1] = at
+    return path[:at], out[:at], bounds
+
+
+def _greedy_walks_arrays(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
+                         ) -> list[tuple[list[int], list[int]]]:
+    """A node is accepted when its token equals its parent's argmax, it is the first such child of
+    its parent (as the one-tree walk picks it) and its parent is accepted; each tree's accepted
+    nodes are then its path, root first. Same result as ``greedy_walk`` per tree."""
     n, sizes = len(tokens), np.diff(offsets)
     start = np.repeat(offsets[:-1], sizes)
     up = np.where(parents >= 0, parents + start, np.arange(n))  # a root is its own parent
