@@ -478,3 +478,109 @@ def test_cli_inspect_not_json(tmp_path):
     res = _adaserve("trace", "inspect", str(path))
     assert res.returncode == 2
     assert str(path) in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------- streaming load (issue 12, item 5)
+
+def _whole_file_records(path):
+    """What the whole-file path (read_json + parse_records) gives: records or the TraceError text."""
+    from adaserve.core.files import JsonFileError, read_json
+    try:
+        return parse_records(read_json(path), path)
+    except JsonFileError as e:
+        return str(TraceError(path, [e.reason]))
+    except TraceError as e:
+        return str(e)
+
+
+def _streamed(path, chunk, monkeypatch, **kwargs):
+    """load_trace with reads of ``chunk`` bytes; the records or the TraceError text."""
+    monkeypatch.setattr(trace_mod._JsonArrayReader, "CHUNK", chunk)
+    try:
+        return load_trace(path, **kwargs)
+    except TraceError as e:
+        return str(e)
+
+
+STREAM_CASES = {
+    "valid, multi-byte text": "\ufeff [\n" + ",\n".join(json.dumps(good(
+        emission_time_ms=i * 10.5, prompt=f"héllo wörld {i} 🙂 " * (i + 1), input_length=123456789,
+        category=None if i % 2 else "chat")) for i in range(9)) + "\n]\n",
+    "truncated": '[{"emission_time_ms": 0, "prompt": "abc',
+    "trailing comma": "[" + json.dumps(good()) + ",]",
+    "extra data": "[" + json.dumps(good()) + "] []",
+    "missing comma": "[" + json.dumps(good()) + json.dumps(good()) + "]",
+    "top-level object": json.dumps({"records": [good()]}),
+    "number list": "[12345678, 2]",
+    "empty array": " [ ] ",
+    "empty file": "",
+    "bad record": json.dumps([good(), good(emission_time_ms=-1), good(output_length=0)]),
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_load_equals_the_whole_file_path(tmp_path, monkeypatch, case, chunk):
+    """Records and error messages do not depend on how the file is read, wherever the reads
+    split it (inside a multi-byte character, a number, a string)."""
+    path = write(tmp_path, STREAM_CASES[case])
+    assert _streamed(path, chunk, monkeypatch) == _whole_file_records(path)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe[\x00]\x00", b'[{"prompt": "\xff"}]'])
+def test_streamed_load_reports_encoding_problems_as_before(tmp_path, monkeypatch, raw):
+    path = tmp_path / "t.json"
+    path.write_bytes(raw)
+    expected = _whole_file_records(path)
+    assert "UTF" in expected
+    assert _streamed(path, 2, monkeypatch) == expected
+
+
+def test_valid_file_is_streamed_without_reading_it_whole(tmp_path, monkeypatch):
+    path = write(tmp_path, [good(emission_time_ms=i, prompt=f"p{i}") for i in range(5)])
+    monkeypatch.setattr(trace_mod, "read_json", lambda p: pytest.fail("read whole"))
+    assert [r.prompt for r in _streamed(path, 16, monkeypatch)] == [f"p{i}" for i in range(5)]
+
+
+def test_load_without_prompts_sees_them_through_each(tmp_path):
+    records = [TraceRecord(float(i), 10 + i, 5, f"prompt {i}", 1.2, "chat") for i in range(4)]
+    save_trace(tmp_path / "t.json", records)
+    seen = []
+
+    def each(i, rec):
+        seen.append((i, rec.prompt))
+        return rec if i != 2 else TraceRecord(rec.emission_time_ms, 99, rec.output_length,
+                                               rec.prompt, rec.slo_ratio, rec.category)
+
+    got = load_trace(tmp_path / "t.json", keep_prompts=False, each=each)
+    assert seen == [(i, f"prompt {i}") for i in range(4)]
+    assert [r.prompt for r in got] == [""] * 4
+    assert [r.input_length for r in got] == [10, 11, 99, 13]
+    assert [(r.emission_time_ms, r.slo_ratio) for r in got] == [(r.emission_time_ms, r.slo_ratio)
+                                                                for r in records]
+
+
+def test_loading_without_prompts_does_not_hold_the_file(tmp_path, monkeypatch):
+    """Peak memory of a load without prompts stays far below the file's size: prompts are
+    dropped as they are read, and the file is never decoded whole (a 20 MB trace here, read
+    256 KiB at a time: a few reads' worth of memory)."""
+    import tracemalloc
+    chunk = 1 << 18
+    monkeypatch.setattr(trace_mod._JsonArrayReader, "CHUNK", chunk)
+    prompt = "word " * 4000  # 20 KB
+    path = tmp_path / "big.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(good(emission_time_ms=i, prompt=prompt + str(i)))
+                                       for i in range(1000)) + "\n]\n")
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        records = load_trace(path, keep_prompts=False)
+        peak_without = tracemalloc.get_traced_memory()[1]
+        del records
+        tracemalloc.reset_peak()
+        records = load_trace(path)
+        peak_with = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_with > size  # the prompts themselves
+    assert peak_without < 8 * chunk < size / 8, (peak_without, size)

@@ -33,7 +33,7 @@ def add_inspect(trace_sub: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    stats = trace_stats(load_trace(args.file))
+    stats = trace_stats(load_trace(args.file, keep_prompts=False))  # lengths and times only
     if args.json:
         print(json.dumps({"file": args.file, **stats}, indent=2))
     else:

@@ -10,6 +10,7 @@ chooses it when ``enabled()`` is false.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,10 +20,18 @@ from .errors import UserError
 ENV = "ADASERVE_NUMBA"
 F = TypeVar("F", bound=Callable)
 
-try:  # numba is a dependency, but the package must still run where it cannot be installed
-    import numba
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
+@functools.cache
+def _numba():
+    """The numba module, imported on first use, or None where it cannot be imported (numba is a
+    dependency, but the package must still run where it cannot be installed). Importing it costs
+    ~0.3 s and ~100 MB of memory, which a run on the numpy paths need not pay: a caller that
+    imports its compiled functions only when ``enabled()`` (the simulator's ``sim.kernels``)
+    never imports numba under ``ADASERVE_NUMBA=0``."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return numba
 
 
 def enabled() -> bool:
@@ -30,13 +39,14 @@ def enabled() -> bool:
     value = os.environ.get(ENV, "1").strip()
     if value not in ("0", "1", ""):
         raise UserError(f"{ENV}={value!r}: use 1 (compile host loops with numba) or 0 (numpy paths only)")
-    return numba is not None and value != "0"
+    return value != "0" and _numba() is not None
 
 
 def njit(fn: F) -> F:
     """``fn`` compiled with numba (nopython, cached on disk) when available, else ``fn`` itself.
 
-    Compilation is lazy (first call) so importing a module costs nothing."""
+    Compilation is lazy (first call) so importing a module costs nothing beyond numba's import."""
+    numba = _numba()
     if numba is None:
         return fn
     return numba.njit(cache=True, nogil=True)(fn)

@@ -5,14 +5,16 @@ reported in one ``TraceError`` so a user can fix a file in one go."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
+import re
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,6 +48,7 @@ class TraceRecord:
     prompt: str
     slo_ratio: float         # encoded as in docs/definitions.md §1
     category: str | None = None
+    slo_ttft_ms: float | None = None  # optional TTFT SLO in ms (issue 15); None: category default
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"emission_time_ms": float(self.emission_time_ms),
@@ -54,7 +57,13 @@ class TraceRecord:
                              "prompt": self.prompt, "slo_ratio": float(self.slo_ratio)}
         if self.category is not None:
             d["category"] = self.category
+        if self.slo_ttft_ms is not None:
+            d["slo_ttft_ms"] = float(self.slo_ttft_ms)
         return d
+
+
+# what ``load_trace`` applies to each valid record as it is read: (index, record) -> record to keep
+RecordHook = Callable[[int, TraceRecord], TraceRecord]
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -146,28 +155,42 @@ def _record_problems(i: int, obj: Any, prev: tuple[float, int] | None
                         f"got {_type_name(c)} {_short(c)}")
     elif c is not None:
         bad("category", _check_text(c))
+    ttft = obj.get("slo_ttft_ms")
+    if ttft is not None:
+        bad("slo_ttft_ms", _check_number(ttft) or (None if ttft > 0 else f"must be > 0 ms, got {ttft}"))
     if problems:
         return problems, None
-    return [], TraceRecord(float(t), obj["input_length"], obj["output_length"], p, float(r), c)
+    return [], TraceRecord(float(t), obj["input_length"], obj["output_length"], p, float(r), c,
+                           None if ttft is None else float(ttft))
 
 
 def parse_records(data: Any, path: str | os.PathLike = "<memory>") -> list[TraceRecord]:
     """Validate decoded JSON ``data``; raise ``TraceError`` listing up to ``MAX_PROBLEMS`` issues."""
     if not isinstance(data, list):
         raise TraceError(path, [f"top level must be a JSON array of records, got {_type_name(data)}"])
-    if not data:
-        raise TraceError(path, ["contains no records"])
+    return _valid_records(data, path)
+
+
+def _valid_records(items: Iterable[Any], path: str | os.PathLike, each: RecordHook | None = None,
+                   keep_prompts: bool = True) -> list[TraceRecord]:
+    """The records of the decoded ``items``, each passed through ``each`` and, without
+    ``keep_prompts``, stripped of its prompt as soon as it is read; ``TraceError`` listing up to
+    ``MAX_PROBLEMS`` issues if any record is invalid (all or nothing)."""
     problems: list[str] = []
     records: list[TraceRecord] = []
     prev: tuple[float, int] | None = None
-    for i, obj in enumerate(data):
+    i = -1
+    for i, obj in enumerate(items):
         probs, rec = _record_problems(i, obj, prev)
         problems.extend(probs)
         t = obj.get("emission_time_ms") if isinstance(obj, dict) else None
         if _check_number(t) is None and (prev is None or t >= prev[0]):
             prev = (float(t), i)
         if rec is not None:
-            records.append(rec)
+            rec = rec if each is None else each(i, rec)
+            records.append(rec if keep_prompts else replace(rec, prompt=""))
+    if i < 0:
+        raise TraceError(path, ["contains no records"])
     if problems:
         raise TraceError(path, problems[:MAX_PROBLEMS], more=max(len(problems) - MAX_PROBLEMS, 0))
     return records
@@ -175,16 +198,117 @@ def parse_records(data: Any, path: str | os.PathLike = "<memory>") -> list[Trace
 
 # ------------------------------------------------------------------------------------------- I/O
 
-def load_trace(path: str | os.PathLike) -> list[TraceRecord]:
-    """Load and validate a trace file: every record loads, or ``TraceError`` is raised."""
+def load_trace(path: str | os.PathLike, *, keep_prompts: bool = True,
+               each: RecordHook | None = None) -> list[TraceRecord]:
+    """Load and validate a trace file: every record loads, or ``TraceError`` is raised.
+
+    The file is decoded one record at a time (``_JsonArrayReader``), so a caller that needs no
+    text (the simulator: ``keep_prompts=False``) never holds more than one record's prompt; the
+    memory then grows by a few hundred bytes per record, not by the file's size. ``each(index,
+    record)`` sees every valid record with its prompt before it is dropped and returns the record
+    to keep (e.g. a checked or corrected one); it may see a record twice when the file has to be
+    read again to report what is wrong with it. A file that is not a plain JSON array of values
+    is read whole by ``read_json``, whose errors name the problem."""
     p = Path(path)
     if not p.is_file():
         raise TraceError(p, ["not found" if not p.exists() else "is not a file"])
     try:
+        with open(p, "rb") as f:
+            return _valid_records(_JsonArrayReader(f).items(), p, each, keep_prompts)
+    except (_NotStreamable, OSError):
+        pass  # the whole-file path below names the problem
+    try:
         data = read_json(p)
     except JsonFileError as e:
         raise TraceError(p, [e.reason]) from None
-    return parse_records(data, p)
+    if not isinstance(data, list):
+        return parse_records(data, p)  # raises: the top level must be an array
+    return _valid_records(data, p, each, keep_prompts)
+
+
+class _NotStreamable(Exception):
+    """The file is not a UTF-8 JSON array that decodes element by element."""
+
+
+class _JsonArrayReader:
+    """The elements of a top-level JSON array, decoded one at a time from ``CHUNK``-byte reads
+    with the standard decoder. Anything else (another top-level value, invalid JSON or UTF-8,
+    UTF-16, trailing data) raises ``_NotStreamable``: the caller reads the file whole then."""
+
+    CHUNK = 1 << 20
+    _SPACE = re.compile(r"[ \t\n\r]*")
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.text, self.pos, self.eof = f, "", 0, False
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.decoder = json.JSONDecoder()
+        first = f.read(self.CHUNK)
+        if first.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise _NotStreamable
+        self._append(first[len(codecs.BOM_UTF8):] if first.startswith(codecs.BOM_UTF8) else first,
+                     final=not first)
+
+    def _append(self, raw: bytes, final: bool) -> None:
+        try:
+            more = self.utf8.decode(raw, final=final)
+        except UnicodeDecodeError:
+            raise _NotStreamable from None
+        self.eof = final
+        if self.pos > self.CHUNK:  # forget what was consumed
+            self.text, self.pos = self.text[self.pos:], 0
+        self.text += more
+
+    def _fill(self) -> bool:
+        """Read more of the file; False at its end."""
+        if self.eof:
+            return False
+        raw = self.f.read(self.CHUNK)
+        self._append(raw, final=not raw)
+        return True
+
+    def _peek(self) -> str:
+        """The next character that is not whitespace ('' at the end), not consumed."""
+        while True:
+            self.pos = self._SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self._fill():
+                return ""
+
+    def _value(self) -> Any:
+        """The JSON value at the position; a value that ends where the text read so far ends is
+        decoded again with more text (a number may go on)."""
+        self._peek()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:
+                    self.pos = end
+                    return value
+            except json.JSONDecodeError:
+                if self.eof:
+                    raise _NotStreamable from None
+            except (RecursionError, ValueError):  # nested too deep; an integer beyond the limit
+                raise _NotStreamable from None
+            self._fill()
+
+    def items(self) -> Iterator[Any]:
+        if self._peek() != "[":
+            raise _NotStreamable
+        self.pos += 1
+        if self._peek() == "]":
+            self.pos += 1
+        else:
+            while True:
+                yield self._value()
+                sep = self._peek()
+                self.pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise _NotStreamable
+        if self._peek() != "":
+            raise _NotStreamable
 
 
 def save_trace(path: str | os.PathLike, records: Sequence[TraceRecord]) -> None:
@@ -215,8 +339,8 @@ def prepare_records(records: Sequence[TraceRecord], *, baseline_ms: float, scale
 
 
 def drop_prompts(records: Sequence[TraceRecord]) -> list[TraceRecord]:
-    """The records without their prompt text, for users of lengths and times only (the
-    simulator): prompts are nearly all of a trace's memory (11 KB a request in the fig8,9 traces)."""
+    """The records without their prompt text, for users of lengths and times only; loading with
+    ``load_trace(path, keep_prompts=False)`` never holds them all (see there)."""
     return [replace(r, prompt="") for r in records]
 
 
@@ -232,7 +356,8 @@ def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
         out.append(Request(rid=i, arrival_ms=rec.emission_time_ms, input_len=n_in,
                            max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
                            slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
-                           category=slo.category_of(rec.slo_ratio, rec.category), prompt=rec.prompt))
+                           category=slo.category_of(rec.slo_ratio, rec.category), prompt=rec.prompt,
+                           slo_ttft_ms=rec.slo_ttft_ms))
     return out
 
 

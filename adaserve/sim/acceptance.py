@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from adaserve.core import jit
 from adaserve.core.errors import UserError
 from adaserve.core.request import Request
 from adaserve.scheduling.plan import SpecShape
@@ -37,11 +38,14 @@ from adaserve.scheduling.trees import CandidateForest
 
 
 class LevelSource(Protocol):
-    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per level l: the children confidences ``q`` (n, frontiers[l], widths[l]) and the
-        target's rank (n, frontiers[l]), -1 or >= widths[l] when no child is right. Random draws
-        are made level by level, in order."""
+    def draws(self, frontiers: list[int], widths: list[int], rng: np.random.Generator,
+              compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Every level's children confidences ``q`` (n, F, W) and the target's rank (n, F), with
+        F = sum(frontiers) and W = max(widths): level l's frontier nodes are the columns
+        ``sum(frontiers[:l]) : sum(frontiers[:l + 1])`` and their children the first
+        ``widths[l]`` confidences. A rank of -1 or >= widths[l]: no child is right. Random draws
+        are made level by level, in order. ``compiled``: the caller runs the compiled path (a
+        source may use compiled helpers then; the result must be the same)."""
 
 
 def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Generator
@@ -49,20 +53,41 @@ def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Ge
     """Candidate trees of ``shape`` for ``n`` requests, with ground truth in ``extra["correct"]``.
 
     Request i owns nodes ``i*m:(i+1)*m`` (m = nodes per tree), level by level; a level's frontier
-    is the previous level. This runs every simulated iteration on small arrays, so the number of
-    numpy calls, not their size, sets its cost: the source draws every level at once, each level
-    is written straight into preallocated (n, m) arrays, and parents and tokens are derived from
-    the kept candidates' positions in one go at the end."""
+    is the previous level. This runs every simulated iteration on small arrays: the source draws
+    every level at once, then the per-level loop (candidates, beam pruning, parents) runs as one
+    compiled call (``kernels.grow``) or, without numba (``ADASERVE_NUMBA=0``), as a few numpy
+    calls per level (``_grow_numpy``); both give the same arrays bit for bit."""
     lay = _layout(shape)
+    compiled = jit.enabled()
+    q, rank = source.draws(lay.frontiers, lay.widths, rng, compiled)
+    if compiled:
+        prob, ok, parent, token, depth = _kernels().grow(q, rank, lay.level_table, lay.node_table)
+    else:
+        prob, ok, parent, token, depth = _grow_numpy(q, rank, lay)
+    forest = CandidateForest(offsets=np.arange(0, (n + 1) * lay.m, lay.m, dtype=np.int64),
+                             parent=parent, token=token, prob=prob, depth=depth)
+    forest.extra["correct"] = ok
+    return drop_impossible(forest)
+
+
+def _kernels():
+    """``adaserve.sim.kernels``, imported on first use: importing it imports numba."""
+    from adaserve.sim import kernels
+    return kernels
+
+
+def _grow_numpy(q: np.ndarray, rank: np.ndarray, lay: "_Layout") -> tuple[np.ndarray, ...]:
+    """``kernels.grow`` in numpy: each level is written straight into preallocated (n, m)
+    arrays; parents and tokens come from the kept candidates' positions at the end."""
+    n = len(q)
     prob = np.empty((n, lay.m))
     ok = np.empty((n, lay.m), bool)
     prob[:, 0], ok[:, 0] = 1.0, True
     pos = np.empty((n, lay.m), np.int64)  # a node's position among its level's candidates
     pos[:] = lay.pos
-    for (q, rank), width, (lo, hi, new) in zip(source.levels(lay.frontiers, lay.widths, rng),
-                                               lay.widths, lay.slices):
-        c_prob = (prob[:, lo:hi, None] * q).reshape(n, -1)
-        c_ok = (ok[:, lo:hi, None] & (_ranks(width) == rank[:, :, None])).reshape(n, -1)
+    for width, (lo, hi, new) in zip(lay.widths, lay.slices):
+        c_prob = (prob[:, lo:hi, None] * q[:, lo:hi, :width]).reshape(n, -1)
+        c_ok = (ok[:, lo:hi, None] & (_ranks(width) == rank[:, lo:hi, None])).reshape(n, -1)
         if c_prob.shape[1] == new.stop - new.start:
             prob[:, new], ok[:, new] = c_prob, c_ok
             continue
@@ -73,11 +98,7 @@ def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Ge
     up, token = np.divmod(pos, lay.width)  # candidate j*width + k: child k of frontier node j
     parent = up + lay.frontier_start
     parent[:, 1:] += np.arange(0, n * lay.m, lay.m)[:, None]  # local -> global; roots stay -1
-    forest = CandidateForest(offsets=np.arange(0, (n + 1) * lay.m, lay.m, dtype=np.int64),
-                             parent=parent.ravel(), token=token.ravel(), prob=prob.ravel(),
-                             depth=np.tile(lay.depth, n))
-    forest.extra["correct"] = ok.ravel()
-    return drop_impossible(forest)
+    return prob.ravel(), ok.ravel(), parent.ravel(), token.ravel(), np.tile(lay.depth, n)
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,8 @@ class _Layout:
     width: np.ndarray            # per node: its level's width (1 for the root)
     frontier_start: np.ndarray   # per node: first node of its parent's level (-1 for the root)
     pos: np.ndarray              # per node: its position among the level's candidates, unpruned
+    level_table: np.ndarray      # per level: frontier start, frontier size, width, kept nodes
+    node_table: np.ndarray       # per node: width, frontier_start, depth (for kernels.grow)
 
 
 @cache
@@ -107,7 +130,10 @@ def _layout(shape: SpecShape) -> _Layout:
         start += [lo] * size
         pos += range(size)
         lo += f
+    table = [(lo, f, w, size) for (lo, _, _), f, w, size in zip(slices, frontiers, widths, sizes)]
     arrays = [np.array(a, np.int64) for a in (depth, width, start, pos)]
+    arrays.append(np.array(table, np.int64).reshape(-1, 4))
+    arrays.append(np.array([width, start, depth], np.int64).T.copy())
     for a in arrays:
         a.flags.writeable = False
     return _Layout(frontiers, widths, slices, 1 + sum(sizes), *arrays)
@@ -148,6 +174,8 @@ def accepted_lengths(forest: CandidateForest, selected: np.ndarray) -> np.ndarra
     correct node that is not selected."""
     correct = forest.extra["correct"]
     sel = np.asarray(selected, bool)
+    if jit.enabled():
+        return _kernels().accepted_lengths(correct, sel, forest.depth, forest.offsets)
     starts = forest.offsets[:-1]
     deepest = np.maximum.reduceat(np.where(sel & correct, forest.depth, 0), starts)
     first_gap = np.minimum.reduceat(np.where(correct & ~sel, forest.depth, _NO_GAP), starts)
@@ -197,24 +225,32 @@ def sample_rank(top1: np.ndarray, u: np.ndarray, rho: float) -> np.ndarray:
 
 @dataclass
 class _SyntheticLevels:
-    level_logit: np.ndarray  # (n, 1): per-(request, step) logit level
-    sigma: np.ndarray        # (n, 1): per-node logit noise
+    level_logit: np.ndarray          # (n, 1): per-(request, step) logit level
+    sigma: np.ndarray | float        # (n, 1) or one for all: per-node logit noise
     rho: float
 
-    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator):
-        n = len(self.sigma)
-        normal, uniform = [], []
-        for f in frontiers:  # per level: the nodes' logit noise, then the target's rank draws
-            normal.append(rng.standard_normal((n, f)))
-            uniform.append(rng.random((n, f)))
-        top1 = 1 / (1 + np.exp(-(self.level_logit + self.sigma * np.concatenate(normal, 1))))
-        rank = sample_rank(top1, np.concatenate(uniform, 1), self.rho)
-        q = {w: child_confidences(top1, w, self.rho) for w in set(widths)}
-        out, lo = [], 0
-        for f, w in zip(frontiers, widths):
-            out.append((q[w][:, lo:lo + f], rank[:, lo:lo + f]))
-            lo += f
-        return out
+    def draws(self, frontiers: list[int], widths: list[int], rng: np.random.Generator,
+              compiled: bool = False):
+        width = max(widths, default=1)
+        normal, uniform = _standard_draws(rng, len(self.level_logit), frontiers)
+        top1 = 1 / (1 + np.exp(-(self.level_logit + self.sigma * normal)))
+        if compiled:
+            kernels = _kernels()
+            log1p_arg = np.log1p(kernels.rank_log_arg(top1, uniform))
+            return kernels.confidences_and_ranks(top1, uniform, log1p_arg, math.log(self.rho),
+                                                 _tail(width, self.rho))
+        return child_confidences(top1, width, self.rho), sample_rank(top1, uniform, self.rho)
+
+
+def _standard_draws(rng: np.random.Generator, n: int, frontiers: list[int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per level, the nodes' logit noise (n, f) and then the target's rank draws (n, f), stacked
+    by level into (n, F) arrays."""
+    normal, uniform = [], []
+    for f in frontiers:
+        normal.append(rng.standard_normal((n, f)))
+        uniform.append(rng.random((n, f)))
+    return np.concatenate(normal, 1), np.concatenate(uniform, 1)
 
 
 @dataclass
@@ -228,11 +264,15 @@ class SyntheticAcceptance:
 
     def draft(self, requests: list[Request], shape: SpecShape, rng: np.random.Generator
               ) -> CandidateForest:
-        params = [self.params_for(r.category) for r in requests]
-        mu, tau, sigma = np.array([(p.mu, p.tau, p.sigma) for p in params]).T
+        if self.per_category:
+            params = [self.params_for(r.category) for r in requests]
+            mu, tau, sigma = np.array([(p.mu, p.tau, p.sigma) for p in params]).T
+            sigma, rho = sigma[:, None], params[0].rho  # rho: the first request's (one per batch)
+        else:  # one parameter set: scalars broadcast to the same values, without the arrays
+            mu, tau, sigma, rho = (self.default.mu, self.default.tau, self.default.sigma,
+                                   self.default.rho)
         level_logit = mu + tau * rng.standard_normal(len(requests))
-        # rho: the first request's (one geometric tail per batch)
-        levels = _SyntheticLevels(level_logit[:, None], sigma[:, None], params[0].rho)
+        levels = _SyntheticLevels(level_logit[:, None], sigma, rho)
         return grow_forest(levels, len(requests), shape, rng)
 
 
@@ -308,18 +348,18 @@ class _RecordedLevels:
     sequences: list[tuple[np.ndarray, np.ndarray]]
     positions: np.ndarray
 
-    def levels(self, frontiers: list[int], widths: list[int], rng: np.random.Generator):
-        return [self.level(level, f, w) for level, (f, w) in enumerate(zip(frontiers, widths))]
-
-    def level(self, level: int, frontier: int, width: int):
-        n = len(self.sequences)
-        q = np.zeros((n, frontier, width))
-        rank = np.full((n, frontier), -1, np.int64)
-        for i, (probs, ranks) in enumerate(self.sequences):
-            p = (self.positions[i] + level) % len(ranks)
-            k = min(width, probs.shape[1])
-            q[i, :, :k] = probs[p, :k]
-            rank[i, :] = ranks[p] if ranks[p] < width else -1
+    def draws(self, frontiers: list[int], widths: list[int], rng: np.random.Generator,
+              compiled: bool = False):
+        n, lo = len(self.sequences), 0
+        q = np.zeros((n, sum(frontiers), max(widths, default=1)))
+        rank = np.full((n, sum(frontiers)), -1, np.int64)
+        for level, (f, w) in enumerate(zip(frontiers, widths)):
+            for i, (probs, ranks) in enumerate(self.sequences):
+                p = (self.positions[i] + level) % len(ranks)
+                k = min(w, probs.shape[1])
+                q[i, lo:lo + f, :k] = probs[p, :k]
+                rank[i, lo:lo + f] = ranks[p] if ranks[p] < w else -1
+            lo += f
         return q, rank
 
 

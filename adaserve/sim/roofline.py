@@ -72,6 +72,18 @@ def get_gpu(gpu: GPUSpec | str) -> GPUSpec:
         raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}") from None
 
 
+def with_interconnect(gpu: GPUSpec | str, gb_per_s: float | None) -> GPUSpec:
+    """``gpu`` with its GPU-to-GPU bandwidth (per direction, per GPU, GB/s) replaced: NVLink of
+    another generation, or PCIe (e.g. 32 GB/s for PCIe 4.0 x16) when the GPUs have no NVLink.
+    None: the datasheet's NVLink."""
+    g = get_gpu(gpu)
+    if gb_per_s is None:
+        return g
+    if not (math.isfinite(gb_per_s) and gb_per_s > 0):
+        raise UserError(f"interconnect bandwidth must be a positive number of GB/s, got {gb_per_s}")
+    return replace(g, name=f"{g.name} ({gb_per_s:g} GB/s link)", nvlink_bytes_per_s=gb_per_s * GB)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model shapes
 
@@ -389,13 +401,26 @@ def table_errors(eff: Efficiency = DEFAULT_EFFICIENCY, context_tokens: float = 0
                  ) -> list[tuple[str, int, float, float, float]]:
     """Rows (case, tokens, artifact ms, roofline ms, relative error) for the 128–1024 points of each
     artifact model on its 4x A100-80GB set-up; the 1-token baseline is included as tokens = 1."""
+    return [(case, *row) for case, fam in FAMILIES.items()
+            for row in artifact_differences(fam.target, GPU_80G, fam.tp_80g, eff, context_tokens)]
+
+
+def artifact_differences(model: ModelShape | str, gpu: GPUSpec | str, tp: int,
+                         eff: Efficiency = DEFAULT_EFFICIENCY, context_tokens: float = 0.0,
+                         ) -> list[tuple[int, float, float, float]]:
+    """Rows (tokens, artifact ms, roofline ms, relative error) of ``model`` on ``tp`` x ``gpu``
+    against the artifact's measured table of that model (4x A100-80GB for Llama-3.1-70B, 2x for
+    Qwen2.5-32B), the 1-token baseline as tokens = 1; [] for a model the artifact did not measure.
+    Other hardware is compared with the same table, to show what it would change."""
+    name = get_model(model).name
+    if name not in FAMILIES:
+        return []
+    table = dict(zip(*ARTIFACT_VERIFY_MS[name]))
+    points = [(1, FAMILIES[name].baseline_ms)] + [(n, table[n]) for n in COMPARE_TOKENS]
     rows = []
-    for case, fam in FAMILIES.items():
-        table = dict(zip(*ARTIFACT_VERIFY_MS[case]))
-        points = [(1, fam.baseline_ms)] + [(n, table[n]) for n in COMPARE_TOKENS]
-        for n, ref in points:
-            est = step_ms(fam.target, GPU_80G, fam.tp_80g, n, context_tokens, eff)
-            rows.append((case, n, ref, est, (est - ref) / ref))
+    for n, ref in points:
+        est = step_ms(model, gpu, tp, n, context_tokens, eff)
+        rows.append((n, ref, est, (est - ref) / ref))
     return rows
 
 

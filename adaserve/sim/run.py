@@ -12,14 +12,14 @@ from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress as progress_bar
 from adaserve.core.request import Request
 from adaserve.core.results import write_results
-from adaserve.core.trace import TraceRecord, drop_prompts, load_trace, prepare_records, to_requests
+from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
 from adaserve.iteration import ServingLoop
 from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
 from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
 from adaserve.sim.executor import SimExecutor
 from adaserve.sim.profiles import system_profile
-from adaserve.workload.tokens import check_input_lengths
+from adaserve.workload.tokens import InputLengthCheck
 
 
 @dataclass
@@ -66,10 +66,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay. Records whose
     ``input_length`` disagrees with their prompt's token count by more than 2x are reported through
     ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
-    records, warning = check_input_lengths(load_trace(trace), str(trace), fix=fix_input_lengths)
-    if warning:
-        (warn or _stderr_warning)(warning)
-    records = drop_prompts(records)  # the simulator needs no text
+    records = load_sim_records(trace, fix_input_lengths, warn or _stderr_warning)
     model = RecordedAcceptance.load(acceptance) if acceptance else None
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
                               scale_slos=scale_slos, progress=progress, policy_options=policy_options,
@@ -89,6 +86,19 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                         "overhead that of the serving loop's own bookkeeping"}
         write_results(out, result.summary, result.requests, meta)
     return result
+
+
+def load_sim_records(trace: str | Path, fix_input_lengths: bool = False,
+                     warn: Callable[[str], None] = lambda message: None) -> list[TraceRecord]:
+    """The trace's records without their prompts (the simulator needs lengths and times only):
+    each prompt is checked against its record's ``input_length`` as it is read, then dropped,
+    so memory grows by a few hundred bytes per record, not by the file's size."""
+    check = InputLengthCheck(fix=fix_input_lengths)
+    records = load_trace(trace, keep_prompts=False, each=check)
+    warning = check.warning(str(trace))
+    if warning:
+        warn(warning)
+    return records
 
 
 def _stderr_warning(message: str) -> None:
