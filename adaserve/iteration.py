@@ -138,6 +138,9 @@ class ServingLoop:
         executor_s += execute_s
         t3 = ex.now()
         self._commit(plan, out, t3)
+        observe = getattr(self.policy, "observe", None)  # a policy that learns from outcomes
+        if observe is not None:
+            sched_s += _timed(observe, plan, forest, selection, out)[1]
         loop_s = time.perf_counter() - start - executor_s - sched_s
         self._account(plan, verified, t1 - t0, t3 - t2, sched_s * 1e3, loop_s * 1e3)
 

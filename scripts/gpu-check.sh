@@ -13,7 +13,7 @@
 #      the byte tokenizer), written under $WORK (in /dev/shm when it has room)
 #   3. adaserve bench engine on both, CUDA graphs on and off (synthetic text prompts: the offline
 #      prompt pool is a wheel such machines lack); transformers' generate as the peer on the 1B shape
-#   4. adaserve run of vllm and adaserve (n-gram drafter) on a generated RPS-4.8 trace, 1B shape
+#   4. adaserve run of vllm, adaserve and adaserve_plus (n-gram drafter) on a generated RPS-4.8 trace, 1B shape
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md
 #
 # Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
@@ -121,11 +121,11 @@ for shape in $SHAPES; do
   done
 done
 
-# 4. adaserve run: vllm vs adaserve on the first shape
+# 4. adaserve run: vllm vs adaserve vs adaserve_plus on the first shape
 first=${SHAPES%% *}
 trace="$WORK/trace-rps4.8.json"
 step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
-for system in vllm adaserve; do
+for system in vllm adaserve adaserve_plus; do
   step "run $system $first" - "${ADASERVE[@]}" run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
     --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
     "${RUN_SIZE[@]}" --out "$WORK/run-$system"

@@ -179,7 +179,8 @@ def test_dry_run_on_cuda_prints_every_step():
             assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
             assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
     runs = [x for x in lines if " run --trace " in x]
-    assert len(runs) == 2 and all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
+    assert [r.split("--system ")[1].split()[0] for r in runs] == ["vllm", "adaserve", "adaserve_plus"]
+    assert all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
     assert any("trace generate" in x and "--pool synthetic-text" in x for x in lines)
     assert lines[-1] == "python3 scripts/gpu_check_table.py /w"
 

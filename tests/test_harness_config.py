@@ -267,10 +267,10 @@ def test_one_system_registry():
     reg = policies.SYSTEM_REGISTRY
     assert policies.SYSTEMS == tuple(s.name for s in reg)
     assert len(set(policies.SYSTEMS)) == len(reg)
-    assert {s.role for s in reg} == {"adaserve", "baseline", "ablation"}
+    assert {s.role for s in reg} == {"adaserve", "baseline", "ablation", "extension"}
     # the harness, the plots and the headline table all derive from it
     assert sorted(n for names in sweep.SWITCHES.values() for n in names) == sorted(policies.SYSTEMS)
-    assert set(sweep.MAIN_SYSTEMS) == {s.name for s in reg if s.role != "ablation"}
+    assert set(sweep.MAIN_SYSTEMS) == {s.name for s in reg if s.role in ("adaserve", "baseline")}
     assert headline.BASELINES == policies.BASELINES == tuple(s.name for s in reg
                                                              if s.role == "baseline")
     assert plot.SYSTEM_ORDER == policies.SYSTEMS

@@ -186,6 +186,6 @@ def test_adaserve_buffer_prefill_mixes_at_most_the_buffer():
 
 def test_which_policies_run_a_draft_model():
     drafts = {s: make_policy(s, "llama").drafts for s in SYSTEMS}
-    assert drafts == {"adaserve": True, "vllm": False, "sarathi": False, "vllm_spec_4": True,
+    assert drafts == {"adaserve": True, "adaserve_plus": True, "vllm": False, "sarathi": False, "vllm_spec_4": True,
                       "vllm_spec_6": True, "vllm_spec_8": True, "specinfer": True,
                       "priority": False, "greedy": True, "equal": True}

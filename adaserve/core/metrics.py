@@ -3,7 +3,10 @@
 - completed = requests in phase FINISHED; rejected requests (phase REJECTED) are counted and listed
   but are not in the attainment denominator.
 - total serving time = last finish − first admission (ms).
-- ``slo_attainment`` = attained / completed; ``goodput`` = Σ decode_length of attained requests per
+- ``slo_attainment`` = attained / completed (the paper's metric: decode time only);
+  ``ttft_attainment`` = completed requests whose first token came within their TTFT SLO
+  (``Request.ttft_slo``) / completed; ``joint_attainment`` = those attaining both / completed;
+  ``goodput`` = Σ decode_length of attained requests per
   second of serving time; ``throughput_tokens_per_sec`` = Σ decode_length of completed requests per
   second of serving time. Per-category goodput uses the same (global) serving time, so the
   categories' goodputs sum to the overall goodput.
@@ -58,6 +61,8 @@ def request_record(r: Request) -> dict[str, Any]:
             "first_token_ms": r.first_token_ms, "first_decode_ms": r.first_decode_ms,
             "finish_ms": r.finish_ms, "generated": r.generated, "steps": r.steps,
             "attained": r.phase == Phase.FINISHED and r.attained,
+            "ttft_slo_ms": r.ttft_slo if math.isfinite(r.ttft_slo) else None,
+            "ttft_attained": r.phase == Phase.FINISHED and r.ttft_attained,
             "ttft_ms": ttft_ms(r), "tpot_ms": tpot_ms(r), "decode_latency_ms": r.decode_latency_ms,
             "finish_reason": r.finish_reason}
 
@@ -95,10 +100,14 @@ def _group_metrics(group: Sequence[Request], time_ms: float) -> dict[str, Any]:
     done = [r for r in group if r.phase == Phase.FINISHED]
     attained = [r for r in done if r.attained]
     frac = _ratio(len(attained), len(done))
+    ttft_ok = sum(r.ttft_attained for r in done)
+    joint = sum(r.ttft_attained and r.attained for r in done)
     return {"registered": len(group), "completed": len(done),
             "rejected": sum(r.phase == Phase.REJECTED for r in group),
             "attained": len(attained), "slo_attainment": frac,
             "slo_attainment_pct": None if frac is None else 100.0 * frac,
+            "ttft_attained": ttft_ok, "ttft_attainment": _ratio(ttft_ok, len(done)),
+            "joint_attained": joint, "joint_attainment": _ratio(joint, len(done)),
             "total_tokens": sum(r.generated for r in done),
             "attained_tokens": sum(r.generated for r in attained),
             "goodput": _per_second(sum(r.generated for r in attained), time_ms),

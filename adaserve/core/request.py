@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+#: TTFT SLO (ms) of a request that gives none, by category (docs/adaserve_plus.md); other
+#: categories get ``DEFAULT_TTFT_SLO_MS``, best-effort requests none.
+TTFT_SLO_MS_BY_CATEGORY = {"coding": 1000.0, "chat": 1000.0, "summarization": 4000.0}
+DEFAULT_TTFT_SLO_MS = 4000.0
 
 
 class Phase(str, Enum):
@@ -25,6 +31,7 @@ class Request:
     slo_ms: float                       # math.inf for best effort
     category: str
     prompt: str = ""
+    slo_ttft_ms: float | None = None    # TTFT SLO; None: the category's default (ttft_slo)
     phase: Phase = Phase.PENDING
     prefilled: int = 0                  # prompt tokens whose KV is computed
     generated: int = 0                  # decode_length: includes the token produced by prefill
@@ -55,6 +62,26 @@ class Request:
         if self.finish_ms is None or self.first_decode_ms is None:
             return None
         return self.finish_ms - self.first_decode_ms
+
+    @property
+    def ttft_slo(self) -> float:
+        """The TTFT SLO in ms: the request's own, else its category's default (inf for best effort)."""
+        if self.slo_ttft_ms is not None:
+            return self.slo_ttft_ms
+        if math.isinf(self.slo_ms):
+            return math.inf
+        return TTFT_SLO_MS_BY_CATEGORY.get(self.category, DEFAULT_TTFT_SLO_MS)
+
+    @property
+    def ttft_deadline_ms(self) -> float:
+        return self.arrival_ms + self.ttft_slo
+
+    @property
+    def ttft_attained(self) -> bool:
+        """The first token came within the TTFT SLO (docs/adaserve_plus.md, "TTFT SLOs")."""
+        if self.first_token_ms is None:
+            return False
+        return self.first_token_ms - self.arrival_ms <= self.ttft_slo
 
     @property
     def attained(self) -> bool:

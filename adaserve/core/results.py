@@ -51,14 +51,22 @@ def stats_block(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def _category_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = ["per category:"]
     for cat, m in summary["per_category"].items():
-        att = "-" if m["slo_attainment"] is None else f"{100 * m['slo_attainment']:.1f}%"
+        att = _pct(m["slo_attainment"])
         good = "-" if m["goodput"] is None else f"{m['goodput']:.1f}"
         lines.append(f"  {cat:<14} completed {m['completed']:>5}/{m['registered']:<5} "
-                     f"attainment {att:>7}  goodput {good} tok/s  "
+                     f"attainment {att:>7}  TTFT att {_pct(m.get('ttft_attainment'))}  "
+                     f"joint {_pct(m.get('joint_attainment'))}  goodput {good} tok/s  "
                      f"mean TPOT {_num(m['tpot_ms']['mean'], 2)} ms")
+    if "joint_attainment" in summary:  # beside the paper's metric (issue 15); absent in old files
+        lines.append(f"  {'all':<14} attainment {_pct(summary['slo_attainment']):>7}  TTFT att "
+                     f"{_pct(summary.get('ttft_attainment'))}  joint {_pct(summary['joint_attainment'])}")
     if summary.get("rejected"):
         lines.append(f"  rejected: {summary['rejected']} {summary['rejected_reasons']}")
     return lines

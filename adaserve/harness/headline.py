@@ -51,6 +51,9 @@ class Comparison:
     # TTFT beside attainment, so that no setting buys attainment with queueing unseen (NaN: absent)
     adaserve_ttft_s: tuple[float, float] = (math.nan, math.nan)   # p50, p90
     baseline_ttft_s: tuple[float, float] = (math.nan, math.nan)
+    # joint (TTFT and TPOT SLO) attainment beside the paper's metric (issue 15; NaN: absent)
+    adaserve_joint: float = math.nan
+    baseline_joint: float = math.nan
 
 
 def ttft_s(summary: dict[str, Any]) -> tuple[float, float]:
@@ -133,7 +136,8 @@ def compare(ada: Point, baselines: Sequence[Point]) -> Comparison | None:
         baseline_goodput=best.metric("goodput"),
         violation_ratio=violation_ratio(violations(best.summary), a_viol),
         goodput_ratio=goodput_ratio(ada.metric("goodput"), best.metric("goodput")),
-        adaserve_ttft_s=ttft_s(ada.summary), baseline_ttft_s=ttft_s(best.summary))
+        adaserve_ttft_s=ttft_s(ada.summary), baseline_ttft_s=ttft_s(best.summary),
+        adaserve_joint=ada.metric("joint_attainment"), baseline_joint=best.metric("joint_attainment"))
 
 
 def _finite_or(v: float, default: float) -> float:
@@ -276,8 +280,8 @@ def _x(v: float | None) -> str:
     return text + ".0" if text.lstrip("-").isdigit() else text
 
 
-HEADER = ("figure", "model", "hardest point", "AdaServe att", "goodput", "TTFT p50/p90",
-          "best baseline", "att", "goodput", "TTFT p50/p90", "viol. ratio", "goodput ratio",
+HEADER = ("figure", "model", "hardest point", "AdaServe att", "joint", "goodput", "TTFT p50/p90",
+          "best baseline", "att", "joint", "goodput", "TTFT p50/p90", "viol. ratio", "goodput ratio",
           "max viol. ratio", "max goodput ratio")
 
 
@@ -295,9 +299,9 @@ def table_cells(h: Headline) -> list[tuple[str, ...]]:
     for r in h.rows:
         c = r.hardest
         where = "single point" if r.x_name is None else f"{r.x_name} {_x(c.x)}"
-        rows.append((r.figure, r.model, where, _pct(c.adaserve_attainment),
+        rows.append((r.figure, r.model, where, _pct(c.adaserve_attainment), _pct(c.adaserve_joint),
                      _tok(c.adaserve_goodput), _ttft(c.adaserve_ttft_s), label_of(c.baseline),
-                     _pct(c.baseline_attainment), _tok(c.baseline_goodput),
+                     _pct(c.baseline_attainment), _pct(c.baseline_joint), _tok(c.baseline_goodput),
                      _ttft(c.baseline_ttft_s), fmt_ratio(c.violation_ratio),
                      fmt_ratio(c.goodput_ratio),
                      _at(r.max_violation_ratio, r.max_violation_ratio_x),
@@ -317,7 +321,7 @@ def format_headline(h: Headline) -> str:
                   "/ baseline (tokens/s); 'max' = over the sweep, @ where."]
         cells = [HEADER] + table_cells(h)
         widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-        left = {0, 1, 2, 6}
+        left = {0, 1, 2, 7}
         fmt = lambda row: "  ".join(v.ljust(w) if i in left else v.rjust(w)  # noqa: E731
                                     for i, (v, w) in enumerate(zip(row, widths))).rstrip()
         lines += [fmt(cells[0]), "-" * len(fmt(cells[0]))] + [fmt(row) for row in cells[1:]]

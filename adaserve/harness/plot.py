@@ -71,6 +71,7 @@ class Style:
 #: color, marker, line style, width per system (labels come from the system registry)
 _LOOKS: dict[str, tuple] = {
     "adaserve": ("#d62728", "o", "-", 2.4),
+    "adaserve_plus": ("#ff9896", "*", "-", 2.4),
     "vllm": ("#1f77b4", "s"),
     "sarathi": ("#ff7f0e", "^"),
     "vllm_spec_4": ("#98df8a", "v", "--"),

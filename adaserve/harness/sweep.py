@@ -32,8 +32,8 @@ BACKENDS = ("sim", "engine", "http")
 SWITCHES: dict[str, tuple[str, ...]] = {}
 for _s in SYSTEM_REGISTRY:
     SWITCHES[_s.switch] = SWITCHES.get(_s.switch, ()) + (_s.name,)
-#: what ``adaserve reproduce`` runs: every system but the ablations
-MAIN_SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY if s.role != "ablation")
+#: what ``adaserve reproduce`` runs: the paper's systems (no ablations, no extensions)
+MAIN_SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY if s.role in ("adaserve", "baseline"))
 OVERHEAD_SWITCHES = {f"{m.upper()}_OVERHEAD": m for m in MODELS}
 #: variables every experiment reads (besides the system switches and its own sweep variables)
 COMMON_VARIABLES = ("OUTPUT_LENGTH", "BACKEND", "TRACE_DIR", "RESULTS_DIR", "JOBS", "SEED",

@@ -246,8 +246,8 @@ class Priority(_Base):
 
 @dataclass(frozen=True)
 class SystemInfo:
-    """One serving system. ``role``: "adaserve", "baseline" (compared in the headline table) or
-    "ablation"; ``switch``: the artifact scripts' ON/OFF variable that selects it."""
+    """One serving system. ``role``: "adaserve", "baseline" (compared in the headline table),
+    "ablation" or "extension" (beyond the paper: run only when its switch is ON); ``switch``: the artifact scripts' ON/OFF variable that selects it."""
     name: str
     label: str
     role: str
@@ -268,15 +268,28 @@ SYSTEM_REGISTRY: tuple[SystemInfo, ...] = (
     SystemInfo("priority", "Priority", "baseline", "PRIORITY"),
     SystemInfo("greedy", "AdaServe (greedy sel.)", "ablation", "ABLATIONS"),
     SystemInfo("equal", "AdaServe (equal sel.)", "ablation", "ABLATIONS"),
+    SystemInfo("adaserve_plus", "AdaServe+", "extension", "ADASERVE_PLUS"),  # issue 15, beyond the paper
 )
 SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY)
 BASELINES = tuple(s.name for s in SYSTEM_REGISTRY if s.role == "baseline")
+
+
+#: policies defined in their own module (which imports this one) register their constructor here;
+#: the package's ``__init__`` imports those modules, so they are registered before any use
+POLICY_FACTORIES: dict[str, Callable[[PolicyConfig, str | None], object]] = {}
+
+
+def register_policy(system: str, factory: Callable[[PolicyConfig, str | None], object]) -> None:
+    """Make ``make_policy(system, family)`` return ``factory(config, family)``."""
+    POLICY_FACTORIES[system] = factory
 
 
 def make_policy(system: str, family: str | None, spec: SpecParams | None = None, **overrides):
     """The policy for a system name of docs/definitions.md §5; ``family``: the target's
     model_type, which picks the artifact's speculation constants (``spec_params_for``)."""
     config = PolicyConfig(spec=spec or spec_params_for(family), **overrides)
+    if system in POLICY_FACTORIES:
+        return POLICY_FACTORIES[system](config, family)
     if system in ("adaserve", "greedy", "equal"):
         return AdaServe(config, mode=system)
     if system == "vllm":

@@ -5,8 +5,10 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or serv
 
 The TPOT SLO of a request (docs/definitions.md §1), first match wins: body ``slo_ms`` (absolute ms), body
 ``slo_ratio`` (the trace encoding: > 0 a multiple of the baseline latency, < 0 absolute ms,
-> 999 best effort), header ``x-slo-tpot-ms``; none: best effort. The final usage block reports
-``slo_ms``, ``slo_category`` and ``slo_attained``.
+> 999 best effort), header ``x-slo-tpot-ms``; none: best effort. The TTFT SLO: body
+``slo_ttft_ms``, else header ``x-slo-ttft-ms`` (positive ms); none: the category's default
+(``core.request.TTFT_SLO_MS_BY_CATEGORY``). The final usage block reports ``slo_ms``,
+``slo_category``, ``slo_attained``, ``slo_ttft_ms`` and ``ttft_attained``.
 
 Sampling is per request: ``temperature`` (default: the server's ``--temperature``, 0 = greedy),
 ``top_p``, ``top_k``, ``seed`` (reproducible sampling) and ``ignore_eos`` (default: the server's
@@ -59,6 +61,7 @@ from adaserve.server.tokenizer import Codec, TextStream
 log = logging.getLogger("adaserve.server")
 
 SLO_HEADER = "x-slo-tpot-ms"
+TTFT_SLO_HEADER = "x-slo-ttft-ms"
 MAX_BODY_BYTES = 32 * 2**20
 BODY_TIMEOUT_S = 30.0
 # A prompt is refused before tokenizing when it has more characters than this many per token of
@@ -122,17 +125,34 @@ def resolve_slo(req: P.SamplingRequest, headers: Any, baseline_ms: float) -> tup
             raise P.ApiError(400, "'slo_ratio' must be non-zero: > 0 a multiple of the baseline latency, "
                              "< 0 an absolute TPOT in ms, > 999 no SLO", "slo_ratio", "invalid_value")
         return float(req.slo_ratio), slo_mod.slo_ms(req.slo_ratio, baseline_ms)
-    raw = headers.get(SLO_HEADER)
+    v = header_ms(headers, SLO_HEADER)
+    return (BEST_EFFORT_RATIO, math.inf) if v is None else (-v, v)
+
+
+def header_ms(headers: Any, name: str) -> float | None:
+    """A header holding a positive number of milliseconds (None when absent; 400 when invalid)."""
+    raw = headers.get(name)
     if raw is None:
-        return BEST_EFFORT_RATIO, math.inf
+        return None
     try:
         v = float(raw)
     except ValueError:
         v = float("nan")
     if not (math.isfinite(v) and v > 0):
-        raise P.ApiError(400, f"header '{SLO_HEADER}' must be a positive number of milliseconds, got {raw!r}",
-                         SLO_HEADER, "invalid_value")
-    return -v, v
+        raise P.ApiError(400, f"header '{name}' must be a positive number of milliseconds, got {raw!r}",
+                         name, "invalid_value")
+    return v
+
+
+def resolve_ttft_slo(req: P.SamplingRequest, headers: Any) -> float | None:
+    """The TTFT SLO in ms: body ``slo_ttft_ms``, else header ``x-slo-ttft-ms``; None: the
+    category's default (``Request.ttft_slo``)."""
+    if req.slo_ttft_ms is not None:
+        if not req.slo_ttft_ms > 0:
+            raise P.ApiError(400, f"'slo_ttft_ms' must be a positive number of milliseconds, got "
+                             f"{req.slo_ttft_ms}", "slo_ttft_ms", "invalid_value")
+        return float(req.slo_ttft_ms)
+    return header_ms(headers, TTFT_SLO_HEADER)
 
 
 def usage(r: Request, generated: int | None = None) -> dict[str, Any]:
@@ -144,6 +164,7 @@ def usage(r: Request, generated: int | None = None) -> dict[str, Any]:
         return u
     u.update({"slo_ms": _finite_or_none(r.slo_ms), "slo_category": r.category,
               "slo_attained": bool(r.attained), "ttft_ms": ttft_ms(r), "tpot_ms": tpot_ms(r),
+              "slo_ttft_ms": _finite_or_none(r.ttft_slo), "ttft_attained": bool(r.ttft_attained),
               "decode_latency_ms": r.decode_latency_ms})
     return u
 
@@ -354,7 +375,9 @@ class OpenAIServer:
         requested = getattr(req, param)
         max_new = self.max_new_tokens(requested, len(ids), param)
         ratio, slo_ms = resolve_slo(req, request.headers, self.cfg.baseline_ms)
+        ttft_slo = resolve_ttft_slo(req, request.headers)
         r = self.engine.new_request(len(ids), max_new, ratio, slo_ms, slo_mod.category_of(ratio, req.slo_category))
+        r.slo_ttft_ms = ttft_slo
         out = Output(self, Job(r, ids, self.sampling(req)), req, chat)  # submitted when the answer starts being consumed
         if req.stream:
             return SSEResponse(out.stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -116,6 +116,7 @@ class SamplingRequest(_Strict):
     slo_ms: float | None = None
     slo_ratio: float | None = None
     slo_category: str | None = Field(default=None, min_length=1, max_length=64)  # label for /metrics
+    slo_ttft_ms: float | None = None    # TTFT SLO in ms (issue 15); none: the category's default
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -1,0 +1,259 @@
+"""``adaserve_plus`` (issue 15): AdaServe with calibrated acceptance, cost-aware speculation and
+TTFT deadlines. The faithful ``adaserve`` (policies.AdaServe) is unchanged; docs/adaserve_plus.md
+describes the method and its measurements.
+
+Three changes to AdaServe's iteration:
+
+1. **Calibration** (``calibration.py``): selection ranks candidates by the *calibrated* path
+   probability, learned online from every verification (``observe``, called by the serving loop
+   after each step).
+2. **Cost-aware speculation.** Every decision compares options by one score: the SLO *deficit*
+   the iteration leaves — Σ over salvageable requests of the tokens each is behind its SLO schedule
+   after the iteration, given its expected committed tokens and the predicted iteration time — and,
+   among options within a tolerance of the smallest deficit, the expected tokens per ms. The plan
+   scores every tree depth (and no speculation at all: the draft phase must pay for itself), the
+   selection scores a grid of verification budgets. A request whose SLO, with a margin, is out of
+   reach at the best rate the system has now (*hopeless*) stops steering the choice.
+3. **TTFT deadlines**: waiting prompts are prefilled earliest-deadline-first (deadlines still
+   reachable first), and each iteration's prefill room is the larger of what the decode slack
+   allows and what the waiting prompts' TTFT deadlines need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adaserve.core.request import Phase, Request
+from adaserve.scheduling.admission import chunked_prefill
+from adaserve.scheduling.calibration import (MAX_DEPTH, PAPER_CHAIN_ACCEPTANCE, Calibrator,
+                                             DepthAcceptance, conditional_confidence, end_weights,
+                                             exact_end_weights, node_outcomes)
+from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
+from adaserve.scheduling.policies import (AdaServe, PolicyConfig, context_tokens, draft_phase_ms,
+                                          need_function, register_policy, select_all)
+from adaserve.scheduling.selection import SortedCandidates, choose_budget, select, slo_wants
+from adaserve.scheduling.trees import CandidateForest
+
+DEFICIT_TOLERANCE = 0.25   # tokens: options this close to the smallest deficit count as equal
+BUDGET_GRID = 8            # verification budgets the selection scores between its extremes
+# "hopeless" iff the SLO time left < margin × tokens left × the best predicted ms per token; 2.5
+# was the best of 0.7-1000 at Llama RPS 4.8 (docs/adaserve_plus.md, "What did not work")
+HOPELESS_MARGIN = 2.5
+
+
+@dataclass
+class SloState:
+    """The decoding requests' SLO position, read once per decision (arrays over requests)."""
+
+    slo: np.ndarray        # ms per token (inf: best effort)
+    slack: np.ndarray      # ms ahead of the SLO schedule: slo·o − (now − t0)
+    budget: np.ndarray     # ms the SLO allows for the rest at the maximum length: slo·max − elapsed
+    left: np.ndarray       # tokens left to the maximum length
+
+    @classmethod
+    def of(cls, decode: list[Request], now_ms: float) -> "SloState":
+        slo = np.array([r.slo_ms for r in decode], np.float64)
+        elapsed = np.array([now_ms - r.first_decode_ms for r in decode], np.float64)
+        done = np.array([r.generated for r in decode], np.float64)
+        most = np.array([r.max_new_tokens for r in decode], np.float64)
+        with np.errstate(invalid="ignore"):
+            return cls(slo, slo * done - elapsed, slo * most - elapsed, np.maximum(most - done, 0))
+
+    def weights(self, best_ms_per_token: np.ndarray) -> np.ndarray:
+        """1 for requests whose SLO is within reach (``HOPELESS_MARGIN``), 0 for best effort and
+        hopeless ones."""
+        finite = np.isfinite(self.slo)
+        ok = self.budget >= HOPELESS_MARGIN * self.left * best_ms_per_token
+        return (finite & ok).astype(np.float64)
+
+    def deficit(self, expected: np.ndarray, t_ms: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Σ weight · tokens behind schedule after an iteration of ``t_ms`` committing
+        ``expected``; vectorized over options: ``expected`` (options, n), ``t_ms`` (options,)."""
+        finite = np.isfinite(self.slo)
+        slo = np.where(finite, self.slo, 1.0)
+        slack = np.where(finite, self.slack, 0.0)
+        behind = np.maximum(np.asarray(t_ms)[:, None] - slack - slo * expected, 0.0) / slo
+        return (behind * np.where(finite, weight, 0.0)).sum(axis=1)
+
+
+def pick(deficits: np.ndarray, rates: np.ndarray) -> int:
+    """Index of the option with the best rate among those within tolerance of the least deficit."""
+    ok = deficits <= deficits.min() + DEFICIT_TOLERANCE
+    return int(np.flatnonzero(ok)[np.argmax(rates[ok])])
+
+
+class AdaServePlus(AdaServe):
+    """AdaServe with calibrated, cost-aware speculation and TTFT-deadline prefill (module doc)."""
+
+    def __init__(self, config: PolicyConfig, family: str | None = None):
+        super().__init__(config)
+        self.name = "adaserve_plus"
+        self.calibrator = Calibrator()
+        self.depths = DepthAcceptance(alpha=PAPER_CHAIN_ACCEPTANCE.get(family or "llama", 0.79))
+        self._calibrated: tuple[int, np.ndarray, np.ndarray] | None = None  # (id(forest), p̂, F̂)
+        self.outcomes = {"exact": 0, "posterior": 0}  # steps learned from token ids / posteriors
+
+    # -- plan ---------------------------------------------------------------------------------
+    def plan(self, view: IterationView) -> Plan:
+        decode = list(view.running)
+        ordered = _deadline_view(view)
+        if not decode:
+            return Plan(chunked_prefill(ordered, self.prefill_room(ordered, [], SpecShape()), 0),
+                        [], SpecShape())
+        shape = self.choose_shape(view, decode, 0)
+        room = self.ttft_room(ordered, decode, shape)
+        prefill = chunked_prefill(ordered, room, len(decode))
+        shape = self.choose_shape(view, decode, sum(c for _, c in prefill))
+        return Plan(prefill, decode, shape)
+
+    def shape_options(self, n: int) -> list[SpecShape]:
+        """No speculation, then beams of every depth up to Eq. 8's, at Eq. 9's width."""
+        spec = self.config.spec
+        return [SpecShape()] + [SpecShape(d, spec.width(n)) for d in range(1, spec.depth(n) + 1)]
+
+    def choose_shape(self, view: IterationView, decode: list[Request], prefill_tokens: int) -> SpecShape:
+        """The shape with the smallest expected SLO deficit, then the most tokens per ms."""
+        n, ctx = len(decode), context_tokens(decode)
+        state = SloState.of(decode, view.now_ms)
+        shapes = self.shape_options(n)
+        depth = np.array([min(s.depth, MAX_DEPTH) for s in shapes])
+        by_cat = {c: np.concatenate(([0.0], np.cumsum(self.depths.rho(c))))
+                  for c in {r.category for r in decode}}
+        cum = np.array([by_cat[r.category] for r in decode])      # (n, MAX_DEPTH + 1)
+        e = 1.0 + cum[:, depth].T                                   # (shapes, n)
+        w = self.config.spec.width(n)
+        nodes = np.concatenate(([0.0], np.cumsum(np.minimum(self.depths.mean_width(), w))))
+        tokens = np.minimum(n * (1.0 + nodes[depth]), max(view.limits.max_batch_tokens - prefill_tokens, n))
+        lat = view.latency
+        first, wide = lat.draft_ms(np.array([n, n * w], np.float64), ctx)
+        draft = np.where(depth > 0, first + np.maximum(depth - 1, 0) * wide, 0.0)
+        t = draft + lat.verify_ms(tokens + prefill_tokens, ctx)
+        weight = state.weights(np.min(t[:, None] / e, axis=0))
+        return shapes[pick(state.deficit(e, t, weight), e.sum(axis=1) / t)]
+
+    def ttft_room(self, view: IterationView, decode: list[Request], shape: SpecShape) -> int:
+        """Prefill tokens this iteration: what the tightest salvageable request's slack allows
+        (``slack`` mode) or, if more, the least room that lets every waiting prompt whose TTFT
+        deadline is still reachable meet it."""
+        lim = view.limits
+        if not view.waiting:
+            return 0
+        n, ctx = len(decode), context_tokens(decode)
+        base = min(n * (shape.depth + 1), lim.max_batch_tokens - self.config.min_prefill_chunk)
+        draft = draft_phase_ms(view, shape, n, ctx)
+        rooms = np.arange(self.config.min_prefill_chunk, max(lim.max_batch_tokens - base, 0) + 1, 32)
+        if len(rooms) == 0:
+            return self.config.min_prefill_chunk
+        extra = view.latency.verify_ms(base + rooms, ctx) - view.latency.verify_ms(base, ctx)
+        state = SloState.of(decode, view.now_ms)
+        step = draft + float(view.latency.verify_ms(base, ctx))
+        weight = state.weights(np.full(n, step / max(shape.depth + 1, 1)))
+        slack = np.min(np.where(weight > 0, state.slack, np.inf), initial=np.inf)
+        fits = rooms[extra <= max(slack, 0.0)]
+        by_slack = int(fits[-1]) if len(fits) else int(rooms[0])
+        return max(by_slack, _deadline_room(view, rooms, step + extra))
+
+    # -- select -------------------------------------------------------------------------------
+    def select(self, plan: Plan, forest: CandidateForest, view: IterationView) -> Selection:
+        decode, shape, n = plan.decode, plan.shape, len(plan.decode)
+        prefill_tokens = sum(c for _, c in plan.prefill)
+        predict = _step_predictor(plan, view, prefill_tokens)
+        if forest.n_nodes == n:
+            return select_all(forest, float(predict(n)))
+        cond, path = self.calibrator.calibrate(forest)
+        self._calibrated = (id(forest), cond, path)
+        cal = CandidateForest(forest.offsets, forest.parent, forest.token, path, forest.depth)
+        sc = SortedCandidates.build(cal)
+        max_budget = max(n, view.limits.max_batch_tokens - prefill_tokens)
+        b_rate = choose_budget(sc, n, max_budget, predict)
+        state = SloState.of(decode, view.now_ms)
+        need_at = need_function(decode, view.now_ms)
+        cap = np.full(n, shape.depth + 1, np.float64)
+        best = sc.expected_tokens(len(sc.order))[-1] / n + 1.0
+        weight = state.weights(np.full(n, float(predict(b_rate)) / best))
+        need = np.where(weight > 0, need_at(float(predict(b_rate))), -np.inf)
+        wanted = n + int(slo_wants(sc, need, cap, self.config.spec.n_max(b_rate, n)).sum())
+        top = min(max(wanted, b_rate), max_budget)
+        budgets = np.unique(np.linspace(n, top, BUDGET_GRID + 1).round().astype(np.int64))
+        budgets = np.unique(np.append(budgets, b_rate))
+        owner = cal.owner
+        times = np.asarray(predict(budgets), np.float64)
+        masks, expected = [], np.empty((len(budgets), n))
+        for j, b in enumerate(budgets):
+            need_b = np.where(weight > 0, need_at(float(times[j])), -np.inf)
+            mask = select(cal, sc, int(b), need_b, cap, self.config.spec.n_max(int(b), n))
+            gained = np.bincount(owner, weights=np.where(mask & (cal.parent >= 0), path, 0.0),
+                                 minlength=n)
+            masks.append(mask)
+            expected[j] = 1.0 + gained
+        i = pick(state.deficit(expected, times, weight), expected.sum(axis=1) / times)
+        return Selection(masks[i], int(budgets[i]), float(times[i]))
+
+    # -- feedback -----------------------------------------------------------------------------
+    def observe(self, plan: Plan, forest: CandidateForest, selection: Selection, out) -> None:
+        """Learn from one step's outcome: which selected nodes the target accepted."""
+        decode = plan.decode
+        if not decode or forest.n_nodes == len(decode):
+            return
+        committed = np.asarray(out.committed, np.int64)
+        live = np.array([r.phase == Phase.DECODING and r.rid not in out.failed for r in decode])
+        accepted_depth = np.where(live, committed - 1, -1)  # a capped commit ends its request
+        if self._calibrated is not None and self._calibrated[0] == id(forest):
+            cond, path = self._calibrated[1], self._calibrated[2]
+        else:
+            cond, path = self.calibrator.calibrate(forest)
+        sel = np.asarray(selection.selected, bool)
+        end = None
+        if out.tokens is not None:
+            end = exact_end_weights(forest, sel, out.tokens, accepted_depth)
+        self.outcomes["exact" if end is not None else "posterior"] += 1
+        if end is None:
+            end = end_weights(forest, sel, accepted_depth, cond, path)
+        tried, accepted = node_outcomes(forest, end)
+        use = sel & (forest.parent >= 0) & live[forest.owner]
+        q = conditional_confidence(forest)
+        self.calibrator.update(forest.depth[use], q[use], tried[use], accepted[use])
+        verified = np.zeros((len(decode), MAX_DEPTH))
+        deep = use & (forest.depth <= MAX_DEPTH)
+        np.add.at(verified, (forest.owner[deep], forest.depth[deep] - 1), 1.0)
+        self.depths.update_many([r.category for r in decode], plan.shape.depth, accepted_depth,
+                                verified)
+
+
+def _step_predictor(plan: Plan, view: IterationView, prefill_tokens: int):
+    """Predicted iteration time as a function of the verification budget (vectorized)."""
+    ctx = context_tokens(plan.decode)
+    draft = draft_phase_ms(view, plan.shape, len(plan.decode), ctx)
+    return lambda b: draft + view.latency.verify_ms(np.asarray(b) + prefill_tokens, ctx)
+
+
+def _deadline_view(view: IterationView) -> IterationView:
+    """The view with waiting prompts in prefill order: started ones, then reachable TTFT deadlines
+    earliest first, then missed ones earliest first (FIFO among equals)."""
+    now = view.now_ms
+
+    def key(r: Request) -> tuple:
+        deadline = r.ttft_deadline_ms
+        return (r.admitted_ms is None, deadline < now, deadline, r.arrival_ms, r.rid)
+
+    waiting = sorted(view.waiting, key=key)
+    return IterationView(view.now_ms, waiting, view.running, view.latency, view.kv_free_tokens)
+
+
+def _deadline_room(view: IterationView, rooms: np.ndarray, step_ms: np.ndarray) -> int:
+    """The least prefill room per iteration whose steps finish every waiting prompt (in the view's
+    order) with a reachable TTFT deadline by that deadline; 0 when none needs any."""
+    now = view.now_ms
+    remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
+    deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
+    finish = now + np.ceil(remaining[None, :] / rooms[:, None]) * step_ms[:, None]
+    reachable = finish[-1] <= deadline  # met with the largest room
+    if not reachable.any():
+        return 0
+    ok = np.all((finish <= deadline) | ~reachable, axis=1)
+    return int(rooms[np.argmax(ok)]) if ok.any() else int(rooms[-1])
+
+
+register_policy("adaserve_plus", AdaServePlus)

@@ -1,0 +1,390 @@
+"""adaserve_plus (issue 15): online calibration, cost-aware speculation, TTFT deadlines, the observe
+hook of the serving loop, TTFT and joint attainment in every result, the server's TTFT fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from adaserve.bench.scheduler import ARTIFACT_LLAMA
+from adaserve.core.metrics import summarize
+from adaserve.core.request import Phase, Request
+from adaserve.core.results import format_text, load_result
+from adaserve.core.trace import TraceError, parse_records, save_trace, to_requests
+from adaserve.iteration import ServingLoop, StepOutput
+from adaserve.scheduling.adaserve_plus import AdaServePlus, _deadline_view
+from adaserve.scheduling.calibration import (Calibrator, conditional_confidence, end_weights,
+                                             exact_end_weights, node_outcomes, path_products)
+from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
+from adaserve.scheduling.policies import make_policy
+from adaserve.scheduling.trees import CandidateForest, is_connected
+from adaserve.sim.acceptance import (AcceptanceParams, SyntheticAcceptance, accepted_lengths)
+from adaserve.sim.executor import SimExecutor
+from adaserve.sim.profiles import get_profile
+from adaserve.sim.run import simulate_file, simulate_records
+from adaserve.workload.generate import generate_trace
+
+
+def decoding(rid, slo=50.0, generated=10, behind_ms=0.0, now=10_000.0, category="chat"):
+    """A decoding request ``behind_ms`` behind its SLO schedule."""
+    r = Request(rid=rid, arrival_ms=0.0, input_len=100, max_new_tokens=256, slo_ratio=-slo,
+                slo_ms=slo, category=category, phase=Phase.DECODING)
+    r.prefilled, r.generated = 100, generated
+    r.first_decode_ms = now - slo * generated - behind_ms
+    return r
+
+
+def waiting(rid, arrival, input_len=200, ttft=None, category="chat"):
+    return Request(rid=rid, arrival_ms=arrival, input_len=input_len, max_new_tokens=64,
+                   slo_ratio=-50.0, slo_ms=50.0, category=category, phase=Phase.WAITING,
+                   slo_ttft_ms=ttft)
+
+
+# ------------------------------------------------------------------------------- calibration
+
+def overconfident(forest: CandidateForest, power: float = 0.5) -> CandidateForest:
+    """The same trees with each conditional confidence q reported as q**power (> q)."""
+    q = conditional_confidence(forest) ** power
+    out = CandidateForest(forest.offsets, forest.parent, forest.token,
+                          path_products(forest, q), forest.depth)
+    out.extra = dict(forest.extra)
+    return out
+
+
+def test_calibration_converges_on_synthetic_acceptance():
+    """A drafter reporting sqrt(q) for a true acceptance q: after a few hundred verifications the
+    calibrated conditional is close to the truth, far closer than the reported one."""
+    model = SyntheticAcceptance(AcceptanceParams(mu=1.0, tau=1.0, sigma=0.5, rho=0.5))
+    rng = np.random.default_rng(0)
+    policy = make_policy("adaserve_plus", "llama")
+    reqs = [decoding(i) for i in range(32)]
+    shape = SpecShape(4, 2)
+    for _ in range(300):
+        truth = model.draft(reqs, shape, rng)
+        seen = overconfident(truth)
+        selected = np.ones(seen.n_nodes, bool)
+        committed = accepted_lengths(truth, selected) + 1
+        out = StepOutput(committed, np.zeros(len(reqs), bool))
+        policy.observe(Plan([], reqs, shape), seen, Selection(selected, seen.n_nodes, 0.0), out)
+    truth = model.draft(reqs, shape, rng)
+    seen = overconfident(truth)
+    cond, _ = policy.calibrator.calibrate(seen)
+    true_q = conditional_confidence(truth)
+    nonroot = truth.parent >= 0
+    err_raw = np.mean(np.abs(conditional_confidence(seen)[nonroot] - true_q[nonroot]))
+    err_cal = np.mean(np.abs(cond[nonroot] - true_q[nonroot]))
+    assert err_cal < 0.35 * err_raw, (err_cal, err_raw)
+    # the planning statistics learned the same thing: far below the prior at depth 4
+    assert policy.depths.rho("chat")[3] < 0.79 ** 4
+
+
+def test_calibration_starts_as_the_identity_and_keeps_trees_monotone():
+    forest = CandidateForest.from_lists([[(0, 5, 0.9), (1, 6, 0.6), (0, 7, 0.05)]])
+    cond, path = Calibrator().calibrate(forest)
+    assert path == pytest.approx(forest.prob)
+    assert np.all(path[1:] <= path[forest.parent[1:]] + 1e-12)
+
+
+def test_node_outcomes_exact_from_token_ids():
+    """Tree: root -> a(5) -> b(6); root -> c(7). Committed ids [5, 6, 9]: a and b accepted, c
+    tried and rejected; with [7, 1]: c accepted, a tried and rejected, b never tried."""
+    forest = CandidateForest.from_lists([[(0, 5, 0.6), (1, 6, 0.4), (0, 7, 0.3)]])
+    sel = np.ones(4, bool)
+    end = exact_end_weights(forest, sel, [[5, 6, 9]], np.array([2]))
+    tried, accepted = node_outcomes(forest, end)
+    assert tried.tolist() == [0, 1, 1, 1] and accepted.tolist() == [0, 1, 1, 0]
+    end = exact_end_weights(forest, sel, [[7, 1]], np.array([1]))
+    tried, accepted = node_outcomes(forest, end)
+    assert tried.tolist() == [0, 1, 0, 1] and accepted.tolist() == [0, 0, 0, 1]
+    assert exact_end_weights(forest, sel, [[8, 1]], np.array([1])) is None  # not in the tree
+
+
+def test_node_outcomes_without_ids_use_the_posterior():
+    """Accepted depth 1 with two selected depth-1 siblings: each gets its posterior share; a
+    chain is unambiguous."""
+    forest = CandidateForest.from_lists([[(0, 5, 0.6), (0, 7, 0.2)], [(0, 1, 0.5), (1, 2, 0.4)]])
+    sel = np.ones(forest.n_nodes, bool)
+    cond = conditional_confidence(forest)
+    end = end_weights(forest, sel, np.array([1, 1]), cond, forest.prob)
+    tried, accepted = node_outcomes(forest, end)
+    assert accepted[1] + accepted[2] == pytest.approx(1.0)
+    assert accepted[1] == pytest.approx(0.75)  # 0.6 / (0.6 + 0.2): no selected children
+    assert tried[[1, 2]].tolist() == [1.0, 1.0]
+    assert accepted[4] == 1.0 and tried[5] == 1.0 and accepted[5] == 0.0  # chain: 1 accepted, 2 not
+
+
+# ------------------------------------------------------------------------------- cost-aware
+
+LLAMA = get_profile("llama-3.1-70b")  # the artifact's table, draft priced by its roofline
+
+
+def view_of(running, waiting_=(), now=10_000.0):
+    return IterationView(now, list(waiting_), list(running), LLAMA, 10**7)
+
+
+def test_speculation_turns_itself_off_when_it_cannot_pay():
+    policy = AdaServePlus(make_policy("adaserve", "llama").config, "llama")
+    running = [decoding(i, behind_ms=20.0) for i in range(16)]
+    assert policy.plan(view_of(running)).shape.speculative  # the prior: the paper's acceptance
+    zero = np.zeros((16, 8))
+    for _ in range(50):  # a drafter that is never right
+        policy.depths.update_many(["chat"] * 16, 7, np.zeros(16, np.int64), zero + 2)
+    assert policy.plan(view_of(running)).shape == SpecShape()
+
+
+def test_a_useless_drafter_costs_nothing_end_to_end():
+    """Simulated with a drafter whose tokens are almost never accepted: adaserve pays the draft
+    phase for nothing; adaserve_plus stops speculating and serves like vLLM (no speculation)."""
+    records = generate_trace("rps", rps=1.2, duration_s=20, seed=3, output_len=64, artifact_rounding=False)
+    useless = SyntheticAcceptance(AcceptanceParams(mu=-6.0, tau=0.5, sigma=0.5, rho=0.5))
+    plus = simulate_records(records, "adaserve_plus", "llama-3.1-70b", acceptance=useless,
+                            pricing="shared")
+    ada = simulate_records(records, "adaserve", "llama-3.1-70b", acceptance=useless,
+                           pricing="shared")
+    sarathi = simulate_records(records, "sarathi", "llama-3.1-70b", acceptance=useless,
+                               pricing="shared")
+    mean_tpot = lambda res: res.summary["tpot_ms"]["mean"]  # noqa: E731
+    assert mean_tpot(plus) < 0.9 * mean_tpot(ada)
+    assert mean_tpot(plus) <= 1.1 * mean_tpot(sarathi)
+    assert plus.summary["slo_attainment"] >= ada.summary["slo_attainment"]
+
+
+def test_selection_is_connected_and_spends_more_when_requests_fall_behind():
+    rng = np.random.default_rng(2)
+    policy = make_policy("adaserve_plus", "llama")
+    from adaserve.bench.scheduler import random_forest
+    forest = random_forest(8, 6, 2, rng)
+    relaxed = [decoding(i, behind_ms=-2000.0) for i in range(8)]
+    behind = [decoding(i, slo=36.0, behind_ms=300.0) for i in range(8)]
+    plan = Plan([], relaxed, SpecShape(6, 2))
+    easy = policy.select(plan, forest, view_of(relaxed))
+    hard = policy.select(Plan([], behind, SpecShape(6, 2)), forest, view_of(behind))
+    assert is_connected(forest, easy.selected) and is_connected(forest, hard.selected)
+    assert hard.selected.sum() >= easy.selected.sum()
+
+
+# ------------------------------------------------------------------------------- TTFT deadlines
+
+def test_ttft_deadlines_order_prefills():
+    """An earlier summarization prompt (4 s default) waits behind a later chat prompt (1 s); a
+    prompt whose deadline already passed goes after the reachable ones; a started one first."""
+    now = 5_000.0
+    summ = waiting(0, 3_000.0, category="summarization")
+    chat = waiting(1, 4_500.0)
+    missed = waiting(2, 1_000.0, ttft=500.0)
+    started = waiting(3, 4_900.0, ttft=30_000.0)
+    started.admitted_ms, started.prefilled = 4_950.0, 100
+    view = view_of([], [summ, chat, missed, started], now=now)
+    assert [r.rid for r in _deadline_view(view).waiting] == [3, 1, 0, 2]
+    policy = make_policy("adaserve_plus", "llama")
+    plan = policy.plan(view_of([decoding(9)], [summ, chat, missed], now=now))
+    assert [r.rid for r, _ in plan.prefill][:2] == [1, 0]
+
+
+def test_ttft_deadline_widens_the_prefill_room():
+    """A long prompt due soon gets more prefill room than the decode slack alone allows."""
+    policy = make_policy("adaserve_plus", "llama")
+    running = [decoding(i, slo=36.0, behind_ms=-5.0) for i in range(8)]
+    relaxed = [waiting(20, 9_900.0, input_len=1500, ttft=60_000.0)]
+    urgent = [waiting(20, 9_900.0, input_len=1500, ttft=900.0)]
+    room = lambda w: sum(c for _, c in policy.plan(view_of(running, w)).prefill)  # noqa: E731
+    assert room(urgent) > room(relaxed)
+
+
+# ------------------------------------------------------------------------------- the loop hook
+
+class Recording:
+    """A policy with ``observe``: the loop must call it after every step."""
+
+    def __init__(self):
+        self.inner = make_policy("adaserve", "llama")
+        self.name, self.drafts, self.calls = "rec", True, []
+
+    def plan(self, view):
+        return self.inner.plan(view)
+
+    def select(self, plan, forest, view):
+        return self.inner.select(plan, forest, view)
+
+    def observe(self, plan, forest, selection, out):
+        self.calls.append((len(plan.decode), forest.n_nodes, int(selection.selected.sum()),
+                           np.asarray(out.committed).tolist()))
+
+
+def test_the_loop_calls_observe_after_every_step():
+    reqs = to_requests(generate_trace("rps", rps=2, duration_s=5, seed=1, output_len=16, artifact_rounding=False), 30.0)
+    policy = Recording()
+    ex = SimExecutor(ARTIFACT_LLAMA, SyntheticAcceptance(AcceptanceParams(3.0, 3.5, 0.5, 0.5)))
+    loop = ServingLoop(policy, ex, reqs)
+    loop.run()
+    assert len(policy.calls) == loop.stats.iterations
+    assert sum(sum(c[3]) for c in policy.calls) == loop.stats.committed_tokens
+
+
+# ------------------------------------------------------------------------------- metrics
+
+def finished(rid, arrival, first, finish, generated, slo=50.0, ttft=None, category="chat"):
+    r = Request(rid=rid, arrival_ms=arrival, input_len=10, max_new_tokens=generated,
+                slo_ratio=-slo, slo_ms=slo, category=category, phase=Phase.FINISHED,
+                slo_ttft_ms=ttft)
+    r.admitted_ms, r.first_token_ms, r.first_decode_ms, r.finish_ms = arrival, first, first, finish
+    r.generated = generated
+    return r
+
+
+def test_ttft_and_joint_attainment_on_hand_made_requests():
+    reqs = [finished(0, 0, 500, 500 + 40 * 10, 10),            # TTFT ok (1 s default), TPOT ok
+            finished(1, 0, 1500, 1500 + 40 * 10, 10),          # TTFT missed, TPOT ok
+            finished(2, 0, 200, 200 + 60 * 10, 10),            # TTFT ok, TPOT missed
+            finished(3, 0, 3000, 3000 + 40 * 10, 10, ttft=5000.0),  # own TTFT SLO: ok
+            finished(4, 0, 3000, 3000 + 10, 10, category="summarization")]  # 4 s default: ok
+    s = summarize(reqs, committed_tokens=50, request_steps=50)
+    assert s["slo_attainment"] == pytest.approx(4 / 5)
+    assert s["ttft_attained"] == 4 and s["ttft_attainment"] == pytest.approx(4 / 5)
+    assert s["joint_attained"] == 3 and s["joint_attainment"] == pytest.approx(3 / 5)
+    assert s["per_category"]["chat"]["joint_attainment"] == pytest.approx(2 / 4)
+    assert "TTFT att 80.0%  joint 60.0%" in format_text(s, {"system": "x"})
+    best_effort = replace(finished(5, 0, 60_000, 60_100, 10), slo_ms=math.inf)
+    assert best_effort.ttft_attained and best_effort.ttft_slo == math.inf
+
+
+def test_trace_field_slo_ttft_ms_round_trips_and_is_validated(tmp_path):
+    base = {"emission_time_ms": 0, "input_length": 5, "output_length": 4, "prompt": "p",
+            "slo_ratio": -50}
+    recs = parse_records([{**base, "slo_ttft_ms": 750}, base])
+    assert [r.slo_ttft_ms for r in recs] == [750.0, None]
+    save_trace(tmp_path / "t.json", recs)
+    assert (tmp_path / "t.json").read_text().count("slo_ttft_ms") == 1
+    reqs = to_requests(recs, 30.0)
+    assert [r.ttft_slo for r in reqs] == [750.0, 1000.0]
+    for bad in (0, -3, "fast", float("inf")):
+        with pytest.raises(TraceError, match="record 0: field 'slo_ttft_ms'"):
+            parse_records([{**base, "slo_ttft_ms": bad}])
+
+
+# ------------------------------------------------------------------------------- end to end
+
+def test_simulate_adaserve_plus_end_to_end(tmp_path):
+    trace = tmp_path / "t.json"
+    save_trace(trace, generate_trace("rps", rps=3.0, duration_s=20, seed=5, output_len=48, artifact_rounding=False))
+    out = tmp_path / "plus"
+    res = simulate_file(trace, "adaserve_plus", "llama-3.1-70b", out)
+    doc = load_result(out)
+    s = doc["summary"]
+    assert doc["complete"] and s["completed"] == s["registered"] > 0
+    assert 0 <= s["joint_attainment"] <= min(s["slo_attainment"], s["ttft_attainment"])
+    assert s["mean_generated_tokens_per_step"] > 1.5  # the calibrated drafter is worth it
+    assert {"ttft_slo_ms", "ttft_attained"} <= set(doc["requests"][0])
+    assert "joint" in out.with_suffix(".txt").read_text()
+    ada = simulate_records(parse_records_of(trace), "adaserve", "llama-3.1-70b")
+    assert res.summary["slo_attainment"] >= ada.summary["slo_attainment"] - 0.02
+
+
+def parse_records_of(path):
+    from adaserve.core.trace import load_trace
+    return load_trace(path)
+
+
+# ------------------------------------------------------------------------------- server
+
+@pytest.fixture(scope="module")
+def srv():
+    from test_server import BASELINE_MS, MODEL, LiveServer, make_engine
+    import httpx
+    from adaserve.engine.tokenizer import ByteTokenizer
+    from adaserve.server import ServerConfig, create_app
+
+    _, _, engine = make_engine(ignore_eos=True)
+    live = LiveServer(create_app(engine, ByteTokenizer(), ServerConfig(MODEL, BASELINE_MS,
+                                                                      ignore_eos=True)))
+    live.client = httpx.Client(base_url=live.url, timeout=60)
+    yield live
+    live.client.close()
+    live.stop()
+
+
+@pytest.mark.parametrize("body, headers, want", [
+    ({"slo_ttft_ms": 750}, {}, 750.0),
+    ({"slo_ttft_ms": 750.5}, {"x-slo-ttft-ms": "10"}, 750.5),   # the body wins
+    ({}, {"x-slo-ttft-ms": "2500"}, 2500.0),
+    ({"slo_ratio": -50}, {}, 1000.0),                           # chat's default
+    ({"slo_ratio": 1000}, {}, None),                            # best effort: none
+])
+def test_server_accepts_ttft_slo(srv, body, headers, want):
+    r = srv.client.post("/v1/completions", json={"prompt": "ttft", "max_tokens": 3, **body},
+                        headers=headers)
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    assert u["slo_ttft_ms"] == want
+    assert u["ttft_attained"] == (want is None or u["ttft_ms"] <= want)
+
+
+@pytest.mark.parametrize("body, headers, param", [
+    ({"slo_ttft_ms": 0}, {}, "slo_ttft_ms"),
+    ({"slo_ttft_ms": -1}, {}, "slo_ttft_ms"),
+    ({"slo_ttft_ms": "soon"}, {}, "slo_ttft_ms"),
+    ({}, {"x-slo-ttft-ms": "abc"}, "x-slo-ttft-ms"),
+    ({}, {"x-slo-ttft-ms": "-5"}, "x-slo-ttft-ms"),
+    ({}, {"x-slo-ttft-ms": "nan"}, "x-slo-ttft-ms"),
+])
+def test_server_refuses_bad_ttft_slo(srv, body, headers, param):
+    r = srv.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **body},
+                        headers=headers)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "invalid_value"
+
+
+# ------------------------------------------------------------------------------- engine
+
+def test_engine_outcomes_come_from_token_ids():
+    """On the torch engine the accepted path is walked by token id (never the posterior) and the
+    output stays that of plain greedy decoding."""
+    from test_engine_serving import EOS, make_requests, noisy_copy, serve
+    from engine_util import plain_greedy
+    from adaserve.engine import ModelDrafter, tiny_random_model
+
+    target = tiny_random_model("llama", seed=1)
+    reqs, prompts = make_requests(6)
+    ex, loop, reqs = serve(target, "adaserve_plus", ModelDrafter(noisy_copy(target), num_blocks=200),
+                           prompts, reqs=reqs)
+    policy = loop.policy
+    assert policy.outcomes["exact"] > 0 and policy.outcomes["posterior"] == 0
+    assert policy.calibrator.tried.sum() > 0
+    for r in reqs:
+        assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,))
+
+
+# ------------------------------------------------------------------------------- harness
+
+def test_headline_table_shows_joint_attainment_beside_the_papers_metric(tmp_path):
+    from test_plot import put, summary
+    from adaserve.harness import headline as hl
+
+    root = tmp_path / "results"
+    for system, att, joint in (("adaserve", 0.9, 0.62), ("vllm", 0.5, 0.41)):
+        s = summary(att, 500)
+        s["joint_attainment"] = joint
+        put(root, "fig8,9", "llama", system, "rps4.8_ol256", s)
+    put(root, "fig8,9", "qwen", "adaserve", "rps4.8_ol256", summary(0.9, 500))  # an old result
+    put(root, "fig8,9", "qwen", "vllm", "rps4.8_ol256", summary(0.5, 500))
+    h = hl.headline(root, "8")
+    rows = {r.model: r for r in h.rows}
+    assert (rows["llama"].hardest.adaserve_joint, rows["llama"].hardest.baseline_joint) == (0.62, 0.41)
+    assert math.isnan(rows["qwen"].hardest.adaserve_joint)
+    text = hl.format_headline(h)
+    llama = [line for line in text.splitlines() if line.startswith("8,9") and "llama" in line][0]
+    assert "90.0%  62.0%" in llama and "50.0%  41.0%" in llama
+    assert "joint" in text.splitlines()[2]
+
+
+def test_adaserve_plus_is_selectable_by_its_switch():
+    from adaserve.harness.sweep import SWITCHES, settings_from_env
+    from adaserve.harness.plot import label_of
+
+    assert SWITCHES["ADASERVE_PLUS"] == ("adaserve_plus",)
+    s = settings_from_env("fig8,9", "llama", {"ADASERVE_PLUS": "ON"})
+    assert s.systems == ["adaserve_plus"] and label_of("adaserve_plus") == "AdaServe+"
