@@ -10,9 +10,28 @@ Format (all times in ms)::
                  "context_tokens": [...],            # optional: KV context axis
                  "ms_by_context": [[...], ...]},     # optional: one row per context_tokens value
      "draft":   {"tokens": [...], "ms": [...]},      # one draft-model forward with this many tokens
-     "prefill": {"tokens": [...], "ms": [...]},      # optional; defaults to the verify table
+     "prefill": {"tokens": [...], "ms": [...],       # optional; defaults to the verify table
+                 "context_tokens": [...],            # optional: tokens of the prompt already prefilled
+                 "ms_by_context": [[...], ...]},
+     "step_model": "table" | "engine",               # optional, default "table" (below)
+     "attention_queries": {"tokens": [...], "ms": [...]},  # optional ("engine"): extra attention ms at
+                                                     # a fixed context vs new tokens per request
+     "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
+              "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
+              "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
      "limits":  {"max_batch_requests": int, "max_batch_tokens": int, "prefill_chunk": int,
                  "max_seq_len": int, "kv_capacity_tokens": int}}
+
+``step_model`` says how the simulator prices one target step (docs/fidelity.md):
+
+- ``"table"`` (the artifact's tables, the roofline, profiles measured before it existed): one
+  lookup, ``verify_ms(all new tokens, total KV context)``.
+- ``"engine"`` (``adaserve profile`` of our engine): the verify table at context 0 for all new
+  tokens, plus each prompt chunk's excess over as many verified tokens from the prefill table (at
+  its prefilled length), plus the attention of the one padded attention call that holds the trees
+  and short chunks, read from the verify table's context axis at the *padded* key slots (requests
+  x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
+  the host work per iteration (``host``). Drafting stays in ``draft``.
 """
 
 from __future__ import annotations
@@ -122,6 +141,9 @@ class LatencyProfile:
     # the target's Hugging Face model_type ("llama", "qwen2"): picks the artifact's speculation
     # constants and the simulator's acceptance model; None: Llama's
     family: str | None = None
+    step_model: str = "table"  # "table" | "engine" (module docstring)
+    attention_queries: Table | None = None
+    host: dict[str, Table] = field(default_factory=dict)  # HOST_MODES -> ms vs decoding requests
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -131,6 +153,25 @@ class LatencyProfile:
 
     def prefill_ms(self, tokens, context_tokens: float | None = None):
         return (self.prefill or self.verify)(tokens, context_tokens)
+
+    def host_ms(self, requests: int, speculative: bool) -> float:
+        """Host work of one iteration with ``requests`` decoding requests (0 without a host table)."""
+        table = self.host.get("speculative" if speculative else "incremental")
+        return float(table(max(requests, 1))) if table is not None else 0.0
+
+    def draft_iteration_ms(self, requests: int) -> float | None:
+        """Drafting of one iteration with ``requests`` decoding requests, from the ``host`` table's
+        ``draft`` row (measured for the n-gram drafter); None without one."""
+        table = self.host.get("draft")
+        return float(table(max(requests, 1))) if table is not None else None
+
+    def query_factor(self, queries: int) -> float:
+        """Attention over the same keys with ``queries`` new tokens per request, relative to one."""
+        t = self.attention_queries
+        if t is None or queries <= 1:
+            return 1.0
+        one = float(t(1))
+        return max(float(t(queries)) / one, 1.0) if one > 0 else 1.0
 
     @property
     def decode_baseline_ms(self) -> float:
@@ -168,6 +209,10 @@ class LatencyProfile:
             limits=Limits(**limits),
             measured_with=dict(d.get("measured_with") or {}),
             family=_family(d.get("family"), where),
+            step_model=_choice(d.get("step_model", "table"), STEP_MODELS, f"{where}: step_model"),
+            attention_queries=(Table.from_dict(d["attention_queries"], f"{where}: attention_queries")
+                               if d.get("attention_queries") else None),
+            host=_host_tables(d.get("host"), where),
         )
 
     def to_dict(self) -> dict:
@@ -180,6 +225,12 @@ class LatencyProfile:
             d["measured_with"] = dict(self.measured_with)
         if self.family is not None:
             d["family"] = self.family
+        if self.step_model != "table":
+            d["step_model"] = self.step_model
+        if self.attention_queries is not None:
+            d["attention_queries"] = self.attention_queries.to_dict()
+        if self.host:
+            d["host"] = {mode: t.to_dict() for mode, t in self.host.items()}
         return d
 
     @classmethod
@@ -194,6 +245,25 @@ class LatencyProfile:
         from adaserve.core.files import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+
+STEP_MODELS = ("table", "engine")
+HOST_MODES = ("speculative", "incremental", "draft")
+
+
+def _choice(value, valid: tuple[str, ...], where: str) -> str:
+    if value not in valid:
+        raise UserError(f"{where}: must be one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
+def _host_tables(d, where: str) -> dict[str, Table]:
+    """The optional ``host`` field: one table per mode of ``HOST_MODES``."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or set(d) - set(HOST_MODES):
+        raise UserError(f"{where}: 'host' must be an object with keys among {', '.join(HOST_MODES)}")
+    return {mode: Table.from_dict(t, f"{where}: host.{mode}") for mode, t in d.items()}
 
 
 def _family(value, where: str) -> str | None:

@@ -11,22 +11,41 @@ long contexts cost nothing to set up.
 * ``draft``: one draft-model step of ``tokens`` tree tokens over ``min(tokens, max_batch_requests)``
   sequences of ``DRAFT_CONTEXT`` tokens each (model drafter), or one n-gram expansion of ``tokens``
   frontier nodes (n-gram drafter: CPU time of the lookups).
-* ``prefill``: one prompt chunk of ``tokens`` tokens of a single sequence.
+* ``prefill``: one prompt chunk of ``tokens`` tokens of a single sequence, up to the maximum
+  sequence length (whole prompts, as the vLLM-style policies prefill them: attention grows with the
+  square of the prompt, so a table stopping at the chunk size and extrapolated linearly is too
+  cheap). Context axis = tokens of the prompt already prefilled: a ``prefill_chunk``-token chunk
+  is timed after ``p`` prefilled tokens (``PREFILL_CONTEXTS``), and its extra time over ``p = 0``
+  is charged per chunk token (each new token attends to ``p`` more keys).
+* ``attention_queries``: extra time of a step of ``CONTEXT_SEQS`` sequences holding
+  ``QUERY_CONTEXT`` context tokens in all over the same step at context 0, with ``q`` new tokens
+  per sequence (``QUERY_POINTS``): how the attention cost of trees grows with their size.
+* ``host``: host work per iteration (everything but the target forward and the drafting: plan,
+  selection, batch building, verification walk, commit, loop bookkeeping) of ``n`` requests
+  (``HOST_REQUESTS``) decoding through the real ``ServingLoop`` and ``TorchExecutor``, with the
+  adaserve policy and this profile's drafter (``speculative``) and with the vllm policy
+  (``incremental``): median over ``HOST_STEPS`` iterations of the iteration's time (the profile's clock) minus the
+  forward and drafting inside it; and (``draft``) the drafting itself per iteration, under the
+  adaserve policy. For the n-gram drafter the simulator charges that per iteration instead of the
+  per-level ``draft`` table: its cost is mostly per call (index update, beam bookkeeping), which a
+  one-level expansion does not see.
 * ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens
   (docs/definitions.md §1).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits, Table
 from adaserve.scheduling.plan import SpecShape
 
@@ -40,6 +59,12 @@ from adaserve.engine.sequence import SeqState
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 CONTEXT_POINTS = (0, 1024, 4096, 8192, 16384, 32768)
 PREFILL_POINTS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+PREFILL_CONTEXTS = (0, 256, 512, 1024, 1536, 3072, 6144)
+QUERY_POINTS = (1, 4, 16)
+QUERY_CONTEXT = 8192
+HOST_REQUESTS = (1, 2, 4, 8, 16, 32, 64)
+HOST_STEPS = 5
+HOST_PROMPT = 64  # tokens: a 16-token pattern repeated, so the n-gram drafter finds continuations
 CONTEXT_SEQS = 8
 BASELINE_CONTEXT = 128
 DRAFT_CONTEXT = 64  # per sequence, for draft-model steps
@@ -52,16 +77,32 @@ class Grid:
     prefill: list[int]
     draft: list[int]
     repeat: int = 5
+    prefill_contexts: list[int] = field(default_factory=list)  # prefilled tokens before a chunk
+    queries: list[int] = field(default_factory=list)  # new tokens per sequence (attention_queries)
+    host: list[int] = field(default_factory=list)  # decoding requests (host work)
+    chunk: int = 256  # the chunk timed at each prefill context
 
     @classmethod
     def for_limits(cls, limits: Limits, repeat: int = 5, quick: bool = False) -> "Grid":
         top = limits.max_batch_tokens
         tokens = _upto(TOKEN_POINTS, top)
         contexts = _upto(CONTEXT_POINTS, min(CONTEXT_SEQS, limits.max_batch_requests) * limits.max_seq_len)
-        prefill = _upto(PREFILL_POINTS, max(limits.prefill_chunk, top))
+        prefill = _upto(PREFILL_POINTS, max(limits.prefill_chunk, top, limits.max_seq_len))
+        chunk = min(limits.prefill_chunk, top)
+        prefill_ctx = [p for p in PREFILL_CONTEXTS if p + chunk <= limits.max_seq_len]
+        queries = [q for q in QUERY_POINTS if q * CONTEXT_SEQS <= top]
+        host = _upto(HOST_REQUESTS, limits.max_batch_requests)
         if quick:
-            tokens, contexts, prefill = tokens[::2] + tokens[-1:], contexts[::2] + contexts[-1:], prefill[::2]
-        return cls(sorted(set(tokens)), sorted(set(contexts)), sorted(set(prefill)), _upto(TOKEN_POINTS, 256), repeat)
+            tokens, contexts, prefill = tokens[::2] + tokens[-1:], contexts[::2] + contexts[-1:], prefill[::2] + prefill[-1:]
+            prefill_ctx, host = prefill_ctx[::2], host[::2] + host[-1:]
+        return cls(sorted(set(tokens)), sorted(set(contexts)), sorted(set(prefill)), _upto(TOKEN_POINTS, 256), repeat,
+                   prefill_ctx, queries, sorted(set(host)), chunk)
+
+    @property
+    def size(self) -> int:
+        """Measured points (``measure`` yields one label per point)."""
+        return (1 + len(self.tokens) + len(self.contexts) + len(self.prefill) + len(self.draft)
+                + len(self.prefill_contexts) + len(self.queries) + 3 * len(self.host))
 
 
 def _upto(points, top: int) -> list[int]:
@@ -69,13 +110,31 @@ def _upto(points, top: int) -> list[int]:
     return out + ([top] if top not in out else [])
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def clock_name() -> str:
+    """``ADASERVE_PROFILE_CLOCK``: ``wall`` (default) or ``cpu``, the calling thread's CPU time. On a
+    CPU shared with other jobs, wall time counts the time spent waiting for a core; with one torch
+    thread the work runs on the calling thread, so its CPU time leaves that wait out
+    (docs/fidelity.md; ``scripts/engine_steps.py --cpu-clock`` runs the engine on the same clock)."""
+    name = os.environ.get("ADASERVE_PROFILE_CLOCK", "wall")
+    if name not in CLOCKS:
+        raise UserError(f"ADASERVE_PROFILE_CLOCK={name!r}: use one of {', '.join(CLOCKS)}")
+    return name
+
+
+def clock() -> float:
+    return CLOCKS[clock_name()]()
+
+
 def median_ms(fn: Callable[[], None], repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -149,7 +208,7 @@ def verify_seqs(tokens: int, limits: Limits) -> int:
 def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None = None
             ) -> Iterator[tuple[str, float]]:
     """Yields ``(label, ms)`` per measured point (for a progress bar); see ``measure_profile``."""
-    bench = StepBench(model, max(grid.contexts) + max(grid.tokens) + max(grid.prefill))
+    bench = StepBench(model, max(grid.contexts) + max(grid.tokens) + max(grid.prefill) + QUERY_CONTEXT)
     yield "baseline", bench.step_ms(1, 1, BASELINE_CONTEXT, grid.repeat)
     for t in grid.tokens:
         yield f"verify:{t}", bench.step_ms(verify_seqs(t, limits), t, 0, grid.repeat)
@@ -158,20 +217,108 @@ def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer |
         yield f"context:{c}", bench.step_ms(ctx_seqs, ctx_seqs, c, grid.repeat)
     for t in grid.prefill:
         yield f"prefill:{t}", bench.prefill_ms(t, max(2, grid.repeat // 2))
+    for p in grid.prefill_contexts:  # a chain of `chunk` tokens gets its own attention call, as a chunk
+        yield f"prefillctx:{p}", bench.step_ms(1, grid.chunk, p, grid.repeat)
+    for q in grid.queries:
+        yield f"queries:{q}", (bench.step_ms(CONTEXT_SEQS, CONTEXT_SEQS * q, QUERY_CONTEXT, grid.repeat)
+                               - bench.step_ms(CONTEXT_SEQS, CONTEXT_SEQS * q, 0, grid.repeat))
     n_max = limits.max_batch_requests
     dbench = StepBench(draft, DRAFT_CONTEXT * n_max + max(grid.draft)) if draft is not None else None
     for t in grid.draft:
         n = min(t, n_max)
         ms = dbench.step_ms(n, t, DRAFT_CONTEXT * n, grid.repeat) if dbench else ngram_draft_ms(t, grid.repeat)
         yield f"draft:{t}", ms
+    if grid.host:
+        yield from measure_host(model, limits, grid, draft)
+
+
+def measure_host(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None
+                 ) -> Iterator[tuple[str, float]]:
+    """``hostspec:n`` / ``hostincr:n``: host ms per iteration of ``n`` decoding requests (module
+    docstring). The policies see a flat profile, so the adaserve policy's budget covers its trees."""
+    flat = Table(np.array([1.0, float(limits.max_batch_tokens)]), np.ones(2))
+    profile = LatencyProfile("host", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=limits)
+    for n in grid.host:
+        host, drafting = host_step_ms(model, profile, draft, n, "adaserve")
+        yield f"hostspec:{n}", host
+        yield f"hostdraft:{n}", drafting
+        yield f"hostincr:{n}", host_step_ms(model, profile, draft, n, "vllm")[0]
+
+
+def host_step_ms(model: Transformer, profile: LatencyProfile, draft: Transformer | None, n: int,
+                 system: str, steps: int = HOST_STEPS) -> tuple[float, float]:
+    """Median host ms of ``steps`` decode iterations of ``n`` requests under ``system``'s policy
+    (forward and drafting excluded), and the median ms of the drafting (``speculate``) itself."""
+    from adaserve.core.request import Request
+    from adaserve.engine.drafters import ModelDrafter
+    from adaserve.engine.executor import TorchExecutor
+    from adaserve.iteration import ServingLoop
+    from adaserve.scheduling.policies import make_policy
+
+    new = (steps + 3) * 16
+    per_seq = -(-(HOST_PROMPT + new + 128) // BLOCK_SIZE) + 2
+    blocks = n * per_seq + profile.limits.max_batch_requests
+    drafter = ModelDrafter(draft, blocks, BLOCK_SIZE) if draft is not None else NgramDrafter()
+    ex = TorchExecutor(model, profile, drafter, num_blocks=blocks, ignore_eos=True)
+    rng = np.random.default_rng(n)
+    pattern = rng.integers(3, model.config.vocab_size, (n, 16))
+    ex.set_prompts({i: np.tile(pattern[i], HOST_PROMPT // 16).tolist() for i in range(n)})
+    requests = [Request(rid=i, arrival_ms=0.0, input_len=HOST_PROMPT, max_new_tokens=new, slo_ratio=1.5,
+                        slo_ms=1.5 * profile.decode_baseline_ms, category="coding") for i in range(n)]
+    loop = ServingLoop(make_policy(system, model.config.family), ex, requests)
+    forward_s: list[float] = []
+    draft_s: list[float] = []
+    ex.model = _Timed(ex.model, forward_s)
+    ex.speculate = _Timed(ex.speculate, draft_s)
+    times, drafting = [], []
+    with torch.inference_mode():
+        while loop.waiting or loop.pending:  # prefill, then one warm-up decode step
+            loop.run_once()
+        loop.step()
+        for _ in range(steps):
+            if len(loop.running) < n:
+                break
+            forward_s.clear()
+            draft_s.clear()
+            t0 = clock()
+            loop.step()
+            times.append(clock() - t0 - sum(forward_s) - sum(draft_s))
+            drafting.append(sum(draft_s))
+    if not times:
+        raise RuntimeError(f"host work of {n} requests: no decode iteration was timed")
+    return 1e3 * statistics.median(times), 1e3 * statistics.median(drafting)
+
+
+class _Timed:
+    """A callable (the target model, the drafting) whose calls' wall seconds are appended to a list;
+    other attributes are the wrapped object's."""
+
+    def __init__(self, fn, out: list[float]):
+        self.fn, self.out = fn, out
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __call__(self, *args):
+        sync_device = getattr(self.fn, "lm_head", None)
+        if sync_device is not None:
+            _sync(self.fn)
+        t0 = clock()
+        out = self.fn(*args)
+        if sync_device is not None:
+            _sync(self.fn)
+        self.out.append(clock() - t0)
+        return out
 
 
 def hardware_string(model: Transformer) -> str:
     w = model.lm_head.weight
     dtype = str(w.dtype).replace("torch.", "")
+    tp = getattr(model, "world_size", 1)
+    ranks = f", tensor parallel {tp} ranks" if tp > 1 else ""
     if w.is_cuda:
-        return f"{torch.cuda.get_device_name(w.device)}, {dtype}, torch {torch.__version__}"
-    return f"{cpu_name()}, {torch.get_num_threads()} threads, {dtype}, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(w.device)}, {dtype}, torch {torch.__version__}{ranks}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, {dtype}, torch {torch.__version__}{ranks}"
 
 
 def cpu_name() -> str:
@@ -190,34 +337,64 @@ def measured_with(model: Transformer) -> dict:
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
-            "torch": torch.__version__, "linear": linear_kernel(w)}
+            "torch": torch.__version__, "linear": linear_kernel(w),
+            "tensor_parallel": getattr(model, "world_size", 1)}
 
 
-def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer) -> LatencyProfile:
-    """The profile from measured points (keys as yielded by ``measure``)."""
+def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
+             drafter: str | None = None) -> LatencyProfile:
+    """The profile from measured points (keys as yielded by ``measure``); ``drafter`` ("ngram" or
+    "model") is recorded in ``measured_with``: the simulator charges no draft prefill for n-grams."""
     f = np.array([points[f"verify:{t}"] for t in grid.tokens])
-    g = np.array([points[f"context:{c}"] for c in grid.contexts])
-    by_ctx = f[None, :] + np.maximum(g - g[0], 0.0)[:, None]
+    # more context never costs less: a later context point below an earlier one is noise (running max)
+    g = np.maximum.accumulate(np.array([points[f"context:{c}"] for c in grid.contexts]))
+    by_ctx = f[None, :] + (g - g[0])[:, None]
     verify = Table(np.array(grid.tokens, float), f, np.array(grid.contexts, float), by_ctx) \
         if len(grid.contexts) >= 2 else Table(np.array(grid.tokens, float), f)
     draft = Table(np.array(grid.draft, float), np.array([points[f"draft:{t}"] for t in grid.draft]))
-    prefill = Table(np.array(grid.prefill, float), np.array([points[f"prefill:{t}"] for t in grid.prefill]))
-    return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill,
+    queries = _table(points, "queries", grid.queries)
+    host = {mode: t for mode, label in (("speculative", "hostspec"), ("incremental", "hostincr"),
+                                        ("draft", "hostdraft"))
+            if (t := _table(points, label, grid.host)) is not None}
+    return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill_table(points, grid),
                           baseline_ms=round(points["baseline"], 3), source="measured",
-                          hardware=hardware_string(model), limits=limits, measured_with=measured_with(model),
-                          family=model.config.family)
+                          hardware=hardware_string(model), limits=limits,
+                          measured_with={**measured_with(model), **({"drafter": drafter} if drafter else {}),
+                                         **({"clock": "cpu"} if clock_name() == "cpu" else {})},
+                          family=model.config.family, step_model="engine", attention_queries=queries, host=host)
+
+
+def _table(points: dict[str, float], label: str, sizes: list[int]) -> Table | None:
+    """An optional table from its measured points; None unless at least two were measured."""
+    if len(sizes) < 2 or any(f"{label}:{s}" not in points for s in sizes):
+        return None
+    return Table(np.array(sizes, float), np.array([max(points[f"{label}:{s}"], 0.0) for s in sizes]))
+
+
+def prefill_table(points: dict[str, float], grid: Grid) -> Table:
+    """Whole chunks at ``p = 0`` as measured; at ``p`` prefilled tokens, plus the measured extra of a
+    ``grid.chunk``-token chunk at ``p`` per chunk token (module docstring)."""
+    base = np.array([points[f"prefill:{t}"] for t in grid.prefill])
+    tokens = np.array(grid.prefill, float)
+    if len(grid.prefill_contexts) < 2 or any(f"prefillctx:{p}" not in points for p in grid.prefill_contexts):
+        return Table(tokens, base)
+    at = np.maximum.accumulate(np.array([points[f"prefillctx:{p}"] for p in grid.prefill_contexts]))
+    extra = (at - at[0]) / grid.chunk  # ms per chunk token
+    return Table(tokens, base, np.array(grid.prefill_contexts, float), base[None, :] + extra[:, None] * tokens[None, :])
 
 
 def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
                     draft: Transformer | None = None, progress: bool = False) -> LatencyProfile:
-    total = 1 + len(grid.tokens) + len(grid.contexts) + len(grid.prefill) + len(grid.draft)
+    if clock_name() == "cpu" and model.lm_head.weight.device.type != "cpu":
+        raise UserError("ADASERVE_PROFILE_CLOCK=cpu measures CPU time: it cannot time a GPU")
+    total = grid.size
     points = {}
     with progress_bar(total, f"profiling {name}", "pt", enabled=progress) as bar:
         for label, ms in measure(model, limits, grid, draft):
             points[label] = ms
             bar.set_postfix_str(f"{label} {ms:.1f} ms")
             bar.update()
-    return assemble(name, points, grid, limits, model)
+    return assemble(name, points, grid, limits, model, "model" if draft is not None else "ngram")
 
 
 # ---- the quick profile of `adaserve run` / `adaserve serve` without --profile ----------------------
@@ -239,7 +416,7 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     grid = Grid.for_limits(limits, repeat=1, quick=True)
-    total = passes * (1 + len(grid.tokens) + len(grid.contexts) + len(grid.prefill) + len(grid.draft))
+    total = passes * grid.size
     best: dict[str, float] = {}
     with progress_bar(total, f"profiling {name} (quick)", "pt", enabled=progress) as bar:
         for _ in range(passes):
@@ -247,7 +424,7 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
                 best[label] = min(ms, best.get(label, float("inf")))
                 bar.set_postfix_str(f"{label} {ms:.1f} ms")
                 bar.update()
-    return assemble(name, monotone_points(best), grid, limits, model)
+    return assemble(name, monotone_points(best), grid, limits, model, "model" if draft is not None else "ngram")
 
 
 def monotone_points(points: dict[str, float]) -> dict[str, float]:

@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaserve.core.trace import drop_prompts, load_trace
+from adaserve.core.errors import UserError
+from adaserve.core.trace import TraceRecord, drop_prompts, load_trace
 from adaserve.scheduling.policies import BASELINES
 from adaserve.sim.run import simulate_records
 
@@ -65,6 +66,58 @@ def format_table(name: str, rows: dict[str, dict]) -> str:
         lines.append(f"  best baseline {best}: {fewer_violations(ada['violations'], base[best]['violations'])}; "
                      f"goodput {ada['goodput']:.0f} vs {base[best]['goodput']:.0f} tok/s")
     return "\n".join(lines)
+
+
+# ---- our engine against the simulator (scripts/engine_vs_sim.py) -------------------------------
+
+def records_of_result(doc: dict) -> list[TraceRecord]:
+    """The requests of an ``adaserve run`` result as trace records, exactly as the engine served
+    them: arrival, tokenized prompt length, output length, SLO ratio (already hardware-scaled) and
+    category; simulated with the run's ``baseline_ms`` they get the same SLOs."""
+    try:
+        return [TraceRecord(emission_time_ms=float(r["arrival_ms"]), input_length=int(r["input_len"]),
+                            output_length=int(r["max_new_tokens"]), prompt="", slo_ratio=float(r["slo_ratio"]),
+                            category=str(r["category"]))
+                for r in doc["requests"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"engine result: a request record lacks a field or has a bad value ({e!r})") from None
+
+
+def run_numbers(summary: dict, requests: list[dict], iterations: int) -> dict:
+    """What the engine-vs-simulator table compares, from one result (engine or simulated)."""
+    tpot = summary.get("tpot_ms") or {}
+    ttft = summary.get("ttft_ms") or {}
+    return {"attainment": summary["slo_attainment"], "goodput": summary["goodput"],
+            "tokens_per_step": summary["mean_generated_tokens_per_step"], "tpot_mean": tpot.get("mean"),
+            "ttft_mean": ttft.get("mean"), "iterations": iterations,
+            "tpot": {int(r["rid"]): r["tpot_ms"] for r in requests}}
+
+
+def engine_vs_sim(result_path: str | Path, profile: str | Path, acceptance: str | Path | None,
+                  seed: int = 0) -> tuple[dict, dict]:
+    """The engine's numbers and the simulator's for the same requests, profile and (recorded)
+    acceptance: ``(engine, sim)`` as ``run_numbers``."""
+    from adaserve.core.files import JsonFileError, read_json
+    from adaserve.core.metrics import request_record
+    from adaserve.sim.acceptance import RecordedAcceptance
+
+    try:
+        doc = read_json(result_path)
+    except JsonFileError as e:
+        raise UserError(f"engine result {e}") from None
+    meta = doc.get("meta", {})
+    engine = run_numbers(doc["summary"], doc["requests"], int(meta.get("iterations", 0)))
+    model = RecordedAcceptance.load(acceptance) if acceptance else None
+    sim = simulate_records(records_of_result(doc), meta["system"], str(profile), seed=seed,
+                           baseline_ms=float(meta["baseline_ms"]), acceptance=model)
+    return engine, run_numbers(sim.summary, [request_record(r) for r in sim.requests], sim.iterations)
+
+
+def tpot_error(engine: dict, sim: dict) -> float | None:
+    """Mean over requests of |simulated TPOT / engine TPOT - 1| (requests with both)."""
+    errs = [abs(sim["tpot"][rid] / t - 1) for rid, t in engine["tpot"].items()
+            if t and sim["tpot"].get(rid) is not None]
+    return sum(errs) / len(errs) if errs else None
 
 
 def main(argv: list[str] | None = None) -> int:

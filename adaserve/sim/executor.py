@@ -1,5 +1,9 @@
 """An ``Executor`` whose clock is advanced by a latency profile and whose verification outcome is
-decided by an acceptance model (the simulated drafter's hidden ground truth)."""
+decided by an acceptance model (the simulated drafter's hidden ground truth).
+
+A target step is priced by the profile's ``step_model`` (core/profile.py): ``"table"`` looks the
+whole step up in the verify (or prefill) table at the batch's total KV context; ``"engine"``
+prices the parts of our engine's step separately (``engine_step_ms``, docs/fidelity.md)."""
 
 from __future__ import annotations
 
@@ -8,22 +12,85 @@ import numpy as np
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
+from adaserve.scheduling.admission import BLOCK_SIZE
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim.acceptance import accepted_lengths
+
+
+# How our engine batches attention (adaserve/engine/batch.py; tests/test_fidelity.py checks that
+# they agree): an entry with at least SOLO_QUERY_THRESHOLD new tokens gets an attention call of its
+# own, the others share one call padded to the most new tokens and the longest key length, in
+# KV blocks of BLOCK_SIZE tokens.
+SOLO_QUERY_THRESHOLD = 32
+
+
+def shared_attention_ms(latency: LatencyProfile, entries: list[tuple[int, int]]) -> float:
+    """Attention of the padded call over ``entries`` = (context tokens, new tokens) per sequence,
+    beyond what the verify table's context-0 row holds: the context axis (measured with one new
+    token per sequence, so that key slots = context tokens) read at the *padded* key slots, times
+    the measured factor for several new tokens per sequence."""
+    if not entries:
+        return 0.0
+    queries = max(n for _, n in entries)
+    keys = max(c + n for c, n in entries)
+    slots = len(entries) * -(-keys // BLOCK_SIZE) * BLOCK_SIZE
+    extra = float(latency.verify_ms(1, slots)) - float(latency.verify_ms(1, 0.0))
+    return max(extra, 0.0) * latency.query_factor(queries)
+
+
+def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
+                   trees: list[tuple[int, int]]) -> float:
+    """One target step of our engine: prompt ``chunks`` = (tokens, already prefilled) and decoding
+    ``trees`` = (context tokens, verified tree tokens, root included) per request.
+
+    Every new token goes through the linear layers: the verify table at context 0 for all of them,
+    which also charges one logits row per token. Each chunk then adds its difference from as many
+    verified tokens, from the prefill table at its prefilled length: attention over the prompt so
+    far (it grows with it) minus the logits rows a chunk does not compute (it computes one). The
+    step costs at least any of its parts alone (the trees' tokens, each chunk): a bound that keeps
+    two tables measured at different moments of a shared machine's load from pricing a step below
+    its own parts. Trees, decodes and chunks of fewer than ``SOLO_QUERY_THRESHOLD`` tokens share one
+    padded attention call (``shared_attention_ms``)."""
+    tree_tokens = sum(n for _, n in trees)
+    ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
+    parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
+    shared = list(trees)
+    for c, p in chunks:
+        alone = float(latency.prefill_ms(c, p))
+        ms += alone - float(latency.verify_ms(c, 0.0))
+        parts.append(alone)
+        if c < SOLO_QUERY_THRESHOLD:
+            shared.append((p, c))
+    return max([ms, *parts]) + shared_attention_ms(latency, shared)
+
+
+def table_step_ms(latency: LatencyProfile, chunk_tokens: int, prefilled: int,
+                  tree_tokens: int | None, context: int) -> float:
+    """One target step as one table lookup (``step_model: "table"``): the verify table for all new
+    tokens at the batch's total KV context (``prefilled`` + the decoding requests' ``context``);
+    a step without decoding requests (``tree_tokens`` None) the prefill table."""
+    if tree_tokens is None:
+        return float(latency.prefill_ms(chunk_tokens, prefilled))
+    return float(latency.verify_ms(chunk_tokens + tree_tokens, prefilled + context))
 
 
 class SimExecutor:
     def __init__(self, latency: LatencyProfile, acceptance, seed: int = 0,
                  kv_capacity_tokens: int | None = None, draft_prefill: bool = False):
         """``draft_prefill``: the system runs a draft model, which must also prefill every prompt
-        chunk (one draft forward over the chunk tokens after the target's step)."""
+        chunk (one draft forward over the chunk tokens after the target's step); not with a profile
+        measured with the n-gram drafter, which has no KV to fill (its drafting is priced per
+        iteration by the profile's ``host["draft"]`` table when it has one)."""
         self.latency = latency
-        self.draft_prefill = draft_prefill
+        self.ngram = latency.measured_with.get("drafter") == "ngram"  # drafting priced per iteration
+        self.draft_prefill = draft_prefill and not self.ngram
         self.acceptance = acceptance
         self.rng = np.random.default_rng(seed)
         self.kv_capacity_tokens = kv_capacity_tokens or latency.limits.kv_capacity_tokens
         self.clock = 0.0
+        self.engine_model = latency.step_model == "engine"
+        self._speculated = False  # this iteration drafted trees (host work of the speculative kind)
 
     def now(self) -> float:
         return self.clock
@@ -33,31 +100,49 @@ class SimExecutor:
 
     def speculate(self, requests: list[Request], shape: SpecShape) -> CandidateForest:
         forest = self.acceptance.draft(requests, shape, self.rng)
-        steps = shape.draft_tokens_per_step(len(requests))
-        ctx = sum(r.context_len for r in requests)
-        self.clock += float(np.sum(self.latency.draft_ms(np.asarray(steps, np.float64), ctx)))
+        per_iteration = self.latency.draft_iteration_ms(len(requests)) if self.ngram else None
+        if per_iteration is not None:
+            self.clock += per_iteration
+        else:
+            steps = shape.draft_tokens_per_step(len(requests))
+            ctx = sum(r.context_len for r in requests)
+            self.clock += float(np.sum(self.latency.draft_ms(np.asarray(steps, np.float64), ctx)))
+        self._speculated = True
         return forest
 
     def execute(self, prefill: list[tuple[Request, int]], decode: list[Request],
                 forest: CandidateForest, selected: np.ndarray, max_commit: np.ndarray) -> StepOutput:
         prefill_tokens = sum(c for _, c in prefill)
+        self.clock += self._step_ms(prefill, decode, forest, selected)
         if decode:
-            ctx = sum(r.context_len for r in decode) + sum(r.prefilled for r, _ in prefill)
-            self.clock += float(self.latency.verify_ms(prefill_tokens + int(selected.sum()), ctx))
             if forest.n_nodes > forest.n_requests:
                 committed = accepted_lengths(forest, selected) + 1
             else:
                 committed = np.ones(len(decode), np.int64)
             committed = np.minimum(committed, max_commit)
         else:
-            ctx = sum(r.prefilled for r, _ in prefill)
-            self.clock += float(self.latency.prefill_ms(prefill_tokens, ctx))
             committed = np.zeros(0, np.int64)
         if self.draft_prefill and prefill_tokens:
             self.clock += float(self.latency.draft_ms(prefill_tokens,
                                                       sum(r.prefilled for r, _ in prefill)))
         completes = sum(1 for r, c in prefill if r.prefilled + c >= r.input_len)
         return StepOutput(committed, np.zeros(len(decode), bool), [False] * completes)
+
+    def _step_ms(self, prefill: list[tuple[Request, int]], decode: list[Request],
+                 forest: CandidateForest, selected: np.ndarray) -> float:
+        """The target step's time by the profile's ``step_model``; "engine" adds the iteration's
+        host work."""
+        if not self.engine_model:  # the paper-scale path: sums only
+            return table_step_ms(self.latency, sum(c for _, c in prefill), sum(r.prefilled for r, _ in prefill),
+                                 int(selected.sum()) if decode else None, sum(r.context_len for r in decode))
+        chunks = [(c, r.prefilled) for r, c in prefill]
+        trees = []
+        if decode:
+            sizes = np.add.reduceat(np.asarray(selected, np.int64), forest.offsets[:-1])
+            trees = [(r.context_len, max(int(n), 1)) for r, n in zip(decode, sizes.tolist())]
+        ms = engine_step_ms(self.latency, chunks, trees) + self.latency.host_ms(len(decode), self._speculated)
+        self._speculated = False
+        return ms
 
     def release(self, request: Request) -> None:
         pass

@@ -1,0 +1,213 @@
+"""Our engine against the simulator that models it (issue 14, item 6; docs/fidelity.md).
+
+    python scripts/engine_vs_sim.py run --trace T --out DIR [--systems adaserve,vllm,...]
+        [--scales 4,1] [--requests 16] [--output-len 48] [--repeat 1] [--model smollm2-135m]
+    python scripts/engine_vs_sim.py table DIR [--profile P]
+    python scripts/engine_vs_sim.py steps PROFILE STEPS.jsonl
+
+``run``, per repeat ``k``: measures a profile (``adaserve profile``, DIR/profile-k.json) right
+before that repeat's engine runs, then for every time scale and system runs ``adaserve run``
+(through scripts/engine_steps.py, which also logs every iteration) with the recorded acceptance,
+writing DIR/x<scale>/<system>-k.{json,txt,acc.jsonl,steps.jsonl}. The load average before and
+after each measurement goes to DIR/load.jsonl: on a shared machine the load moves step times by
+more than the systems differ, so profile and runs must be taken under the same load.
+
+``run --cpu-clock``: the profile and the engine runs on the CPU-time clock (scripts/engine_steps.py):
+on a shared machine, the time spent waiting for a core is left out of both.
+
+``table``: simulates every engine run (``adaserve.sim.compare.engine_vs_sim``: same requests, SLOs,
+baseline, the repeat's profile unless ``--profile``, the run's recorded acceptance) and prints, per
+time scale and system, the medians over repeats of attainment, goodput, tokens per step, mean
+TPOT, mean TTFT and iterations, engine against simulator, with the simulator's relative error and
+the mean per-request TPOT error.
+
+``table --old-model`` prices the same runs as the simulator did before (one verify-table lookup
+per step at the total context, no host work, drafting from the per-level table).
+
+``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
+(prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adaserve.core.profile import LatencyProfile  # noqa: E402
+from adaserve.sim.compare import engine_vs_sim, tpot_error  # noqa: E402
+from adaserve.sim.executor import engine_step_ms, table_step_ms  # noqa: E402
+
+SYSTEMS = "adaserve,vllm,sarathi,vllm_spec_4,specinfer"
+METRICS = (("attainment", 100, "%"), ("goodput", 1, ""), ("tokens_per_step", 1, ""),
+           ("tpot_mean", 1, "ms"), ("ttft_mean", 1, "ms"), ("iterations", 1, ""))
+
+
+def load_average() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def _log_load(out: Path, what: str, phase: str) -> None:
+    with open(out / "load.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"what": what, "phase": phase, "time": time.strftime("%H:%M:%S"),
+                            "loadavg": load_average()}) + "\n")
+
+
+def _adaserve(args: list[str], steps: Path | None = None, cpu_clock: bool = False) -> None:
+    """One ``adaserve`` command; with ``steps``, through engine_steps.py (its log, optionally the
+    CPU clock); ``cpu_clock`` also puts ``adaserve profile`` on the CPU clock."""
+    if steps:
+        cmd = [sys.executable, str(ROOT / "scripts" / "engine_steps.py"), str(steps),
+               *(["--cpu-clock"] if cpu_clock else []), "--"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "adaserve")]
+    env = {**os.environ, "ADASERVE_PROFILE_CLOCK": "cpu" if cpu_clock else "wall"}
+    subprocess.run(cmd + args, check=True, cwd=ROOT, env=env)
+
+
+def run(a: argparse.Namespace) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--model", a.model, "--drafter", "ngram", "--threads", "1"]
+    for k in range(a.first, a.first + a.repeat):
+        profile = out / f"profile-{k}.json"
+        _log_load(out, profile.name, "before")
+        _adaserve(["profile", *common, "--out", str(profile), "--no-progress"], cpu_clock=a.cpu_clock)
+        _log_load(out, profile.name, "after")
+        for scale in a.scales.split(","):
+            d = out / f"x{scale}"
+            d.mkdir(exist_ok=True)
+            for system in a.systems.split(","):
+                prefix = d / f"{system}-{k}"
+                _log_load(out, str(prefix), "before")
+                _adaserve(["run", "--trace", a.trace, "--system", system, *common, "--profile", str(profile),
+                           "--max-requests", str(a.requests), "--output-len-cap", str(a.output_len),
+                           "--time-scale", scale, "--scale-slos", "--ignore-eos", "--no-progress",
+                           "--record-acceptance", f"{prefix}.acc.jsonl", "--out", str(prefix)],
+                          steps=Path(f"{prefix}.steps.jsonl"), cpu_clock=a.cpu_clock)
+                _log_load(out, str(prefix), "after")
+
+
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def old_model(profile: Path) -> Path:
+    """A copy of ``profile`` that the simulator prices as it did before issue 14's item 6: one
+    table lookup per step, no host work, drafting from the per-level table, draft prefill charged."""
+    d = json.loads(profile.read_text(encoding="utf-8"))
+    d["step_model"] = "table"
+    d.pop("host", None)
+    d.get("measured_with", {}).pop("drafter", None)
+    path = profile.with_suffix(".old-model.json")
+    path.write_text(json.dumps(d), encoding="utf-8")
+    return path
+
+
+def table(a: argparse.Namespace) -> None:
+    out = Path(a.dir)
+    print("| load | system | runs | " + " | ".join(f"{m} engine / sim (err)" for m, _, _ in METRICS)
+          + " | per-request TPOT err |")
+    print("|---|---|---|" + "---|" * (len(METRICS) + 1))
+    for d in sorted(out.glob("x*"), key=lambda p: -float(p.name[1:])):
+        systems: dict[str, list[Path]] = {}
+        for js in sorted(d.glob("*.json")):
+            systems.setdefault(js.stem.rsplit("-", 1)[0], []).append(js)
+        for system, runs in systems.items():
+            pairs, errs = [], []
+            for js in runs:
+                k = js.stem.rsplit("-", 1)[1]
+                profile = Path(a.profile) if a.profile else out / f"profile-{k}.json"
+                if a.old_model:
+                    profile = old_model(profile)
+                acc = js.with_suffix(".acc.jsonl")  # empty for systems that do not speculate
+                eng, sim = engine_vs_sim(js, profile, acc if acc.exists() and acc.stat().st_size else None)
+                pairs.append((eng, sim))
+                errs.append(tpot_error(eng, sim))
+            cells = []
+            for m, scale, unit in METRICS:
+                e, s = _median([p[0][m] for p in pairs]), _median([p[1][m] for p in pairs])
+                err = f"{100 * (s / e - 1):+.0f}%" if e and s is not None else "-"
+                cells.append(f"{scale * e:.1f} / {scale * s:.1f}{unit} ({err})" if e is not None and s is not None else "-")
+            tp = _median(errs)
+            print(f"| {d.name} | {system} | {len(pairs)} | " + " | ".join(cells)
+                  + f" | {100 * tp:.0f}% |" if tp is not None else " | - |")
+
+
+def _decode_kind(trees: list[tuple]) -> str:
+    """Decode steps by the padded key slots of their attention call (requests x longest keys)."""
+    slots = len(trees) * max(c + n for c, n in trees)
+    return "decode, padded slots " + ("< 1k" if slots < 1000 else "1k-4k" if slots < 4000 else ">= 4k")
+
+
+def steps(a: argparse.Namespace) -> None:
+    prof = LatencyProfile.load(a.profile)
+    cpu = prof.measured_with.get("clock") == "cpu"  # compare like with like: the step log has both
+    print(f"clock: {'thread CPU time' if cpu else 'wall'} (the profile's)")
+    kinds: dict[str, dict[str, float]] = {}
+    for line in open(a.steps, encoding="utf-8"):
+        r = json.loads(line)
+        if cpu:
+            r = {k[:-7] + "_ms" if k.endswith("_cpu_ms") else k: v for k, v in r.items() if not k.endswith("_ms")
+                 or k.endswith("_cpu_ms")}
+        chunks = [tuple(x) for x in r.get("prefill", [])]
+        trees = [tuple(x) for x in r.get("decode", [])]
+        kind = "mixed" if chunks and trees else "prefill" if chunks else _decode_kind(trees)
+        k = kinds.setdefault(kind, dict.fromkeys(("n", "forward", "price", "draft", "host", "host_price"), 0.0))
+        k["n"] += 1
+        k["forward"] += r.get("forward_ms", 0.0)
+        k["price"] += (table_step_ms(prof, sum(c for c, _ in chunks), sum(p for _, p in chunks),
+                                     sum(n for _, n in trees) if trees else None, sum(c for c, _ in trees))
+                       if a.old_model else engine_step_ms(prof, chunks, trees))
+        k["draft"] += r.get("speculate_ms", 0.0)
+        k["host"] += r["iteration_ms"] - r.get("forward_ms", 0.0) - r.get("speculate_ms", 0.0)
+        k["host_price"] += prof.host_ms(len(trees), "speculate_ms" in r) if trees and not a.old_model else 0.0
+    print(f"{'step kind':30} {'steps':>5} {'forward ms':>11} {'priced':>8} {'err':>6} {'draft ms':>9} "
+          f"{'host ms':>8} {'host priced':>12}  (means per step)")
+    for kind, k in sorted(kinds.items()):
+        n = k["n"]
+        print(f"{kind:30} {n:5.0f} {k['forward'] / n:11.1f} {k['price'] / n:8.1f} "
+              f"{100 * (k['price'] / k['forward'] - 1):+5.0f}% {k['draft'] / n:9.2f} {k['host'] / n:8.2f} "
+              f"{k['host_price'] / n:12.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--trace", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--systems", default=SYSTEMS)
+    r.add_argument("--scales", default="4,1")
+    r.add_argument("--requests", type=int, default=16)
+    r.add_argument("--output-len", type=int, default=48)
+    r.add_argument("--repeat", type=int, default=1)
+    r.add_argument("--first", type=int, default=0, help="index of the first repeat (to add repeats)")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--cpu-clock", action="store_true",
+                   help="profile and engine on this thread's CPU time (waits for a core left out)")
+    t = sub.add_parser("table")
+    t.add_argument("dir")
+    t.add_argument("--profile", help="simulate every run with this profile instead of its repeat's")
+    t.add_argument("--old-model", action="store_true",
+                   help="price steps as before issue 14's item 6 (one table lookup, no host work)")
+    s = sub.add_parser("steps")
+    s.add_argument("profile")
+    s.add_argument("steps")
+    s.add_argument("--old-model", action="store_true", help="price as before item 6 (one table lookup)")
+    a = ap.parse_args(argv)
+    {"run": run, "table": table, "steps": steps}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The simulator's model of our own engine (issue 14, item 6; docs/fidelity.md): the "engine" step
+model, the optional profile fields it reads, the profiler tables behind them, and the
+engine-vs-simulator comparison."""
+
+import json
+
+import numpy as np
+import pytest
+
+from adaserve.core.errors import UserError
+from adaserve.core.profile import LatencyProfile, Limits, Table
+from adaserve.core.request import Request
+from adaserve.scheduling.plan import SpecShape
+from adaserve.scheduling.trees import CandidateForest
+from adaserve.sim import executor as sim_executor
+from adaserve.sim.acceptance import acceptance_for
+from adaserve.sim.compare import engine_vs_sim, records_of_result, tpot_error
+from adaserve.sim.executor import SimExecutor, engine_step_ms, shared_attention_ms
+
+
+def engine_profile(**extra) -> LatencyProfile:
+    """verify: 10 ms + 1 ms per token, + 1 ms per 100 key slots; prefill: 2 ms per token + 1 ms per
+    10 prefilled tokens per 100 chunk tokens."""
+    tokens = [1.0, 1000.0]
+    d = {"name": "fake", "baseline_ms": 11.0, "step_model": "engine",
+         "verify": {"tokens": tokens, "ms": [11.0, 1010.0], "context_tokens": [0.0, 10000.0],
+                    "ms_by_context": [[11.0, 1010.0], [111.0, 1110.0]]},
+         "prefill": {"tokens": tokens, "ms": [2.0, 2000.0], "context_tokens": [0.0, 1000.0],
+                     "ms_by_context": [[2.0, 2000.0], [3.0, 3000.0]]},
+         "draft": {"tokens": tokens, "ms": [0.0, 0.0]}}
+    d.update(extra)
+    return LatencyProfile.from_dict(d)
+
+
+def test_constants_match_the_engine():
+    from adaserve.engine.batch import SOLO_QUERY_THRESHOLD
+    from adaserve.engine.kv_cache import BLOCK_SIZE
+
+    assert sim_executor.SOLO_QUERY_THRESHOLD == SOLO_QUERY_THRESHOLD
+    assert sim_executor.BLOCK_SIZE == BLOCK_SIZE
+
+
+def test_shared_attention_is_priced_at_the_padded_key_slots():
+    """One long request pads every other request's keys: 4 x 1024 slots, not 1024 + 3 x 16."""
+    p = engine_profile()
+    uniform = shared_attention_ms(p, [(256, 1)] * 4)
+    padded = shared_attention_ms(p, [(1023, 1)] + [(15, 1)] * 3)
+    assert uniform == pytest.approx(4 * 272 / 100, rel=1e-6)  # 257 keys -> 17 blocks of 16
+    assert padded == pytest.approx(4 * 1024 / 100, rel=1e-6)
+    assert shared_attention_ms(p, []) == 0.0
+
+
+def test_query_factor_scales_tree_attention():
+    p = engine_profile(attention_queries={"tokens": [1, 4, 16], "ms": [10.0, 20.0, 60.0]})
+    base = engine_profile()
+    assert shared_attention_ms(p, [(100, 4)] * 2) == pytest.approx(2 * shared_attention_ms(base, [(100, 4)] * 2))
+    assert p.query_factor(1) == 1.0 and p.query_factor(10) == pytest.approx(4.0)
+
+
+def test_engine_step_parts():
+    p = engine_profile()
+    # a prefill-only step of one long chunk is the prefill table at its prefilled length
+    assert engine_step_ms(p, [(256, 500)], []) == pytest.approx(float(p.prefill_ms(256, 500)))
+    # decode only: all tokens at context 0 plus the padded attention
+    trees = [(300, 4), (50, 2)]
+    assert engine_step_ms(p, [], trees) == pytest.approx(float(p.verify_ms(6, 0)) + shared_attention_ms(p, trees))
+    # mixed: the chunk's difference from as many verified tokens is added to the shared forward
+    mixed = engine_step_ms(p, [(256, 500)], trees)
+    excess = float(p.prefill_ms(256, 500)) - float(p.verify_ms(256, 0))
+    assert mixed == pytest.approx(float(p.verify_ms(262, 0)) + excess + shared_attention_ms(p, trees))
+    # a short chunk: priced from the prefill table too (one logits row), its attention in the padded call
+    short = float(p.verify_ms(22, 0)) + float(p.prefill_ms(16, 0)) - float(p.verify_ms(16, 0))
+    assert engine_step_ms(p, [(16, 0)], trees) == pytest.approx(short + shared_attention_ms(p, trees + [(0, 16)]))
+
+
+def test_a_step_costs_at_least_each_of_its_parts():
+    """A prefill table measured cheaper than the verify table (another moment's load) cannot price a
+    mixed step below its trees alone."""
+    p = engine_profile(prefill={"tokens": [1.0, 1000.0], "ms": [0.0, 0.0]})
+    trees = [(10, 8)] * 4
+    assert engine_step_ms(p, [(256, 0)], trees) == pytest.approx(
+        float(p.verify_ms(32, 0)) + shared_attention_ms(p, trees))
+
+
+def _step(ex: SimExecutor, decode: list[Request], sizes: list[int]) -> float:
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    n = int(offsets[-1])
+    parent = np.full(n, -1, np.int64)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        parent[lo + 1:hi] = np.arange(lo, hi - 1)
+    forest = CandidateForest(offsets=offsets, parent=parent, token=np.zeros(n, np.int64),
+                             prob=np.ones(n), depth=np.zeros(n, np.int64))
+    forest.extra["correct"] = np.ones(n, bool)
+    before = ex.now()
+    ex.execute([], decode, forest, np.ones(n, bool), np.full(len(decode), 99))
+    return ex.now() - before
+
+
+def _decoding(rid: int, context: int) -> Request:
+    r = Request(rid, 0.0, context, 100, 1.0, 50.0, "coding")
+    r.prefilled, r.generated = context, 1
+    return r
+
+
+def test_sim_executor_uses_the_step_model_and_charges_host_work():
+    host = {"speculative": {"tokens": [1, 16], "ms": [2.0, 17.0]},
+            "incremental": {"tokens": [1, 16], "ms": [1.0, 1.0]}}
+    p = engine_profile(host=host)
+    decode = [_decoding(0, 1000), _decoding(1, 16)]
+    ex = SimExecutor(p, acceptance_for(None))
+    ms = _step(ex, decode, [3, 1])
+    assert ms == pytest.approx(engine_step_ms(p, [], [(1000, 3), (16, 1)]) + 1.0)  # no drafting: incremental
+    ex._speculated = True
+    assert _step(ex, decode, [3, 1]) == pytest.approx(engine_step_ms(p, [], [(1000, 3), (16, 1)]) + 3.0)
+    # the same profile as a plain table prices the whole step at the total context, without host work
+    table = LatencyProfile.from_dict({**p.to_dict(), "step_model": "table"})
+    assert _step(SimExecutor(table, acceptance_for(None)), decode, [3, 1]) == pytest.approx(
+        float(table.verify_ms(4, 1016)))
+
+
+def test_profile_fields_round_trip_and_old_profiles_still_load():
+    p = engine_profile(host={"speculative": {"tokens": [1, 4], "ms": [1.0, 2.0]}},
+                       attention_queries={"tokens": [1, 16], "ms": [1.0, 3.0]})
+    q = LatencyProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q.step_model == "engine" and q.host_ms(4, True) == 2.0 and q.host_ms(4, False) == 0.0
+    assert q.query_factor(16) == pytest.approx(3.0)
+    old = {"name": "old", "verify": {"tokens": [1, 2], "ms": [1, 2]}, "draft": {"tokens": [1, 2], "ms": [0, 0]}}
+    o = LatencyProfile.from_dict(old)
+    assert o.step_model == "table" and o.host == {} and o.attention_queries is None
+    assert "step_model" not in o.to_dict() and "host" not in o.to_dict()
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("step_model", "fast", "step_model"),
+    ("host", {"busy": {"tokens": [1, 2], "ms": [1, 2]}}, "'host'"),
+    ("host", {"speculative": {"tokens": [2, 1], "ms": [1, 2]}}, "host.speculative"),
+    ("attention_queries", {"tokens": [1], "ms": [1]}, "attention_queries"),
+])
+def test_bad_profile_fields_are_user_errors(field, value, needle):
+    d = engine_profile().to_dict()
+    d[field] = value
+    with pytest.raises(UserError, match=needle):
+        LatencyProfile.from_dict(d, "p.json")
+
+
+def test_profiler_grid_and_prefill_context_table():
+    from adaserve.runtime.profiler import Grid, prefill_table
+
+    lim = Limits(max_batch_requests=16, max_batch_tokens=256, prefill_chunk=256, max_seq_len=2048)
+    g = Grid.for_limits(lim)
+    assert g.prefill[-1] == 2048  # whole prompts up to the maximum sequence length, not the chunk
+    assert g.prefill_contexts == [0, 256, 512, 1024, 1536] and g.host == [1, 2, 4, 8, 16]
+    points = {f"prefill:{t}": 2.0 * t for t in g.prefill}
+    points.update({f"prefillctx:{p}": 100.0 + p / 10 for p in g.prefill_contexts})
+    t = prefill_table(points, g)
+    assert t(128, 0) == pytest.approx(256.0)
+    assert t(128, 1024) == pytest.approx(256.0 + 102.4 * 128 / 256)  # the chunk's extra, per token
+    points["prefillctx:1024"] = 100.0  # disturbed: measured below a shorter context
+    assert prefill_table(points, g)(128, 1024) == pytest.approx(256.0 + 51.2 * 128 / 256)  # running max
+    del points["prefillctx:512"]
+    assert prefill_table(points, g).context_tokens is None  # incomplete: no context axis
+
+
+def test_host_step_ms_measures_a_real_loop():
+    import torch
+
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime.profiler import host_step_ms
+
+    torch.set_num_threads(1)
+    lim = Limits(max_batch_requests=4, max_batch_tokens=128, prefill_chunk=128, max_seq_len=512)
+    flat = Table(np.array([1.0, 128.0]), np.ones(2))
+    prof = LatencyProfile("flat", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=lim)
+    model = tiny_random_model("llama")
+    for system in ("adaserve", "vllm"):
+        host, drafting = host_step_ms(model, prof, None, 2, system, steps=2)
+        assert 0.0 < host < 5000.0
+        assert (drafting > 0.0) == (system == "adaserve")  # vllm does not speculate
+
+
+def _engine_result(tmp_path, profile_path) -> str:
+    """A result file shaped like `adaserve run`'s, whose numbers are the simulator's own."""
+    from adaserve.core.metrics import request_record
+    from adaserve.core.results import write_results
+    from adaserve.core.trace import TraceRecord
+    from adaserve.sim.run import simulate_records
+
+    records = [TraceRecord(0.0, 40, 6, "", 1.5, "coding"), TraceRecord(30.0, 300, 5, "", -80.0, "chat")]
+    res = simulate_records(records, "vllm", profile_path, baseline_ms=11.0)
+    prefix = tmp_path / "vllm-0"
+    write_results(prefix, res.summary, res.requests,
+                  {"system": "vllm", "baseline_ms": 11.0, "iterations": res.iterations})
+    assert [r.slo_ms for r in res.requests] == [16.5, 80.0]
+    assert [request_record(r)["input_len"] for r in res.requests] == [40, 300]
+    return str(prefix) + ".json"
+
+
+def test_engine_vs_sim_replays_the_same_requests(tmp_path):
+    prof = tmp_path / "p.json"
+    engine_profile().save(prof)
+    result = _engine_result(tmp_path, str(prof))
+    engine, sim = engine_vs_sim(result, prof, None)
+    for key in ("attainment", "goodput", "tokens_per_step", "tpot_mean", "iterations"):
+        assert sim[key] == pytest.approx(engine[key]), key
+    assert tpot_error(engine, sim) == pytest.approx(0.0)
+    doc = json.loads(open(result).read())
+    recs = records_of_result(doc)
+    assert [(r.emission_time_ms, r.input_length, r.output_length, r.category) for r in recs] == [
+        (0.0, 40, 6, "coding"), (30.0, 300, 5, "chat")]
+    del doc["requests"][0]["input_len"]
+    with pytest.raises(UserError, match="input_len"):
+        records_of_result(doc)
+
+
+@pytest.mark.parametrize("drafter, charged", [("ngram", False), ("model", True), (None, True)])
+def test_no_draft_prefill_for_the_ngram_drafter(drafter, charged):
+    p = engine_profile(measured_with={"drafter": drafter} if drafter else {})
+    assert SimExecutor(p, acceptance_for(None), draft_prefill=True).draft_prefill is charged
+
+
+def test_ngram_drafting_is_priced_per_iteration():
+    """The n-gram drafter's measured cost per iteration replaces the per-level draft table."""
+    host = {"draft": {"tokens": [1, 16], "ms": [3.0, 18.0]}}
+    req = [_decoding(0, 100), _decoding(1, 100)]
+    shape = SpecShape(depth=4, width=2)
+    for drafter, expected in (("ngram", 4.0), ("model", None)):
+        p = engine_profile(host=host, measured_with={"drafter": drafter},
+                           draft={"tokens": [1.0, 1000.0], "ms": [0.5, 500.5]})
+        ex = SimExecutor(p, acceptance_for(None))
+        ex.speculate(req, shape)
+        levels = float(np.sum(p.draft_ms(np.asarray(shape.draft_tokens_per_step(2), float), 200)))
+        assert ex.now() == pytest.approx(expected if expected is not None else levels)
