@@ -23,7 +23,7 @@ import torch
 
 from adaserve.engine import model as model_mod
 from adaserve.engine.loader import resolve_model
-from adaserve.runtime.kernels import choose_linear_kernels
+from adaserve.runtime.kernels import choose_linear_kernels, gemv_candidate
 from adaserve.runtime.profiler import BASELINE_CONTEXT, StepBench, cpu_name
 
 COPY_BYTES = 512 * 2**20
@@ -47,11 +47,13 @@ def decode_weight_bytes(model: model_mod.Transformer) -> int:
 def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
     model, _ = resolve_model(name, dtype, "cpu")
     choice = choose_linear_kernels(model, say=say, cache=False)
-    kernels = {"plain": None}
+    kernels = {"plain": (None, False)}  # name -> (prepacked from rows, numba-gemv at 1 row)
     if model_mod.prepack_supported(dtype):
-        kernels["prepacked"] = 1
-    if choice.min_rows not in kernels.values():
-        kernels[f"measured ({choice.kernel})"] = choice.min_rows
+        kernels["prepacked"] = (1, False)
+    if gemv_candidate(dtype):
+        kernels["plain + numba-gemv at 1 row"] = (None, True)
+    if (choice.min_rows, choice.gemv) not in kernels.values():
+        kernels[f"measured ({choice.kernel})"] = (choice.min_rows, choice.gemv)
     bench = StepBench(model, BASELINE_CONTEXT + 64)
     src = torch.ones(COPY_BYTES // 4)
     dst = torch.empty_like(src)
@@ -59,8 +61,9 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
     bandwidth = []
     for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
         bw = copy_bandwidth(src, dst)
-        for k, rows in kernels.items():
+        for k, (rows, gemv) in kernels.items():
             model_mod.set_prepack(dtype, rows)
+            model_mod.set_gemv(dtype, gemv)
             for t in (1, 8):
                 ms = bench.step_ms(1, t, BASELINE_CONTEXT, 3)
                 if r:
@@ -68,6 +71,7 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
         if r:
             bandwidth.append(bw)
     model_mod.set_prepack(dtype, choice.min_rows)
+    model_mod.set_gemv(dtype, choice.gemv)
     bw = statistics.median(bandwidth)
     weight_bytes = decode_weight_bytes(model)
     floor_ms = weight_bytes / bw * 1e3
@@ -79,7 +83,8 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
                      "range_ms": [round(min(times[(k, 1)]), 2), round(max(times[(k, 1)]), 2)]})
     return {"dtype": str(dtype).replace("torch.", ""), "weight_bytes": weight_bytes,
             "copy_bandwidth_gbs": round(bw / 1e9, 2), "floor_ms": round(floor_ms, 2),
-            "choice": {"kernel": choice.kernel, "reason": choice.reason, "ratios": choice.ratios},
+            "choice": {"kernel": choice.kernel, "reason": choice.reason, "ratios": choice.ratios,
+                       "gemv_ratio": choice.gemv_ratio},
             "steps": rows}
 
 

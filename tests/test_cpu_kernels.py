@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adaserve.config import EngineConfig
+from adaserve.core import jit
 from adaserve.core.errors import UserError
 from adaserve.core.request import Phase
 from adaserve.engine import ModelDrafter, NgramDrafter, tiny_random_model
@@ -30,11 +31,14 @@ needs_prepack = pytest.mark.skipif(not model_mod.prepack_supported(torch.float32
 def clean_choice(monkeypatch):
     """Every test starts with no measured choice and no ADASERVE_PREPACK; what it sets is undone."""
     monkeypatch.delenv(model_mod.PREPACK_ENV, raising=False)
-    saved = dict(model_mod._min_rows)
+    saved, saved_gemv = dict(model_mod._min_rows), set(model_mod._gemv)
     model_mod._min_rows.clear()
+    model_mod._gemv.clear()
     yield
     model_mod._min_rows.clear()
     model_mod._min_rows.update(saved)
+    model_mod._gemv.clear()
+    model_mod._gemv.update(saved_gemv)
 
 
 # ---- the choice ---------------------------------------------------------------------------------
@@ -247,6 +251,69 @@ def test_fp32_greedy_speculation_lossless_with_mixed_kernels(min_rows):
         ex, _, done = serve(target, system, drafter, prompts, reqs=make_requests(6, seed=2)[0])
         assert all(ex.outputs[r.rid] == ref[r.rid] for r in done), system
     assert target.lm_head in model_mod._packed  # the prepacked path did run
+
+
+# ---- the compiled one-row kernel (numba-gemv) ----------------------------------------------------
+
+needs_numba = pytest.mark.skipif(not jit.enabled(), reason="numba is not importable here")
+
+
+@needs_numba
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48)])
+def test_gemv_equals_f_linear_on_one_row(bias, shape):
+    torch.manual_seed(0)
+    lin = model_mod.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        model_mod.set_gemv(torch.float32, True)
+        calls = []
+        orig = model_mod._gemv_kernel
+        model_mod._gemv_kernel = lambda *a: calls.append(1) or orig(*a)
+        try:
+            out = lin(x)
+        finally:
+            model_mod._gemv_kernel = orig
+        assert calls and out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_only_in_fp32_and_only_with_numba(monkeypatch):
+    model_mod.set_gemv(torch.bfloat16, True)
+    assert not model_mod.gemv_enabled(torch.bfloat16)
+    monkeypatch.setenv(jit.ENV, "0")
+    model_mod.set_gemv(torch.float32, True)
+    assert not model_mod.gemv_enabled(torch.float32)
+    assert not kernels.gemv_candidate(torch.float32)
+
+
+@needs_numba
+def test_measurement_times_the_one_row_kernel_and_records_it():
+    model = tiny_random_model("llama", seed=3)
+    said = []
+    choice = kernels.choose_linear_kernels(model, say=said.append, cache=False)
+    assert choice.gemv_ratio is not None and choice.gemv_ratio > 0
+    assert choice.gemv == (choice.gemv_ratio <= kernels.MARGIN) == model_mod.gemv_enabled(torch.float32)
+    assert (model_mod.GEMV in choice.kernel) == choice.gemv
+    assert measured_with(model)["linear"] == choice.kernel and "numba-gemv/other time" in said[0]
+
+
+@needs_numba
+def test_fp32_greedy_speculation_lossless_with_the_one_row_kernel(monkeypatch):
+    """Plain greedy's 1-token steps run the compiled kernel, verification steps F.linear: the output
+    must still be token-identical."""
+    target = tiny_random_model("llama", seed=1)
+    reqs, prompts = make_requests(6, seed=2)
+    model_mod.set_gemv(torch.float32, True)
+    calls = []
+    orig = model_mod.Linear.gemv
+    monkeypatch.setattr(model_mod.Linear, "gemv", lambda self, x: calls.append(1) or orig(self, x))
+    ref = {r.rid: plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)) for r in reqs}
+    assert calls
+    for system, drafter in (("adaserve", NgramDrafter()), ("vllm", None)):
+        ex, _, done = serve(target, system, drafter, prompts, reqs=make_requests(6, seed=2)[0])
+        assert all(ex.outputs[r.rid] == ref[r.rid] for r in done), system
 
 
 # ---- SmolLM2 (slow): fp32 with the kernel choices, mixed by row count -----------------------

@@ -42,11 +42,15 @@ def enabled() -> bool:
     return value != "0" and _numba() is not None
 
 
-def njit(fn: F) -> F:
-    """``fn`` compiled with numba (nopython, cached on disk) when available, else ``fn`` itself.
+def njit(fn: F | None = None, *, fastmath: bool = False):
+    """``fn`` compiled with numba (nopython, cached on disk) when available, else ``fn`` itself;
+    ``@njit`` or ``@njit(fastmath=True)`` (lets LLVM reorder float sums, e.g. to vectorize a dot
+    product: results then differ from a sequential sum in the last bits).
 
     Compilation is lazy (first call) so importing a module costs nothing beyond numba's import."""
+    if fn is None:
+        return functools.partial(njit, fastmath=fastmath)
     numba = _numba()
     if numba is None:
         return fn
-    return numba.njit(cache=True, nogil=True)(fn)
+    return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from adaserve.core.files import atomic_write_text, cache_dir
-from adaserve.engine.model import (PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer, prepack_forced,
-                                   prepack_supported, set_prepack)
+from adaserve.core import jit
+from adaserve.engine.model import (GEMV, PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer, prepack_forced,
+                                   prepack_supported, set_gemv, set_prepack)
 
 from .profiler import cpu_name
 
@@ -39,7 +40,7 @@ ROWS = (1, 2, 8, 64)  # batch-1 decode, MKL's small-GEMM corner, a small tree, a
 REPEAT = 3  # timed passes per kernel and row count (interleaved), after one warm-up pass each
 MARGIN = 0.95  # prepacked must take at most this fraction of plain's time to be used
 LAYER_BYTES = 128 * 2**20  # decoder-layer weights timed per pass (plus the LM head): several times any L3
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -50,18 +51,22 @@ class KernelChoice:
     min_rows: int | None  # prepacked from this many rows on (1: always); None: plain only
     reason: str  # "measured", "cached in PATH", "ADASERVE_PREPACK=1", "oneDNN cannot prepack ..."
     ratios: dict[str, float] = field(default_factory=dict)  # prepacked / plain time per row count
+    gemv: bool = False  # one-row inputs run the compiled matrix-vector kernel (fp32, numba)
+    gemv_ratio: float | None = None  # its time / the time of the kernel otherwise used at one row
 
     @property
     def kernel(self) -> str:
-        if self.min_rows is None:
-            return PLAIN
-        return PREPACKED if self.min_rows == 1 else f"{PREPACKED} from {self.min_rows} rows"
+        kind = (PLAIN if self.min_rows is None else
+                PREPACKED if self.min_rows == 1 else f"{PREPACKED} from {self.min_rows} rows")
+        return f"{GEMV} at 1 row, {kind}" if self.gemv else kind
 
     def describe(self) -> str:
         text = f"CPU linears ({self.dtype}, {torch.get_num_threads()} thread(s)): {self.kernel}"
         if self.ratios:
             pairs = ", ".join(f"{r} rows {v:.2f}" for r, v in self.ratios.items())
             text += f" (prepacked/plain time: {pairs})"
+        if self.gemv_ratio is not None:
+            text += f" (1-row {GEMV}/other time: {self.gemv_ratio:.2f})"
         return f"{text} [{self.reason}]"
 
 
@@ -83,6 +88,7 @@ def choose_linear_kernels(model: Transformer, *, say: Say = log.info, cache: boo
     else:
         choice = cached_or_measured(model, cache)
     set_prepack(dtype, choice.min_rows)
+    set_gemv(dtype, choice.gemv)
     say(choice.describe())
     return choice
 
@@ -115,7 +121,8 @@ def cached_or_measured(model: Transformer, cache: bool = True) -> KernelChoice:
             if rows is not None and not (isinstance(rows, int) and rows >= 1):
                 raise ValueError(f"min_rows {rows!r}")
             return KernelChoice(d["dtype"], rows, f"cached in {path}",
-                                {str(k): float(v) for k, v in d["ratios"].items()})
+                                {str(k): float(v) for k, v in d["ratios"].items()}, bool(d["gemv"]),
+                                d["gemv_ratio"])
         except (ValueError, KeyError, TypeError, OSError) as e:
             log.info("ignoring the cached kernel choice %s: %s", path, e)
     choice = measure(groups)
@@ -152,7 +159,7 @@ def cache_key(model: Transformer, groups: list[Group]) -> dict:
     return {"version": CACHE_VERSION, "cpu": cpu_name(), "torch": torch.__version__,
             "dtype": str(w.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "shapes": sorted({tuple(m.weight.shape) for g, _ in groups for m in g}), "rows": list(ROWS),
-            "margin": MARGIN, "layers": len(model.model.layers)}
+            "margin": MARGIN, "layers": len(model.model.layers), "gemv_candidate": gemv_candidate(w.dtype)}
 
 
 def cache_path(model: Transformer, groups: list[Group]) -> Path:
@@ -161,16 +168,41 @@ def cache_path(model: Transformer, groups: list[Group]) -> Path:
     return cache_dir() / "kernels" / f"linear-{key['dtype']}-{digest}.json"
 
 
-def pass_seconds(mods: list[Linear], xs: dict[int, torch.Tensor], packed: bool) -> float:
-    """One pass over ``mods`` with one kernel."""
+def gemv_candidate(dtype: torch.dtype) -> bool:
+    """The compiled one-row kernel is timed for fp32 where numba is enabled."""
+    return dtype == torch.float32 and jit.enabled()
+
+
+def pass_seconds(mods: list[Linear], xs: dict[int, torch.Tensor], packed: bool | str) -> float:
+    """One pass over ``mods`` with one kernel (``True``: prepacked, ``False``: plain, ``"gemv"``)."""
     t0 = time.perf_counter()
     for m in mods:
         x = xs[m.in_features]
-        if packed:
+        if packed == "gemv":
+            m.gemv(x)
+        elif packed:
             torch.ops.mkldnn._linear_pointwise(x, m.packed_weight(), m.bias, "none", [], "")
         else:
             F.linear(x, m.weight, m.bias)
     return time.perf_counter() - t0
+
+
+def weighted_seconds(groups: list[Group], xs: dict[int, torch.Tensor], kernels: tuple, repeat: int
+                     ) -> dict:
+    """Each kernel's time of one step's passes: the groups' passes interleaved across kernels (so
+    load from other processes hits all alike), median per group and kernel, weighted by how often a
+    step runs each group; the first pass of each is a warm-up."""
+    total = dict.fromkeys(kernels, 0.0)
+    for g, weight in groups:
+        times: dict = {k: [] for k in kernels}
+        for i in range(repeat + 1):
+            for k in kernels:
+                t = pass_seconds(g, xs, k)
+                if i:
+                    times[k].append(t)
+        for k in kernels:
+            total[k] += weight * statistics.median(times[k])
+    return total
 
 
 def measure(groups: list[Group], rows: tuple[int, ...] = ROWS, repeat: int = REPEAT) -> KernelChoice:
@@ -183,23 +215,21 @@ def measure(groups: list[Group], rows: tuple[int, ...] = ROWS, repeat: int = REP
         m.packed_weight()  # packed before timing; kept if the prepacked path wins
     gen = torch.Generator().manual_seed(0)
     ratios: dict[int, float] = {}
+    inputs = {}
     with torch.inference_mode():
         for r in rows:
-            xs = {n: torch.randn(r, n, generator=gen).to(dtype) for n in {m.in_features for m in mods}}
-            total = {False: 0.0, True: 0.0}
-            for g, weight in groups:
-                times: dict[bool, list[float]] = {False: [], True: []}
-                for i in range(repeat + 1):
-                    for packed in (False, True):
-                        t = pass_seconds(g, xs, packed)
-                        if i:  # the first pass of each is a warm-up
-                            times[packed].append(t)
-                for packed in (False, True):
-                    total[packed] += weight * statistics.median(times[packed])
+            xs = inputs[r] = {n: torch.randn(r, n, generator=gen).to(dtype) for n in {m.in_features for m in mods}}
+            total = weighted_seconds(groups, xs, (False, True), repeat)
             ratios[r] = round(total[True] / total[False], 3)
-    rows_on = min_rows_from(ratios, mixed=dtype == torch.float32)
+        rows_on = min_rows_from(ratios, mixed=dtype == torch.float32)
+        gemv_ratio = None
+        if gemv_candidate(dtype):  # against what one row would run otherwise
+            one = inputs.get(1) or {n: torch.randn(1, n, generator=gen).to(dtype) for n in {m.in_features for m in mods}}
+            total = weighted_seconds(groups, one, ("gemv", rows_on == 1), repeat)
+            gemv_ratio = round(total["gemv"] / total[rows_on == 1], 3)
     if rows_on is None:
         for m in mods:
             m.drop_packed()
     return KernelChoice(str(dtype).replace("torch.", ""), rows_on, "measured",
-                        {str(r): v for r, v in ratios.items()})
+                        {str(r): v for r, v in ratios.items()}, gemv_ratio is not None and gemv_ratio <= MARGIN,
+                        gemv_ratio)
