@@ -36,6 +36,7 @@ Format (all times in ms)::
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -91,30 +92,43 @@ class Table:
             d["ms_by_context"] = self.ms_by_context.tolist()
         return d
 
+    def __post_init__(self) -> None:
+        # Python-float copies of what a scalar lookup reads: the scheduler and the simulator call
+        # tables ~10 times per iteration, and numpy's scalar machinery cost more than the arithmetic
+        self._x_last = float(self.tokens[-1])
+        self._tail = _tail(self.tokens, self.ms)
+        if self.context_tokens is not None:
+            self._ctx = [float(c) for c in self.context_tokens]
+            self._ctx_tails = [_tail(self.tokens, row) for row in self.ms_by_context]
+
     def __call__(self, tokens, context_tokens: float | None = None):
         """Interpolated time; linear extrapolation past the last point."""
         if self.context_tokens is None or context_tokens is None:
-            return _interp(tokens, self.tokens, self.ms)
-        c = float(np.clip(context_tokens, self.context_tokens[0], self.context_tokens[-1]))
-        i = int(np.clip(np.searchsorted(self.context_tokens, c) - 1, 0, len(self.context_tokens) - 2))
-        c0, c1 = self.context_tokens[i], self.context_tokens[i + 1]
+            return self._row(tokens, self.ms, self._tail)
+        ctx = self._ctx
+        c = min(max(float(context_tokens), ctx[0]), ctx[-1])
+        i = min(max(bisect.bisect_left(ctx, c) - 1, 0), len(ctx) - 2)
+        c0, c1 = ctx[i], ctx[i + 1]
         a = (c - c0) / (c1 - c0)
-        lo = _interp(tokens, self.tokens, self.ms_by_context[i])
-        hi = _interp(tokens, self.tokens, self.ms_by_context[i + 1])
+        lo = self._row(tokens, self.ms_by_context[i], self._ctx_tails[i])
+        hi = self._row(tokens, self.ms_by_context[i + 1], self._ctx_tails[i + 1])
         return lo * (1 - a) + hi * a
 
+    def _row(self, x, fp: np.ndarray, tail: tuple[float, float]):
+        """np.interp over one row with linear extrapolation past the last point; scalars stay
+        Python floats."""
+        if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
+            x = float(x)
+            if x <= self._x_last:
+                return float(np.interp(x, self.tokens, fp))
+            return tail[0] + (x - self._x_last) * tail[1]
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x > self._x_last, tail[0] + (x - self._x_last) * tail[1], np.interp(x, self.tokens, fp))
 
-def _interp(x, xp: np.ndarray, fp: np.ndarray):
-    """np.interp with linear extrapolation past the last point; scalars stay Python floats (this
-    sits on the scheduler's hot path)."""
-    slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
-    if np.ndim(x) == 0:
-        x = float(x)
-        if x <= xp[-1]:
-            return float(np.interp(x, xp, fp))
-        return float(fp[-1] + (x - xp[-1]) * slope)
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * slope, np.interp(x, xp, fp))
+
+def _tail(xp: np.ndarray, fp: np.ndarray) -> tuple[float, float]:
+    """The last value and the last segment's slope (the extrapolation past the table)."""
+    return float(fp[-1]), float((fp[-1] - fp[-2]) / (xp[-1] - xp[-2]))
 
 
 @dataclass
