@@ -211,7 +211,8 @@ class ServingLoop:
             c = committed[i]
             r.generated += c
             r.steps += 1
-            r.token_times_ms.extend([now] * c)
+            if c:
+                r.token_times_ms.append(now)  # one stamp per commit: tokens of a step arrive together
             if self.on_commit is not None:
                 self._notify(r, out.tokens[i] if out.tokens is not None else [None] * c)
             self._maybe_finish(r, eos[i], out.failed.get(r.rid))

@@ -252,3 +252,25 @@ def test_cli_lists_and_shows_profiles(capsys):
     assert "205.00" in out and "KV capacity" in out
     assert main(["profiles", "show", "nope"]) == 2
     assert "llama-3.1-70b" in capsys.readouterr().err
+
+
+def test_table_scalar_lookup_is_bit_equal_to_numpy_interp():
+    """Scalar lookups run on Python floats (the hot path); they must give np.interp's exact values
+    inside the table, and the extrapolation past it, for tokens and for the context axis."""
+    from adaserve.core.profile import Table
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        m = int(rng.integers(2, 16))
+        xp = np.sort(rng.choice(np.arange(1, 4096), m, replace=False)).astype(float)
+        fp = rng.random(m) * 100
+        ctx = np.array([0.0, 1024.0, 8192.0])
+        grid = rng.random((3, m)) * 100
+        t = Table(xp, fp, ctx, grid)
+        xs = np.concatenate([rng.random(30) * xp[-1], xp, [0.5, xp[-1] * 1.7]])
+        for x in xs:
+            slope = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])  # the extrapolation, as _interp had it
+            want = np.interp(x, xp, fp) if x <= xp[-1] else fp[-1] + (x - xp[-1]) * slope
+            assert t(float(x)) == float(want)
+            assert t(float(x)) == float(t(np.array([x]))[0])
+            c = float(rng.random() * 9000)
+            assert t(float(x), c) == float(t(np.array([x]), c)[0])

@@ -95,33 +95,40 @@ class Table:
     def __post_init__(self) -> None:
         # Python-float copies of what a scalar lookup reads: the scheduler and the simulator call
         # tables ~10 times per iteration, and numpy's scalar machinery cost more than the arithmetic
-        self._x_last = float(self.tokens[-1])
+        self._xs = [float(x) for x in self.tokens]
+        self._x_last = self._xs[-1]
         self._tail = _tail(self.tokens, self.ms)
+        self._fs = [float(f) for f in self.ms]
         if self.context_tokens is not None:
             self._ctx = [float(c) for c in self.context_tokens]
             self._ctx_tails = [_tail(self.tokens, row) for row in self.ms_by_context]
+            self._ctx_fs = [[float(f) for f in row] for row in self.ms_by_context]
 
     def __call__(self, tokens, context_tokens: float | None = None):
         """Interpolated time; linear extrapolation past the last point."""
         if self.context_tokens is None or context_tokens is None:
-            return self._row(tokens, self.ms, self._tail)
+            return self._row(tokens, self.ms, self._fs, self._tail)
         ctx = self._ctx
         c = min(max(float(context_tokens), ctx[0]), ctx[-1])
         i = min(max(bisect.bisect_left(ctx, c) - 1, 0), len(ctx) - 2)
         c0, c1 = ctx[i], ctx[i + 1]
         a = (c - c0) / (c1 - c0)
-        lo = self._row(tokens, self.ms_by_context[i], self._ctx_tails[i])
-        hi = self._row(tokens, self.ms_by_context[i + 1], self._ctx_tails[i + 1])
+        lo = self._row(tokens, self.ms_by_context[i], self._ctx_fs[i], self._ctx_tails[i])
+        hi = self._row(tokens, self.ms_by_context[i + 1], self._ctx_fs[i + 1], self._ctx_tails[i + 1])
         return lo * (1 - a) + hi * a
 
-    def _row(self, x, fp: np.ndarray, tail: tuple[float, float]):
+    def _row(self, x, fp: np.ndarray, fs: list[float], tail: tuple[float, float]):
         """np.interp over one row with linear extrapolation past the last point; scalars stay
-        Python floats."""
+        Python floats, computed as np.interp computes them (same operations, same order: tested
+        bit-equal in tests/test_latency_models.py)."""
         if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
-            x = float(x)
-            if x <= self._x_last:
-                return float(np.interp(x, self.tokens, fp))
-            return tail[0] + (x - self._x_last) * tail[1]
+            x, xs = float(x), self._xs
+            if x > self._x_last:
+                return tail[0] + (x - self._x_last) * tail[1]
+            if x <= xs[0] or x == self._x_last:
+                return fs[0] if x <= xs[0] else fs[-1]
+            j = bisect.bisect_right(xs, x) - 1
+            return (fs[j + 1] - fs[j]) / (xs[j + 1] - xs[j]) * (x - xs[j]) + fs[j]
         x = np.asarray(x, dtype=np.float64)
         return np.where(x > self._x_last, tail[0] + (x - self._x_last) * tail[1], np.interp(x, self.tokens, fp))
 

@@ -42,7 +42,7 @@ class Request:
     finish_ms: float | None = None
     finish_reason: str | None = None    # "length", "eos", "max_seq_len", "error", or a rejection reason
     error: str | None = None            # why the engine ended it (finish_reason "error")
-    token_times_ms: list[float] = field(default_factory=list)  # time of each commit (for TPOT)
+    token_times_ms: list[float] = field(default_factory=list)  # time of each commit (for ITL; one per step, not per token)
 
     @property
     def context_len(self) -> int:
