@@ -52,6 +52,17 @@ def test_fig89_llama_writes_eight_points_and_skips_on_rerun(tmp_path):
     assert again.returncode == 0 and "0 point(s) run, 8 skipped" in again.stdout
 
 
+def test_parallel_sweep_ends_cleanly(tmp_path):
+    """JOBS=2 runs points in a pool of processes; its workers must exit on their own (a pool
+    terminated at the end leaked their semaphores, and Python printed warnings after the run)."""
+    traces = small_trace_dir(tmp_path, ["rps4.6_ol256", "rps4.8_ol256"], n=10)
+    p = run_script("fig8,9/run_llama_rps.sh", tmp_path, ADASERVE="ON", VLLM="ON", RPS_MIN="4.6",
+                   RPS_MAX="4.8", TRACE_DIR=str(traces), JOBS="2")
+    assert p.returncode == 0, p.stderr
+    assert "4 point(s) run" in p.stdout
+    assert "leaked" not in p.stderr and "resource_tracker" not in p.stderr, p.stderr
+
+
 def test_failing_point_is_reported_and_the_sweep_goes_on(tmp_path):
     traces = small_trace_dir(tmp_path, ["rps4.6_ol256", "rps4.8_ol256"])
     (traces / "emission_rps4.6_ol256.json").write_text('[{"emission_time_ms": "soon"}]')

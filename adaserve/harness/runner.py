@@ -158,6 +158,8 @@ def run_sweep(s: Settings, progress: bool = True, desc: str | None = None) -> Sw
         if jobs > 1:
             with mp.get_context("spawn").Pool(jobs) as pool:
                 _collect(pool.imap_unordered(_worker, work), report, bar)
+                pool.close()  # let the workers exit on their own: terminating them (the with
+                pool.join()   # block's exit) leaks their semaphores, which Python reports at exit
         else:
             _collect(map(_worker, work), report, bar)
     return report
