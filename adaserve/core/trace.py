@@ -338,12 +338,6 @@ def prepare_records(records: Sequence[TraceRecord], *, baseline_ms: float, scale
     return out
 
 
-def drop_prompts(records: Sequence[TraceRecord]) -> list[TraceRecord]:
-    """The records without their prompt text, for users of lengths and times only; loading with
-    ``load_trace(path, keep_prompts=False)`` never holds them all (see there)."""
-    return [replace(r, prompt="") for r in records]
-
-
 def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
                 input_lengths: Sequence[int] | None = None) -> list[Request]:
     """Requests for the records (rid = index). ``input_lengths`` overrides the records' lengths

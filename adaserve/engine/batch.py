@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from adaserve.core import jit
+from adaserve.scheduling.admission import SOLO_QUERY_THRESHOLD
 
 from .kv_cache import BlockAllocator, KVCache
 
 PREFILL, DECODE, TREE = "prefill", "decode", "tree"
-SOLO_QUERY_THRESHOLD = 32  # entries with this many new tokens get their own SDPA call (no padding)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from adaserve.core.progress import progress as progress_bar
 from adaserve.core.results import result_complete, write_results
-from adaserve.core.trace import drop_prompts, load_trace, save_trace
+from adaserve.core.trace import load_trace, save_trace
 from adaserve.harness.figures import EXPERIMENTS
 from adaserve.harness.record import file_sha256, stale_reason, stamp_config
 from adaserve.harness.sweep import MODELS, Point, Settings, SettingsError, point_config, points, result_prefix
@@ -77,7 +77,7 @@ def run_sim_point(s: Settings, p: Point, config: dict) -> None:
     from adaserve.sim.run import simulate_records
 
     profile = MODELS[p.model]
-    res = simulate_records(drop_prompts(load_trace(p.trace)), p.system, profile, seed=s.seed)
+    res = simulate_records(load_trace(p.trace, keep_prompts=False), p.system, profile, seed=s.seed)
     meta = {**_meta(s, p, config), "profile": profile, "seed": s.seed,
             "iterations": res.iterations, "simulation_wall_s": round(res.wall_s, 3),
             "note": "simulated: latency from the profile, acceptance from the calibrated model; "

@@ -14,6 +14,9 @@ SPEC_HEADROOM = 64  # tentative tree tokens a request may hold beyond its commit
 # Tokens per block of the engine's paged KV cache. Named here, torch-free, beside the reservation
 # rule that the engine's block accounting follows, so every front end can size caches from it.
 BLOCK_SIZE = 16
+# Batch entries with this many new tokens get an attention call of their own; smaller ones share one
+# call padded to the longest (engine/batch.py), and the simulator prices steps the same way.
+SOLO_QUERY_THRESHOLD = 32
 
 
 def kv_reservation(r: Request, max_seq_len: int) -> int:

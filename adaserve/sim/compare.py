@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from adaserve.core.errors import UserError
-from adaserve.core.trace import TraceRecord, drop_prompts, load_trace
+from adaserve.core.trace import TraceRecord, load_trace
 from adaserve.scheduling.policies import BASELINES
 from adaserve.sim.run import simulate_records
 
@@ -32,7 +32,7 @@ def row(summary: dict) -> dict:
 def compare(trace: str | Path, profile: str, seed: int = 0,
             systems: tuple[str, ...] = ("adaserve",) + BASELINES,
             pricing: str = "per-engine") -> dict[str, dict]:
-    return compare_records(drop_prompts(load_trace(trace)), profile, seed, systems, pricing)
+    return compare_records(load_trace(trace, keep_prompts=False), profile, seed, systems, pricing)
 
 
 def compare_records(records, profile: str, seed: int = 0,

@@ -12,17 +12,16 @@ import numpy as np
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
-from adaserve.scheduling.admission import BLOCK_SIZE
+from adaserve.scheduling.admission import BLOCK_SIZE, SOLO_QUERY_THRESHOLD
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim.acceptance import accepted_lengths
 
 
-# How our engine batches attention (adaserve/engine/batch.py; tests/test_fidelity.py checks that
-# they agree): an entry with at least SOLO_QUERY_THRESHOLD new tokens gets an attention call of its
-# own, the others share one call padded to the most new tokens and the longest key length, in
+# How our engine batches attention (adaserve/engine/batch.py; both read the constants from
+# scheduling/admission.py): an entry with at least SOLO_QUERY_THRESHOLD new tokens gets an
+# attention call of its own, the others share one call padded to the most new tokens and the longest key length, in
 # KV blocks of BLOCK_SIZE tokens.
-SOLO_QUERY_THRESHOLD = 32
 
 
 def shared_attention_ms(latency: LatencyProfile, entries: list[tuple[int, int]]) -> float:
