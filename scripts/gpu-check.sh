@@ -13,8 +13,11 @@
 #      the byte tokenizer), written under $WORK (in /dev/shm when it has room)
 #   3. adaserve bench engine on both, CUDA graphs on and off (synthetic text prompts: the offline
 #      prompt pool is a wheel such machines lack); transformers' generate as the peer on the 1B shape
-#   4. adaserve run of vllm, adaserve and adaserve_plus (n-gram drafter) on a generated RPS-4.8 trace, 1B shape
-#   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md
+#   4. adaserve profile of the first shape (n-gram drafter; the profile the simulator prices with), then
+#      adaserve run of vllm, adaserve and adaserve_plus on a generated RPS-4.8 trace with that profile,
+#      recording the draft acceptance
+#   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
+#      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
 #
 # Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
 # temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
@@ -25,7 +28,7 @@ set -uo pipefail
 DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
-  -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
   "") ;;
   *) echo "gpu-check: unknown argument '$1' (use --dry-run or --help)" >&2; exit 2 ;;
 esac
@@ -41,12 +44,14 @@ if [[ $DEVICE == cpu ]]; then
   GRAPHS=(off)                 # CUDA graphs exist on CUDA only
   BENCH_SIZE=(--batches "1,4" --context 32 --steps 3 --prompt-len 16 --new-tokens 8 --repeat 1)
   RUN_SIZE=(--output-len-cap 8 --max-num-seqs 8)
+  PROFILE_SIZE=(--quick --max-model-len 512)
   TESTS=(-k graph)             # the CUDA tests run on the CPU too, slowly: the CUDA-graph ones only
 elif [[ $DEVICE == cuda* ]]; then
   SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}
   GRAPHS=(on off)
   BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
   RUN_SIZE=(--output-len-cap 64)
+  PROFILE_SIZE=()
   TESTS=()
 else
   echo "gpu-check: DEVICE must be cuda[:N] or cpu, got '$DEVICE'" >&2
@@ -121,14 +126,19 @@ for shape in $SHAPES; do
   done
 done
 
-# 4. adaserve run: vllm vs adaserve vs adaserve_plus on the first shape
+# 4. profile, then adaserve run: vllm vs adaserve vs adaserve_plus on the first shape
 first=${SHAPES%% *}
 trace="$WORK/trace-rps4.8.json"
+profile="$WORK/profile-$first.json"
+step "profile $first" - "${ADASERVE[@]}" profile --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
+  "${PROFILE_SIZE[@]}" --no-progress --out "$profile"
 step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
+with_profile=()
+if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
 for system in vllm adaserve adaserve_plus; do
   step "run $system $first" - "${ADASERVE[@]}" run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
     --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
-    "${RUN_SIZE[@]}" --out "$WORK/run-$system"
+    "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
 done
 
 # 5. the table

@@ -1,7 +1,10 @@
 """The table at the end of scripts/gpu-check.sh: one Markdown table from the JSON results in a work
 folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
 ``run-<system>.json`` from ``adaserve run``). Missing files (a failed step) leave their cells
-empty. Usage: ``python scripts/gpu_check_table.py WORK``."""
+empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
+their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
+(``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
+engine's with its relative error. Usage: ``python scripts/gpu_check_table.py WORK``."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
 RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)\.json")
@@ -62,7 +67,33 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         if graphs:
             out.append((f"{what}: steps replayed as graphs", col,
                         f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}"))
+        out.extend((f"{what}: {m}", col, cell) for m, cell in simulated_cells(f, f.parent / f"profile-{shape}.json"))
     return out
+
+
+SIM_MEASURES = (("attainment", "SLO attainment % (engine / simulated)", 100, 1),
+                ("tpot_mean", "mean TPOT ms (engine / simulated)", 1, 1),
+                ("tokens_per_step", "tokens per step (engine / simulated)", 1, 2))
+
+
+def simulated_cells(run: Path, profile: Path) -> list[tuple[str, str]]:
+    """(measure, cell) of the run against its simulation from ``profile`` and the run's recorded
+    acceptance; nothing when the profile is missing, a note when the simulation fails."""
+    if not profile.is_file():
+        return []
+    acc = run.with_suffix(".acc.jsonl")
+    try:
+        from adaserve.sim.compare import engine_vs_sim
+        eng, sim = engine_vs_sim(run, profile, acc if acc.is_file() and acc.stat().st_size else None)
+    except Exception as e:  # one failed comparison must not lose the rest of the table
+        return [("simulated", f"failed: {type(e).__name__}: {e}")]
+    cells = []
+    for key, label, scale, digits in SIM_MEASURES:
+        e, s = eng.get(key), sim.get(key)
+        err = f" ({100 * (s / e - 1):+.0f}%)" if e and s is not None else ""
+        cells.append((label, f"{_num(None if e is None else scale * e, digits)} / "
+                             f"{_num(None if s is None else scale * s, digits)}{err}"))
+    return cells
 
 
 def table(work: Path) -> str:

@@ -6,6 +6,7 @@ shellcheck, the results table, and (slow) the whole script with ``DEVICE=cpu`` o
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,13 @@ def test_dry_run_on_cuda_prints_every_step():
     runs = [x for x in lines if " run --trace " in x]
     assert [r.split("--system ")[1].split()[0] for r in runs] == ["vllm", "adaserve", "adaserve_plus"]
     assert all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
+    # the runs use the profile measured before them and record acceptance: the table simulates them
+    profile = "/w/profile-llama-3.2-1b.json"
+    assert lines.index(next(x for x in lines if f" profile --model /w/ckpt-llama-3.2-1b" in x and profile in x)) \
+        < lines.index(runs[0])
+    for r in runs:
+        system = r.split("--system ")[1].split()[0]
+        assert f"--profile {profile}" in r and f"--record-acceptance /w/run-{system}.acc.jsonl" in r
     assert any("trace generate" in x and "--pool synthetic-text" in x for x in lines)
     assert lines[-1] == "python3 scripts/gpu_check_table.py /w"
 
@@ -241,4 +249,9 @@ def test_whole_script_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = (tmp_path / "table.md").read_text()
     assert "llama-tiny graphs off" in table and "adaserve run adaserve, 6 requests" in table
+    # every run simulated from the profile with its recorded acceptance, beside the engine's numbers
+    for system in ("vllm", "adaserve", "adaserve_plus"):
+        [row] = [x for x in table.splitlines()
+                 if x.startswith(f"| adaserve run {system}, 6 requests: mean TPOT ms (engine / simulated)")]
+        assert "failed" not in row and re.search(r"\d / \d", row), row
     assert not list(tmp_path.glob("ckpt-*"))  # the checkpoints are removed
