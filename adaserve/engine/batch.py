@@ -50,6 +50,44 @@ class Entry:
         return tree_ancestor_mask(self.tree_parents)[len(self.tree_parents) - self.num_new:]
 
 
+class Entries(Sequence[Entry]):
+    """A batch's entries in order, the ``Entry`` objects of ``add_trees`` made on first access
+    (the forward reads the batch's arrays; only CUDA-graph bucketing and tests read entries, so a
+    CPU step does not pay one object per tree). ``parts``: entries and ``(seq_ids, base, first,
+    first_logit, parents, offsets)`` tuples of whole ``add_trees`` calls."""
+
+    def __init__(self, parts: list, n: int):
+        self._parts, self._n = parts, n
+        self._items: list[Entry] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._list()[i]
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def _list(self) -> list[Entry]:
+        if self._items is None:
+            self._items = []
+            for part in self._parts:
+                if isinstance(part, Entry):
+                    self._items.append(part)
+                else:
+                    self._items += _tree_entries(*part)
+        return self._items
+
+
+def _tree_entries(seq_ids, base, first, first_logit, parents, offsets) -> list[Entry]:
+    bounds, out = offsets.tolist(), []
+    for i, (seq_id, b, t0, l0) in enumerate(zip(seq_ids, base.tolist(), first.tolist(), first_logit.tolist())):
+        size = bounds[i + 1] - bounds[i]
+        out.append(Entry(seq_id, TREE, t0, size, b, b + size, parents[bounds[i]:bounds[i + 1]], range(l0, l0 + size)))
+    return out
+
+
 @dataclass
 class AttnGroup:
     """Entries attended in one padded SDPA call: queries ``[B, Q]``, keys ``[B, blocks * block_size]``."""
@@ -69,7 +107,7 @@ class FlatBatch:
     slot_mapping: torch.Tensor  # [T]
     seq_index: torch.Tensor  # [T] index into entries
     logits_rows: torch.Tensor  # [R] flat rows whose logits the forward returns
-    entries: list[Entry] = field(default_factory=list)
+    entries: Sequence[Entry] = field(default_factory=list)
     groups: list[AttnGroup] = field(default_factory=list)
 
     @property
@@ -137,35 +175,31 @@ def _first_bad_parent_kernel(parents, offsets):
     return -1
 
 
-def _tree_rows_arrays(parents: np.ndarray, offsets: np.ndarray, base: np.ndarray, flat_blocks: np.ndarray,
-                      nblk: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+def _tree_rows_arrays(parents: np.ndarray, offsets: np.ndarray, base: np.ndarray, tables: np.ndarray,
+                      rows: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
     """RoPE positions (``base + depth``) and KV slots (of the tentative positions ``base + node``)
     of the nodes of trees ``[offsets[i], offsets[i+1])`` with local ``parents``; tree ``i``'s
-    blocks from its first tentative position on are ``flat_blocks``' next ``nblk[i]``."""
+    block ids are row ``rows[i]`` of ``tables``."""
     sizes = np.diff(offsets)
     first = np.repeat(offsets[:-1], sizes)
     depth = tree_depths(np.where(parents >= 0, parents + first, -1))
-    rel = np.repeat(base % bs, sizes) + np.arange(len(parents)) - first  # from its first block's start
-    blk_start = np.zeros(len(nblk), np.int64)
-    np.cumsum(nblk[:-1], out=blk_start[1:])
-    slots = flat_blocks[np.repeat(blk_start, sizes) + rel // bs] * bs + rel % bs
+    pos = np.repeat(base, sizes) + np.arange(len(parents)) - first  # tentative positions
+    slots = tables[np.repeat(rows, sizes), pos // bs] * bs + pos % bs
     return np.repeat(base, sizes) + depth, slots
 
 
 @jit.njit
-def _tree_rows_kernel(parents, offsets, base, flat_blocks, nblk, bs):
+def _tree_rows_kernel(parents, offsets, base, tables, rows, bs):
     """``_tree_rows_arrays`` compiled: one pass over the nodes (parents come before children)."""
     positions = np.empty(len(parents), np.int64)
     slots = np.empty(len(parents), np.int64)
-    blk = 0
     for i in range(len(offsets) - 1):
-        lo = offsets[i]
+        lo, row = offsets[i], rows[i]
         for j in range(offsets[i + 1] - lo):
             p = parents[lo + j]
             positions[lo + j] = base[i] if p < 0 else positions[lo + p] + 1
-            rel = base[i] % bs + j
-            slots[lo + j] = flat_blocks[blk + rel // bs] * bs + rel % bs
-        blk += nblk[i]
+            pos = base[i] + j
+            slots[lo + j] = tables[row, pos // bs] * bs + pos % bs
     return positions, slots
 
 
@@ -177,7 +211,8 @@ class BatchBuilder:
         self._reset()
 
     def _reset(self) -> None:
-        self.entries: list[Entry] = []
+        self._parts: list = []  # Entry objects and whole add_trees calls (see ``Entries``)
+        self._n_entries = 0
         self._num_tokens = 0
         self._tokens: list[np.ndarray] = []  # chunks, concatenated by build()
         self._positions: list[np.ndarray] = []
@@ -186,6 +221,12 @@ class BatchBuilder:
         self._num_logits = 0
         self._undo: dict[Hashable, int | None] = {}  # length before this batch; None = added by this batch
         self._trees: set[Hashable] = set()
+        # per entry, in order, what build() needs as arrays: allocator row, committed context,
+        # new tokens, first flat row, keys, and where its tree's parents sit in the concatenation
+        # of ``_par`` (length 0: a causal chain)
+        self._cols: list[list[int]] = [[], [], [], [], [], [], []]
+        self._par: list[np.ndarray] = []
+        self._npar = 0
 
     # ---- adding work -------------------------------------------------------------------------
 
@@ -236,28 +277,34 @@ class BatchBuilder:
             tree = int(np.searchsorted(offsets, bad, 'right') - 1)
             raise ValueError(f"add_trees: node {bad - int(offsets[tree])} of tree {tree} has parent {int(parents[bad])}"
                              " (need -1 <= parent < node, one root first)")
-        if len(set(seq_ids)) != n or any(s in self._trees for s in seq_ids):
+        if len(set(seq_ids)) != n or not self._trees.isdisjoint(seq_ids):
             raise ValueError("add_trees: a sequence may have one tree per batch")
-        bs = self.alloc.block_size
-        base, nblk, flat_blocks = [], [], []
-        for seq_id, size in zip(seq_ids, sizes.tolist()):
-            b = self._register(seq_id)
-            self.alloc.reserve(seq_id, b + size)
-            self._trees.add(seq_id)
-            base.append(b)
-            table = self.alloc.block_table(seq_id)[b // bs:]  # the blocks of its tentative positions
-            nblk.append(len(table))
-            flat_blocks += table
-        base_a = np.array(base, np.int64)
+        alloc = self.alloc
+        try:
+            rows = alloc.rows(seq_ids)
+        except KeyError:  # new sequences: registered first
+            for seq_id in seq_ids:
+                if seq_id not in alloc:
+                    self._register(seq_id)
+            rows = alloc.rows(seq_ids)
+        base = alloc.lengths[rows]
+        if self._undo:
+            for seq_id, b in zip(seq_ids, base.tolist()):
+                self._undo.setdefault(seq_id, b)
+        else:
+            self._undo = dict(zip(seq_ids, base.tolist()))
+        alloc.reserve_rows(rows, base + sizes, seq_ids)
+        self._trees.update(seq_ids)
         positions, slots = (_tree_rows_kernel if jit.enabled() else _tree_rows_arrays)(
-            parents, offsets, base_a, np.array(flat_blocks, np.int64), np.array(nblk, np.int64), bs)
+            parents, offsets, base, alloc.tables, rows, alloc.block_size)
         first = self._num_tokens + offsets[:-1]
         first_logit = self._num_logits + offsets[:-1]
-        bounds = offsets.tolist()
-        for i, (seq_id, b, t0, l0) in enumerate(zip(seq_ids, base, first.tolist(), first_logit.tolist())):
-            size = bounds[i + 1] - bounds[i]
-            self.entries.append(Entry(seq_id, TREE, t0, size, b, b + size, parents[bounds[i]:bounds[i + 1]],
-                                      range(l0, l0 + size)))
+        self._parts.append((list(seq_ids), base, first, first_logit, parents, offsets))
+        self._n_entries += n
+        for col, values in zip(self._cols, (rows, base, sizes, first, base + sizes, self._npar + offsets[:-1], sizes)):
+            col += values.tolist()
+        self._par.append(parents)
+        self._npar += len(parents)
         self._tokens.append(tokens)
         self._positions.append(positions)
         self._slots.append(slots)
@@ -298,7 +345,15 @@ class BatchBuilder:
         self._logits_rows.append(entry.start + np.arange(picked.start, picked.stop, dtype=np.int64))
         self._num_logits += len(picked)
         entry.logit_rows = range(first, self._num_logits)
-        self.entries.append(entry)
+        self._parts.append(entry)
+        self._n_entries += 1
+        par = entry.tree_parents
+        for col, value in zip(self._cols, (self.alloc.row_of(entry.seq_id), entry.context_len, n, entry.start,
+                                           entry.key_len, self._npar, 0 if par is None else len(par))):
+            col.append(value)
+        if par is not None:
+            self._par.append(par)
+            self._npar += len(par)
         self._tokens.append(tokens)
         self._positions.append(positions)
         self._slots.append(slots)
@@ -318,69 +373,98 @@ class BatchBuilder:
 
     def build(self, device: str | torch.device | None = None) -> FlatBatch:
         """The batch's tensors on ``device`` (default: the KV cache's device)."""
-        if not self.entries:
+        if not self._n_entries:
             raise ValueError("empty batch")
         device = self.device if device is None else device
-        as_long = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64, copy=False)).to(device)  # noqa: E731
-        num_new = np.fromiter((e.num_new for e in self.entries), np.int64, len(self.entries))
-        seq_index = np.repeat(np.arange(len(self.entries)), num_new)
-        solo = [e for e in self.entries if e.num_new >= self.solo_threshold]
-        shared = [e for e in self.entries if e.num_new < self.solo_threshold]
-        groups = [self._group([e], device) for e in solo] + ([self._group(shared, device)] if shared else [])
+        as_long = lambda xs: torch.from_numpy(_joined(xs)).to(device)  # noqa: E731
+        cols = np.array(self._cols, np.int64)
+        num_new = cols[2]
+        seq_index = np.repeat(np.arange(self._n_entries), num_new)
+        par = _joined(self._par)
+        if num_new.max() < self.solo_threshold:  # the common case: one group of every entry
+            groups = [self._group(cols, par, device)]
+        else:
+            solo = np.flatnonzero(num_new >= self.solo_threshold)
+            shared = np.flatnonzero(num_new < self.solo_threshold)
+            groups = [self._group(cols[:, i:i + 1], par, device) for i in solo.tolist()]
+            if len(shared):
+                groups.append(self._group(cols[:, shared], par, device))
         if len(groups) == 1:
             groups[0].all_rows = True
         return FlatBatch(as_long(self._tokens), as_long(self._positions), as_long(self._slots),
                          torch.from_numpy(seq_index).to(device), as_long(self._logits_rows), self.entries, groups)
 
-    def _group(self, entries: list[Entry], device) -> AttnGroup:
-        """One padded attention call: every query row sees its sequence's committed context; a
-        chain's rows see the chain up to themselves, a tree's rows their ancestors; padded rows see
-        key 0 only. The mask is built by ``_group_mask_kernel`` (compiled) or array operations."""
-        bs = self.alloc.block_size
-        b = len(entries)
-        cols = [(e.context_len, e.num_new, e.start, -(-e.key_len // bs)) for e in entries]
-        ctx, nnew, start, nblk_each = np.array(cols, np.int64).reshape(b, 4).T.copy()
-        q = int(nnew.max())
-        nblk = int(nblk_each.max())
-        flat: list[int] = []
-        lens = []
-        for e, k in zip(entries, nblk_each.tolist()):
-            table = self.alloc.block_table(e.seq_id)[:k]
-            flat += table
-            lens.append(len(table))
-        tables = np.zeros((b, nblk), dtype=np.int64)
-        tables[np.arange(nblk) < np.array(lens)[:, None]] = np.fromiter(flat, np.int64, len(flat))
+    @property
+    def entries(self) -> Entries:
+        """The entries added so far, in batch order."""
+        return Entries(list(self._parts), self._n_entries)
+
+    def _group(self, cols: np.ndarray, par: np.ndarray, device) -> AttnGroup:
+        """One padded attention call over the entries whose ``_cols`` are ``cols`` ([7, B]): every
+        query row sees its sequence's committed context; a chain's rows see the chain up to
+        themselves, a tree's rows their ancestors; padded rows see key 0 only. The mask is built by
+        ``_group_mask_kernel`` (compiled) or array operations; the block tables are one gather from
+        the allocator's table."""
+        alloc = self.alloc
+        bs = alloc.block_size
         if jit.enabled():
-            trees = [e.tree_parents for e in entries if e.tree_parents is not None]
-            sizes = [0 if e.tree_parents is None else len(e.tree_parents) for e in entries]
-            tree_off = np.zeros(b + 1, np.int64)
-            np.cumsum(sizes, out=tree_off[1:])
-            mask, rows, pad = _group_mask_kernel(ctx, nnew, start, np.concatenate(trees) if trees else tree_off[:0],
-                                                 tree_off, q, nblk * bs)
+            tables, mask, rows, pad, q = _group_kernel(cols, par, alloc.tables, alloc.nblocks, bs)
         else:
-            mask, rows, pad = _group_mask_arrays(entries, ctx, nnew, start, q, nblk * bs)
+            rows, ctx, nnew, start, key_len, par_start, par_len = cols
+            q = int(nnew.max())
+            nblk_each = -(-key_len // bs)
+            nblk = int(nblk_each.max())
+            tables = alloc.tables[rows[:, None], np.arange(nblk)]
+            tables[np.arange(nblk) >= np.minimum(nblk_each, alloc.nblocks[rows])[:, None]] = 0
+            mask, rows, pad = _group_mask_arrays(ctx, nnew, start, par, par_start, par_len, q, nblk * bs)
         return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
                          torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q)
 
 
-def _group_mask_arrays(entries: list[Entry], ctx: np.ndarray, nnew: np.ndarray, start: np.ndarray, q: int,
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    """The int64 chunks as one array (no copy for a single chunk)."""
+    if len(chunks) == 1:
+        return chunks[0].astype(np.int64, copy=False)
+    return np.concatenate(chunks).astype(np.int64, copy=False) if chunks else np.zeros(0, np.int64)
+
+
+@jit.njit
+def _group_kernel(cols, par, all_tables, nblocks, bs):
+    """``BatchBuilder._group`` compiled: the group's block tables (each entry's allocator row up
+    to its keys' blocks, zeros after), mask, rows, padded positions and query count."""
+    rows, nnew, key_len = cols[0], cols[2], cols[4]
+    q, nblk = 0, 0
+    for i in range(len(rows)):
+        q = max(q, nnew[i])
+        nblk = max(nblk, -(-key_len[i] // bs))
+    tables = np.zeros((len(rows), nblk), np.int64)
+    for i in range(len(rows)):
+        for j in range(min(-(-key_len[i] // bs), nblocks[rows[i]])):
+            tables[i, j] = all_tables[rows[i], j]
+    mask, flat_rows, pad = _group_mask_kernel(cols[1], nnew, cols[3], par, cols[5], cols[6], q, nblk * bs)
+    return tables, mask, flat_rows, pad, q
+
+
+def _group_mask_arrays(ctx: np.ndarray, nnew: np.ndarray, start: np.ndarray, tree_parents: np.ndarray,
+                       tree_start: np.ndarray, tree_len: np.ndarray, q: int,
                        width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The group's mask ``[B, 1, Q, width]``, rows and padded positions with array operations
-    over all entries (tree rows: ``ancestor_pairs``)."""
-    b = len(entries)
+    over all entries (tree rows: ``ancestor_pairs``); entry ``i``'s whole tree has parents
+    ``tree_parents[tree_start[i]:][:tree_len[i]]`` (length 0: a causal chain)."""
+    b = len(ctx)
     qi = np.arange(q)[None, :, None]
     kj = np.arange(width)[None, None, :]
     c = ctx[:, None, None]
     valid = qi < nnew[:, None, None]
     mask = (kj < c) & valid  # every real row sees its context: the one full-size operation
-    chain = np.flatnonzero(np.fromiter((e.tree_parents is None for e in entries), bool, b))
+    chain = np.flatnonzero(tree_len == 0)
     if len(chain):  # a chain's rows also see its own tokens up to themselves
         cc = c[chain]
         mask[chain] |= valid[chain] & (kj >= cc) & (kj - cc <= qi)
     mask[:, :, 0] |= ~valid[:, :, 0]  # padded query rows attend somewhere (avoids NaN); output dropped
-    trees = [i for i, e in enumerate(entries) if e.tree_parents is not None]
+    trees = np.flatnonzero(tree_len > 0).tolist()
     if trees:
-        par = [entries[i].tree_parents for i in trees]
+        par = [tree_parents[tree_start[i]:tree_start[i] + tree_len[i]] for i in trees]
         sizes = np.fromiter((len(p) for p in par), np.int64, len(par))
         off = np.zeros(len(par) + 1, np.int64)
         np.cumsum(sizes, out=off[1:])
@@ -400,22 +484,22 @@ def _group_mask_arrays(entries: list[Entry], ctx: np.ndarray, nnew: np.ndarray, 
 
 
 @jit.njit
-def _group_mask_kernel(ctx, nnew, start, tree_parents, tree_off, q, width):
+def _group_mask_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q, width):
     """``_group_mask_arrays`` compiled; entry ``i``'s whole tree has parents
-    ``tree_parents[tree_off[i]:tree_off[i+1]]`` (none: a chain), its last ``nnew[i]`` nodes are the rows."""
+    ``tree_parents[tree_start[i]:][:tree_len[i]]`` (none: a chain), its last ``nnew[i]`` nodes are the rows."""
     b = len(ctx)
     mask = np.empty((b, 1, q, width), np.bool_)  # every element is written below (no zeroing pass)
     rows = np.empty(nnew.sum(), np.int64)
     pad = np.empty(nnew.sum(), np.int64)
     at = 0
     for i in range(b):
-        c, lo = ctx[i], tree_off[i]
-        cached = tree_off[i + 1] - lo - nnew[i]
+        c, lo = ctx[i], tree_start[i]
+        cached = tree_len[i] - nnew[i]
         for r in range(nnew[i]):
             row = mask[i, 0, r]
             row[:c] = True
             row[c:] = False
-            if tree_off[i + 1] == lo:
+            if tree_len[i] == 0:
                 row[c:c + r + 1] = True
             else:
                 j = cached + r

@@ -49,7 +49,8 @@ from .kv_cache import BLOCK_SIZE
 from .model import Transformer
 from .recorder import AcceptanceRecorder
 from .sequence import SamplingOptions, SeqState
-from .verify import cut, greedy_walk, greedy_walks, greedy_walks_compiled, gumbel_noise, softmax, stochastic_walk, target_logits
+from .verify import (Walks, cut_walks, greedy_walk, greedy_walks_flat, gumbel_noise, softmax, stochastic_walk,
+                     target_logits)
 
 log = logging.getLogger("adaserve.engine")
 
@@ -179,6 +180,29 @@ class _Step:
     prefill_rows: list[range]
     tree_rows: np.ndarray  # first logits row of every tree (its node j is row tree_rows[i] + j)
     trees: TreeBatch
+
+
+def _eos_flags(seqs: Sequence[SeqState], walks: Walks) -> np.ndarray:
+    """Whether each token of ``walks.out`` is an EOS of its own request (requests mostly share one
+    EOS set: one comparison per EOS id of each distinct set; ``np.isin`` costs ~25 us a call)."""
+    groups: dict[frozenset[int], list[int]] = {}
+    for i, s in enumerate(seqs):
+        if s.eos:
+            groups.setdefault(s.eos, []).append(i)
+    flags = np.zeros(len(walks.out), bool)
+    owner = None
+    for eos, members in groups.items():
+        hit = np.zeros(len(walks.out), bool)
+        for t in eos:
+            hit |= walks.out == t
+        if len(members) < len(seqs):
+            if owner is None:
+                owner = np.repeat(np.arange(len(seqs)), np.diff(walks.bounds))
+            sel = np.zeros(len(seqs), bool)
+            sel[members] = True
+            hit &= sel[owner]
+        flags |= hit
+    return flags
 
 
 class TorchExecutor:
@@ -337,63 +361,43 @@ class TorchExecutor:
         return _Step(batch, prefill_rows, tree_rows, trees)
 
     def _verify(self, decode: list[Request], seqs: list[SeqState], step: _Step, logits: torch.Tensor,
-                failed: dict[int, str]) -> tuple[np.ndarray, list[tuple[list[int], list[int]] | None]]:
-        """The target's argmax of every logits row, and each tree's walk ``(path, out)`` (None for a
-        request whose own sampling failed; it is added to ``failed``). The greedy trees are walked
-        all at once (``greedy_walks``), the sampled ones one by one."""
+                failed: dict[int, str]) -> tuple[np.ndarray, Walks]:
+        """The target's argmax of every logits row, and every tree's walk (empty for a request whose
+        own sampling failed; it is added to ``failed``). The greedy trees are walked all at once
+        (``greedy_walks_flat``), the sampled ones one by one."""
         greedy = argmax_rows(logits)
         tb = step.trees
-        walks: list[tuple[list[int], list[int]] | None] = [None] * len(seqs)
-        plain = [i for i, s in enumerate(seqs) if s.options.greedy]
-        if plain and jit.enabled():
-            walk = np.zeros(len(seqs), bool)
-            walk[plain] = True
-            walks = greedy_walks_compiled(tb.tokens, tb.parents, tb.offsets, greedy, step.tree_rows, walk)
-        elif plain:
-            sizes = np.diff(tb.offsets)
-            if len(plain) == len(seqs):
-                lo, offsets = tb.offsets[:-1], tb.offsets
-            else:
-                lo = tb.offsets[plain]
-                offsets = np.concatenate(([0], np.cumsum(sizes[plain])))
-            idx = np.repeat(lo - offsets[:-1], np.diff(offsets)) + np.arange(offsets[-1])  # nodes in tb
-            rows = np.repeat(step.tree_rows[plain] - offsets[:-1], np.diff(offsets)) + np.arange(offsets[-1])
-            for i, w in zip(plain, greedy_walks(tb.tokens[idx], tb.parents[idx], offsets, greedy[rows])):
-                walks[i] = w
-        for i, (r, seq) in enumerate(zip(decode, seqs)):
-            if seq.options.greedy:
-                continue
+        plain = np.fromiter((s.options.greedy for s in seqs), bool, len(seqs))
+        walks = greedy_walks_flat(tb.tokens, tb.parents, tb.offsets, greedy, step.tree_rows, plain)
+        if plain.all():
+            return greedy, walks
+        per: list[tuple[list[int], list[int]] | None] = walks.lists()
+        for i in np.flatnonzero(~plain).tolist():
+            r, seq = decode[i], seqs[i]
             try:
                 rows = range(int(step.tree_rows[i]), int(step.tree_rows[i]) + int(tb.offsets[i + 1] - tb.offsets[i]))
-                walks[i] = self._walk(seq, tb.tree(i), rows, logits)
+                per[i] = self._walk(seq, tb.tree(i), rows, logits)
             except Exception as e:  # this request's own sampling: it alone fails
                 failed[r.rid] = self._failure(r, e)
-                walks[i] = None
-        return greedy, walks
+                per[i] = None
+        return greedy, Walks.from_lists(per)
 
-    def _commit_trees(self, decode: list[Request], seqs: list[SeqState], trees: TreeBatch,
-                      walks: list[tuple[list[int], list[int]] | None], max_commit: np.ndarray,
-                      forest: CandidateForest) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-        """Cap each walk (``cut``), keep the accepted paths' KV (one ``KVCache.commit_many``), append
-        the tokens to the requests."""
-        committed = np.zeros(len(decode), np.int64)
-        eos = np.zeros(len(decode), bool)
-        tokens: list[list[int]] = []
-        paths: dict[int, list[int]] = {}
-        caps = np.asarray(max_commit).tolist()
-        for i, (seq, walk) in enumerate(zip(seqs, walks)):
-            if walk is None:
-                path, out = [], []
-            else:
-                path, out = cut(walk[0], walk[1], caps[i], seq.eos)
-                if self.recorder is not None:
-                    self._record(decode[i], seq, trees.tree(i), path, out, forest)
-            paths[seq.seq_id] = path
-            seq.ids.extend(out)
-            tokens.append(out)
-            committed[i], eos[i] = len(out), bool(out) and out[-1] in seq.eos
-        self.cache.commit_many(paths)
-        return committed, eos, tokens
+    def _commit_trees(self, decode: list[Request], seqs: list[SeqState], trees: TreeBatch, walks: Walks,
+                      max_commit: np.ndarray, forest: CandidateForest
+                      ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """Cap every walk (``cut_walks``), keep the accepted paths' KV (one ``KVCache.commit_rows``),
+        append the tokens to the requests."""
+        m, kept, eos = cut_walks(walks, np.asarray(max_commit, np.int64), _eos_flags(seqs, walks))
+        out, bounds = kept.out.tolist(), kept.bounds.tolist()
+        tokens = [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if self.recorder is not None:  # before the tokens are appended: it reads the output positions
+            for i in range(len(seqs)):
+                self._record(decode[i], seqs[i], trees.tree(i), kept.walk(i)[0], tokens[i], forest)
+        for seq, t in zip(seqs, tokens):
+            seq.ids.extend(t)
+        ids = [s.seq_id for s in seqs]
+        self.cache.commit_rows(self.cache.alloc.rows(ids), kept.path, m, ids)
+        return m, eos, tokens
 
     def _first_tokens(self, prefill, rows: list[range], logits: torch.Tensor, greedy: np.ndarray,
                       failed: dict[int, str]) -> tuple[list[int], list[bool]]:

@@ -23,6 +23,7 @@ accepted nodes' tokens and ``out[-1]`` is the correction / bonus token (``len(ou
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,25 +79,67 @@ def greedy_walk(tokens: Sequence[int], parents: Sequence[int], argmax: Sequence[
         path.append(nxt)
 
 
+@dataclass
+class Walks:
+    """Many trees' walks, concatenated: tree ``i``'s ``path`` (local nodes, root first) and ``out``
+    (the target's token at each) are ``[bounds[i], bounds[i+1])``; an empty walk: not walked."""
+
+    path: np.ndarray
+    out: np.ndarray
+    bounds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def walk(self, i: int) -> tuple[list[int], list[int]]:
+        lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+        return self.path[lo:hi].tolist(), self.out[lo:hi].tolist()
+
+    def lists(self) -> list[tuple[list[int], list[int]]]:
+        b, path, out = self.bounds.tolist(), self.path.tolist(), self.out.tolist()
+        return [(path[b[i]:b[i + 1]], out[b[i]:b[i + 1]]) for i in range(len(b) - 1)]
+
+    @classmethod
+    def from_lists(cls, walks: Sequence[tuple[Sequence[int], Sequence[int]] | None]) -> Walks:
+        """From per-tree ``(path, out)`` (None: not walked)."""
+        sizes = [0 if w is None else len(w[0]) for w in walks]
+        bounds = np.zeros(len(walks) + 1, np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        flat = lambda k: np.fromiter((x for w in walks if w is not None for x in w[k]), np.int64, int(bounds[-1]))  # noqa: E731
+        return cls(flat(0), flat(1), bounds)
+
+
 def greedy_walks(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
                  ) -> list[tuple[list[int], list[int]]]:
     """``greedy_walk`` of many trees at once: tree ``i`` is ``[offsets[i], offsets[i+1])`` of
-    ``tokens`` / local ``parents`` / ``argmax`` (the target's token at each node). Compiled: every
-    walk in one kernel (``greedy_walks_compiled``); else array operations over all the nodes."""
+    ``tokens`` / local ``parents`` / ``argmax`` (the target's token at each node)."""
     tokens, parents, argmax = (np.asarray(x, np.int64) for x in (tokens, parents, argmax))
     offsets = np.asarray(offsets, np.int64)
+    return greedy_walks_flat(tokens, parents, offsets, argmax, offsets[:-1], np.ones(len(offsets) - 1, bool)).lists()
+
+
+def greedy_walks_flat(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray,
+                      first_row: np.ndarray, walk: np.ndarray) -> Walks:
+    """The greedy walks of the trees with ``walk[i]`` (the others: empty walks); node ``j`` of tree
+    ``i`` has the target token ``argmax[first_row[i] + j]``. Compiled: every walk in one kernel
+    (``_greedy_walks_kernel``); else array operations over all the walked trees' nodes. (Taking the
+    argmax of the path's rows only, inside the kernel, was slower: numpy's vectorized argmax of all
+    1,600 rows of 256 logits takes ~50 us, a compiled scalar one of the ~450 path rows ~90 us.)"""
     if jit.enabled():
-        return greedy_walks_compiled(tokens, parents, offsets, argmax, offsets[:-1], np.ones(len(offsets) - 1, bool))
-    return _greedy_walks_arrays(tokens, parents, offsets, argmax)
-
-
-def greedy_walks_compiled(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray,
-                          first_row: np.ndarray, walk: np.ndarray) -> list[tuple[list[int], list[int]] | None]:
-    """The walks of the trees with ``walk[i]`` (None for the others) by ``_greedy_walks_kernel``;
-    node ``j`` of tree ``i`` has the target token ``argmax[first_row[i] + j]``."""
-    path, out, bounds = _greedy_walks_kernel(tokens, parents, offsets, argmax, first_row, walk)
-    b, path, out = bounds.tolist(), path.tolist(), out.tolist()
-    return [(path[b[i]:b[i + 1]], out[b[i]:b[i + 1]]) if w else None for i, w in enumerate(walk.tolist())]
+        return Walks(*_greedy_walks_kernel(tokens, parents, offsets, argmax, first_row, walk))
+    sizes = np.diff(offsets)
+    plain = np.flatnonzero(walk)
+    sub = np.zeros(len(plain) + 1, np.int64)
+    np.cumsum(sizes[plain], out=sub[1:])
+    within = np.arange(sub[-1]) - np.repeat(sub[:-1], sizes[plain])
+    idx = np.repeat(offsets[plain], sizes[plain]) + within  # the walked trees' nodes
+    rows = np.repeat(first_row[plain], sizes[plain]) + within
+    path, out, b = _greedy_walks_arrays(tokens[idx], parents[idx], sub, argmax[rows])
+    counts = np.zeros(len(sizes), np.int64)
+    counts[plain] = np.diff(b)
+    bounds = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(counts, out=bounds[1:])
+    return Walks(path, out, bounds)
 
 
 @jit.njit
@@ -127,10 +170,11 @@ def _greedy_walks_kernel(tokens, parents, offsets, argmax, first_row, walk):
 
 
 def _greedy_walks_arrays(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
-                         ) -> list[tuple[list[int], list[int]]]:
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A node is accepted when its token equals its parent's argmax, it is the first such child of
     its parent (as the one-tree walk picks it) and its parent is accepted; each tree's accepted
-    nodes are then its path, root first. Same result as ``greedy_walk`` per tree."""
+    nodes are then its path, root first. Same result as ``greedy_walk`` per tree, as
+    ``_greedy_walks_kernel``'s arrays (local path, out, per-tree bounds)."""
     n, sizes = len(tokens), np.diff(offsets)
     start = np.repeat(offsets[:-1], sizes)
     up = np.where(parents >= 0, parents + start, np.arange(n))  # a root is its own parent
@@ -146,9 +190,7 @@ def _greedy_walks_arrays(tokens: np.ndarray, parents: np.ndarray, offsets: np.nd
             break
         acc = nxt
     path = np.flatnonzero(acc)
-    bounds = np.searchsorted(path, offsets).tolist()
-    local, out = (path - start[path]).tolist(), argmax[path].tolist()
-    return [(local[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return path - start[path], argmax[path], np.searchsorted(path, offsets)
 
 
 def stochastic_walk(tokens: Sequence[int], parents: Sequence[int],
@@ -177,6 +219,57 @@ def stochastic_walk(tokens: Sequence[int], parents: Sequence[int],
             return path, out
         out.append(int(tokens[nxt]))
         path.append(nxt)
+
+
+def cut_walks(walks: Walks, caps: np.ndarray, is_eos: np.ndarray) -> tuple[np.ndarray, Walks, np.ndarray]:
+    """``cut`` of every walk at once: how many of walk ``i``'s tokens are committed (at most
+    ``caps[i]``, at least 1 unless the walk is empty, up to its first token with ``is_eos``), the
+    cut walks, and whether each cut walk ends with an EOS. Compiled: one kernel."""
+    if jit.enabled():
+        m, path, out, eos = _cut_kernel(walks.bounds, walks.path, walks.out, caps, is_eos)
+    else:
+        m, path, out, eos = _cut_arrays(walks.bounds, walks.path, walks.out, caps, is_eos)
+    bounds = np.zeros(len(m) + 1, np.int64)
+    np.cumsum(m, out=bounds[1:])
+    return m, Walks(path, out, bounds), eos
+
+
+def _cut_arrays(bounds, path, out, caps, is_eos):
+    """``_cut_kernel`` with array operations."""
+    lens = np.diff(bounds)
+    m = np.where(lens > 0, np.minimum(lens, np.maximum(caps, 1)), 0)
+    owner = np.repeat(np.arange(len(lens)), lens)
+    j = np.arange(len(is_eos)) - bounds[owner]
+    hit = np.flatnonzero(is_eos & (j < m[owner]))
+    first, at = np.unique(owner[hit], return_index=True)  # the first EOS of each walk that has one
+    m[first] = j[hit[at]] + 1
+    keep = j < m[owner]
+    eos = np.zeros(len(m), bool)
+    eos[first] = True
+    return m, path[keep], out[keep], eos
+
+
+@jit.njit
+def _cut_kernel(bounds, path, out, caps, is_eos):
+    """Per walk: committed tokens ``m``; the kept nodes and tokens; whether the last is an EOS."""
+    n = len(bounds) - 1
+    m = np.zeros(n, np.int64)
+    eos = np.zeros(n, np.bool_)
+    kept_path = np.empty(len(path), np.int64)
+    kept_out = np.empty(len(out), np.int64)
+    at = 0
+    for i in range(n):
+        lo, size = bounds[i], bounds[i + 1] - bounds[i]
+        k = min(size, max(caps[i], 1))
+        for j in range(k):
+            kept_path[at], kept_out[at] = path[lo + j], out[lo + j]
+            at += 1
+            if is_eos[lo + j]:
+                k = j + 1
+                eos[i] = True
+                break
+        m[i] = k
+    return m, kept_path[:at], kept_out[:at], eos
 
 
 def cut(path: list[int], out: list[int], max_commit: int, eos: frozenset[int]) -> tuple[list[int], list[int]]:
