@@ -6,8 +6,10 @@ Runs the ``adaserve`` command given after ``--`` in this process, with the engin
 serving loop wrapped (nothing else changes), and writes one JSON object per iteration to
 STEPS.jsonl: ``prefill`` [[chunk, tokens already prefilled], ...], ``decode`` [[context tokens,
 tree tokens], ...], and the wall / thread-CPU ms of the iteration, of drafting (``speculate``), of
-the target step (``execute``) and of the forward inside it. ``scripts/engine_vs_sim.py steps``
-prices each logged step with a latency profile, to find the costs the simulator misses.
+the target step (``execute``) and of the forward inside it. The forward is the model call alone,
+as ``adaserve profile`` times its step tables; the rest of the iteration (batch building included)
+is host work, as the profile's ``host`` table counts it. ``scripts/engine_vs_sim.py steps`` prices
+each logged step with a latency profile, to find the costs the simulator misses.
 
 ``--cpu-clock``: the engine's clock (arrivals, every timestamp, TPOT, TTFT) is this thread's CPU
 time plus the idle time it would have waited for arrivals (skipped, not slept). On a CPU shared

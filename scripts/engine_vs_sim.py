@@ -18,8 +18,8 @@ on a shared machine, the time spent waiting for a core is left out of both.
 ``table``: simulates every engine run (``adaserve.sim.compare.engine_vs_sim``: same requests, SLOs,
 baseline, the repeat's profile unless ``--profile``, the run's recorded acceptance) and prints, per
 time scale and system, the medians over repeats of attainment, goodput, tokens per step, mean
-TPOT, mean TTFT and iterations, engine against simulator, with the simulator's relative error and
-the mean per-request TPOT error.
+TPOT, mean TTFT and iterations, engine against simulator, with the simulator's error (attainment:
+in points; the others: relative) and the mean per-request TPOT error.
 
 ``table --old-model`` prices the same runs as the simulator did before (one verify-table lookup
 per step at the total context, no host work, drafting from the per-level table).
@@ -46,7 +46,7 @@ from adaserve.core.profile import LatencyProfile  # noqa: E402
 from adaserve.sim.compare import engine_vs_sim, tpot_error  # noqa: E402
 from adaserve.sim.executor import engine_step_ms, table_step_ms  # noqa: E402
 
-SYSTEMS = "adaserve,vllm,sarathi,vllm_spec_4,specinfer"
+SYSTEMS = "adaserve,adaserve_plus,vllm,sarathi,vllm_spec_4,specinfer"
 METRICS = (("attainment", 100, "%"), ("goodput", 1, ""), ("tokens_per_step", 1, ""),
            ("tpot_mean", 1, "ms"), ("ttft_mean", 1, "ms"), ("iterations", 1, ""))
 
@@ -136,11 +136,22 @@ def table(a: argparse.Namespace) -> None:
             cells = []
             for m, scale, unit in METRICS:
                 e, s = _median([p[0][m] for p in pairs]), _median([p[1][m] for p in pairs])
-                err = f"{100 * (s / e - 1):+.0f}%" if e and s is not None else "-"
-                cells.append(f"{scale * e:.1f} / {scale * s:.1f}{unit} ({err})" if e is not None and s is not None else "-")
+                cells.append(_cell(m, scale, unit, e, s))
             tp = _median(errs)
             print(f"| {d.name} | {system} | {len(pairs)} | " + " | ".join(cells)
-                  + f" | {100 * tp:.0f}% |" if tp is not None else " | - |")
+                  + (f" | {100 * tp:.0f}% |" if tp is not None else " | - |"))
+
+
+def _cell(metric: str, scale: float, unit: str, e: float | None, s: float | None) -> str:
+    """``engine / sim (error)``: attainment's error in points (the goal is within 5), the others'
+    relative to the engine."""
+    if e is None or s is None:
+        return "-"
+    if metric == "attainment":
+        err = f"{scale * (s - e):+.1f} pt"
+    else:
+        err = f"{100 * (s / e - 1):+.0f}%" if e else "-"
+    return f"{scale * e:.1f} / {scale * s:.1f}{unit} ({err})"
 
 
 def _decode_kind(trees: list[tuple]) -> str:
@@ -170,7 +181,8 @@ def steps(a: argparse.Namespace) -> None:
                        if a.old_model else engine_step_ms(prof, chunks, trees))
         k["draft"] += r.get("speculate_ms", 0.0)
         k["host"] += r["iteration_ms"] - r.get("forward_ms", 0.0) - r.get("speculate_ms", 0.0)
-        k["host_price"] += prof.host_ms(len(trees), "speculate_ms" in r) if trees and not a.old_model else 0.0
+        # as the simulator: every iteration, prefill-only ones too (host_ms at one request)
+        k["host_price"] += 0.0 if a.old_model else prof.host_ms(len(trees), "speculate_ms" in r)
     print(f"{'step kind':30} {'steps':>5} {'forward ms':>11} {'priced':>8} {'err':>6} {'draft ms':>9} "
           f"{'host ms':>8} {'host priced':>12}  (means per step)")
     for kind, k in sorted(kinds.items()):

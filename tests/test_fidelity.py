@@ -230,3 +230,158 @@ def test_ngram_drafting_is_priced_per_iteration():
         ex.speculate(req, shape)
         levels = float(np.sum(p.draft_ms(np.asarray(shape.draft_tokens_per_step(2), float), 200)))
         assert ex.now() == pytest.approx(expected if expected is not None else levels)
+
+
+# ---- the recorded replay follows what the engine drafted (docs/fidelity.md, "Tokens per step") ----
+
+def _write_records(path, rows) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _chain_accepted(model, requests, k: int = 3) -> list[int]:
+    from adaserve.sim.acceptance import accepted_lengths
+
+    f = model.draft(requests, SpecShape.chain(k), np.random.default_rng(0))
+    return accepted_lengths(f, np.ones(f.n_nodes, bool)).tolist()
+
+
+def test_recorded_replay_follows_each_requests_own_record(tmp_path):
+    """The simulator replays the engine's own requests: request (chat, 2) must follow the record of
+    (chat, 2), not the category's record number ``2 mod 2`` (= rid 0's), as the replay once did."""
+    from adaserve.sim.acceptance import RecordedAcceptance
+
+    easy = {"probs": [0.9], "rank": 0}
+    hard = {"probs": [0.9], "rank": -1}
+    rows = [{"rid": rid, "category": cat, "pos": p, **kind} for rid, cat, kind in
+            ((0, "chat", easy), (1, "coding", easy), (2, "chat", hard)) for p in range(1, 30)]
+    _write_records(tmp_path / "acc.jsonl", rows)
+    model = RecordedAcceptance.load(tmp_path / "acc.jsonl")
+    reqs = []
+    for rid, cat in ((0, "chat"), (1, "coding"), (2, "chat"), (7, "chat")):
+        r = Request(rid, 0.0, 10, 100, 1.2, 30.0, cat)
+        r.generated = 5
+        reqs.append(r)
+    # rid 7 has no record: it falls back to the category's record 7 mod 2 = rid 2's
+    assert _chain_accepted(model, reqs) == [3, 3, 0, 0]
+
+
+def test_recorded_replay_reads_records_by_position(tmp_path):
+    """The engine writes no record where it expanded no node (a leaf reached by an all-accepted
+    chain): position 3 below. The level-1 token of a request that has generated 3 tokens is output
+    position 3; the replay once read the records by their index and took position 4's instead."""
+    from adaserve.sim.acceptance import RecordedAcceptance
+
+    rows = [{"rid": 0, "category": "chat", "pos": p, "probs": [0.9], "rank": 0} for p in (1, 2, 4, 5, 6)]
+    _write_records(tmp_path / "acc.jsonl", rows)
+    model = RecordedAcceptance.load(tmp_path / "acc.jsonl")
+    r = Request(0, 0.0, 10, 100, 1.2, 30.0, "chat")
+    r.generated = 3
+    assert _chain_accepted(model, [r]) == [0]  # position 3: no proposal recorded
+    r.generated = 4
+    assert _chain_accepted(model, [r]) == [3]  # positions 4, 5, 6
+
+
+# ---- the profiler counts each cost once (docs/fidelity.md, "Batch building") ---------------------
+
+def test_profile_steps_time_the_forward_and_host_work_holds_the_batch_build(monkeypatch):
+    """Batch building is host work: slowed by 40 ms, it must not reach the step tables (which the
+    engine's step log compares with the forward alone) and must reach the host table."""
+    import time
+
+    import torch
+
+    from adaserve.engine import batch as engine_batch
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime import profiler
+
+    torch.set_num_threads(1)
+    model = tiny_random_model("llama")
+    bench = profiler.StepBench(model, 2048)
+    build = engine_batch.BatchBuilder.build
+
+    def slow_build(self, *args, **kwargs):
+        time.sleep(0.04)
+        return build(self, *args, **kwargs)
+
+    fast = (bench.step_ms(2, 4, 64, 3), bench.prefill_ms(32, 3))
+    lim = Limits(max_batch_requests=4, max_batch_tokens=128, prefill_chunk=128, max_seq_len=512)
+    flat = Table(np.array([1.0, 128.0]), np.ones(2))
+    prof = LatencyProfile("flat", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=lim)
+    monkeypatch.setattr(engine_batch.BatchBuilder, "build", slow_build)
+    slow = (bench.step_ms(2, 4, 64, 3), bench.prefill_ms(32, 3))
+    assert slow[0] < fast[0] + 20 and slow[1] < fast[1] + 20
+    host, _ = profiler.host_step_ms(model, prof, None, 2, "vllm", steps=2)
+    assert host >= 40.0
+
+
+def test_median_ms_times_only_the_call():
+    from adaserve.runtime.profiler import median_ms
+
+    calls = []
+    ms = median_ms(lambda x: calls.append(x), 3, setup=lambda: len(calls), teardown=lambda: calls.append("t"))
+    assert calls == [0, "t", 2, "t", 4, "t", 6, "t"]  # one warm-up, then 3 timed calls
+    assert ms >= 0.0
+
+
+def test_context_axis_resolves_small_contexts():
+    """Points below 1,024 context tokens (the decode steps of a few short requests); a profile
+    measured before them still loads and prices by interpolation between its own points."""
+    from adaserve.runtime.profiler import Grid
+
+    lim = Limits(max_batch_requests=16, max_batch_tokens=256, prefill_chunk=256, max_seq_len=2048)
+    assert [c for c in Grid.for_limits(lim).contexts if c < 1024] == [0, 128, 256, 512]
+    old = engine_profile()  # context points 0 and 10,000 only
+    assert float(old.verify_ms(1, 500)) == pytest.approx(11.0 + 5.0)
+
+
+def test_table_covers_adaserve_plus_and_reports_attainment_in_points(tmp_path, capsys):
+    """``scripts/engine_vs_sim.py table`` on a run directory holding an adaserve_plus result (here
+    the simulator's own, so every error is zero); adaserve_plus is among the default systems."""
+    import importlib.util
+    from pathlib import Path
+
+    from adaserve.core.results import write_results
+    from adaserve.core.trace import TraceRecord
+    from adaserve.sim.run import simulate_records
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
+    spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "adaserve_plus" in mod.SYSTEMS.split(",")
+    engine_profile().save(tmp_path / "profile-0.json")
+    (tmp_path / "x4").mkdir()
+    records = [TraceRecord(0.0, 40, 6, "", 1.5, "coding"), TraceRecord(30.0, 300, 5, "", 3.0, "chat")]
+    res = simulate_records(records, "adaserve_plus", str(tmp_path / "profile-0.json"), baseline_ms=11.0)
+    write_results(tmp_path / "x4" / "adaserve_plus-0", res.summary, res.requests,
+                  {"system": "adaserve_plus", "baseline_ms": 11.0, "iterations": res.iterations})
+    mod.main(["table", str(tmp_path)])
+    row = [line for line in capsys.readouterr().out.splitlines() if "adaserve_plus" in line]
+    assert len(row) == 1 and "(+0.0 pt)" in row[0] and "(+0%)" in row[0] and row[0].endswith("| 0% |")
+
+
+def test_negative_record_position_is_a_user_error(tmp_path):
+    from adaserve.sim.acceptance import AcceptanceRecordError, RecordedAcceptance
+
+    _write_records(tmp_path / "acc.jsonl", [{"rid": 0, "category": "chat", "pos": -1, "probs": [0.5], "rank": 0}])
+    with pytest.raises(AcceptanceRecordError, match=r"acc.jsonl' line 1: pos must be >= 0"):
+        RecordedAcceptance.load(tmp_path / "acc.jsonl")
+
+
+def test_context_points_are_paired_with_a_context_zero_step():
+    """A load that changes between points (+50 ms from one point to the next here) must not reach
+    the context axis: each point is compared with a context-0 step timed right before it."""
+    from adaserve.runtime.profiler import context_points
+
+    class Bench:
+        load = 0.0
+
+        def step_ms(self, seqs, tokens, context, repeat):
+            ms = 40.0 + context / 100 + Bench.load
+            if context:  # the load changes after each point (unpaired, g(1024) - g(0) = 60.24)
+                Bench.load += 50.0
+            return ms
+
+    points = dict(context_points(Bench(), 8, [0, 128, 1024, 4096], 5))
+    g0 = points["context:0"]
+    assert [points[f"context:{c}"] - g0 for c in (0, 128, 1024, 4096)] == pytest.approx([0, 1.28, 10.24, 40.96])

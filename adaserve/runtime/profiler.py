@@ -1,13 +1,16 @@
 """Measure a ``LatencyProfile`` (core/profile.py format) for a model on this hardware.
 
-Every point is the median of ``repeat`` timed engine steps (batch building included) after one
-warm-up. KV context is allocated without being computed (its values do not change the time), so
-long contexts cost nothing to set up.
+Every point is the median of ``repeat`` timed target forwards after one warm-up. The batch is
+built before the clock starts: building it is host work, measured with the rest of an iteration's
+host work in the ``host`` table (so that the simulator counts it once; the engine's step log,
+``scripts/engine_steps.py``, times the same forward). KV context is allocated without being
+computed (its values do not change the time), so long contexts cost nothing to set up.
 
 * ``verify``: one target step with ``tokens`` new tokens spread over ``clip(tokens // 4, 1,
   max_batch_requests)`` sequences (chains; a tree costs the same), no context: f(tokens). The
   context axis is additive: ``ms(tokens, C) = f(tokens) + g(C) - g(0)`` where g(C) is a step
-  decoding one token for each of ``CONTEXT_SEQS`` sequences holding C context tokens in all.
+  decoding one token for each of ``CONTEXT_SEQS`` sequences holding C context tokens in all, each
+  point timed right after a context-0 step it is compared with (``context_points``).
 * ``draft``: one draft-model step of ``tokens`` tree tokens over ``min(tokens, max_batch_requests)``
   sequences of ``DRAFT_CONTEXT`` tokens each (model drafter), or one n-gram expansion of ``tokens``
   frontier nodes (n-gram drafter: CPU time of the lookups).
@@ -57,7 +60,9 @@ from adaserve.engine.model import Transformer, linear_kernel
 from adaserve.engine.sequence import SeqState
 
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-CONTEXT_POINTS = (0, 1024, 4096, 8192, 16384, 32768)
+# Context tokens over CONTEXT_SEQS sequences; the points below 1,024 resolve small contexts, where
+# a decode step of a few short requests sits (docs/fidelity.md, "Small contexts").
+CONTEXT_POINTS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 PREFILL_POINTS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 PREFILL_CONTEXTS = (0, 256, 512, 1024, 1536, 3072, 6144)
 QUERY_POINTS = (1, 4, 16)
@@ -128,13 +133,20 @@ def clock() -> float:
     return CLOCKS[clock_name()]()
 
 
-def median_ms(fn: Callable[[], None], repeat: int) -> float:
-    fn()
+def median_ms(fn: Callable[..., None], repeat: int, setup: Callable[[], object] | None = None,
+              teardown: Callable[[], None] | None = None) -> float:
+    """Median ms of ``fn`` over ``repeat`` calls after one warm-up call. With ``setup``, each call
+    is ``fn(setup())`` and only ``fn`` is timed; ``teardown`` runs untimed after each call."""
     times = []
-    for _ in range(repeat):
+    for i in range(repeat + 1):
+        args = (setup(),) if setup is not None else ()
         t0 = clock()
-        fn()
-        times.append(clock() - t0)
+        fn(*args)
+        elapsed = clock() - t0
+        if teardown is not None:
+            teardown()
+        if i:
+            times.append(elapsed)
     return 1e3 * statistics.median(times)
 
 
@@ -156,6 +168,17 @@ class StepBench:
     def _ids(self, n: int) -> list[int]:
         return self.rng.integers(3, self.vocab, n).tolist()
 
+    def _built(self, builder: BatchBuilder):
+        """The batch on the device, its copies finished before the clock starts."""
+        batch = builder.build(self.device)
+        _sync(self.model)
+        return batch
+
+    def forward(self, batch) -> None:
+        """The timed part of a step: the target forward over a built batch."""
+        self.model(batch, self.cache)
+        _sync(self.model)
+
     def step_ms(self, n_seqs: int, tokens: int, context: int, repeat: int) -> float:
         """``tokens`` new tokens as chains over ``n_seqs`` sequences holding ``context`` KV tokens in all."""
         news = [tokens // n_seqs + (i < tokens % n_seqs) for i in range(n_seqs)]
@@ -165,17 +188,18 @@ class StepBench:
             self.cache.alloc.append(s, c)
         chains = [(self._ids(n), list(range(-1, n - 1))) for n in news]
 
-        def step():
+        def build():
             b = BatchBuilder(self.cache)
             for s, (ids, parents) in enumerate(chains):
                 if ids:
                     b.add_tree(s, ids, parents)
-            self.model(b.build(self.device), self.cache)
-            _sync(self.model)
+            return self._built(b)
+
+        def reset():
             for s, c in enumerate(ctxs):
                 self.cache.truncate(s, c)
         try:
-            return median_ms(step, repeat)
+            return median_ms(self.forward, repeat, build, reset)
         finally:
             for s in range(n_seqs):
                 self.cache.free(s)
@@ -183,13 +207,11 @@ class StepBench:
     def prefill_ms(self, tokens: int, repeat: int) -> float:
         ids = self._ids(tokens)
 
-        def step():
+        def build():
             b = BatchBuilder(self.cache)
             b.add_prefill("p", ids)
-            self.model(b.build(self.device), self.cache)
-            _sync(self.model)
-            self.cache.free("p")
-        return median_ms(step, repeat)
+            return self._built(b)
+        return median_ms(self.forward, repeat, build, lambda: self.cache.free("p"))
 
 
 def ngram_draft_ms(nodes: int, repeat: int, seed: int = 0) -> float:
@@ -212,9 +234,7 @@ def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer |
     yield "baseline", bench.step_ms(1, 1, BASELINE_CONTEXT, grid.repeat)
     for t in grid.tokens:
         yield f"verify:{t}", bench.step_ms(verify_seqs(t, limits), t, 0, grid.repeat)
-    ctx_seqs = min(CONTEXT_SEQS, limits.max_batch_requests)
-    for c in grid.contexts:
-        yield f"context:{c}", bench.step_ms(ctx_seqs, ctx_seqs, c, grid.repeat)
+    yield from context_points(bench, min(CONTEXT_SEQS, limits.max_batch_requests), grid.contexts, grid.repeat)
     for t in grid.prefill:
         yield f"prefill:{t}", bench.prefill_ms(t, max(2, grid.repeat // 2))
     for p in grid.prefill_contexts:  # a chain of `chunk` tokens gets its own attention call, as a chunk
@@ -230,6 +250,20 @@ def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer |
         yield f"draft:{t}", ms
     if grid.host:
         yield from measure_host(model, limits, grid, draft)
+
+
+def context_points(bench: StepBench, seqs: int, contexts: list[int], repeat: int
+                   ) -> Iterator[tuple[str, float]]:
+    """``context:C``: g(C) of the context axis, each point paired with a context-0 step timed right
+    before it, g(C) = g(0) + (step at C - step at 0 just before). The simulator reads only the
+    differences g(C) - g(0); pairing keeps a load that changes between one point and the next out
+    of them (unpaired, a profile at load 5-7 once showed 12.6 ms for 128 context tokens, where a
+    quieter measurement shows none: docs/fidelity.md, "Small contexts")."""
+    g0 = None
+    for c in contexts:
+        zero = bench.step_ms(seqs, seqs, 0, repeat)
+        g0 = zero if g0 is None else g0
+        yield f"context:{c}", g0 + (bench.step_ms(seqs, seqs, c, repeat) - zero if c else 0.0)
 
 
 def measure_host(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None

@@ -60,18 +60,21 @@ def grow_forest(source: LevelSource, n: int, shape: SpecShape, rng: np.random.Ge
     lay = _layout(shape)
     compiled = jit.enabled()
     q, rank = source.draws(lay.frontiers, lay.widths, rng, compiled)
-    if compiled:
-        prob, ok, parent, token, depth = _kernels().grow(q, rank, lay.level_table, lay.node_table)
+    if compiled:  # the kernel also says whether any node is impossible (drop_impossible's test)
+        prob, ok, parent, token, depth, impossible = _kernels().grow(q, rank, lay.level_table,
+                                                                     lay.node_table)
     else:
-        prob, ok, parent, token, depth = _grow_numpy(q, rank, lay)
+        (prob, ok, parent, token, depth), impossible = _grow_numpy(q, rank, lay), True
     forest = CandidateForest(offsets=np.arange(0, (n + 1) * lay.m, lay.m, dtype=np.int64),
                              parent=parent, token=token, prob=prob, depth=depth)
     forest.extra["correct"] = ok
-    return drop_impossible(forest)
+    return drop_impossible(forest) if impossible else forest
 
 
+@cache
 def _kernels():
-    """``adaserve.sim.kernels``, imported on first use: importing it imports numba."""
+    """``adaserve.sim.kernels``, imported on first use (importing it imports numba); cached, as
+    this runs a few times per simulated iteration."""
     from adaserve.sim import kernels
     return kernels
 
@@ -233,12 +236,15 @@ class _SyntheticLevels:
               compiled: bool = False):
         width = max(widths, default=1)
         normal, uniform = _standard_draws(rng, len(self.level_logit), frontiers)
-        top1 = 1 / (1 + np.exp(-(self.level_logit + self.sigma * normal)))
-        if compiled:
+        if compiled:  # the arithmetic in compiled loops; exp and log1p stay numpy's
             kernels = _kernels()
-            log1p_arg = np.log1p(kernels.rank_log_arg(top1, uniform))
+            sigma = (self.sigma if isinstance(self.sigma, np.ndarray)
+                     else np.full(self.level_logit.shape, self.sigma))
+            top1 = np.exp(kernels.negative_logit(self.level_logit, sigma, normal))
+            log1p_arg = np.log1p(kernels.top1_and_rank_log_arg(top1, uniform))
             return kernels.confidences_and_ranks(top1, uniform, log1p_arg, math.log(self.rho),
                                                  _tail(width, self.rho))
+        top1 = 1 / (1 + np.exp(-(self.level_logit + self.sigma * normal)))
         return child_confidences(top1, width, self.rho), sample_rank(top1, uniform, self.rho)
 
 
@@ -308,9 +314,12 @@ class AcceptanceRecordError(UserError):
     pass
 
 
-def load_records(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+def load_records(path: str | Path, by_position: bool = False
+                 ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Recorded JSONL → {(category, rid): (probs (positions, K), rank (positions,))}, positions
-    sorted. Raises ``AcceptanceRecordError`` naming the file, line and field."""
+    sorted. ``by_position``: row ``pos`` holds the record of output position ``pos``, and a
+    position without a record (the drafter never expanded a node there) reads as a miss (probs 0,
+    rank -1). Raises ``AcceptanceRecordError`` naming the file, line and field."""
     rows: dict[tuple[str, int], list[tuple[int, list[float], int]]] = {}
     path = Path(path)
     try:
@@ -331,6 +340,8 @@ def load_records(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray, np
             raise AcceptanceRecordError(f"{where}: needs rid, category, pos, probs, rank ({e!r})") from None
         if not probs or not all(0 <= p <= 1 for p in probs) or not -1 <= rank < len(probs):
             raise AcceptanceRecordError(f"{where}: probs must be in [0, 1] and rank in [-1, len(probs))")
+        if pos < 0:
+            raise AcceptanceRecordError(f"{where}: pos must be >= 0 (0 is the prefill's token)")
         rows.setdefault(key, []).append((pos, probs, rank))
     if not rows:
         raise AcceptanceRecordError(f"acceptance records '{path}': no records")
@@ -338,15 +349,27 @@ def load_records(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray, np
     for key, rs in rows.items():
         rs.sort(key=lambda x: x[0])
         k = max(len(p) for _, p, _ in rs)
+        if by_position:
+            out[key] = _dense_by_position(rs, k)
+            continue
         probs = np.array([p + [0.0] * (k - len(p)) for _, p, _ in rs])
         out[key] = (probs, np.array([r for _, _, r in rs], np.int64))
     return out
 
 
+def _dense_by_position(rows: list[tuple[int, list[float], int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One request's records (sorted by pos) as arrays indexed by pos; missing positions: misses."""
+    probs = np.zeros((rows[-1][0] + 1, k))
+    rank = np.full(len(probs), -1, np.int64)
+    for pos, p, r in rows:
+        probs[pos, :len(p)], rank[pos] = p, r
+    return probs, rank
+
+
 @dataclass
 class _RecordedLevels:
-    sequences: list[tuple[np.ndarray, np.ndarray]]
-    positions: np.ndarray
+    sequences: list[tuple[np.ndarray, np.ndarray]]  # per request: (probs, rank) indexed by pos
+    positions: np.ndarray                            # per request: pos of the first level's token
 
     def draws(self, frontiers: list[int], widths: list[int], rng: np.random.Generator,
               compiled: bool = False):
@@ -364,13 +387,19 @@ class _RecordedLevels:
 
 
 class RecordedAcceptance:
-    """Replays recorded acceptance: simulated request ``rid`` of a category follows recorded
-    sequence ``rid mod count`` of that category (any category if it has none), at its current
-    output position. Nodes off the target's path reuse the position's confidences (the record
+    """Replays recorded acceptance. A simulated request follows the record of the same
+    (category, rid) — the engine's own request when the simulator replays the engine's requests
+    (``adaserve.sim.compare.records_of_result``) — or, for a request the records do not hold,
+    recorded sequence ``rid mod count`` of its category (any category if it has none). The level-1
+    token of a request that has generated ``g`` tokens is output position ``g`` (the record's
+    ``pos``: 0 is the prefill's token), level ``l`` reads position ``g + l - 1``; positions past
+    the end wrap around. Nodes off the target's path reuse the position's confidences (the record
     holds only the target's path)."""
 
     def __init__(self, records: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], name: str = "recorded"):
+        """``records``: as ``load_records(..., by_position=True)`` (row = output position)."""
         self.name = name
+        self.by_key = dict(records)
         self.by_category: dict[str, list] = {}
         for (cat, _), seq in sorted(records.items()):
             self.by_category.setdefault(cat, []).append(seq)
@@ -378,15 +407,20 @@ class RecordedAcceptance:
 
     @classmethod
     def load(cls, path: str | Path) -> "RecordedAcceptance":
-        return cls(load_records(path), name=f"recorded:{path}")
+        return cls(load_records(path, by_position=True), name=f"recorded:{path}")
+
+    def sequence(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded (probs, rank) that ``request`` follows."""
+        own = self.by_key.get((request.category, request.rid))
+        if own is not None:
+            return own
+        pool = self.by_category.get(request.category) or self.all
+        return pool[request.rid % len(pool)]
 
     def draft(self, requests: list[Request], shape: SpecShape, rng: np.random.Generator
               ) -> CandidateForest:
-        seqs = []
-        for r in requests:
-            pool = self.by_category.get(r.category) or self.all
-            seqs.append(pool[r.rid % len(pool)])
-        positions = np.array([max(r.generated - 1, 0) for r in requests], np.int64)
+        seqs = [self.sequence(r) for r in requests]
+        positions = np.array([r.generated for r in requests], np.int64)
         return grow_forest(_RecordedLevels(seqs, positions), len(requests), shape, rng)
 
 
