@@ -177,8 +177,8 @@ class ServingLoop:
     def _commit_caps(self, decode: list[Request]) -> np.ndarray:
         """Per decoding request: the most tokens it may commit (its budget and the max length)."""
         max_seq = self.executor.latency.limits.max_seq_len
-        return np.array([max(1, min(r.remaining_tokens, max_seq - r.input_len - r.generated))
-                         for r in decode], np.int64)
+        return np.array([max(1, min(r.max_new_tokens - r.generated,  # r.remaining_tokens, inlined
+                                    max_seq - r.input_len - r.generated)) for r in decode], np.int64)
 
     def _account(self, plan: Plan, verify_tokens: int, spec_ms: float, step_ms: float,
                  sched_ms: float, other_ms: float) -> None:
@@ -207,6 +207,7 @@ class ServingLoop:
                 self._notify(r, [next(first, None)])
                 self._maybe_finish(r, bool(next(completed, False)), out.failed.get(r.rid))
         committed, eos = np.asarray(out.committed).tolist(), np.asarray(out.eos, bool).tolist()
+        max_seq, failed = self.executor.latency.limits.max_seq_len, out.failed
         for i, r in enumerate(plan.decode):
             c = committed[i]
             r.generated += c
@@ -215,7 +216,10 @@ class ServingLoop:
                 r.token_times_ms.append(now)  # one stamp per commit: tokens of a step arrive together
             if self.on_commit is not None:
                 self._notify(r, out.tokens[i] if out.tokens is not None else [None] * c)
-            self._maybe_finish(r, eos[i], out.failed.get(r.rid))
+            # _maybe_finish's conditions, checked here first: most requests go on (hot path)
+            if (eos[i] or r.generated >= r.max_new_tokens or r.input_len + r.generated >= max_seq
+                    or (failed and r.rid in failed)):
+                self._maybe_finish(r, eos[i], failed.get(r.rid))
         self.stats.committed_tokens += sum(committed)
         self.stats.request_steps += len(committed)
 

@@ -125,3 +125,116 @@ def test_numpy_path_does_not_import_numba():
 
     assert numba_imported("0") == "False"
     assert numba_imported("1") == "True"
+
+
+# ---------------------------------------------------------------- compiled selection and lookups
+
+def selection_outputs(forest, need, cap, n_max, budgets, predict):
+    """Everything the selection building blocks return for one forest, as plain arrays."""
+    from adaserve.scheduling.selection import (SortedCandidates, choose_budget, select,
+                                               slo_wants)
+    sc = SortedCandidates.build(forest)
+    out = {name: np.asarray(getattr(sc, name)).astype(np.float64)
+           for name in ("order", "start", "length", "rank", "owner", "cumprob", "best", "global_pos")}
+    out["expected"] = sc.expected_tokens(len(sc.order))
+    out["want"] = slo_wants(sc, need, cap, n_max)
+    out["budget"] = np.array([choose_budget(sc, forest.n_requests, b, predict) for b in budgets])
+    for b in budgets:
+        for slo_phase in (True, False):
+            out[f"select{b}{slo_phase}"] = select(forest, sc, b, need, cap, n_max, slo_phase)
+    return out
+
+
+def both_selections(monkeypatch, *args):
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        results.append(selection_outputs(*args))
+    return results
+
+
+def assert_same_selection(compiled, numpy_path):
+    assert compiled.keys() == numpy_path.keys()
+    for name in compiled:
+        assert np.array_equal(compiled[name], numpy_path[name]), name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_compiled_selection_equals_numpy(monkeypatch, shape, n):
+    """SortedCandidates, choose_budget, slo_wants and select (both phases) give the numpy code's
+    results on drafted forests, with needs above, below and at the root's 1, and -inf (a request
+    that stops steering the choice, as AdaServe+ passes)."""
+    rng = np.random.default_rng(n)
+    for model in (LLAMA_ACCEPTANCE, QWEN_ACCEPTANCE):
+        forest = model.draft(reqs(n), shape, rng)
+        need = rng.choice([-np.inf, 0.5, 1.0, 1.7, 3.2, 9.0], n) + rng.random(n) * (rng.random(n) < 0.5)
+        cap = np.full(n, shape.depth + 1.0)
+        budgets = [n - 1, n, n + 3, forest.n_nodes // 2, forest.n_nodes + 5]
+        slope = rng.random() * 0.1
+        predict = lambda b: 20.0 + slope * np.asarray(b, np.float64)  # noqa: E731
+        for n_max in (1, 3, 50):
+            assert_same_selection(*both_selections(monkeypatch, forest, need, cap, n_max, budgets,
+                                                   predict))
+
+
+def test_compiled_selection_with_tied_keys_keeps_numpy_order(monkeypatch):
+    """Equal path probabilities at one depth tie the best-first sort key: the compiled build
+    falls back to numpy's argsort, whose (unstable) tie order the selection then follows."""
+    from adaserve.scheduling.trees import CandidateForest
+    tree = [(0, 1, 0.5), (0, 2, 0.5), (1, 3, 0.25), (1, 4, 0.25), (2, 5, 0.25), (2, 6, 0.25)]
+    forest = CandidateForest.from_lists([tree] * 5)
+    need, cap = np.array([1.5, 2.6, 1.0, 3.0, 2.0]), np.full(5, 3.0)
+    compiled, numpy_path = both_selections(monkeypatch, forest, need, cap, 4, [5, 9, 14, 40],
+                                           lambda b: 10.0 + np.asarray(b, np.float64))
+    assert_same_selection(compiled, numpy_path)
+    from adaserve.scheduling import kernels
+    assert not kernels.sorted_candidates(forest.prob, forest.depth, forest.offsets, 1e-12)[2]  # tie
+
+
+def test_compiled_table_lookup_equals_numpy(monkeypatch):
+    """Array lookups run compiled (core/table_kernels.py): the same bits as the numpy path inside
+    the table, at its grid points, past both ends, at NaN, with and without context."""
+    from adaserve.core.profile import Table
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        m = int(rng.integers(2, 12))
+        xp = np.sort(rng.choice(np.arange(0, 3000), m, replace=False)).astype(float)
+        table = Table(xp, rng.random(m) * 50, np.array([0.0, 2048.0, 16384.0]),
+                      rng.random((3, m)) * 50)
+        size = int(rng.integers(1, 800))
+        x = np.concatenate([xp, [-5.0, xp[-1] * 1.5, np.nan], rng.random(size) * xp[-1] * 1.2])
+        x = np.sort(x[:size]) if rng.random() < 0.5 else x[:size]
+        for ctx in (None, float(rng.random() * 20000), -3.0):
+            out = []
+            for flag in ("1", "0"):
+                monkeypatch.setenv("ADASERVE_NUMBA", flag)
+                out.append(table(x, ctx))
+            assert out[0].dtype == out[1].dtype and out[0].shape == out[1].shape
+            assert np.array_equal(out[0], out[1], equal_nan=True), (x, ctx)
+
+
+def test_context_tokens_matches_the_per_request_sum():
+    """The summed-fields shortcut equals Σ context_len, also with a request not yet generating."""
+    from adaserve.scheduling.policies import context_tokens
+    rs = reqs(6)
+    for i, r in enumerate(rs):
+        r.prefilled, r.generated = 10 * i, i % 3
+    assert context_tokens(rs) == sum(r.context_len for r in rs)
+    for r in rs:
+        r.generated += 1
+    assert context_tokens(rs) == sum(r.context_len for r in rs)
+    assert context_tokens([]) == 0
+
+
+@pytest.mark.parametrize("system", ["adaserve_plus", "specinfer"])
+def test_other_speculative_systems_identical_with_and_without_numba(monkeypatch, artifact_traces,
+                                                                    system):
+    records = load_trace(artifact_traces.file("fig8,9/emission_rps4.8_ol256.json"))[:120]
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        res = simulate_records(records, system, "llama-3.1-70b", seed=5)
+        summary = {k: v for k, v in res.summary.items() if k != "overhead"}
+        results.append((summary, [(r.first_decode_ms, r.finish_ms, r.generated) for r in res.requests]))
+    assert results[0] == results[1]

@@ -37,6 +37,7 @@ Format (all times in ms)::
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaserve.core import jit
 from adaserve.core.errors import UserError
 from adaserve.core.files import JsonFileError, read_json
 
@@ -99,6 +101,8 @@ class Table:
         self._x_last = self._xs[-1]
         self._tail = _tail(self.tokens, self.ms)
         self._fs = [float(f) for f in self.ms]
+        self._arrays = [np.ascontiguousarray(a, np.float64) for a in  # what _compiled reads
+                        (self.tokens, self.ms, *(() if self.ms_by_context is None else self.ms_by_context))]
         if self.context_tokens is not None:
             self._ctx = [float(c) for c in self.context_tokens]
             self._ctx_tails = [_tail(self.tokens, row) for row in self.ms_by_context]
@@ -106,16 +110,33 @@ class Table:
 
     def __call__(self, tokens, context_tokens: float | None = None):
         """Interpolated time; linear extrapolation past the last point."""
+        if type(tokens) is np.ndarray and tokens.ndim and jit.enabled():
+            return self._compiled(tokens, context_tokens)
         if self.context_tokens is None or context_tokens is None:
             return self._row(tokens, self.ms, self._fs, self._tail)
+        i, a = self._context_row(context_tokens)
+        lo = self._row(tokens, self.ms_by_context[i], self._ctx_fs[i], self._ctx_tails[i])
+        hi = self._row(tokens, self.ms_by_context[i + 1], self._ctx_fs[i + 1], self._ctx_tails[i + 1])
+        return lo * (1 - a) + hi * a
+
+    def _context_row(self, context_tokens: float) -> tuple[int, float]:
+        """The context row ``i`` below ``context_tokens`` (clipped to the axis) and the weight
+        ``a`` of row ``i + 1``."""
         ctx = self._ctx
         c = min(max(float(context_tokens), ctx[0]), ctx[-1])
         i = min(max(bisect.bisect_left(ctx, c) - 1, 0), len(ctx) - 2)
         c0, c1 = ctx[i], ctx[i + 1]
-        a = (c - c0) / (c1 - c0)
-        lo = self._row(tokens, self.ms_by_context[i], self._ctx_fs[i], self._ctx_tails[i])
-        hi = self._row(tokens, self.ms_by_context[i + 1], self._ctx_fs[i + 1], self._ctx_tails[i + 1])
-        return lo * (1 - a) + hi * a
+        return i, (c - c0) / (c1 - c0)
+
+    def _compiled(self, tokens: np.ndarray, context_tokens: float | None) -> np.ndarray:
+        """The array lookup in one compiled call (``core/table_kernels.py``, the same bits)."""
+        table_kernels = _table_kernels()
+        x, (xp, ms, *rows) = np.asarray(tokens, np.float64), self._arrays
+        if self.context_tokens is None or context_tokens is None:
+            return table_kernels.lookup(x, xp, ms, self._tail, ms, self._tail, math.nan)
+        i, a = self._context_row(context_tokens)
+        return table_kernels.lookup(x, xp, rows[i], self._ctx_tails[i], rows[i + 1],
+                                    self._ctx_tails[i + 1], a)
 
     def _row(self, x, fp: np.ndarray, fs: list[float], tail: tuple[float, float]):
         """np.interp over one row with linear extrapolation past the last point; scalars stay
@@ -131,6 +152,13 @@ class Table:
             return (fs[j + 1] - fs[j]) / (xs[j + 1] - xs[j]) * (x - xs[j]) + fs[j]
         x = np.asarray(x, dtype=np.float64)
         return np.where(x > self._x_last, tail[0] + (x - self._x_last) * tail[1], np.interp(x, self.tokens, fp))
+
+
+@functools.cache
+def _table_kernels():
+    """``core.table_kernels``, imported on first use (importing it imports numba)."""
+    from adaserve.core import table_kernels
+    return table_kernels
 
 
 def _tail(xp: np.ndarray, fp: np.ndarray) -> tuple[float, float]:

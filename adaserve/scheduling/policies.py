@@ -7,6 +7,7 @@ candidate trees, a ``Selection`` of the nodes to verify.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +41,15 @@ class PolicyConfig:
 
 
 def context_tokens(requests: list[Request]) -> int:
-    return sum(r.context_len for r in requests)
+    """Σ ``context_len``: for decoding requests (all generated >= 1, the usual case) from the
+    summed fields, without a property call per request (this runs every iteration)."""
+    generated = list(map(_GENERATED, requests))
+    if min(generated, default=1) < 1:
+        return sum(r.context_len for r in requests)
+    return sum(map(_PREFILLED, requests)) + sum(generated) - len(generated)
+
+
+_GENERATED, _PREFILLED = operator.attrgetter("generated"), operator.attrgetter("prefilled")
 
 
 def step_ms(view: IterationView, shape: SpecShape, n: int, tokens, ctx: int):

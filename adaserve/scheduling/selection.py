@@ -16,10 +16,12 @@ Algorithm 2 do node by node:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from adaserve.core import jit
 from adaserve.scheduling.trees import CandidateForest
 
 _DEPTH_TIE = 1e-12  # added per depth level to -f̂ so that equal probabilities favour parents
@@ -41,6 +43,9 @@ class SortedCandidates:
 
     @classmethod
     def build(cls, forest: CandidateForest) -> "SortedCandidates":
+        kernels = _kernels()
+        if kernels is not None:
+            return cls._from_blocks(forest, kernels)
         n = forest.n_requests
         length = np.diff(forest.offsets) - 1
         nonroot = np.ones(forest.n_nodes, bool)
@@ -56,6 +61,19 @@ class SortedCandidates:
         sc = cls(order, start, length, rank, owner, np.cumsum(forest.prob[order]),
                  idx[best_first], global_pos)
         sc._prob_best = forest.prob[sc.best]
+        return sc
+
+    @classmethod
+    def _from_blocks(cls, forest: CandidateForest, kernels) -> "SortedCandidates":
+        """``build`` by the compiled kernels (numpy sorts only when sort keys tie)."""
+        args = (forest.prob, forest.depth, forest.offsets, _DEPTH_TIE)
+        ints, floats, ok = kernels.sorted_candidates(*args)
+        if not ok:
+            ints, floats = kernels.grouped(np.argsort(floats[0]), *args)
+        n, count = len(forest.offsets) - 1, floats.shape[1]
+        block = ints[:, :count]
+        sc = cls(block[0], ints[5, :n], ints[6, :n], block[1], block[2], floats[0], block[3], block[4])
+        sc._prob_best = floats[1]
         return sc
 
     def prefix_to_reach(self, target: np.ndarray) -> np.ndarray:
@@ -89,6 +107,16 @@ def select(forest: CandidateForest, sorted_c: SortedCandidates, budget: int, nee
     remaining = budget - n
     if remaining <= 0 or len(sorted_c.order) == 0:
         return selected
+    kernels = _kernels()
+    if kernels is not None:
+        if slo_phase and want is None:
+            want = slo_wants(sorted_c, need, cap, n_max)
+        unused = np.zeros(0)  # the SLO phase's inputs, when it does not run
+        return kernels.select(forest.roots, forest.n_nodes, sorted_c.order, sorted_c.rank,
+                              sorted_c.owner, sorted_c.best, sorted_c.global_pos, remaining,
+                              np.asarray(need, np.float64) if slo_phase else unused,
+                              np.asarray(want, np.int64) if slo_phase else unused.astype(np.int64),
+                              slo_phase)
     take = np.zeros(n, np.int64)
     if slo_phase:
         if want is None:
@@ -127,18 +155,38 @@ def choose_budget(sorted_c: SortedCandidates, n: int, max_budget: int, step_ms) 
     extra = int(min(max(max_budget - n, 0), len(sorted_c.order)))
     if extra == 0:
         return n
-    gain = n + sorted_c.expected_tokens(extra)
     budgets = n + np.arange(extra + 1)
-    rate = gain / np.maximum(np.asarray(step_ms(budgets), dtype=np.float64), 1e-9)
+    times = np.asarray(step_ms(budgets), dtype=np.float64)
+    kernels = _kernels()
+    if kernels is not None:
+        return n + kernels.best_rate(sorted_c._prob_best, n, times)
+    rate = (n + sorted_c.expected_tokens(extra)) / np.maximum(times, 1e-9)
     return int(budgets[int(np.argmax(rate))])
 
 
 def slo_wants(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_max: int) -> np.ndarray:
     """Per request: the candidates the SLO phase gives it with an unlimited budget (the shortest
     best-first prefix reaching ``A_cap = min(A, cap)``, at most ``n_max - 1``)."""
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.slo_wants(sorted_c.cumprob, sorted_c.start, sorted_c.length,
+                                 np.asarray(need, np.float64), np.asarray(cap, np.float64),
+                                 max(n_max - 1, 0))
     return np.minimum(sorted_c.prefix_to_reach(np.minimum(need, cap)), max(n_max - 1, 0))
 
 
 def slo_budget(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_max: int) -> int:
     """Tokens (roots included) the SLO phase would use with an unlimited budget."""
     return int(len(need) + slo_wants(sorted_c, need, cap, n_max).sum())
+
+
+def _kernels():
+    """``scheduling.kernels`` when numba is enabled, else None: the numpy code above runs."""
+    return _kernel_module() if jit.enabled() else None
+
+
+@functools.cache
+def _kernel_module():
+    """``scheduling.kernels``, imported on first use (importing it imports numba)."""
+    from adaserve.scheduling import kernels
+    return kernels

@@ -17,12 +17,27 @@ from adaserve.core.jit import njit
 
 
 @njit
-def rank_log_arg(top1, u):  # pragma: no cover - compiled
-    """``-v`` of ``sample_rank``: the argument of its ``log1p``, which the caller takes in numpy."""
-    out = np.empty_like(top1)
-    for i in range(top1.shape[0]):
-        for j in range(top1.shape[1]):
-            v = (u[i, j] - top1[i, j]) / max(1 - top1[i, j], 1e-12)
+def negative_logit(level, sigma, normal):  # pragma: no cover - compiled
+    """``-(level + sigma * normal)`` (level, sigma: (n, 1)), the argument of the top-1
+    confidence's ``exp``, which the caller takes in numpy."""
+    out = np.empty_like(normal)
+    for i in range(normal.shape[0]):
+        for j in range(normal.shape[1]):
+            out[i, j] = -(level[i, 0] + sigma[i, 0] * normal[i, j])
+    return out
+
+
+@njit
+def top1_and_rank_log_arg(exp_term, u):  # pragma: no cover - compiled
+    """In place, ``exp_term`` (``exp(negative_logit)``) becomes the top-1 confidence
+    ``1 / (1 + exp_term)``; returns ``-v`` of ``sample_rank``, the argument of its ``log1p``,
+    which the caller takes in numpy."""
+    out = np.empty_like(exp_term)
+    for i in range(exp_term.shape[0]):
+        for j in range(exp_term.shape[1]):
+            top1 = 1 / (1 + exp_term[i, j])
+            exp_term[i, j] = top1
+            v = (u[i, j] - top1) / max(1 - top1, 1e-12)
             out[i, j] = -min(max(v, 0.0), 1 - 1e-12)
     return out
 
@@ -30,7 +45,7 @@ def rank_log_arg(top1, u):  # pragma: no cover - compiled
 @njit
 def confidences_and_ranks(top1, u, log1p_arg, log_rho, tail):  # pragma: no cover - compiled
     """``child_confidences(top1, len(tail) + 1, rho)`` and ``sample_rank(top1, u, rho)``, given
-    ``log1p_arg = np.log1p(rank_log_arg(top1, u))``, ``log_rho = math.log(rho)`` and
+    ``log1p_arg = np.log1p(top1_and_rank_log_arg(...))``, ``log_rho = math.log(rho)`` and
     ``tail = _tail(width, rho)``."""
     n, f = top1.shape
     q = np.empty((n, f, tail.shape[0] + 1))
@@ -51,7 +66,8 @@ def grow(q, rank, levels, nodes):  # pragma: no cover - compiled (its twin: acce
     width, kept nodes); ``nodes``: per local node (its level's width, its parent level's first
     node, depth). Beam pruning keeps the ``kept`` most probable candidates by insertion, a
     candidate going after every kept one at least as probable: the order of numpy's stable
-    argsort of ``-prob``."""
+    argsort of ``-prob``. Last: whether a non-root node has a path probability that is not
+    positive (``drop_impossible`` has nodes to drop)."""
     n, m = q.shape[0], nodes.shape[0]
     prob = np.empty(n * m)
     ok = np.empty(n * m, np.bool_)
@@ -61,6 +77,7 @@ def grow(q, rank, levels, nodes):  # pragma: no cover - compiled (its twin: acce
     pos = np.empty(m, np.int64)  # a node's position among its level's candidates
     c_prob = np.empty(q.shape[1] * q.shape[2])
     c_ok = np.empty(q.shape[1] * q.shape[2], np.bool_)
+    impossible = False
     for i in range(n):
         base = i * m
         prob[base], ok[base], pos[0] = 1.0, True, 0
@@ -78,12 +95,13 @@ def grow(q, rank, levels, nodes):  # pragma: no cover - compiled (its twin: acce
                 _keep_best(c_prob, f * w, kept, pos[new:new + kept])
             for r in range(kept):
                 prob[base + new + r], ok[base + new + r] = c_prob[pos[new + r]], c_ok[pos[new + r]]
+                impossible = impossible or not c_prob[pos[new + r]] > 0
         for v in range(m):
             width, start = nodes[v, 0], nodes[v, 1]
             parent[base + v] = -1 if v == 0 else base + start + pos[v] // width
             token[base + v] = pos[v] % width
             depth[base + v] = nodes[v, 2]
-    return prob, ok, parent, token, depth
+    return prob, ok, parent, token, depth, impossible
 
 
 @njit

@@ -1,0 +1,191 @@
+"""Compiled twins of the token selection's numpy code (``selection.py``; ``adaserve.core.jit``).
+
+AdaServe's selection runs every iteration on a few hundred candidates, where numpy's cost is its
+per-call overhead (about 60 array calls per iteration), not the arithmetic. These loops do the same
+work in a few compiled calls and give the same bits: they do only comparisons, integer arithmetic
+and float additions and divisions in numpy's order (``np.cumsum`` accumulates left to right), with
+numpy's NaN rules where numpy's functions have them (``np.minimum``, ``np.maximum``, ``np.argmax``,
+``np.searchsorted``, ``np.argsort``: NaN after every number). The one sort numpy's unstable
+quicksort decides (the best-first order, whose ties it breaks its own way) stays in numpy.
+``tests/test_sim_speed.py`` runs both paths on the same forests.
+
+Imported only when ``jit.enabled()`` (importing this module imports numba).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adaserve.core.jit import njit
+
+
+@njit
+def _before(a, b):  # pragma: no cover - compiled
+    """``a`` sorts before ``b`` in numpy's order (NaN last)."""
+    return a < b or (b != b and a == a)
+
+
+@njit
+def _np_minimum(a, b):  # pragma: no cover - compiled
+    """``np.minimum`` of two scalars (NaN propagates)."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a <= b else b
+
+
+@njit
+def sorted_candidates(prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
+    """``SortedCandidates``' arrays (``group_by_request``) with the best-first order sorted here,
+    when no two sort keys are equal (then every sort gives numpy's order); else the keys (and
+    ``ok`` False), for the caller to argsort in numpy (whose quicksort breaks ties its own way)."""
+    idx, owner, key = sort_keys(prob, depth, offsets, depth_tie)
+    best_first = np.argsort(key)
+    for j in range(1, best_first.shape[0]):
+        if not key[best_first[j - 1]] < key[best_first[j]]:  # a tie (or NaN)
+            return np.empty((0, 0), np.int64), key.reshape(1, -1), False
+    ints, floats = group_by_request(best_first, idx, owner, prob, offsets)
+    return ints, floats, True
+
+
+@njit
+def sort_keys(prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
+    """The non-root nodes (global indices, in node order), their requests, and their sort keys
+    ``depth * depth_tie - prob`` (what ``SortedCandidates.build`` argsorts)."""
+    n = offsets.shape[0] - 1
+    count = prob.shape[0] - n
+    idx = np.empty(count, np.int64)
+    owner = np.empty(count, np.int64)
+    key = np.empty(count)
+    j = 0
+    for i in range(n):
+        for v in range(offsets[i] + 1, offsets[i + 1]):
+            idx[j], owner[j] = v, i
+            key[j] = depth[v] * depth_tie - prob[v]
+            j += 1
+    return idx, owner, key
+
+
+@njit
+def grouped(best_first, prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
+    """``group_by_request`` for a best-first order sorted by the caller."""
+    idx, owner, _ = sort_keys(prob, depth, offsets, depth_tie)
+    return group_by_request(best_first, idx, owner, prob, offsets)
+
+
+@njit
+def group_by_request(best_first, idx, owner, prob, offsets):  # pragma: no cover - compiled
+    """``SortedCandidates``' arrays from the best-first order of the non-root nodes: a stable
+    counting sort by request (numpy's stable argsort of the owners), the ranks, the cumulative
+    path probabilities along the grouped order, and the best-first nodes and probabilities.
+    Returned as two blocks (fewer arrays to hand back to Python): int rows order, rank, owner,
+    best, global_pos, then start and length padded to the node count; float rows cumprob and
+    the best-first probabilities."""
+    n, count = offsets.shape[0] - 1, best_first.shape[0]
+    ints = np.zeros((7, max(count, n)), np.int64)
+    order, rank, group_owner, best, global_pos, start, length = (ints[0], ints[1], ints[2], ints[3],
+                                                                 ints[4], ints[5], ints[6])
+    floats = np.empty((2, count))
+    cumprob, prob_best = floats[0], floats[1]
+    filled = np.zeros(n, np.int64)
+    total = 0
+    for i in range(n):
+        length[i] = offsets[i + 1] - offsets[i] - 1
+        start[i] = total
+        total += length[i]
+    for j in range(count):
+        o, node = owner[best_first[j]], idx[best_first[j]]
+        p = start[o] + filled[o]
+        order[p], rank[p], group_owner[p], global_pos[p] = node, filled[o], o, j
+        filled[o] += 1
+        best[j], prob_best[j] = node, prob[node]
+    acc = 0.0
+    for p in range(count):
+        acc += prob[order[p]]
+        cumprob[p] = acc
+    return ints, floats
+
+
+@njit
+def best_rate(prob_best, n, times):  # pragma: no cover - compiled
+    """``np.argmax((n + expected_tokens) / np.maximum(times, 1e-9))`` over budgets n + j,
+    j = 0..len(times) - 1 (``choose_budget``)."""
+    best_j, best = 0, 0.0
+    gained = 0.0
+    for j in range(times.shape[0]):
+        if j > 0:
+            gained += prob_best[j - 1]
+        t = times[j]
+        rate = (n + gained) / (t if t != t or t >= 1e-9 else 1e-9)  # np.maximum(t, 1e-9)
+        if j == 0 or (best == best and (rate > best or rate != rate)):
+            best_j, best = j, rate
+    return best_j
+
+
+@njit
+def _search_left(sorted_values, value):  # pragma: no cover - compiled
+    """``np.searchsorted(sorted_values, value, side="left")``."""
+    lo, hi = 0, sorted_values.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _before(sorted_values[mid], value):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit
+def slo_wants(cumprob, start, length, need, cap, limit):  # pragma: no cover - compiled
+    """``selection.slo_wants``: per request, the shortest best-first prefix whose 1 + Σf̂ reaches
+    ``min(need, cap)`` (``prefix_to_reach``), at most ``limit``."""
+    n = start.shape[0]
+    out = np.zeros(n, np.int64)
+    if cumprob.shape[0] == 0:
+        return out
+    for i in range(n):
+        target = _np_minimum(need[i], cap[i])
+        k = 0
+        if not target <= 1.0:
+            base = cumprob[start[i] - 1] if start[i] > 0 else 0.0
+            k = _search_left(cumprob, base + (target - 1.0) - 1e-12) - start[i] + 1
+        out[i] = min(min(max(k, 0), length[i]), limit)
+    return out
+
+
+@njit
+def select(roots, n_nodes, order, rank, owner, best, global_pos, remaining, need, want,
+           slo_phase):  # pragma: no cover - compiled
+    """``selection.select`` once its early returns are passed (``remaining`` > 0 candidates)."""
+    n = roots.shape[0]
+    selected = np.zeros(n_nodes, np.bool_)
+    for i in range(n):
+        selected[roots[i]] = True
+    take = np.zeros(n, np.int64)
+    if slo_phase:
+        visit = np.empty(n, np.int64)  # stable argsort of -need: insertion sort, NaN last
+        for i in range(n):
+            at = i
+            while at > 0 and _before(-need[i], -need[visit[at - 1]]):
+                visit[at] = visit[at - 1]
+                at -= 1
+            visit[at] = i
+        before = 0
+        for i in visit:
+            take[i] = min(max(remaining - before, 0), want[i])
+            before += want[i]
+        for i in range(n):
+            remaining -= take[i]
+    taken = np.zeros(order.shape[0], np.bool_)
+    for p in range(order.shape[0]):
+        if rank[p] < take[owner[p]]:
+            taken[global_pos[p]] = True
+            selected[order[p]] = True
+    for j in range(best.shape[0]):
+        if remaining <= 0:
+            break
+        if not taken[j]:
+            selected[best[j]] = True
+            remaining -= 1
+    return selected
