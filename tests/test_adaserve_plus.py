@@ -15,7 +15,7 @@ from adaserve.core.request import Phase, Request
 from adaserve.core.results import format_text, load_result
 from adaserve.core.trace import TraceError, parse_records, save_trace, to_requests
 from adaserve.iteration import ServingLoop, StepOutput
-from adaserve.scheduling.adaserve_plus import AdaServePlus, _deadline_view
+from adaserve.scheduling.adaserve_plus import AdaServePlus, _deadline_room, _deadline_view
 from adaserve.scheduling.calibration import (Calibrator, conditional_confidence, end_weights,
                                              exact_end_weights, node_outcomes, path_products)
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
@@ -170,7 +170,8 @@ def test_selection_is_connected_and_spends_more_when_requests_fall_behind():
 
 def test_ttft_deadlines_order_prefills():
     """An earlier summarization prompt (4 s default) waits behind a later chat prompt (1 s); a
-    prompt whose deadline already passed goes after the reachable ones; a started one first."""
+    prompt whose deadline already passed goes after the reachable ones; a started prompt keeps its
+    place by its deadline (a long one due in 30 s does not hold back prompts due in 1 s)."""
     now = 5_000.0
     summ = waiting(0, 3_000.0, category="summarization")
     chat = waiting(1, 4_500.0)
@@ -178,7 +179,7 @@ def test_ttft_deadlines_order_prefills():
     started = waiting(3, 4_900.0, ttft=30_000.0)
     started.admitted_ms, started.prefilled = 4_950.0, 100
     view = view_of([], [summ, chat, missed, started], now=now)
-    assert [r.rid for r in _deadline_view(view).waiting] == [3, 1, 0, 2]
+    assert [r.rid for r in _deadline_view(view).waiting] == [1, 0, 3, 2]
     policy = make_policy("adaserve_plus", "llama")
     plan = policy.plan(view_of([decoding(9)], [summ, chat, missed], now=now))
     assert [r.rid for r, _ in plan.prefill][:2] == [1, 0]
@@ -192,6 +193,68 @@ def test_ttft_deadline_widens_the_prefill_room():
     urgent = [waiting(20, 9_900.0, input_len=1500, ttft=900.0)]
     room = lambda w: sum(c for _, c in policy.plan(view_of(running, w)).prefill)  # noqa: E731
     assert room(urgent) > room(relaxed)
+
+
+def test_deadline_room_meets_the_most_deadlines():
+    """Two short prompts due in 200 ms are met only by small rooms (short steps), a long one due
+    in 800 ms only by large rooms: the room meets the two short ones. (Judging reachability by the
+    largest room alone dropped them and sized the room for the long prompt.)"""
+    now = 10_000.0
+    short = [waiting(i, now - 800.0, input_len=32) for i in range(2)]  # 1 s TTFT: due in 200 ms
+    long_ = waiting(2, now, input_len=900, ttft=800.0)
+    view = view_of([], short + [long_], now=now)
+    rooms = np.arange(128, 1025, 32)
+    step = 150.0 + 0.2 * rooms  # ms per iteration with that much prefill
+    room = _deadline_room(view, rooms, step)
+    assert 150.0 + 0.2 * room <= 200.0  # both short prompts finish in the first step
+
+
+def test_a_prompt_due_soon_is_prefilled_whole_when_it_fits():
+    """1000 prompt tokens fit beside one decoding request (1024-token steps), but not in a room
+    on the 32-token grid (992): the room that completes the prompt is an option, so its first
+    token comes after one iteration, within its 350 ms TTFT, not two."""
+    policy = make_policy("adaserve_plus", "llama")
+    now = 10_000.0
+    prompt = waiting(5, now, input_len=1000, ttft=350.0)
+    plan = policy.plan(view_of([decoding(0, behind_ms=-5_000.0)], [prompt], now=now))
+    assert plan.prefill == [(prompt, 1000)]
+
+
+def test_ttft_room_leaves_decoding_requests_their_slo():
+    """A prompt due in 260 ms needs its 900 tokens in one chunk now. A decoding request 6 tokens from its
+    end with ~75 ms to spare must not pay for it (it would miss its TPOT SLO, lost on both
+    metrics); when that request is well ahead, the prompt gets its chunk."""
+    policy = make_policy("adaserve_plus", "llama")
+    now = 10_000.0
+    prompt = waiting(5, now, input_len=900, ttft=260.0)
+    room = lambda behind: sum(c for _, c in policy.plan(view_of(  # noqa: E731
+        [decoding(0, slo=36.0, generated=250, behind_ms=behind)], [prompt], now=now)).prefill)
+    assert room(-5_000.0) == 900
+    assert room(60.0) < 900
+
+
+def test_predicted_iteration_time_is_the_simulated_one():
+    """The selection's predicted iteration time equals the simulated clock's, prefill iterations
+    included (the draft model's forward over the prefill chunks is part of the step)."""
+    records = generate_trace("rps", rps=3.0, duration_s=15, seed=4, output_len=48,
+                             artifact_rounding=False)
+    policy = make_policy("adaserve_plus", "llama")
+    predicted = []
+    select = policy.select
+
+    def recording(plan, forest, view):
+        s = select(plan, forest, view)
+        predicted.append((view.now_ms, s.predicted_ms, bool(plan.prefill and plan.decode)))
+        return s
+
+    policy.select = recording
+    ex = SimExecutor(LLAMA, SyntheticAcceptance(AcceptanceParams(3.0, 3.5, 0.5, 0.5)),
+                     draft_prefill=True)
+    ServingLoop(policy, ex, to_requests(records, 30.0)).run()
+    mixed = [(t1 - t0, p) for (t0, p, both), (t1, _, _) in zip(predicted, predicted[1:])
+             if both and t1 - t0 < p + 1_000.0]  # the next iteration started at once
+    assert len(mixed) > 5
+    assert all(actual == pytest.approx(p, rel=1e-9) for actual, p in mixed)
 
 
 # ------------------------------------------------------------------------------- the loop hook

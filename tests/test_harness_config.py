@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from adaserve.core.results import write_results
+from adaserve.core.results import load_result, write_results
 from adaserve.core.trace import TraceRecord, load_trace, save_trace
 from adaserve.harness import figures, headline, plot, record, runner, sweep
-from adaserve.harness.sweep import settings_from_env
+from adaserve.harness.sweep import SettingsError, settings_from_env
 from adaserve.scheduling import policies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ RPS48 = "rps4.8_ol256"
     ({"BACKEND": "http", "ENDPOINT": "http://127.0.0.1:9", "BASELINE_MS": "30"},
      "backend 'sim' -> 'http'"),
     ({"SEED": "1"}, "seed 0 -> 1"),
+    ({"PRICING": "shared"}, "pricing None -> 'shared'"),
 ])
 def test_a_finished_point_is_rerun_when_the_setting_changed(tmp_path, change, why):
     """The issue's case: after a simulated run, the same point on another backend or seed used to
@@ -68,6 +69,24 @@ def test_a_finished_point_is_rerun_when_the_setting_changed(tmp_path, change, wh
     todo, replaced, report = plan("fig8,9", "llama", {**env, **change})
     assert todo == [RPS48] and not report.skipped
     assert why in replaced[RPS48]
+
+
+def test_pricing_reaches_the_simulator_and_is_checked(tmp_path):
+    """PRICING=shared prices a vLLM baseline on the named (FlexFlow) profile, as ``simulate
+    --pricing shared`` does, and says so in the result; a bad value or another backend is refused."""
+    traces = tiny_traces(tmp_path, RPS48)
+    env = {**env_for(tmp_path, traces, RPS_MIN="4.8", RPS_MAX="4.8"), "ADASERVE": "OFF", "VLLM": "ON"}
+    shared = {**env, "RESULTS_DIR": str(tmp_path / "shared"), "PRICING": "shared"}
+    assert len(sweep_once("fig8,9", "llama", env).done) == len(sweep_once("fig8,9", "llama", shared).done) == 1
+    per_engine = load_result(tmp_path / "results" / "fig8,9" / "llama" / "vllm" / RPS48)
+    on_table = load_result(tmp_path / "shared" / "fig8,9" / "llama" / "vllm" / RPS48)
+    assert on_table["meta"]["pricing"] == "shared" and per_engine["meta"]["pricing"] == "per-engine"
+    assert on_table["summary"]["total_time_ms"] != per_engine["summary"]["total_time_ms"]
+    with pytest.raises(SettingsError, match="PRICING='flat'"):
+        settings_from_env("fig8,9", "llama", {**env, "PRICING": "flat"})
+    with pytest.raises(SettingsError, match="PRICING applies to BACKEND=sim"):
+        settings_from_env("fig8,9", "llama", {**shared, "BACKEND": "engine", "MODEL": "m",
+                                              "DRAFTER": "ngram"})
 
 
 @pytest.mark.parametrize("experiment,point,extra", [

@@ -24,6 +24,7 @@ def _env_help() -> str:
 {sweeps}
   OUTPUT_LENGTH   {', '.join(OVERHEAD_SWITCHES)} (fig15)
   BACKEND=sim|engine|http   TRACE_DIR   RESULTS_DIR   JOBS   SEED
+  PRICING=per-engine|shared  sim: each system on its paper engine's profile, or all on FlexFlow's
   engine: MODEL, DRAFT or DRAFTER=ngram, PROFILE   http: ENDPOINT, BASELINE_MS, MODEL
   EXTRA_ARGS  appended to the engine's `adaserve run` / the client's `adaserve bench` command
 

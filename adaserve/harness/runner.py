@@ -77,8 +77,10 @@ def run_sim_point(s: Settings, p: Point, config: dict) -> None:
     from adaserve.sim.run import simulate_records
 
     profile = MODELS[p.model]
-    res = simulate_records(load_trace(p.trace, keep_prompts=False), p.system, profile, seed=s.seed)
-    meta = {**_meta(s, p, config), "profile": profile, "seed": s.seed,
+    pricing = s.backend_args.get("pricing", "per-engine")
+    res = simulate_records(load_trace(p.trace, keep_prompts=False), p.system, profile, seed=s.seed,
+                           pricing=pricing)
+    meta = {**_meta(s, p, config), "profile": profile, "seed": s.seed, "pricing": pricing,
             "iterations": res.iterations, "simulation_wall_s": round(res.wall_s, 3),
             "note": "simulated: latency from the profile, acceptance from the calibrated model; "
                     "scheduling overhead is measured CPU time of the selection code"}

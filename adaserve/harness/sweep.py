@@ -37,7 +37,8 @@ MAIN_SYSTEMS = tuple(s.name for s in SYSTEM_REGISTRY if s.role in ("adaserve", "
 OVERHEAD_SWITCHES = {f"{m.upper()}_OVERHEAD": m for m in MODELS}
 #: variables every experiment reads (besides the system switches and its own sweep variables)
 COMMON_VARIABLES = ("OUTPUT_LENGTH", "BACKEND", "TRACE_DIR", "RESULTS_DIR", "JOBS", "SEED",
-                    "MODEL", "DRAFT", "DRAFTER", "PROFILE", "ENDPOINT", "BASELINE_MS", "EXTRA_ARGS")
+                    "MODEL", "DRAFT", "DRAFTER", "PROFILE", "ENDPOINT", "BASELINE_MS", "EXTRA_ARGS",
+                    "PRICING")
 #: ADASERVE_* variables read elsewhere (the scripts, the progress bar, caches, the test suite)
 OTHER_ADASERVE_VARIABLES = ("ADASERVE_BIN", "ADASERVE_PROGRESS", "ADASERVE_CACHE",
                             "ADASERVE_CACHE_DIR", "ADASERVE_PROFILE_CACHE", "ADASERVE_PREPACK",
@@ -181,6 +182,8 @@ def _backend_args(backend: str, env: Mapping[str, str]) -> dict:
     appended to their ``adaserve run`` / ``adaserve bench`` command (e.g. ``--threads 1
     --output-len-cap 48 --time-scale 4 --scale-slos`` for a CPU run)."""
     if backend != "sim":
+        if env.get("PRICING", "").strip():
+            raise SettingsError("PRICING applies to BACKEND=sim only")
         try:
             extra = shlex.split(env.get("EXTRA_ARGS", ""))
         except ValueError as e:
@@ -188,7 +191,17 @@ def _backend_args(backend: str, env: Mapping[str, str]) -> dict:
         return {**_backend_args_of(backend, env), "extra": extra}
     if env.get("EXTRA_ARGS", "").strip():
         raise SettingsError("EXTRA_ARGS applies to BACKEND=engine or http only")
-    return {}
+    return {"pricing": _pricing(env)}
+
+
+def _pricing(env: Mapping[str, str]) -> str:
+    """``PRICING`` (sim only): ``per-engine`` (default) or ``shared`` (``sim.profiles.PRICINGS``)."""
+    from adaserve.sim.profiles import PRICINGS
+
+    pricing = env.get("PRICING", "").strip() or PRICINGS[0]
+    if pricing not in PRICINGS:
+        raise SettingsError(f"PRICING={pricing!r}: expected one of {', '.join(PRICINGS)}")
+    return pricing
 
 
 def _backend_args_of(backend: str, env: Mapping[str, str]) -> dict:
@@ -311,6 +324,8 @@ def point_config(s: Settings, p: Point, trace_sha256: str) -> dict:
         from adaserve.sim import SIM_MODEL
 
         config.update(profile=MODELS[p.model], sim_model=SIM_MODEL)
+        if a.get("pricing", "per-engine") != "per-engine":  # default results keep their config
+            config["pricing"] = a["pricing"]
     elif s.backend == "engine":
         config.update(engine_model=a["model"], draft=a["draft"], drafter=a["drafter"],
                       profile=a["profile"],

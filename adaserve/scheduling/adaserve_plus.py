@@ -15,8 +15,8 @@ Three changes to AdaServe's iteration:
    selection scores a grid of verification budgets. A request whose SLO, with a margin, is out of
    reach at the best rate the system has now (*hopeless*) stops steering the choice.
 3. **TTFT deadlines**: waiting prompts are prefilled earliest-deadline-first (deadlines still
-   reachable first), and each iteration's prefill room is the larger of what the decode slack
-   allows and what the waiting prompts' TTFT deadlines need.
+   ahead first), and each iteration's prefill room is the larger of what the decode slack
+   allows and the least room that meets the most waiting prompts' TTFT deadlines.
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ class SloState:
         finite = np.isfinite(self.slo)
         ok = self.budget >= HOPELESS_MARGIN * self.left * best_ms_per_token
         return (finite & ok).astype(np.float64)
+
+    def spare(self, ms_per_token: np.ndarray) -> np.ndarray:
+        """ms each request can lose now and still finish within its SLO if it decodes the rest
+        at ``ms_per_token``: its time left at the maximum length minus what the rest takes."""
+        return self.budget - self.left * ms_per_token
 
     def deficit(self, expected: np.ndarray, t_ms: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """Σ weight · tokens behind schedule after an iteration of ``t_ms`` committing
@@ -119,10 +124,7 @@ class AdaServePlus(AdaServe):
         state = SloState.of(decode, view.now_ms)
         shapes = self.shape_options(n)
         depth = np.array([min(s.depth, MAX_DEPTH) for s in shapes])
-        by_cat = {c: np.concatenate(([0.0], np.cumsum(self.depths.rho(c))))
-                  for c in {r.category for r in decode}}
-        cum = np.array([by_cat[r.category] for r in decode])      # (n, MAX_DEPTH + 1)
-        e = 1.0 + cum[:, depth].T                                   # (shapes, n)
+        e = self.expected_tokens(decode, depth)                     # (shapes, n)
         w = self.config.spec.width(n)
         nodes = np.concatenate(([0.0], np.cumsum(np.minimum(self.depths.mean_width(), w))))
         tokens = np.minimum(n * (1.0 + nodes[depth]), max(view.limits.max_batch_tokens - prefill_tokens, n))
@@ -133,27 +135,41 @@ class AdaServePlus(AdaServe):
         weight = state.weights(np.min(t[:, None] / e, axis=0))
         return shapes[pick(state.deficit(e, t, weight), e.sum(axis=1) / t)]
 
+    def expected_tokens(self, decode: list[Request], depth: np.ndarray) -> np.ndarray:
+        """E_r = 1 + Σ_{k≤d} ρ_k(r's category): tokens each request is expected to commit in an
+        iteration of tree depth d, for every d of ``depth``: (len(depth), n)."""
+        by_cat = {c: np.concatenate(([0.0], np.cumsum(self.depths.rho(c))))
+                  for c in {r.category for r in decode}}
+        cum = np.array([by_cat[r.category] for r in decode])      # (n, MAX_DEPTH + 1)
+        return 1.0 + cum[:, np.minimum(depth, MAX_DEPTH)].T
+
     def ttft_room(self, view: IterationView, decode: list[Request], shape: SpecShape) -> int:
         """Prefill tokens this iteration: what the tightest salvageable request's slack allows
-        (``slack`` mode) or, if more, the least room that lets every waiting prompt whose TTFT
-        deadline is still reachable meet it."""
+        (``slack`` mode) or, if more, the least room that meets the most waiting prompts' TTFT
+        deadlines (``_deadline_room``) among the rooms every salvageable decoding request can
+        absorb (``SloState.spare``): a TPOT miss loses the request on both metrics, a TTFT miss
+        on the joint one only, so TTFT deadlines take what the decode SLOs leave."""
         lim = view.limits
         if not view.waiting:
             return 0
         n, ctx = len(decode), context_tokens(decode)
         base = min(n * (shape.depth + 1), lim.max_batch_tokens - self.config.min_prefill_chunk)
         draft = draft_phase_ms(view, shape, n, ctx)
-        rooms = np.arange(self.config.min_prefill_chunk, max(lim.max_batch_tokens - base, 0) + 1, 32)
+        rooms = _room_options(view, self.config.min_prefill_chunk, lim.max_batch_tokens - base)
         if len(rooms) == 0:
             return self.config.min_prefill_chunk
-        extra = view.latency.verify_ms(base + rooms, ctx) - view.latency.verify_ms(base, ctx)
+        extra = (view.latency.verify_ms(base + rooms, ctx) - view.latency.verify_ms(base, ctx)
+                 + draft_prefill_ms(view, rooms))
         state = SloState.of(decode, view.now_ms)
         step = draft + float(view.latency.verify_ms(base, ctx))
         weight = state.weights(np.full(n, step / max(shape.depth + 1, 1)))
         slack = np.min(np.where(weight > 0, state.slack, np.inf), initial=np.inf)
         fits = rooms[extra <= max(slack, 0.0)]
         by_slack = int(fits[-1]) if len(fits) else int(rooms[0])
-        return max(by_slack, _deadline_room(view, rooms, step + extra))
+        spare = state.spare(step / self.expected_tokens(decode, np.array([shape.depth]))[0])
+        ok = extra <= np.min(np.where(weight > 0, spare, np.inf), initial=np.inf)
+        by_deadline = _deadline_room(view, rooms[ok], (step + extra)[ok]) if ok.any() else 0
+        return max(by_slack, by_deadline)
 
     # -- select -------------------------------------------------------------------------------
     def select(self, plan: Plan, forest: CandidateForest, view: IterationView) -> Selection:
@@ -226,34 +242,58 @@ def _step_predictor(plan: Plan, view: IterationView, prefill_tokens: int):
     """Predicted iteration time as a function of the verification budget (vectorized)."""
     ctx = context_tokens(plan.decode)
     draft = draft_phase_ms(view, plan.shape, len(plan.decode), ctx)
+    if prefill_tokens:
+        prefilled = sum(r.prefilled for r, _ in plan.prefill)
+        draft += float(draft_prefill_ms(view, prefill_tokens, prefilled))
     return lambda b: draft + view.latency.verify_ms(np.asarray(b) + prefill_tokens, ctx)
 
 
+def draft_prefill_ms(view: IterationView, tokens, prefilled: int = 0):
+    """The draft model's forward over ``tokens`` prefill-chunk tokens (vectorized) after
+    ``prefilled`` prompt tokens: a draft model needs every prompt's KV too, so each chunk costs a
+    draft forward after the target's step. A profile measured with the n-gram drafter has no draft
+    model to fill (0)."""
+    tokens = np.asarray(tokens, np.float64)
+    if view.latency.measured_with.get("drafter") == "ngram":
+        return np.zeros_like(tokens)
+    return np.asarray(view.latency.draft_ms(tokens, prefilled), np.float64)
+
+
 def _deadline_view(view: IterationView) -> IterationView:
-    """The view with waiting prompts in prefill order: started ones, then reachable TTFT deadlines
-    earliest first, then missed ones earliest first (FIFO among equals)."""
+    """The view with waiting prompts in prefill order: TTFT deadlines still ahead earliest first
+    (earliest-deadline-first; a started prompt keeps its place by its deadline, so a long prompt
+    due in seconds does not hold back short ones due sooner), then missed ones earliest first
+    (FIFO among equals)."""
     now = view.now_ms
 
     def key(r: Request) -> tuple:
         deadline = r.ttft_deadline_ms
-        return (r.admitted_ms is None, deadline < now, deadline, r.arrival_ms, r.rid)
+        return (deadline < now, deadline, r.arrival_ms, r.rid)
 
     waiting = sorted(view.waiting, key=key)
     return IterationView(view.now_ms, waiting, view.running, view.latency, view.kv_free_tokens)
 
 
+def _room_options(view: IterationView, least: int, most: int) -> np.ndarray:
+    """Prefill rooms to score, ascending: every 32 tokens from ``least`` to ``most``, plus the
+    rooms that complete a waiting prompt exactly (in the view's order), since a prompt's TTFT
+    ends with its last chunk: a room 8 tokens short of one costs it a whole extra iteration."""
+    ends = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.int64)
+    ends = ends[(ends >= least) & (ends <= most)]
+    return np.unique(np.concatenate((np.arange(least, most + 1, 32, dtype=np.int64), ends)))
+
+
 def _deadline_room(view: IterationView, rooms: np.ndarray, step_ms: np.ndarray) -> int:
-    """The least prefill room per iteration whose steps finish every waiting prompt (in the view's
-    order) with a reachable TTFT deadline by that deadline; 0 when none needs any."""
+    """The least prefill room per iteration among those whose steps finish the most waiting
+    prompts (in the view's order) by their TTFT deadlines; 0 when no room meets any. A prompt may
+    be met only by a small room (short steps) or only by a large one (few steps), so every room is
+    scored, not only the largest."""
     now = view.now_ms
     remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
     deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
     finish = now + np.ceil(remaining[None, :] / rooms[:, None]) * step_ms[:, None]
-    reachable = finish[-1] <= deadline  # met with the largest room
-    if not reachable.any():
-        return 0
-    ok = np.all((finish <= deadline) | ~reachable, axis=1)
-    return int(rooms[np.argmax(ok)]) if ok.any() else int(rooms[-1])
+    met = (finish <= deadline).sum(axis=1)
+    return int(rooms[np.argmax(met)]) if met.max() > 0 else 0
 
 
 register_policy("adaserve_plus", AdaServePlus)
