@@ -22,7 +22,7 @@
 # Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
 # temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
 # "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40).
-# Timing budget on one H100: about 6 minutes (docs/engine.md, "GPU check").
+# Meant to take about 6 minutes on one H100; never checked on a GPU (docs/engine.md, "GPU check").
 set -uo pipefail
 
 DRY=0

@@ -4,7 +4,10 @@ import socket
 import subprocess
 import time
 
+import numpy as np
+
 from adaserve.engine import BatchBuilder
+from adaserve.engine.verify import greedy_walks_flat
 
 
 def plain_greedy(model, prompt, n, eos=()):
@@ -51,3 +54,24 @@ def wait_for_server(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> 
             pass
         assert time.time() < deadline, "adaserve serve did not come up"
         time.sleep(0.2)
+
+
+def greedy_walks(tokens, parents, offsets, argmax) -> list[tuple[list[int], list[int]]]:
+    """``greedy_walk`` of many trees through the engine's batched walk: tree ``i`` is
+    ``[offsets[i], offsets[i+1])`` of ``tokens`` / local ``parents`` / ``argmax`` (the target's token
+    at each node); per tree ``(path, out)``."""
+    tokens, parents, argmax = (np.asarray(x, np.int64) for x in (tokens, parents, argmax))
+    offsets = np.asarray(offsets, np.int64)
+    return greedy_walks_flat(tokens, parents, offsets, argmax, offsets[:-1],
+                             np.ones(len(offsets) - 1, bool)).lists()
+
+
+def cut(path: list[int], out: list[int], max_commit: int, eos: frozenset[int]) -> tuple[list[int], list[int]]:
+    """The per-walk reference of ``verify.cut_walks``: at most ``max_commit`` tokens, ending at the
+    first EOS; returns (kv path, committed tokens)."""
+    m = max(1, min(len(out), int(max_commit)))
+    for j in range(m):
+        if out[j] in eos:
+            m = j + 1
+            break
+    return path[:m], out[:m]

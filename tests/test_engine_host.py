@@ -12,9 +12,11 @@ from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.drafters import RECORD_K, NgramIndex, NgramTable, TreeSet, level_plan
 from adaserve.engine.executor import select_trees
 from adaserve.engine.kv_cache import KVCache
-from adaserve.engine.verify import greedy_walk, greedy_walks
+from adaserve.engine.verify import greedy_walk
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
+from engine_util import greedy_walks
+
 
 # ---- reference implementations (the straightforward per-node versions) -----------------------
 

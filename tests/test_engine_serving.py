@@ -18,12 +18,12 @@ from adaserve.engine import (AcceptanceRecorder, BatchBuilder, ModelDrafter, Ngr
 from adaserve.engine.drafters import RECORD_K, NgramIndex
 from adaserve.engine.executor import kv_capacity_tokens, selected_trees
 from adaserve.engine.sequence import SamplingOptions, SeqState
-from adaserve.engine.verify import cut, greedy_walk, softmax, stochastic_walk, target_logits
+from adaserve.engine.verify import greedy_walk, softmax, stochastic_walk, target_logits
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.policies import SYSTEMS, make_policy
 from adaserve.scheduling.trees import CandidateForest
-from engine_util import plain_greedy, root_path
+from engine_util import cut, plain_greedy, root_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

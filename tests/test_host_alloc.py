@@ -18,7 +18,8 @@ from adaserve.engine import tiny_random_model
 from adaserve.engine.batch import TREE, BatchBuilder
 from adaserve.engine.executor import select_trees
 from adaserve.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
-from adaserve.engine.verify import Walks, cut, cut_walks
+from adaserve.engine.verify import Walks, cut_walks
+from engine_util import cut
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PATHS = [False] + ([True] if jit._numba() is not None else [])

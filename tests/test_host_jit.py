@@ -23,8 +23,9 @@ from adaserve.engine.drafters import RECORD_K, Filler, NgramDrafter, NgramTable,
 from adaserve.engine.executor import argmax_rows, select_trees
 from adaserve.engine.kv_cache import KVCache
 from adaserve.engine.sequence import SeqState
-from adaserve.engine.verify import greedy_walk, greedy_walks
+from adaserve.engine.verify import greedy_walk
 from adaserve.scheduling.plan import SpecShape
+from engine_util import greedy_walks
 
 pytestmark = pytest.mark.skipif(jit._numba() is None, reason="numba is not installed")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

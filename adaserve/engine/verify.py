@@ -109,15 +109,6 @@ class Walks:
         return cls(flat(0), flat(1), bounds)
 
 
-def greedy_walks(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray
-                 ) -> list[tuple[list[int], list[int]]]:
-    """``greedy_walk`` of many trees at once: tree ``i`` is ``[offsets[i], offsets[i+1])`` of
-    ``tokens`` / local ``parents`` / ``argmax`` (the target's token at each node)."""
-    tokens, parents, argmax = (np.asarray(x, np.int64) for x in (tokens, parents, argmax))
-    offsets = np.asarray(offsets, np.int64)
-    return greedy_walks_flat(tokens, parents, offsets, argmax, offsets[:-1], np.ones(len(offsets) - 1, bool)).lists()
-
-
 def greedy_walks_flat(tokens: np.ndarray, parents: np.ndarray, offsets: np.ndarray, argmax: np.ndarray,
                       first_row: np.ndarray, walk: np.ndarray) -> Walks:
     """The greedy walks of the trees with ``walk[i]`` (the others: empty walks); node ``j`` of tree
@@ -270,13 +261,3 @@ def _cut_kernel(bounds, path, out, caps, is_eos):
                 break
         m[i] = k
     return m, kept_path[:at], kept_out[:at], eos
-
-
-def cut(path: list[int], out: list[int], max_commit: int, eos: frozenset[int]) -> tuple[list[int], list[int]]:
-    """At most ``max_commit`` tokens, ending at the first EOS; returns (kv path, committed tokens)."""
-    m = max(1, min(len(out), int(max_commit)))
-    for j in range(m):
-        if out[j] in eos:
-            m = j + 1
-            break
-    return path[:m], out[:m]
