@@ -208,6 +208,12 @@ class LatencyProfile:
         table = self.host.get("speculative" if speculative else "incremental")
         return float(table(max(requests, 1))) if table is not None else 0.0
 
+    @property
+    def ngram_drafter(self) -> bool:
+        """Measured with the n-gram drafter: no draft model (no draft prefill; drafting is priced
+        per iteration from the ``host`` table's ``draft`` row)."""
+        return self.measured_with.get("drafter") == "ngram"
+
     def draft_iteration_ms(self, requests: int) -> float | None:
         """Drafting of one iteration with ``requests`` decoding requests, from the ``host`` table's
         ``draft`` row (measured for the n-gram drafter); None without one."""

@@ -254,7 +254,7 @@ def draft_prefill_ms(view: IterationView, tokens, prefilled: int = 0):
     draft forward after the target's step. A profile measured with the n-gram drafter has no draft
     model to fill (0)."""
     tokens = np.asarray(tokens, np.float64)
-    if view.latency.measured_with.get("drafter") == "ngram":
+    if view.latency.ngram_drafter:
         return np.zeros_like(tokens)
     return np.asarray(view.latency.draft_ms(tokens, prefilled), np.float64)
 

@@ -82,7 +82,7 @@ class SimExecutor:
         measured with the n-gram drafter, which has no KV to fill (its drafting is priced per
         iteration by the profile's ``host["draft"]`` table when it has one)."""
         self.latency = latency
-        self.ngram = latency.measured_with.get("drafter") == "ngram"  # drafting priced per iteration
+        self.ngram = latency.ngram_drafter  # drafting priced per iteration
         self.draft_prefill = draft_prefill and not self.ngram
         self.acceptance = acceptance
         self.rng = np.random.default_rng(seed)
