@@ -3,8 +3,11 @@ hook of the serving loop, TTFT and joint attainment in every result, the server'
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,3 +454,26 @@ def test_adaserve_plus_is_selectable_by_its_switch():
     assert SWITCHES["ADASERVE_PLUS"] == ("adaserve_plus",)
     s = settings_from_env("fig8,9", "llama", {"ADASERVE_PLUS": "ON"})
     assert s.systems == ["adaserve_plus"] and label_of("adaserve_plus") == "AdaServe+"
+
+
+def test_replay_script_runs_systems_across_loads(tmp_path):
+    """scripts/replay_acceptance.py: one row per (requests, scale, acceptance), one cell per system."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import replay_acceptance
+    finally:
+        sys.path.pop(0)
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps([{"emission_time_ms": 500.0 * i, "input_length": 40, "output_length": 32,
+                                  "slo_ratio": 1.2, "category": "coding", "prompt": "x"} for i in range(6)]))
+    out = tmp_path / "rows.json"
+    assert replay_acceptance.main(["--profile", "llama-3.1-70b", "--trace", str(trace), "--acceptance", "synthetic",
+                                   "--requests", "4", "--scales", "1,2", "--systems", "vllm,adaserve_plus",
+                                   "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["scale"], r["system"]) for r in rows] == [(1.0, "vllm"), (1.0, "adaserve_plus"),
+                                                         (2.0, "vllm"), (2.0, "adaserve_plus")]
+    assert all(0 <= r["joint"] <= r["attainment"] <= 1 for r in rows)
+    assert all(r["tokens_per_step"] == 1.0 for r in rows if r["system"] == "vllm")
+    with pytest.raises(SystemExit, match="NAME=FILE"):
+        replay_acceptance.acceptance("nofile")
