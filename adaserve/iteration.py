@@ -195,6 +195,7 @@ class ServingLoop:
     def _commit(self, plan: Plan, out: StepOutput, now: float) -> None:
         completed = iter(out.prefill_eos)
         first = iter(out.first_tokens if out.first_tokens is not None else ())
+        max_seq = self.executor.latency.limits.max_seq_len
         for r, chunk in plan.prefill:
             r.prefilled += chunk
             if r.prefilled >= r.input_len:
@@ -205,9 +206,11 @@ class ServingLoop:
                 r.token_times_ms.append(now)
                 self.running.append(r)
                 self._notify(r, [next(first, None)])
-                self._maybe_finish(r, bool(next(completed, False)), out.failed.get(r.rid))
+                reason = finish_reason(r, bool(next(completed, False)), out.failed.get(r.rid), max_seq)
+                if reason is not None:
+                    self._finish(r, reason, out.failed.get(r.rid))
         committed, eos = np.asarray(out.committed).tolist(), np.asarray(out.eos, bool).tolist()
-        max_seq, failed = self.executor.latency.limits.max_seq_len, out.failed
+        failed = out.failed
         for i, r in enumerate(plan.decode):
             c = committed[i]
             r.generated += c
@@ -216,25 +219,16 @@ class ServingLoop:
                 r.token_times_ms.append(now)  # one stamp per commit: tokens of a step arrive together
             if self.on_commit is not None:
                 self._notify(r, out.tokens[i] if out.tokens is not None else [None] * c)
-            # _maybe_finish's conditions, checked here first: most requests go on (hot path)
-            if (eos[i] or r.generated >= r.max_new_tokens or r.input_len + r.generated >= max_seq
-                    or (failed and r.rid in failed)):
-                self._maybe_finish(r, eos[i], failed.get(r.rid))
+            error = failed.get(r.rid) if failed else None
+            reason = finish_reason(r, eos[i], error, max_seq)
+            if reason is not None:
+                self._finish(r, reason, error)
         self.stats.committed_tokens += sum(committed)
         self.stats.request_steps += len(committed)
 
-    def _maybe_finish(self, r: Request, eos: bool, error: str | None = None) -> None:
-        max_seq = self.executor.latency.limits.max_seq_len
+    def _finish(self, r: Request, reason: str, error: str | None) -> None:
         if error is not None:
-            reason, r.error = "error", error
-        elif eos:
-            reason = "eos"
-        elif r.generated >= r.max_new_tokens:
-            reason = "length"
-        elif r.input_len + r.generated >= max_seq:
-            reason = "max_seq_len"
-        else:
-            return
+            r.error = error
         r.finish_ms = self.executor.now()
         r.finish_reason = reason
         r.phase = Phase.FINISHED
@@ -258,6 +252,21 @@ class ServingLoop:
             if not self.run_once() and self.pending:
                 self.executor.wait_until(self.pending[0].arrival_ms)
         return self.requests
+
+
+def finish_reason(r: Request, eos: bool, error: str | None, max_seq: int) -> str | None:
+    """Why ``r`` finishes after its latest tokens (error, EOS, its output length, the sequence
+    limit), or None while it goes on. A plain function: it runs for every decoding request in
+    every iteration."""
+    if error is not None:
+        return "error"
+    if eos:
+        return "eos"
+    if r.generated >= r.max_new_tokens:
+        return "length"
+    if r.input_len + r.generated >= max_seq:
+        return "max_seq_len"
+    return None
 
 
 def _timed(fn, *args):
