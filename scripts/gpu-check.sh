@@ -9,13 +9,15 @@
 # no downloads. The package is taken from this source tree (PYTHONPATH), nothing is written into it.
 # Steps, each with its own time limit; a failed step is reported and the others still run:
 #   1. pytest -m cuda: tests/test_engine_cuda.py (the engine and its CUDA graphs on the GPU)
-#   2. random-weight checkpoints of the Llama-3.2-1B and Llama-3.1-8B shapes (bf16, no tokenizer:
-#      the byte tokenizer), written under $WORK (in /dev/shm when it has room)
-#   3. adaserve bench engine on both, CUDA graphs on and off (synthetic text prompts: the offline
-#      prompt pool is a wheel such machines lack); transformers' generate as the peer on the 1B shape
-#   4. adaserve profile of the first shape (n-gram drafter; the profile the simulator prices with), then
+#   2. a random-weight checkpoint of the first shape (Llama-3.2-1B: bf16, no tokenizer, so the
+#      byte tokenizer), written under $WORK (in /dev/shm when it has room)
+#   3. adaserve profile of that shape (n-gram drafter; the profile the simulator prices with), then
 #      adaserve run of vllm, adaserve and adaserve_plus on a generated RPS-4.8 trace with that profile,
-#      recording the draft acceptance
+#      recording the draft acceptance and logging every iteration (scripts/engine_steps.py)
+#   4. adaserve bench engine on every shape (the 8B one's checkpoint made here), CUDA graphs on and
+#      off (synthetic text prompts: the offline prompt pool is a wheel such machines lack);
+#      transformers' generate as the peer on the 1B shape. Last because the 8B shape is the slowest:
+#      a check cut short by its caller's time limit has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
 #      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
 #
@@ -113,10 +115,31 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
 step "pytest -m cuda" - env ADASERVE_CUDA_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -m cuda \
   tests/test_engine_cuda.py -s "${TESTS[@]}"
 
-# 2-3. checkpoints and bench engine
+# 2-3. the first shape's checkpoint and profile, then adaserve run: vllm vs adaserve vs adaserve_plus
+first=${SHAPES%% *}
+step "checkpoint $first" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" --out "$WORK/ckpt-$first"
+trace="$WORK/trace-rps4.8.json"
+profile="$WORK/profile-$first.json"
+step "profile $first" - "${ADASERVE[@]}" profile --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
+  "${PROFILE_SIZE[@]}" --no-progress --out "$profile"
+step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
+with_profile=()
+if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
+for system in vllm adaserve adaserve_plus; do
+  # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
+  # the per-iteration cost (wall time / iterations would count them)
+  step "run $system $first" - "$PY" scripts/engine_steps.py "$WORK/run-$system.steps.jsonl" -- \
+    run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
+    --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+    "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
+done
+
+# 4. bench engine on every shape
 for shape in $SHAPES; do
   ckpt="$WORK/ckpt-$shape"
-  step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
+  if [[ $shape != "$first" ]]; then  # the first one was written in step 2
+    step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
+  fi
   hf=()
   [[ $shape == llama-3.1-8b ]] && hf=(--no-hf)   # transformers' twin would double the 8B load time
   for g in "${GRAPHS[@]}"; do
@@ -126,22 +149,7 @@ for shape in $SHAPES; do
   done
 done
 
-# 4. profile, then adaserve run: vllm vs adaserve vs adaserve_plus on the first shape
-first=${SHAPES%% *}
-trace="$WORK/trace-rps4.8.json"
-profile="$WORK/profile-$first.json"
-step "profile $first" - "${ADASERVE[@]}" profile --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
-  "${PROFILE_SIZE[@]}" --no-progress --out "$profile"
-step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
-with_profile=()
-if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
-for system in vllm adaserve adaserve_plus; do
-  step "run $system $first" - "${ADASERVE[@]}" run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
-    --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
-    "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
-done
-
-# 5. the table
+# the table
 if ((DRY)); then
   echo "$PY scripts/gpu_check_table.py $WORK"
   exit 0

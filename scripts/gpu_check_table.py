@@ -1,6 +1,7 @@
 """The table at the end of scripts/gpu-check.sh: one Markdown table from the JSON results in a work
 folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
-``run-<system>.json`` from ``adaserve run``). Missing files (a failed step) leave their cells
+``run-<system>.json`` from ``adaserve run``, with its iteration log ``run-<system>.steps.jsonl``
+from scripts/engine_steps.py). Missing files (a failed step) leave their cells
 empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
 their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
 (``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -64,11 +66,26 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         out.append((f"{what}: wall ms per iteration", col, _num(1e3 * meta["wall_s"] / iters if iters else None, 1)
                     + f" ({iters} iterations)"))
         out.append((f"{what}: tokens per request-step", col, _num(s.get("mean_generated_tokens_per_step"))))
+        out.extend((f"{what}: {m}", col, cell) for m, cell in iteration_cells(f.with_suffix(".steps.jsonl")))
         if graphs:
             out.append((f"{what}: steps replayed as graphs", col,
                         f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}"))
         out.extend((f"{what}: {m}", col, cell) for m, cell in simulated_cells(f, f.parent / f"profile-{shape}.json"))
     return out
+
+
+def iteration_cells(steps: Path) -> list[tuple[str, str]]:
+    """(measure, cell) of the run's logged iterations (scripts/engine_steps.py): the median wall
+    time of an iteration with decode work and no prefill chunk (AdaServe's iteration against vLLM's,
+    issue 12), and of all iterations; nothing when the log is missing."""
+    if not steps.is_file():
+        return []
+    recs = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
+    decode = [r["iteration_ms"] for r in recs if r.get("decode") and not r.get("prefill")]
+    every = [r["iteration_ms"] for r in recs if "iteration_ms" in r]
+    med = lambda xs: _num(statistics.median(xs), 2) + f" ({len(xs)})" if xs else ""  # noqa: E731
+    return [("median ms per decode-only iteration (count)", med(decode)),
+            ("median ms per iteration (count)", med(every))]
 
 
 SIM_MEASURES = (("attainment", "SLO attainment % (engine / simulated)", 100, 1),
