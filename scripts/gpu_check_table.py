@@ -21,6 +21,16 @@ BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
 RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)\.json")
 
 
+def _load(path: Path) -> dict | list | None:
+    """The JSON in ``path``; None (with a note on stderr) for an empty or cut-off file, e.g. a step
+    killed by its caller's time limit before the script could remove its partial output."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"gpu_check_table: skipping {path.name}: {e}", file=sys.stderr)
+        return None
+
+
 def _num(x, digits=2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -34,7 +44,9 @@ def bench_rows(files: list[Path]) -> tuple[list[str], dict[str, dict[str, str]]]
 
     for f in files:
         m = BENCH.fullmatch(f.name)
-        doc = json.loads(f.read_text())
+        doc = _load(f)
+        if doc is None:
+            continue
         col = f"{m['shape']} graphs {m['graphs']}"
         cols.append(col)
         put("1-token decode step, batch 1 (quick profile) ms", col, _num(doc.get("baseline_ms")))
@@ -55,7 +67,9 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
     graphs setting, like the benchmark's."""
     out = []
     for f in files:
-        doc = json.loads(f.read_text())
+        doc = _load(f)
+        if doc is None:
+            continue
         s, meta = doc["summary"], doc["meta"]
         iters = meta.get("iterations") or 0
         graphs = meta.get("cuda_graphs")
@@ -116,8 +130,14 @@ def simulated_cells(run: Path, profile: Path) -> list[tuple[str, str]]:
 def table(work: Path) -> str:
     bench = sorted(p for p in work.iterdir() if BENCH.fullmatch(p.name))
     runs = sorted(p for p in work.iterdir() if RUN.fullmatch(p.name))
-    if not bench and not runs:
+    floor = _load(work / "floor.json") if (work / "floor.json").is_file() else None
+    if not bench and not runs and not floor:
         return "(no results: every measuring step failed)"
+    from adaserve.runtime.weight_floor import table as floor_table
+
+    head = floor_table(floor) + "\n\n" if floor else ""
+    if not bench and not runs:
+        return head.rstrip()
     cols, rows = bench_rows(bench)
     for measure, col, cell in run_cells(runs):
         if col not in cols:
@@ -126,7 +146,7 @@ def table(work: Path) -> str:
     lines = ["| measure | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for measure, cells in rows.items():
         lines.append(f"| {measure} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
-    return "\n".join(lines)
+    return head + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -212,3 +212,40 @@ def test_executor_with_graphs_is_lossless(model, system):
         assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], 12)
     assert ex.graphs.stats["graph_steps"] > 0 and ex.graphs.stats["eager_steps"] > 0  # decode / prefill
     assert ex.cache.alloc.free_blocks == ex.num_blocks  # every real block released, scratch never handed out
+
+
+# ---- the profiler times what the engine runs (issue 12/14: graphed steps on a GPU) ---------------
+
+def test_profiler_bench_with_graphs_replays_decode_and_tree_steps(model):
+    from adaserve.runtime.profiler import StepBench
+
+    limits = tiny_profile().limits
+    bench = StepBench(model, 1024, graphs=limits)
+    assert bench.cache.alloc.num_blocks < bench.cache.k.shape[1]  # the scratch block is not handed out
+    assert bench.step_ms(2, 2, 64, repeat=2) > 0  # a decode step: graphed
+    assert bench.step_ms(2, 8, 64, repeat=2) > 0  # two 4-node chains: graphed
+    graphed = bench.runner.stats["graph_steps"]
+    assert graphed == 6 and bench.runner.stats["captured"] == 2  # warm-up + 2 timed calls per point
+    bench.prefill_ms(32, repeat=2)  # a prefill chunk stays eager
+    assert bench.runner.stats["graph_steps"] == graphed and bench.runner.stats["eager_steps"] >= 2
+    plain = StepBench(model, 1024)
+    assert plain.runner is None and plain.cache.alloc.num_blocks == plain.cache.k.shape[1]
+
+
+def test_a_graphed_profile_says_so_and_warns_when_reused_without_graphs(model, monkeypatch):
+    from adaserve.runtime import build
+    from adaserve.runtime.profiler import measured_with
+
+    assert measured_with(model, cuda_graphs=True)["cuda_graphs"] is None  # CPU: the engine never captures
+    on_cuda = lambda model, cuda_graphs=False: {"device": "cuda", "cuda_graphs": bool(cuda_graphs)}  # noqa: E731
+    monkeypatch.setattr(build, "measured_with", on_cuda)
+    profile = tiny_profile()
+    profile.measured_with = on_cuda(model, True)
+    said = []
+    build.warn_if_measured_elsewhere(profile, model, said.append, cuda_graphs=True)
+    assert said == []
+    build.warn_if_measured_elsewhere(profile, model, said.append, cuda_graphs=False)
+    assert len(said) == 1 and "cuda_graphs True (now False)" in said[0]
+    profile.measured_with.pop("cuda_graphs")  # a profile from before graphs were recorded: no claim
+    build.warn_if_measured_elsewhere(profile, model, said.append, cuda_graphs=False)
+    assert len(said) == 1

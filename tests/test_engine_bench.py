@@ -45,6 +45,27 @@ def test_benchmark_runs_on_a_tiny_model(restore_threads):
             assert r["same_as_hf"] == n, (system, n)
 
 
+def test_generation_runs_reuse_one_executor_and_repeat_its_outputs(restore_threads):
+    """The timed runs replay the warm-up run's graphs: one executor per system, emptied after each
+    run, the same tokens every time."""
+    torch.set_num_threads(1)
+    model = tiny_random_model("llama", seed=2)
+    from adaserve.runtime.profiler import quick_profile
+    from adaserve.core.profile import Limits
+
+    limits = Limits(max_batch_requests=4, max_batch_tokens=128, prefill_chunk=64, max_seq_len=256)
+    profile = quick_profile("t", model, limits, passes=1)
+    prompts = bench.repeated_prompts(3, 12, model.config.vocab_size)
+    for system in ("vllm", "adaserve"):
+        ex = bench.generation_executor(model, profile, prompts, 6, system, cuda_graphs=True)  # eager capture here
+        runs = [bench.engine_generate(ex, profile, prompts, 6, system)]
+        captured = ex.graphs.stats["captured"]
+        runs += [bench.engine_generate(ex, profile, prompts, 6, system) for _ in range(2)]
+        assert runs[0][1] == runs[1][1] == runs[2][1] and all(len(o) == 6 for o in runs[0][1])
+        assert ex.state_size() == {"seqs": 0, "outputs": 0, "prompts": 0, "options": 0, "kv_sequences": 0}
+        assert captured > 0 and ex.graphs.stats["captured"] == captured  # the later runs only replay
+
+
 def test_cli_bench_engine_json(capsys, restore_threads):
     assert main(["bench", "engine", "--model", "tiny-qwen2", "--batches", "2", "--steps", "2", "--context", "16",
                  "--prompt-len", "8", "--new-tokens", "4", "--repeat", "1", "--no-hf", "--json"]) == 0

@@ -10,7 +10,6 @@ the CPU (the big-model profiles are skipped there): a dry run of the test code i
 """
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -19,8 +18,9 @@ import torch
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Phase, Request
 from adaserve.engine import (BatchBuilder, ModelConfig, ModelDrafter, NgramDrafter, RopeScaling, TorchExecutor,
-                             Transformer, tiny_random_model)
+                             tiny_random_model)
 from adaserve.runtime.profiler import Grid, StepBench, measure_profile
+from adaserve.runtime.weight_floor import measured_copy_bandwidth, random_model, weight_bytes_per_decode_step
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from engine_util import plain_greedy, root_path
@@ -207,46 +207,6 @@ def test_greedy_speculation_is_lossless_on_cuda(system, drafter_kind):
 
 # ---- profiles of real model shapes against the weight-bandwidth floor -------------------------
 
-def random_model(config: ModelConfig, dtype: torch.dtype, device: str) -> Transformer:
-    """Random weights allocated directly on the device (no fp32 copy, no download)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.tie_weights()
-    return model.eval()
-
-
-def weight_bytes_per_decode_step(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every matrix once (the embedding only as the LM head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    if not model.config.tie_word_embeddings:
-        emb = model.model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()  # a lookup reads a few rows
-    return total
-
-
-def measured_copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second), median of 5."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    return 2 * nbytes / float(np.median(times[1:]))
-
-
 def nominal_bandwidth() -> float | None:
     if not ON_CUDA:
         return None
@@ -265,7 +225,7 @@ def test_profile_llama_shapes_against_the_weight_bandwidth_floor(name, config):
         pytest.skip(f"{name} needs ~{need / 2**30:.0f} GiB of GPU memory, {free / 2**30:.0f} GiB free")
     model = random_model(config, dtype, DEVICE)
     weights = weight_bytes_per_decode_step(model)
-    bw_copy = measured_copy_bandwidth()
+    bw_copy = measured_copy_bandwidth(DEVICE)
     bw_nominal = nominal_bandwidth()
 
     bench = StepBench(model, 8192)

@@ -392,11 +392,22 @@ class GenResult:
     same_as_hf: int | None = None  # requests whose tokens equal generate's
 
 
-def engine_generate(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
-                    new_tokens: int, system: str, cuda_graphs: bool = False) -> tuple[float, list[list[int]], float]:
-    """One run: (wall seconds, output tokens per request, tokens per request-step)."""
+def generation_executor(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
+                        new_tokens: int, system: str, cuda_graphs: bool = False) -> TorchExecutor:
+    """The executor of ``system``'s runs over ``prompts`` (``engine_generate``), made once so that
+    its CUDA graphs, captured in the warm-up run, are replayed by the timed ones."""
     drafter = NgramDrafter() if system != "vllm" else None
-    ex = make_executor(model, profile, drafter, prompts, new_tokens, cuda_graphs)
+    return make_executor(model, profile, drafter, prompts, new_tokens, cuda_graphs)
+
+
+def engine_generate(ex: TorchExecutor, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
+                    new_tokens: int, system: str) -> tuple[float, list[list[int]], float]:
+    """One run on ``ex`` (``generation_executor``): (wall seconds, output tokens per request,
+    tokens per request-step). The executor is left empty for the next run."""
+    model = ex.model
+    for rid in range(len(prompts)):
+        ex.forget(rid)  # the last run's outputs (and its drafter state, should any remain)
+    ex.set_prompts({i: p for i, p in enumerate(prompts)})
     requests = make_requests(prompts, new_tokens, profile.decode_baseline_ms)
     loop = ServingLoop(make_policy(system, model.config.family), ex, requests)
     dev = model_device(model)
@@ -408,6 +419,8 @@ def engine_generate(model: Transformer, profile: LatencyProfile, prompts: Sequen
     sync(dev)
     wall = time.perf_counter() - t0
     outputs = [ex.outputs[i] for i in range(len(prompts))]
+    for rid in range(len(prompts)):
+        ex.forget(rid)
     if any(len(o) != new_tokens for o in outputs):
         raise RuntimeError(f"engine produced {[len(o) for o in outputs]} tokens, expected {new_tokens} each")
     per_step = loop.stats.committed_tokens / max(loop.stats.request_steps, 1)
@@ -431,7 +444,8 @@ def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int, cache: st
                 ) -> tuple[float, list[list[int]]]:
     """``generate`` (greedy) on the batch, left-padded; (wall seconds, new tokens per request).
     ``cache="static"``: transformers' preallocated KV cache (no per-step growth), the fair peer of
-    an engine with a paged pool."""
+    an engine with a paged pool; eager, as ours is (transformers would otherwise compile the forward
+    on first use: 20 s of a 32-token run on an H200, issue 12)."""
     dev = hf.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -444,7 +458,8 @@ def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int, cache: st
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0, **({"cache_implementation": cache} if cache else {}))
+                          do_sample=False, pad_token_id=0,
+                          **({"cache_implementation": cache, "disable_compile": True} if cache else {}))
     sync(dev)
     wall = time.perf_counter() - t0
     return wall, out[:, width:].tolist()
@@ -453,11 +468,15 @@ def hf_generate(hf, prompts: Sequence[Sequence[int]], new_tokens: int, cache: st
 def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequence[Sequence[int]],
                       new_tokens: int, repeat: int = 3, hf=None,
                       systems: Sequence[str] = ("vllm", "adaserve"), cuda_graphs: bool = False) -> list[GenResult]:
+    """Tokens per second of generating ``new_tokens`` for every prompt at once, per system: the
+    median of ``repeat`` timed runs after one untimed run (on a GPU the first run pays kernel
+    loading and, with CUDA graphs, the capture of every bucket it meets)."""
     n = len(prompts)
     results = []
     ref = None
     if hf is not None:
         for name, cache in (("transformers", None), ("transformers-static", "static")):
+            hf_generate(hf, prompts, new_tokens, cache)  # warm-up
             walls = []
             for _ in range(repeat):
                 w, outs = hf_generate(hf, prompts, new_tokens, cache)
@@ -470,8 +489,10 @@ def tokens_per_second(model: Transformer, profile: LatencyProfile, prompts: Sequ
             results.append(r)
     for system in systems:
         walls, per_step = [], None
+        ex = generation_executor(model, profile, prompts, new_tokens, system, cuda_graphs)
+        engine_generate(ex, profile, prompts, new_tokens, system)  # warm-up
         for _ in range(repeat):
-            w, outs, per_step = engine_generate(model, profile, prompts, new_tokens, system, cuda_graphs)
+            w, outs, per_step = engine_generate(ex, profile, prompts, new_tokens, system)
             walls.append(w)
         r = _gen("vllm" if system == "vllm" else f"{system}+ngram", n, new_tokens, walls)
         r.tokens_per_step = round(per_step, 3)
@@ -529,7 +550,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         return out
     limits = ec.apply_limits(ec.default_limits(), model.config.max_position_embeddings)
     t0 = time.perf_counter()
-    profile = quick_profile("bench", model, limits)
+    profile = quick_profile("bench", model, limits, cuda_graphs=graphs)
     say(f"quick profile in {time.perf_counter() - t0:.1f} s (baseline {profile.decode_baseline_ms:.1f} ms)")
     out["baseline_ms"] = round(profile.decode_baseline_ms, 3)
     if cfg.overhead:

@@ -65,7 +65,7 @@ def _profile(args: argparse.Namespace) -> int:
     limits = sized_limits(cfg, cfg.default_limits(), model, draft)
     grid = Grid.for_limits(limits, repeat=args.repeat, quick=args.quick)
     profile = measure_profile(args.name or args.model, model, limits, grid, draft if kind == "model" else None,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, cuda_graphs=cfg.use_cuda_graphs)
     profile.save(args.out)
     print(json.dumps({"out": args.out, "name": profile.name, "hardware": profile.hardware,
                       "baseline_ms": profile.baseline_ms, "drafter": kind, "measured_with": profile.measured_with,

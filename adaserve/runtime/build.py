@@ -141,7 +141,7 @@ def profile_cache_enabled() -> bool:
 def profile_cache_path(cfg: EngineConfig, model: Transformer, draft: Transformer | None, limits: Limits) -> Path:
     key = {"model": cfg.model, "draft": cfg.draft, "drafter": cfg.drafter_kind(), "shape": asdict(model.config),
            "draft_shape": asdict(draft.config) if draft is not None else None, "limits": asdict(limits),
-           **measured_with(model), "hardware": _hardware(model),
+           **measured_with(model, cfg.use_cuda_graphs), "hardware": _hardware(model),
            "engine": {"device": cfg.device, "dtype": cfg.dtype_name, "threads": cfg.threads}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(cfg.model).name)[:40]
@@ -163,7 +163,7 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
         from adaserve.sim.profiles import get_profile
 
         profile = get_profile(cfg.profile)
-        warn_if_measured_elsewhere(profile, model, say)
+        warn_if_measured_elsewhere(profile, model, say, cfg.use_cuda_graphs)
         profile.limits = sized_limits(cfg, profile.limits, model, draft)
         return profile
     limits = sized_limits(cfg, cfg.default_limits(), model, draft)
@@ -178,7 +178,8 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
     say(f"measuring a quick latency profile of {cfg.model} ({_hardware(model)}); it is cached"
         + (f" in {path}" if path else " nowhere (ADASERVE_PROFILE_CACHE=0)"))
     t0 = time.perf_counter()
-    profile = quick_profile(f"{cfg.model} (quick)", model, limits, draft, progress=progress)
+    profile = quick_profile(f"{cfg.model} (quick)", model, limits, draft, progress=progress,
+                            cuda_graphs=cfg.use_cuda_graphs)
     say(f"measured the quick profile in {time.perf_counter() - t0:.1f} s (verify at 1/8/64 tokens: "
         f"{[round(float(profile.verify_ms(t)), 2) for t in (1, 8, 64)]} ms)")
     if path is not None:
@@ -186,10 +187,12 @@ def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | 
     return profile
 
 
-def warn_if_measured_elsewhere(profile: LatencyProfile, model: Transformer, say: Say) -> None:
-    here = measured_with(model)
+def warn_if_measured_elsewhere(profile: LatencyProfile, model: Transformer, say: Say,
+                               cuda_graphs: bool = False) -> None:
+    here = measured_with(model, cuda_graphs)
     then = profile.measured_with
-    diff = [f"{k} {then[k]} (now {here[k]})" for k in ("device", "dtype", "threads", "linear", "tensor_parallel")
+    diff = [f"{k} {then[k]} (now {here[k]})"
+            for k in ("device", "dtype", "threads", "linear", "tensor_parallel", "cuda_graphs")
             if then.get(k) is not None and here.get(k) is not None and then[k] != here[k]]
     if diff:
         say(f"warning: profile {profile.name!r} was measured with {', '.join(diff)}: its latencies do not "

@@ -54,6 +54,7 @@ from adaserve.scheduling.plan import SpecShape
 
 from adaserve.core.progress import progress as progress_bar
 from adaserve.engine.batch import BatchBuilder
+from adaserve.engine.cuda_graphs import cache_with_scratch_block, make_graph_runner
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer, linear_kernel
@@ -156,11 +157,24 @@ def _sync(model: Transformer) -> None:
 
 
 class StepBench:
-    """Timed forwards of synthetic batches on a scratch KV cache."""
+    """Timed forwards of synthetic batches on a scratch KV cache.
 
-    def __init__(self, model: Transformer, max_tokens: int, seed: int = 0):
+    ``graphs``: the steps run as the engine runs them with CUDA graphs on (engine/cuda_graphs.py),
+    with buckets sized by these limits: a decode or small-tree step replays the graph of its bucket,
+    captured during the point's warm-up call; prefill chunks and large trees stay eager. On a GPU a
+    graphed step costs a fraction of an eager one (issue 12: a 1B-shaped decode step 2.2 ms against
+    14 ms on an H200), so a profile of an engine with graphs on must time graphs too."""
+
+    def __init__(self, model: Transformer, max_tokens: int, seed: int = 0, graphs: Limits | None = None):
         self.model = model
-        self.cache = model.make_cache(max_tokens // BLOCK_SIZE + 256, BLOCK_SIZE)
+        blocks = max_tokens // BLOCK_SIZE + 256
+        self.runner = None
+        if graphs is None:
+            self.cache = model.make_cache(blocks, BLOCK_SIZE)
+        else:
+            self.cache, scratch = cache_with_scratch_block(model, blocks, BLOCK_SIZE)
+            self.runner = make_graph_runner(model, self.cache, scratch, graphs.max_batch_requests,
+                                            graphs.max_seq_len, graphs.max_batch_tokens)
         self.device = model.lm_head.weight.device
         self.rng = np.random.default_rng(seed)
         self.vocab = model.config.vocab_size
@@ -176,7 +190,10 @@ class StepBench:
 
     def forward(self, batch) -> None:
         """The timed part of a step: the target forward over a built batch."""
-        self.model(batch, self.cache)
+        if self.runner is not None:
+            self.runner(batch)
+        else:
+            self.model(batch, self.cache)
         _sync(self.model)
 
     def step_ms(self, n_seqs: int, tokens: int, context: int, repeat: int) -> float:
@@ -227,10 +244,12 @@ def verify_seqs(tokens: int, limits: Limits) -> int:
     return int(np.clip(tokens // 4, 1, limits.max_batch_requests))
 
 
-def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None = None
-            ) -> Iterator[tuple[str, float]]:
-    """Yields ``(label, ms)`` per measured point (for a progress bar); see ``measure_profile``."""
-    bench = StepBench(model, max(grid.contexts) + max(grid.tokens) + max(grid.prefill) + QUERY_CONTEXT)
+def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None = None,
+            cuda_graphs: bool = False) -> Iterator[tuple[str, float]]:
+    """Yields ``(label, ms)`` per measured point (for a progress bar); see ``measure_profile``.
+    ``cuda_graphs``: the target's steps as an engine with CUDA graphs runs them (``StepBench``)."""
+    bench = StepBench(model, max(grid.contexts) + max(grid.tokens) + max(grid.prefill) + QUERY_CONTEXT,
+                      graphs=limits if cuda_graphs else None)
     yield "baseline", bench.step_ms(1, 1, BASELINE_CONTEXT, grid.repeat)
     for t in grid.tokens:
         yield f"verify:{t}", bench.step_ms(verify_seqs(t, limits), t, 0, grid.repeat)
@@ -366,17 +385,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measured_with(model: Transformer) -> dict:
-    """What a measured profile depends on besides the model: checked when a profile is reused."""
+def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
+    """What a measured profile depends on besides the model: checked when a profile is reused.
+    ``cuda_graphs`` is recorded on CUDA only (on the CPU the engine never captures graphs)."""
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
             "torch": torch.__version__, "linear": linear_kernel(w),
-            "tensor_parallel": getattr(model, "world_size", 1)}
+            "tensor_parallel": getattr(model, "world_size", 1),
+            "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
-             drafter: str | None = None) -> LatencyProfile:
+             drafter: str | None = None, cuda_graphs: bool = False) -> LatencyProfile:
     """The profile from measured points (keys as yielded by ``measure``); ``drafter`` ("ngram" or
     "model") is recorded in ``measured_with``: the simulator charges no draft prefill for n-grams."""
     f = np.array([points[f"verify:{t}"] for t in grid.tokens])
@@ -393,7 +414,7 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
     return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill_table(points, grid),
                           baseline_ms=round(points["baseline"], 3), source="measured",
                           hardware=hardware_string(model), limits=limits,
-                          measured_with={**measured_with(model), **({"drafter": drafter} if drafter else {}),
+                          measured_with={**measured_with(model, cuda_graphs), **({"drafter": drafter} if drafter else {}),
                                          **({"clock": "cpu"} if clock_name() == "cpu" else {})},
                           family=model.config.family, step_model="engine", attention_queries=queries, host=host)
 
@@ -418,17 +439,18 @@ def prefill_table(points: dict[str, float], grid: Grid) -> Table:
 
 
 def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
-                    draft: Transformer | None = None, progress: bool = False) -> LatencyProfile:
+                    draft: Transformer | None = None, progress: bool = False,
+                    cuda_graphs: bool = False) -> LatencyProfile:
     if clock_name() == "cpu" and model.lm_head.weight.device.type != "cpu":
         raise UserError("ADASERVE_PROFILE_CLOCK=cpu measures CPU time: it cannot time a GPU")
     total = grid.size
     points = {}
     with progress_bar(total, f"profiling {name}", "pt", enabled=progress) as bar:
-        for label, ms in measure(model, limits, grid, draft):
+        for label, ms in measure(model, limits, grid, draft, cuda_graphs):
             points[label] = ms
             bar.set_postfix_str(f"{label} {ms:.1f} ms")
             bar.update()
-    return assemble(name, points, grid, limits, model, "model" if draft is not None else "ngram")
+    return assemble(name, points, grid, limits, model, "model" if draft is not None else "ngram", cuda_graphs)
 
 
 # ---- the quick profile of `adaserve run` / `adaserve serve` without --profile ----------------------
@@ -437,7 +459,7 @@ QUICK_PASSES = 3
 
 
 def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transformer | None = None,
-                  passes: int = QUICK_PASSES, progress: bool = False) -> LatencyProfile:
+                  passes: int = QUICK_PASSES, progress: bool = False, cuda_graphs: bool = False) -> LatencyProfile:
     """The start-up profile: the quick grid (``Grid.for_limits(quick=True)``) measured ``passes``
     times over, each point timed once per pass after a warm-up call, keeping per point the
     **minimum** over the passes, then every table made non-decreasing by ``monotone_points``.
@@ -454,11 +476,12 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
     best: dict[str, float] = {}
     with progress_bar(total, f"profiling {name} (quick)", "pt", enabled=progress) as bar:
         for _ in range(passes):
-            for label, ms in measure(model, limits, grid, draft):
+            for label, ms in measure(model, limits, grid, draft, cuda_graphs):
                 best[label] = min(ms, best.get(label, float("inf")))
                 bar.set_postfix_str(f"{label} {ms:.1f} ms")
                 bar.update()
-    return assemble(name, monotone_points(best), grid, limits, model, "model" if draft is not None else "ngram")
+    return assemble(name, monotone_points(best), grid, limits, model, "model" if draft is not None else "ngram",
+                    cuda_graphs)
 
 
 def monotone_points(points: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,148 @@
+"""Decode and verification steps of real model shapes against the weight-read floor (issue 12).
+
+    python -m adaserve.runtime.weight_floor [--shapes llama-3.2-1b,llama-3.1-8b] [--device cuda]
+                                            [--graphs on,off] [--json OUT]
+
+A decode step must read every weight once, so weight bytes / memory bandwidth is the least a step
+can cost (the floor). The bandwidth is measured here (a device-to-device copy, bytes read plus
+written), not taken from a datasheet. Each shape gets random bf16 weights drawn on the device (no
+checkpoint, no download) and ``StepBench`` times the target forward of a few step shapes, eagerly
+and as the engine replays them with CUDA graphs; every step is reported in ms, as a multiple of the
+floor and as a multiple of the one-token step (what verifying a tree costs beyond decoding)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from adaserve.core.profile import Limits
+from adaserve.engine.config import ModelConfig
+from adaserve.engine.model import Transformer
+
+from .profiler import StepBench
+from .random_checkpoint import SHAPES
+
+# (label, sequences, new tokens in all, context tokens in all): chains of tokens/sequences each
+STEPS = (("decode 1 seq x 1 token", 1, 1, 128),
+         ("decode 16 seqs x 1 token", 16, 16, 16 * 128),
+         ("verify 64 tokens: 8 seqs x 8", 8, 64, 8 * 128),
+         ("decode 64 seqs x 1 token", 64, 64, 64 * 128),
+         ("verify 256 tokens: 32 seqs x 8", 32, 256, 32 * 128))
+GRAPH_LIMITS = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Transformer:
+    """Random weights N(0, 0.02) (norms 1) allocated directly on the device (no fp32 copy)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.tie_weights()
+    return model.eval()
+
+
+def weight_bytes_per_decode_step(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every matrix once (the embedding only as the LM head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    if not model.config.tie_word_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()  # a lookup reads a few rows
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_copy_bandwidth(device: str | torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), median of 5 after a warm-up."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()  # never time zeros
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def step_times(model: Transformer, graphs: bool, repeat: int = 20) -> dict[str, float]:
+    """Median ms of each of ``STEPS`` (target forward only)."""
+    bench = StepBench(model, 64 * 128 + 1024, graphs=GRAPH_LIMITS if graphs else None)
+    out = {label: bench.step_ms(seqs, tokens, context, repeat) for label, seqs, tokens, context in STEPS}
+    if bench.runner is not None:
+        out["graphed steps"] = bench.runner.stats["graph_steps"]
+    return out
+
+
+def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int = 2 << 30) -> dict:
+    model = random_model(SHAPES[shape], torch.bfloat16, device)
+    weights = weight_bytes_per_decode_step(model)
+    bandwidth = measured_copy_bandwidth(device, nbytes)
+    result = {"shape": shape, "weight_gb": weights / 1e9, "copy_tb_s": bandwidth / 1e12,
+              "floor_ms": weights / bandwidth * 1e3, "steps": {}}
+    for graphs in graph_modes:
+        result["steps"]["graphs on" if graphs else "graphs off"] = step_times(model, graphs)
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| shape | step | graphs | ms | x floor | x 1-token step |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['shape']} | weights {r['weight_gb']:.2f} GB / copy {r['copy_tb_s']:.2f} TB/s = "
+                     f"floor | | {r['floor_ms']:.3f} | 1.00 | |")
+        for mode, steps in r["steps"].items():
+            one = steps[STEPS[0][0]]
+            for label, *_ in STEPS:
+                ms = steps[label]
+                lines.append(f"| {r['shape']} | {label} | {mode.removeprefix('graphs ')} | {ms:.3f} | "
+                             f"{ms / r['floor_ms']:.2f} | {ms / one:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adaserve.runtime.weight_floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b", help=f"comma-separated, of {sorted(SHAPES)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--graphs", default="on,off", help="on, off or both (CUDA graphs need --device cuda; "
+                                                      "on the CPU 'on' runs the same padded steps eagerly)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    modes = [m.strip() for m in args.graphs.split(",") if m.strip()]
+    if bad or not shapes:
+        p.error(f"--shapes: unknown {bad or args.shapes!r}; choose from {sorted(SHAPES)}")
+    if not modes or any(m not in ("on", "off") for m in modes):
+        p.error(f"--graphs must be on, off or on,off; got {args.graphs!r}")
+    nbytes = (2 << 30) if torch.device(args.device).type == "cuda" else (64 << 20)
+    results = []
+    for shape in shapes:
+        results.append(measure_shape(shape, args.device, [m == "on" for m in modes], nbytes))
+        print(table(results[-1:]), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``python -m adaserve.runtime.weight_floor`` on the CPU with the tiny shape: the table and the
+JSON it writes, graphs on (the padded steps, run eagerly on the CPU) and off, and its argument errors."""
+
+import json
+
+import pytest
+import torch
+
+from adaserve.runtime import weight_floor
+from adaserve.runtime.random_checkpoint import SHAPES
+
+
+def test_weight_bytes_count_every_matrix_once():
+    tied = weight_floor.random_model(SHAPES["llama-tiny"], torch.float32, "cpu")
+    c = tied.config
+    assert c.tie_word_embeddings
+    assert weight_floor.weight_bytes_per_decode_step(tied) == 4 * sum(p.numel() for p in tied.parameters())
+    untied = weight_floor.random_model(c.with_(tie_word_embeddings=False), torch.float32, "cpu")
+    emb = c.vocab_size * c.hidden_size
+    assert weight_floor.weight_bytes_per_decode_step(untied) == 4 * (sum(p.numel() for p in untied.parameters()) - emb)
+
+
+def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
+    out = tmp_path / "floor.json"
+    assert weight_floor.main(["--shapes", "llama-tiny", "--device", "cpu", "--json", str(out)]) == 0
+    [r] = json.loads(out.read_text())
+    assert r["shape"] == "llama-tiny" and r["floor_ms"] > 0 and r["copy_tb_s"] > 0
+    assert set(r["steps"]) == {"graphs on", "graphs off"}
+    for steps in r["steps"].values():
+        assert all(steps[label] > 0 for label, *_ in weight_floor.STEPS)
+    assert r["steps"]["graphs on"]["graphed steps"] > 0  # the padded path ran
+    text = capsys.readouterr().out
+    assert text.count("| llama-tiny |") == 1 + 2 * len(weight_floor.STEPS)
+
+
+@pytest.mark.parametrize("args,msg", [(["--shapes", "gpt-9"], "unknown"), (["--graphs", "maybe"], "--graphs")])
+def test_cli_errors_name_the_bad_value(args, msg, capsys):
+    with pytest.raises(SystemExit):
+        weight_floor.main([*args, "--device", "cpu"])
+    assert msg in capsys.readouterr().err
