@@ -29,7 +29,8 @@
 # "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40), SYSTEMS
 # (default "vllm adaserve adaserve_plus"), SKIP (steps to leave out, of: tests floor runs bench;
 # e.g. SKIP="tests bench" for the serving runs alone).
-# Meant to take about 6 minutes on one H100; never checked on a GPU (docs/engine.md, "GPU check").
+# On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
+# 20 s (docs/engine.md, "GPU check").
 set -uo pipefail
 
 DRY=0

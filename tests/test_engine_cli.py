@@ -100,7 +100,7 @@ def test_quick_profile_keeps_the_least_disturbed_pass(monkeypatch):
     grid = profiler.Grid.for_limits(limits, repeat=1, quick=True)
     calls = []
 
-    def fake_measure(model, lim, g, draft=None):
+    def fake_measure(model, lim, g, draft=None, cuda_graphs=False):
         assert g.tokens == grid.tokens and g.repeat == 1
         k = len(calls)
         calls.append(k)

@@ -29,8 +29,9 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
     for steps in r["steps"].values():
         assert all(steps[label] > 0 for label, *_ in weight_floor.STEPS)
     assert r["steps"]["graphs on"]["graphed steps"] > 0  # the padded path ran
+    assert len(r["prefill"]) == 3 and all(ms > 0 for ms in r["prefill"].values())
     text = capsys.readouterr().out
-    assert text.count("| llama-tiny |") == 1 + 2 * len(weight_floor.STEPS)
+    assert text.count("| llama-tiny |") == 1 + 2 * len(weight_floor.STEPS) + 3
 
 
 @pytest.mark.parametrize("args,msg", [(["--shapes", "gpt-9"], "unknown"), (["--graphs", "maybe"], "--graphs")])
@@ -38,3 +39,24 @@ def test_cli_errors_name_the_bad_value(args, msg, capsys):
     with pytest.raises(SystemExit):
         weight_floor.main([*args, "--device", "cpu"])
     assert msg in capsys.readouterr().err
+
+
+def test_cudnn_attention_is_kept_out_unless_asked_for(monkeypatch):
+    from adaserve.core.errors import UserError
+    from adaserve.engine import model as model_mod
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.delenv(model_mod.CUDNN_SDPA_ENV, raising=False)
+        model_mod.configure_attention_backends()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setenv(model_mod.CUDNN_SDPA_ENV, "1")
+        model_mod.configure_attention_backends()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setenv(model_mod.CUDNN_SDPA_ENV, "yes")
+        with pytest.raises(UserError, match="ADASERVE_CUDNN_SDPA='yes'"):
+            model_mod.configure_attention_backends()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -321,11 +321,33 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+CUDNN_SDPA_ENV = "ADASERVE_CUDNN_SDPA"
+
+
+def configure_attention_backends() -> None:
+    """Keep cuDNN's attention out of ``scaled_dot_product_attention`` unless ``ADASERVE_CUDNN_SDPA=1``
+    (flash, memory-efficient and math kernels stay). Process-wide: PyTorch has no per-call switch
+    short of a context manager in every attention call.
+
+    Why: cuDNN builds an execution graph for every new attention shape it meets, and the engine's
+    eager steps (prefill chunks, large trees, mixed batches) bring a new query or key length almost
+    every time. On an H200 (issue 12, 2026-11-26) every step holding a prefill chunk took 60-180 ms
+    where the profile, which repeats each shape, measured 8-14 ms; per-shape plan building is the
+    suspected cause (not yet confirmed: ``python -m adaserve.runtime.weight_floor`` times prefill
+    steps of new lengths with cuDNN attention on and off). A no-op without CUDA."""
+    value = os.environ.get(CUDNN_SDPA_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise UserError(f"{CUDNN_SDPA_ENV}={value!r}: use 1 (let SDPA choose cuDNN attention) or 0 (keep it out)")
+    if value != "1" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Transformer(nn.Module):
     """``forward(batch, cache) -> logits [len(batch.logits_rows), vocab]``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        configure_attention_backends()
         self.config = config
         self.model = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -221,6 +221,19 @@ class StepBench:
             for s in range(n_seqs):
                 self.cache.free(s)
 
+    def prefill_once_ms(self, tokens: int) -> float:
+        """ms of one prefill step with no warm-up call: on a GPU, what a length the process has not
+        run before costs (per-shape kernel plans included)."""
+        b = BatchBuilder(self.cache)
+        b.add_prefill("p", self._ids(tokens))
+        batch = self._built(b)
+        try:
+            t0 = clock()
+            self.forward(batch)
+            return 1e3 * (clock() - t0)
+        finally:
+            self.cache.free("p")
+
     def prefill_ms(self, tokens: int, repeat: int) -> float:
         ids = self._ids(tokens)
 

@@ -8,7 +8,12 @@ can cost (the floor). The bandwidth is measured here (a device-to-device copy, b
 written), not taken from a datasheet. Each shape gets random bf16 weights drawn on the device (no
 checkpoint, no download) and ``StepBench`` times the target forward of a few step shapes, eagerly
 and as the engine replays them with CUDA graphs; every step is reported in ms, as a multiple of the
-floor and as a multiple of the one-token step (what verifying a tree costs beyond decoding)."""
+floor and as a multiple of the one-token step (what verifying a tree costs beyond decoding).
+
+Prefill steps are timed twice over: one length repeated (what ``adaserve profile`` measures) and a
+new length at every call (what a serving run meets), the latter with cuDNN attention allowed and
+kept out (``engine.model.configure_attention_backends``): on a GPU a kernel that plans per shape
+shows up as the difference."""
 
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ STEPS = (("decode 1 seq x 1 token", 1, 1, 128),
          ("verify 64 tokens: 8 seqs x 8", 8, 64, 8 * 128),
          ("decode 64 seqs x 1 token", 64, 64, 64 * 128),
          ("verify 256 tokens: 32 seqs x 8", 32, 256, 32 * 128))
+# prefill lengths, each run once per process: one set with cuDNN attention allowed, one without
+COLD_LENGTHS = {"on": (97, 211, 333, 457, 589, 701, 823, 947), "off": (101, 223, 347, 461, 593, 709, 827, 953)}
+WARM_PREFILL = 512
 GRAPH_LIMITS = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
 
 
@@ -90,6 +98,25 @@ def step_times(model: Transformer, graphs: bool, repeat: int = 20) -> dict[str, 
     return out
 
 
+def prefill_times(model: Transformer, repeat: int = 5) -> dict[str, float]:
+    """ms of a ``WARM_PREFILL``-token prefill (median, one length repeated), and the median over
+    ``COLD_LENGTHS`` of one call per new length, with cuDNN attention allowed and kept out."""
+    bench = StepBench(model, max(max(v) for v in COLD_LENGTHS.values()) + 64)
+    out = {f"prefill {WARM_PREFILL} tokens, same length repeated": bench.prefill_ms(WARM_PREFILL, repeat)}
+    has_switch = hasattr(torch.backends.cuda, "enable_cudnn_sdp")
+    before = torch.backends.cuda.cudnn_sdp_enabled() if has_switch else False
+    try:
+        for cudnn, lengths in COLD_LENGTHS.items():
+            if has_switch:
+                torch.backends.cuda.enable_cudnn_sdp(cudnn == "on")
+            times = [bench.prefill_once_ms(n) for n in lengths]
+            out[f"prefill, a new length each call, cuDNN attention {cudnn}"] = statistics.median(times)
+    finally:
+        if has_switch:
+            torch.backends.cuda.enable_cudnn_sdp(before)
+    return out
+
+
 def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int = 2 << 30) -> dict:
     model = random_model(SHAPES[shape], torch.bfloat16, device)
     weights = weight_bytes_per_decode_step(model)
@@ -98,6 +125,7 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
               "floor_ms": weights / bandwidth * 1e3, "steps": {}}
     for graphs in graph_modes:
         result["steps"]["graphs on" if graphs else "graphs off"] = step_times(model, graphs)
+    result["prefill"] = prefill_times(model)
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -115,6 +143,8 @@ def table(results: list[dict]) -> str:
                 ms = steps[label]
                 lines.append(f"| {r['shape']} | {label} | {mode.removeprefix('graphs ')} | {ms:.3f} | "
                              f"{ms / r['floor_ms']:.2f} | {ms / one:.2f} |")
+        for label, ms in r.get("prefill", {}).items():
+            lines.append(f"| {r['shape']} | {label} | off | {ms:.3f} | {ms / r['floor_ms']:.2f} | |")
     return "\n".join(lines)
 
 
