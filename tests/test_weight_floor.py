@@ -30,8 +30,14 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
         assert all(steps[label] > 0 for label, *_ in weight_floor.STEPS)
     assert r["steps"]["graphs on"]["graphed steps"] > 0  # the padded path ran
     assert len(r["prefill"]) == 3 and all(ms > 0 for ms in r["prefill"].values())
+    assert r["kernels"][0]["name"] == "(all)" and len(r["kernels"]) > 3
+    assert r["kernels"][0]["ms_per_step"] >= max(k["ms_per_step"] for k in r["kernels"][1:])
+    assert any("mm" in k["name"] or "linear" in k["name"] for k in r["kernels"][1:])  # the GEMMs are there
+    assert set(r["sdpa"]) == {"decode (1 x 128 keys)", "tree (8 x 1024 keys)", "prefill (512 x 512 keys)"}
+    assert all(v in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") for v in r["sdpa"].values())
     text = capsys.readouterr().out
     assert text.count("| llama-tiny |") == 1 + 2 * len(weight_floor.STEPS) + 3
+    assert "kernels by time" in text and "SDPA picks" in text
 
 
 @pytest.mark.parametrize("args,msg", [(["--shapes", "gpt-9"], "unknown"), (["--graphs", "maybe"], "--graphs")])

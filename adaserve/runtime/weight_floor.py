@@ -13,7 +13,12 @@ floor and as a multiple of the one-token step (what verifying a tree costs beyon
 Prefill steps are timed twice over: one length repeated (what ``adaserve profile`` measures) and a
 new length at every call (what a serving run meets), the latter with cuDNN attention allowed and
 kept out (``engine.model.configure_attention_backends``): on a GPU a kernel that plans per shape
-shows up as the difference."""
+shows up as the difference.
+
+Two more readings say where a step's time goes, for the next change to aim at: the kernels of one
+eager decode step by device time (``torch.profiler``; on the CPU, operators by CPU time), and the
+attention kernel SDPA picks for the engine's decode and prefill calls (dense boolean mask, grouped
+K/V heads)."""
 
 from __future__ import annotations
 
@@ -117,6 +122,45 @@ def prefill_times(model: Transformer, repeat: int = 5) -> dict[str, float]:
     return out
 
 
+def kernel_breakdown(model: Transformer, steps: int = 5, top: int = 12) -> list[dict]:
+    """The ``top`` kernels (CUDA; operators on the CPU) of an eager 1-sequence decode step (128
+    context tokens) by time: ms and calls per step, averaged over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench = StepBench(model, 1024)
+    bench.step_ms(1, 1, 128, 2)  # warm-up
+    on_cuda = model.lm_head.weight.is_cuda
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=acts) as prof:
+        bench.step_ms(1, 1, 128, steps - 1)  # one warm-up call + steps - 1 timed: ``steps`` forwards
+    rows = []
+    for e in prof.key_averages():
+        t = e.self_device_time_total if on_cuda else e.self_cpu_time_total
+        if t > 0 and (not on_cuda or e.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append({"name": e.key[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    return [{"name": "(all)", "ms_per_step": total, "calls_per_step": sum(r["calls_per_step"] for r in rows)}] \
+        + rows[:top]
+
+
+def sdpa_choice(model: Transformer, queries: int, keys: int) -> str:
+    """The backend ``scaled_dot_product_attention`` picks for one request's call as the engine makes
+    it (``queries`` rows against ``keys`` gathered keys, boolean mask, grouped K/V heads)."""
+    from torch.nn.attention import SDPBackend
+
+    c, w = model.config, model.lm_head.weight
+    q = torch.randn(1, c.num_heads, queries, c.head_dim, dtype=w.dtype, device=w.device)
+    k = torch.randn(1, c.num_kv_heads, keys, c.head_dim, dtype=w.dtype, device=w.device)
+    mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=w.device)
+    try:
+        choice = int(torch._fused_sdp_choice(q, k, k, mask, 0.0, False, scale=None, enable_gqa=True))
+    except (AttributeError, TypeError, RuntimeError) as e:  # a private function: may change
+        return f"unknown ({type(e).__name__})"
+    names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
+    return names.get(choice, str(choice))
+
+
 def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int = 2 << 30) -> dict:
     model = random_model(SHAPES[shape], torch.bfloat16, device)
     weights = weight_bytes_per_decode_step(model)
@@ -126,6 +170,10 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
     for graphs in graph_modes:
         result["steps"]["graphs on" if graphs else "graphs off"] = step_times(model, graphs)
     result["prefill"] = prefill_times(model)
+    result["kernels"] = kernel_breakdown(model)
+    result["sdpa"] = {"decode (1 x 128 keys)": sdpa_choice(model, 1, 128),
+                      "tree (8 x 1024 keys)": sdpa_choice(model, 8, 1024),
+                      "prefill (512 x 512 keys)": sdpa_choice(model, 512, 512)}
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -145,6 +193,14 @@ def table(results: list[dict]) -> str:
                              f"{ms / r['floor_ms']:.2f} | {ms / one:.2f} |")
         for label, ms in r.get("prefill", {}).items():
             lines.append(f"| {r['shape']} | {label} | off | {ms:.3f} | {ms / r['floor_ms']:.2f} | |")
+    for r in results:
+        if r.get("sdpa"):
+            lines.append("")
+            lines.append(f"{r['shape']}: SDPA picks " + ", ".join(f"{k}: {v}" for k, v in r["sdpa"].items()))
+        if r.get("kernels"):
+            lines += ["", f"{r['shape']}: eager decode step (1 x 1 token, 128 context), kernels by time",
+                      "| kernel | ms per step | calls per step |", "|---|---|---|"]
+            lines += [f"| {k['name']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |" for k in r["kernels"]]
     return "\n".join(lines)
 
 
