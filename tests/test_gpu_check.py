@@ -173,10 +173,16 @@ def dry_run(**env):
 def test_dry_run_on_cuda_prints_every_step():
     lines = dry_run()
     assert lines[0].startswith("env ADASERVE_CUDA_TEST_DEVICE=cuda python3 -m pytest") and "-m cuda" in lines[0]
+    assert lines[1].startswith("python3 -m adaserve.runtime.weight_floor --shapes llama-3.2-1b,llama-3.1-8b")
+    assert "--graphs on,off" in lines[1] and "--json /w/floor.json" in lines[1]
     for shape in ("llama-3.2-1b", "llama-3.1-8b"):
         assert f"python3 -m adaserve.runtime.random_checkpoint --shape {shape} --out /w/ckpt-{shape}" in lines
         for g, flag in (("on", "--cuda-graphs"), ("off", "--no-cuda-graphs")):
-            [bench] = [x for x in lines if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
+            benches = [x for x in lines if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
+            if shape == "llama-3.1-8b" and g == "off":  # its eager steps: the weight-floor step
+                assert benches == []
+                continue
+            [bench] = benches
             assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
             assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
     runs = [x for x in lines if " run --trace " in x]
