@@ -170,7 +170,11 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
     for graphs in graph_modes:
         result["steps"]["graphs on" if graphs else "graphs off"] = step_times(model, graphs)
     result["prefill"] = prefill_times(model)
-    result["kernels"] = kernel_breakdown(model)
+    try:  # the profiler needs CUPTI on a GPU, which a sandboxed machine may lack: keep the rest
+        result["kernels"] = kernel_breakdown(model)
+    except Exception as e:  # noqa: BLE001
+        result["kernels"] = [{"name": f"(profiler failed: {type(e).__name__}: {e})"[:90], "ms_per_step": 0.0,
+                              "calls_per_step": 0.0}]
     result["sdpa"] = {"decode (1 x 128 keys)": sdpa_choice(model, 1, 128),
                       "tree (8 x 1024 keys)": sdpa_choice(model, 8, 1024),
                       "prefill (512 x 512 keys)": sdpa_choice(model, 512, 512)}
@@ -224,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         results.append(measure_shape(shape, args.device, [m == "on" for m in modes], nbytes))
         print(table(results[-1:]), flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        if args.json:  # after every shape: a later one that fails or runs out of time loses only itself
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
     return 0
 
 
