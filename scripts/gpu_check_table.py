@@ -91,14 +91,17 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
 def iteration_cells(steps: Path) -> list[tuple[str, str]]:
     """(measure, cell) of the run's logged iterations (scripts/engine_steps.py): the median wall
     time of an iteration with decode work and no prefill chunk (AdaServe's iteration against vLLM's,
-    issue 12), and of all iterations; nothing when the log is missing."""
+    issue 12), of one holding a prefill chunk (on an H200 these cost 60-180 ms: docs/engine.md,
+    "GPU results"), and of all iterations; nothing when the log is missing."""
     if not steps.is_file():
         return []
     recs = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
     decode = [r["iteration_ms"] for r in recs if r.get("decode") and not r.get("prefill")]
+    prefill = [r["iteration_ms"] for r in recs if r.get("prefill")]
     every = [r["iteration_ms"] for r in recs if "iteration_ms" in r]
     med = lambda xs: _num(statistics.median(xs), 2) + f" ({len(xs)})" if xs else ""  # noqa: E731
     return [("median ms per decode-only iteration (count)", med(decode)),
+            ("median ms per iteration with a prefill chunk (count)", med(prefill)),
             ("median ms per iteration (count)", med(every))]
 
 

@@ -242,6 +242,22 @@ def test_table_from_results(tmp_path):
     assert "| generate tok/s, vllm, batch 16 | 1234.5 (16/16 same as generate) |" in lines
     assert "| adaserve run adaserve, 40 requests: wall ms per iteration | 20.0 (200 iterations) |" in lines
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
+    # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
+    steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms} for ms in (3.0, 3.5, 4.0)]
+    steps += [{"decode": [[10, 1]], "prefill": [[64, 0]], "iteration_ms": 60.0}, {"prefill": [[8, 0]], "iteration_ms": 9.0}]
+    (tmp_path / "run-adaserve.steps.jsonl").write_text("\n".join(json.dumps(x) for x in steps) + "\n")
+    (tmp_path / "bench-llama-3.1-8b-graphs-on.json").write_text('{"baseline_ms": ')  # cut off by a time limit
+    from adaserve.runtime.weight_floor import STEPS
+    floor = [{"shape": "llama-3.2-1b", "weight_gb": 2.47, "copy_tb_s": 4.1, "floor_ms": 0.6,
+              "steps": {"graphs on": {label: 2.0 for label, *_ in STEPS}}}]
+    (tmp_path / "floor.json").write_text(json.dumps(floor))
+    lines = gpu_check_table.table(tmp_path).splitlines()
+    assert lines[0] == "| shape | step | graphs | ms | x floor | x 1-token step |"
+    assert "| llama-3.2-1b | decode 1 seq x 1 token | on | 2.000 | 3.33 | 1.00 |" in lines
+    assert "| adaserve run adaserve, 40 requests: median ms per decode-only iteration (count) | 3.50 (3) |" in lines
+    assert "| adaserve run adaserve, 40 requests: median ms per iteration with a prefill chunk (count) | 34.50 (2) |" \
+        in lines
+    assert "| measure | llama-3.2-1b graphs on |" in lines and not any("8b" in x for x in lines)
     (tmp_path / "empty").mkdir()
     assert gpu_check_table.table(tmp_path / "empty") == "(no results: every measuring step failed)"
 
