@@ -80,7 +80,8 @@ def run(a: argparse.Namespace) -> None:
     for k in range(a.first, a.first + a.repeat):
         profile = out / f"profile-{k}.json"
         _log_load(out, profile.name, "before")
-        _adaserve(["profile", *common, "--out", str(profile), "--no-progress"], cpu_clock=a.cpu_clock)
+        _adaserve(["profile", *common, "--out", str(profile), "--no-progress", "--passes", str(a.profile_passes)],
+                  cpu_clock=a.cpu_clock)
         _log_load(out, profile.name, "after")
         for scale in a.scales.split(","):
             d = out / f"x{scale}"
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--repeat", type=int, default=1)
     r.add_argument("--first", type=int, default=0, help="index of the first repeat (to add repeats)")
     r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--profile-passes", type=int, default=1, help="adaserve profile --passes (median per point)")
     r.add_argument("--cpu-clock", action="store_true",
                    help="profile and engine on this thread's CPU time (waits for a core left out)")
     t = sub.add_parser("table")

@@ -121,6 +121,41 @@ def test_quick_profile_keeps_the_least_disturbed_pass(monkeypatch):
         profiler.quick_profile("fake", None, limits, passes=0)
 
 
+def test_full_profile_keeps_each_points_median_over_interleaved_passes(monkeypatch):
+    """``adaserve profile --passes N``: the grid measured N times over, each point the median of its
+    N samples (one disturbed pass moves no point), with CUDA graphs passed through to ``measure``."""
+    from adaserve.config import CPU_LIMITS
+    from adaserve.core.errors import UserError
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime import profiler
+
+    grid = profiler.Grid.for_limits(CPU_LIMITS, repeat=2, quick=True)
+    calls = []
+
+    def fake_measure(model, lim, g, draft=None, cuda_graphs=False):
+        k = len(calls)
+        calls.append(cuda_graphs)
+        slow = (1.0, 1.0, 3.0)[k % 3]  # the third pass ran on a loaded machine
+        yield "baseline", (40.0, 42.0, 200.0)[k % 3]
+        for t in g.tokens:
+            yield f"verify:{t}", (30.0 + t + k) * slow
+        for c in g.contexts:
+            yield f"context:{c}", 5.0 + c / 1000
+        for t in g.prefill:
+            yield f"prefill:{t}", float(t) * slow
+        for t in g.draft:
+            yield f"draft:{t}", 0.1
+    monkeypatch.setattr(profiler, "measure", fake_measure)
+    p = profiler.measure_profile("fake", tiny_random_model("llama"), CPU_LIMITS, grid, passes=3)
+    assert calls == [False] * 3
+    assert p.baseline_ms == 42.0  # median of 40, 42, 200
+    assert list(p.verify.ms) == [31.0 + t for t in grid.tokens]  # pass 1's value: the median of each point
+    one = profiler.measure_profile("fake", tiny_random_model("llama"), CPU_LIMITS, grid, cuda_graphs=True)
+    assert calls[3:] == [True] and one.baseline_ms == 40.0
+    with pytest.raises(UserError, match="--passes"):
+        profiler.measure_profile("fake", None, CPU_LIMITS, grid, passes=0)
+
+
 def test_quick_profile_tables_never_decrease():
     from adaserve.engine.loader import tiny_random_model
     from adaserve.config import EngineConfig

@@ -244,7 +244,8 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
     steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms} for ms in (3.0, 3.5, 4.0)]
-    steps += [{"decode": [[10, 1]], "prefill": [[64, 0]], "iteration_ms": 60.0}, {"prefill": [[8, 0]], "iteration_ms": 9.0}]
+    steps += [{"decode": [[10, 1]], "prefill": [[64, 0]], "iteration_ms": 60.0},
+              {"prefill": [[8, 0]], "iteration_ms": 9.0}]
     (tmp_path / "run-adaserve.steps.jsonl").write_text("\n".join(json.dumps(x) for x in steps) + "\n")
     (tmp_path / "bench-llama-3.1-8b-graphs-on.json").write_text('{"baseline_ms": ')  # cut off by a time limit
     from adaserve.runtime.weight_floor import STEPS

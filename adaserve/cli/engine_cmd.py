@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--name", help="profile name (default: the model name)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per point (median)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="measure the whole grid this many times and keep each point's median over the passes "
+                        "(steadier on a shared machine; each pass takes as long as one profile)")
     p.add_argument("--quick", action="store_true", help="fewer points")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_profile)
@@ -65,7 +68,8 @@ def _profile(args: argparse.Namespace) -> int:
     limits = sized_limits(cfg, cfg.default_limits(), model, draft)
     grid = Grid.for_limits(limits, repeat=args.repeat, quick=args.quick)
     profile = measure_profile(args.name or args.model, model, limits, grid, draft if kind == "model" else None,
-                              progress=not args.no_progress, cuda_graphs=cfg.use_cuda_graphs)
+                              progress=not args.no_progress, cuda_graphs=cfg.use_cuda_graphs,
+                              passes=args.passes)
     profile.save(args.out)
     print(json.dumps({"out": args.out, "name": profile.name, "hardware": profile.hardware,
                       "baseline_ms": profile.baseline_ms, "drafter": kind, "measured_with": profile.measured_with,

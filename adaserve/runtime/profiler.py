@@ -427,7 +427,8 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
     return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill_table(points, grid),
                           baseline_ms=round(points["baseline"], 3), source="measured",
                           hardware=hardware_string(model), limits=limits,
-                          measured_with={**measured_with(model, cuda_graphs), **({"drafter": drafter} if drafter else {}),
+                          measured_with={**measured_with(model, cuda_graphs),
+                                         **({"drafter": drafter} if drafter else {}),
                                          **({"clock": "cpu"} if clock_name() == "cpu" else {})},
                           family=model.config.family, step_model="engine", attention_queries=queries, host=host)
 
@@ -453,16 +454,28 @@ def prefill_table(points: dict[str, float], grid: Grid) -> Table:
 
 def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
                     draft: Transformer | None = None, progress: bool = False,
-                    cuda_graphs: bool = False) -> LatencyProfile:
+                    cuda_graphs: bool = False, passes: int = 1) -> LatencyProfile:
+    """The full profile: every point of ``grid`` (each the median of ``grid.repeat`` timed calls
+    after a warm-up call), measured ``passes`` times over the whole grid, keeping per point the
+    median over the passes.
+
+    Why passes: on a quiet 2-core VM a point moved by up to 15% between two passes a minute apart
+    (docs/fidelity.md, "Quiet-machine run"), more than the timed calls within one pass differ; the
+    grid's passes interleave, so a slow minute spoils one sample of each point, not a point. The
+    median, not ``quick_profile``'s minimum: the simulator prices the steps a run will pay, and a run
+    pays the typical cost, not the luckiest."""
     if clock_name() == "cpu" and model.lm_head.weight.device.type != "cpu":
         raise UserError("ADASERVE_PROFILE_CLOCK=cpu measures CPU time: it cannot time a GPU")
-    total = grid.size
-    points = {}
-    with progress_bar(total, f"profiling {name}", "pt", enabled=progress) as bar:
-        for label, ms in measure(model, limits, grid, draft, cuda_graphs):
-            points[label] = ms
-            bar.set_postfix_str(f"{label} {ms:.1f} ms")
-            bar.update()
+    if passes < 1:
+        raise UserError(f"--passes must be >= 1, got {passes}")
+    samples: dict[str, list[float]] = {}
+    with progress_bar(passes * grid.size, f"profiling {name}", "pt", enabled=progress) as bar:
+        for _ in range(passes):
+            for label, ms in measure(model, limits, grid, draft, cuda_graphs):
+                samples.setdefault(label, []).append(ms)
+                bar.set_postfix_str(f"{label} {ms:.1f} ms")
+                bar.update()
+    points = {label: statistics.median(v) for label, v in samples.items()}
     return assemble(name, points, grid, limits, model, "model" if draft is not None else "ngram", cuda_graphs)
 
 
