@@ -10,7 +10,7 @@ import torch
 from adaserve.cli import main
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
-from adaserve.engine import BatchBuilder, NgramDrafter, TorchExecutor
+from adaserve.engine import NgramDrafter, TorchExecutor
 from adaserve.engine.loader import ModelNotFound, builtin_gguf, load_model
 from adaserve.iteration import ServingLoop
 from engine_util import plain_greedy

@@ -190,7 +190,7 @@ def test_dry_run_on_cuda_prints_every_step():
     assert all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
     # the runs use the profile measured before them and record acceptance: the table simulates them
     profile = "/w/profile-llama-3.2-1b.json"
-    assert lines.index(next(x for x in lines if f" profile --model /w/ckpt-llama-3.2-1b" in x and profile in x)) \
+    assert lines.index(next(x for x in lines if " profile --model /w/ckpt-llama-3.2-1b" in x and profile in x)) \
         < lines.index(runs[0])
     for r in runs:
         system = r.split("--system ")[1].split()[0]
