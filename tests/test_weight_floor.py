@@ -25,18 +25,20 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
     assert weight_floor.main(["--shapes", "llama-tiny", "--device", "cpu", "--json", str(out)]) == 0
     [r] = json.loads(out.read_text())
     assert r["shape"] == "llama-tiny" and r["floor_ms"] > 0 and r["copy_tb_s"] > 0
-    assert set(r["steps"]) == {"graphs on", "graphs off"}
+    assert set(r["steps"]) == {"graphs on", "graphs off", "graphs on, cuDNN attention allowed"}
     for steps in r["steps"].values():
         assert all(steps[label] > 0 for label, *_ in weight_floor.STEPS)
     assert r["steps"]["graphs on"]["graphed steps"] > 0  # the padded path ran
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default is back after the cuDNN rows
     assert len(r["prefill"]) == 3 and all(ms > 0 for ms in r["prefill"].values())
     assert r["kernels"][0]["name"] == "(all)" and len(r["kernels"]) > 3
     assert r["kernels"][0]["ms_per_step"] >= max(k["ms_per_step"] for k in r["kernels"][1:])
     assert any("mm" in k["name"] or "linear" in k["name"] for k in r["kernels"][1:])  # the GEMMs are there
-    assert set(r["sdpa"]) == {"decode (1 x 128 keys)", "tree (8 x 1024 keys)", "prefill (512 x 512 keys)"}
+    assert set(r["sdpa"]) == {"decode (1 x 128 keys)", "tree (8 x 1024 keys)", "prefill (512 x 512 keys)",
+                              "decode, cuDNN attention allowed"}
     assert all(v in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") for v in r["sdpa"].values())
     text = capsys.readouterr().out
-    assert text.count("| llama-tiny |") == 1 + 2 * len(weight_floor.STEPS) + 3
+    assert text.count("| llama-tiny |") == 1 + 3 * len(weight_floor.STEPS) + 3
     assert "kernels by time" in text and "SDPA picks" in text
 
 

@@ -23,6 +23,7 @@ K/V heads)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -103,22 +104,30 @@ def step_times(model: Transformer, graphs: bool, repeat: int = 20) -> dict[str, 
     return out
 
 
+@contextlib.contextmanager
+def cudnn_attention(allowed: bool):
+    """SDPA may (or may not) pick cuDNN's attention inside the block; the setting is restored after
+    (``engine.model.configure_attention_backends`` keeps it out by default)."""
+    has_switch = hasattr(torch.backends.cuda, "enable_cudnn_sdp")
+    before = torch.backends.cuda.cudnn_sdp_enabled() if has_switch else False
+    if has_switch:
+        torch.backends.cuda.enable_cudnn_sdp(allowed)
+    try:
+        yield
+    finally:
+        if has_switch:
+            torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def prefill_times(model: Transformer, repeat: int = 5) -> dict[str, float]:
     """ms of a ``WARM_PREFILL``-token prefill (median, one length repeated), and the median over
     ``COLD_LENGTHS`` of one call per new length, with cuDNN attention allowed and kept out."""
     bench = StepBench(model, max(max(v) for v in COLD_LENGTHS.values()) + 64)
     out = {f"prefill {WARM_PREFILL} tokens, same length repeated": bench.prefill_ms(WARM_PREFILL, repeat)}
-    has_switch = hasattr(torch.backends.cuda, "enable_cudnn_sdp")
-    before = torch.backends.cuda.cudnn_sdp_enabled() if has_switch else False
-    try:
-        for cudnn, lengths in COLD_LENGTHS.items():
-            if has_switch:
-                torch.backends.cuda.enable_cudnn_sdp(cudnn == "on")
+    for cudnn, lengths in COLD_LENGTHS.items():
+        with cudnn_attention(cudnn == "on"):
             times = [bench.prefill_once_ms(n) for n in lengths]
-            out[f"prefill, a new length each call, cuDNN attention {cudnn}"] = statistics.median(times)
-    finally:
-        if has_switch:
-            torch.backends.cuda.enable_cudnn_sdp(before)
+        out[f"prefill, a new length each call, cuDNN attention {cudnn}"] = statistics.median(times)
     return out
 
 
@@ -169,6 +178,9 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
               "floor_ms": weights / bandwidth * 1e3, "steps": {}}
     for graphs in graph_modes:
         result["steps"]["graphs on" if graphs else "graphs off"] = step_times(model, graphs)
+    if True in graph_modes:  # what keeping cuDNN attention out costs the graphed steps, if anything
+        with cudnn_attention(True):
+            result["steps"]["graphs on, cuDNN attention allowed"] = step_times(model, True)
     result["prefill"] = prefill_times(model)
     try:  # the profiler needs CUPTI on a GPU, which a sandboxed machine may lack: keep the rest
         result["kernels"] = kernel_breakdown(model)
@@ -178,6 +190,8 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
     result["sdpa"] = {"decode (1 x 128 keys)": sdpa_choice(model, 1, 128),
                       "tree (8 x 1024 keys)": sdpa_choice(model, 8, 1024),
                       "prefill (512 x 512 keys)": sdpa_choice(model, 512, 512)}
+    with cudnn_attention(True):
+        result["sdpa"]["decode, cuDNN attention allowed"] = sdpa_choice(model, 1, 128)
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
