@@ -5,7 +5,8 @@
 Runs the ``adaserve`` command given after ``--`` in this process, with the engine's executor and the
 serving loop wrapped (nothing else changes), and writes one JSON object per iteration to
 STEPS.jsonl: ``prefill`` [[chunk, tokens already prefilled], ...], ``decode`` [[context tokens,
-tree tokens], ...], and the wall / thread-CPU ms of the iteration, of drafting (``speculate``), of
+tree tokens], ...] with ``rids`` the decoding requests' ids in the same order (to set a step's trees
+beside the requests' acceptance records), and the wall / thread-CPU ms of the iteration, of drafting (``speculate``), of
 the target step (``execute``) and of the forward inside it. The forward is the model call alone,
 as ``adaserve profile`` times its step tables; the rest of the iteration (batch building included)
 is host work, as the profile's ``host`` table counts it. ``scripts/engine_vs_sim.py steps`` prices
@@ -68,6 +69,7 @@ def instrument(ex, log: StepLog) -> None:
         sizes = np.add.reduceat(sel, forest.offsets[:-1]) if len(decode) else np.zeros(0, int)
         log.cur["prefill"] = [[int(c), int(r.prefilled)] for r, c in prefill]
         log.cur["decode"] = [[int(r.context_len), int(n)] for r, n in zip(decode, sizes)]
+        log.cur["rids"] = [int(r.rid) for r in decode]  # whose tree each ``decode`` entry is
         return execute(prefill, decode, forest, selected, max_commit)
     ex.execute = logged_execute
 

@@ -385,3 +385,43 @@ def test_context_points_are_paired_with_a_context_zero_step():
     points = dict(context_points(Bench(), 8, [0, 128, 1024, 4096], 5))
     g0 = points["context:0"]
     assert [points[f"context:{c}"] - g0 for c in (0, 128, 1024, 4096)] == pytest.approx([0, 1.28, 10.24, 40.96])
+
+
+def test_engine_steps_logs_every_iteration_with_the_decoding_requests(tmp_path):
+    """scripts/engine_steps.py's wrappers on a real executor and loop: one record per iteration,
+    each ``decode`` entry beside the id of the request it belongs to."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from adaserve.engine import NgramDrafter, TorchExecutor
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.iteration import ServingLoop
+    from adaserve.scheduling.policies import make_policy
+
+    spec = importlib.util.spec_from_file_location(
+        "engine_steps_script", Path(__file__).resolve().parent.parent / "scripts" / "engine_steps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(1)
+    lim = Limits(max_batch_requests=4, max_batch_tokens=128, prefill_chunk=32, max_seq_len=256)
+    flat = Table(np.array([1.0, 128.0]), np.ones(2))
+    prof = LatencyProfile("flat", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=lim)
+    ex = TorchExecutor(tiny_random_model("llama"), prof, NgramDrafter(), num_blocks=64, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    ex.set_prompts({rid: rng.integers(3, 200, 20).tolist() for rid in (7, 9)})
+    requests = [Request(rid=rid, arrival_ms=0.0, input_len=20, max_new_tokens=6, slo_ratio=2.0, slo_ms=10.0,
+                        category="coding") for rid in (7, 9)]
+    log = mod.StepLog(str(tmp_path / "steps.jsonl"))
+    mod.instrument(ex, log)
+    loop = ServingLoop(make_policy("adaserve", "llama"), ex, requests)
+    while loop.run_once():
+        log.add("iteration", 0.001, 0.001)
+        log.flush()
+    log.f.close()
+    recs = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    decoding = [r for r in recs if r["decode"]]
+    assert len(recs) == loop.stats.iterations and decoding
+    assert all(len(r["rids"]) == len(r["decode"]) and set(r["rids"]) <= {7, 9} for r in decoding)
+    assert all(r["forward_ms"] > 0 for r in recs) and any("speculate_ms" in r for r in decoding)
