@@ -18,7 +18,8 @@
 #      RPS-4.8 trace with that profile,
 #      recording the draft acceptance and logging every iteration (scripts/engine_steps.py)
 #   4. adaserve bench engine on every shape (the 8B one's checkpoint made here), CUDA graphs on and
-#      off (synthetic text prompts: the offline prompt pool is a wheel such machines lack);
+#      off (the 8B shape on only: the floor step has its eager steps) (synthetic text prompts: the
+#      offline prompt pool is a wheel such machines lack);
 #      transformers' generate as the peer on the 1B shape. Last because the 8B shape is the slowest:
 #      a check cut short by its caller's time limit has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
@@ -36,7 +37,7 @@ set -uo pipefail
 DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
-  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
   "") ;;
   *) echo "gpu-check: unknown argument '$1' (use --dry-run or --help)" >&2; exit 2 ;;
 esac
