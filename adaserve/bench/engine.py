@@ -50,7 +50,7 @@ from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer
 from adaserve.iteration import ServingLoop
 from adaserve.runtime.build import load_models
-from adaserve.runtime.profiler import hardware_string, quick_profile
+from adaserve.runtime.profiler import hardware_string, quick_profile, sync
 from adaserve.scheduling.policies import make_policy
 from adaserve.scheduling.speculation import SpecParams
 
@@ -61,12 +61,6 @@ PROMPT_SOURCES = ("pool", "synthetic-text")  # --prompts: the offline pool's tra
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-def sync(device: torch.device | str) -> None:
-    """Wait for queued kernels (CUDA launches are asynchronous: time only after this)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def model_device(model: Transformer) -> torch.device:
     return model.lm_head.weight.device

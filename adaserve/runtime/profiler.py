@@ -151,9 +151,14 @@ def median_ms(fn: Callable[..., None], repeat: int, setup: Callable[[], object] 
     return 1e3 * statistics.median(times)
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels (CUDA launches are asynchronous: time only after this)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _sync(model: Transformer) -> None:
-    if model.lm_head.weight.is_cuda:
-        torch.cuda.synchronize()
+    sync(model.lm_head.weight.device)
 
 
 class StepBench:
@@ -221,12 +226,16 @@ class StepBench:
             for s in range(n_seqs):
                 self.cache.free(s)
 
+    def _prefill(self, ids: list[int]):
+        """A batch of one prefill chunk (sequence "p"; free it after the step)."""
+        b = BatchBuilder(self.cache)
+        b.add_prefill("p", ids)
+        return self._built(b)
+
     def prefill_once_ms(self, tokens: int) -> float:
         """ms of one prefill step with no warm-up call: on a GPU, what a length the process has not
         run before costs (per-shape kernel plans included)."""
-        b = BatchBuilder(self.cache)
-        b.add_prefill("p", self._ids(tokens))
-        batch = self._built(b)
+        batch = self._prefill(self._ids(tokens))
         try:
             t0 = clock()
             self.forward(batch)
@@ -236,12 +245,7 @@ class StepBench:
 
     def prefill_ms(self, tokens: int, repeat: int) -> float:
         ids = self._ids(tokens)
-
-        def build():
-            b = BatchBuilder(self.cache)
-            b.add_prefill("p", ids)
-            return self._built(b)
-        return median_ms(self.forward, repeat, build, lambda: self.cache.free("p"))
+        return median_ms(self.forward, repeat, lambda: self._prefill(ids), lambda: self.cache.free("p"))
 
 
 def ngram_draft_ms(nodes: int, repeat: int, seed: int = 0) -> float:

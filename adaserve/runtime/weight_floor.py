@@ -34,7 +34,7 @@ from adaserve.core.profile import Limits
 from adaserve.engine.config import ModelConfig
 from adaserve.engine.model import Transformer
 
-from .profiler import StepBench
+from .profiler import StepBench, sync
 from .random_checkpoint import SHAPES
 
 # (label, sequences, new tokens in all, context tokens in all): chains of tokens/sequences each
@@ -74,11 +74,6 @@ def weight_bytes_per_decode_step(model: Transformer) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measured_copy_bandwidth(device: str | torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second), median of 5 after a warm-up."""
     device = torch.device(device)
@@ -86,10 +81,10 @@ def measured_copy_bandwidth(device: str | torch.device, nbytes: int = 2 << 30) -
     dst = torch.empty_like(src)
     times = []
     for _ in range(6):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     del src, dst
     return 2 * nbytes / statistics.median(times[1:])
