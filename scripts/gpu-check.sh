@@ -68,7 +68,7 @@ elif [[ $DEVICE == cuda* ]]; then
   BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
   RUN_SIZE=(--output-len-cap 64)
   PROFILE_SIZE=()
-  TESTS=(-k "not 8B")          # the 8B shape's steps: the weight-floor step measures them (it took ~45 s)
+  TESTS=(-k "not 8B")          # the 8B shape's steps: the weight-floor step measures them
   FLOOR_GRAPHS=on,off
 else
   echo "gpu-check: DEVICE must be cuda[:N] or cpu, got '$DEVICE'" >&2

@@ -399,8 +399,6 @@ def engine_generate(ex: TorchExecutor, profile: LatencyProfile, prompts: Sequenc
     """One run on ``ex`` (``generation_executor``): (wall seconds, output tokens per request,
     tokens per request-step). The executor is left empty for the next run."""
     model = ex.model
-    for rid in range(len(prompts)):
-        ex.forget(rid)  # the last run's outputs (and its drafter state, should any remain)
     ex.set_prompts({i: p for i, p in enumerate(prompts)})
     requests = make_requests(prompts, new_tokens, profile.decode_baseline_ms)
     loop = ServingLoop(make_policy(system, model.config.family), ex, requests)

@@ -167,8 +167,8 @@ class StepBench:
     ``graphs``: the steps run as the engine runs them with CUDA graphs on (engine/cuda_graphs.py),
     with buckets sized by these limits: a decode or small-tree step replays the graph of its bucket,
     captured during the point's warm-up call; prefill chunks and large trees stay eager. On a GPU a
-    graphed step costs a fraction of an eager one (issue 12: a 1B-shaped decode step 2.2 ms against
-    14 ms on an H200), so a profile of an engine with graphs on must time graphs too."""
+    graphed step costs a fraction of an eager one (issue 12: a 1B-shaped decode step 2.3 ms against
+    8.2 ms on an H200), so a profile of an engine with graphs on must time graphs too."""
 
     def __init__(self, model: Transformer, max_tokens: int, seed: int = 0, graphs: Limits | None = None):
         self.model = model
