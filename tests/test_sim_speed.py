@@ -178,9 +178,10 @@ def test_compiled_selection_equals_numpy(monkeypatch, shape, n):
                                                    predict))
 
 
-def test_compiled_selection_with_tied_keys_keeps_numpy_order(monkeypatch):
-    """Equal path probabilities at one depth tie the best-first sort key: the compiled build
-    falls back to numpy's argsort, whose (unstable) tie order the selection then follows."""
+def test_tied_keys_keep_node_order_on_both_paths(monkeypatch):
+    """Equal path probabilities at one depth tie the best-first sort key: both paths break the tie
+    by node order (a stable sort; numpy's default quicksort would break it by the CPU's SIMD
+    dispatch), so the selection is a function of the forest alone."""
     from adaserve.scheduling.trees import CandidateForest
     tree = [(0, 1, 0.5), (0, 2, 0.5), (1, 3, 0.25), (1, 4, 0.25), (2, 5, 0.25), (2, 6, 0.25)]
     forest = CandidateForest.from_lists([tree] * 5)
@@ -188,8 +189,21 @@ def test_compiled_selection_with_tied_keys_keeps_numpy_order(monkeypatch):
     compiled, numpy_path = both_selections(monkeypatch, forest, need, cap, 4, [5, 9, 14, 40],
                                            lambda b: 10.0 + np.asarray(b, np.float64))
     assert_same_selection(compiled, numpy_path)
-    from adaserve.scheduling import kernels
-    assert not kernels.sorted_candidates(forest.prob, forest.depth, forest.offsets, 1e-12)[2]  # tie
+    from adaserve.scheduling.selection import SortedCandidates
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        sc = SortedCandidates.build(forest)
+        nonroot = np.flatnonzero(forest.depth > 0)
+        depth1 = nonroot[forest.depth[nonroot] == 1]
+        assert sc.best[:len(depth1)].tolist() == depth1.tolist()  # all tied at 0.5: node order
+        assert sc.best[len(depth1):].tolist() == nonroot[forest.depth[nonroot] == 2].tolist()
+    nan_tree = [(0, 1, np.nan), (0, 2, 0.5), (1, 3, np.nan), (2, 4, 0.5), (2, 5, 0.25)]
+    forest = CandidateForest.from_lists([nan_tree, tree, nan_tree])
+    out = []
+    for flag in ("1", "0"):  # NaN keys sort last on both paths, ties still in node order
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        out.append(SortedCandidates.build(forest).best.tolist())
+    assert out[0] == out[1]
 
 
 def test_compiled_table_lookup_equals_numpy(monkeypatch):

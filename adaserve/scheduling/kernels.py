@@ -5,8 +5,9 @@ per-call overhead (about 60 array calls per iteration), not the arithmetic. Thes
 work in a few compiled calls and give the same bits: they do only comparisons, integer arithmetic
 and float additions and divisions in numpy's order (``np.cumsum`` accumulates left to right), with
 numpy's NaN rules where numpy's functions have them (``np.minimum``, ``np.maximum``, ``np.argmax``,
-``np.searchsorted``, ``np.argsort``: NaN after every number). The one sort numpy's unstable
-quicksort decides (the best-first order, whose ties it breaks its own way) stays in numpy.
+``np.searchsorted``, ``np.argsort``: NaN after every number). Every sort is stable (ties keep node
+order), so the order is a function of the keys alone, the same on every CPU (numpy's default
+quicksort breaks ties by its SIMD dispatch: AVX2 and AVX-512 machines would disagree).
 ``tests/test_sim_speed.py`` runs both paths on the same forests.
 
 Imported only when ``jit.enabled()`` (importing this module imports numba).
@@ -37,16 +38,10 @@ def _np_minimum(a, b):  # pragma: no cover - compiled
 
 @njit
 def sorted_candidates(prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
-    """``SortedCandidates``' arrays (``group_by_request``) with the best-first order sorted here,
-    when no two sort keys are equal (then every sort gives numpy's order); else the keys (and
-    ``ok`` False), for the caller to argsort in numpy (whose quicksort breaks ties its own way)."""
+    """``SortedCandidates``' arrays (``group_by_request``): the best-first order is a stable sort
+    of the keys (merge sort, NaN last: numpy's ``kind="stable"``), so tied keys keep node order."""
     idx, owner, key = sort_keys(prob, depth, offsets, depth_tie)
-    best_first = np.argsort(key)
-    for j in range(1, best_first.shape[0]):
-        if not key[best_first[j - 1]] < key[best_first[j]]:  # a tie (or NaN)
-            return np.empty((0, 0), np.int64), key.reshape(1, -1), False
-    ints, floats = group_by_request(best_first, idx, owner, prob, offsets)
-    return ints, floats, True
+    return group_by_request(np.argsort(key, kind="mergesort"), idx, owner, prob, offsets)
 
 
 @njit
@@ -65,13 +60,6 @@ def sort_keys(prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
             key[j] = depth[v] * depth_tie - prob[v]
             j += 1
     return idx, owner, key
-
-
-@njit
-def grouped(best_first, prob, depth, offsets, depth_tie):  # pragma: no cover - compiled
-    """``group_by_request`` for a best-first order sorted by the caller."""
-    idx, owner, _ = sort_keys(prob, depth, offsets, depth_tie)
-    return group_by_request(best_first, idx, owner, prob, offsets)
 
 
 @njit

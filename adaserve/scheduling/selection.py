@@ -3,7 +3,8 @@ steps 4-5), and the rule that
 picks the verification budget, vectorized over flat candidate-tree arrays.
 
 Every request's non-root candidates are sorted once by descending path probability f̂, ties broken
-toward smaller depth (so a parent always precedes its children: f̂(child) <= f̂(parent)). Both
+toward smaller depth (so a parent always precedes its children: f̂(child) <= f̂(parent)), then
+toward the earlier node (request order, then the drafter's; a stable sort, the same on every CPU). Both
 phases then take *prefixes* of these per-request orders, which is what the greedy loops of
 Algorithm 2 do node by node:
 
@@ -52,7 +53,7 @@ class SortedCandidates:
         nonroot[forest.roots] = False
         idx = np.flatnonzero(nonroot)
         owner = np.repeat(np.arange(n, dtype=np.int16 if n < 2**15 else np.int64), length)
-        best_first = np.argsort(forest.depth[idx] * _DEPTH_TIE - forest.prob[idx])
+        best_first = np.argsort(forest.depth[idx] * _DEPTH_TIE - forest.prob[idx], kind="stable")
         global_pos = np.argsort(owner[best_first], kind="stable")  # radix sort on int16: ~10 us
         order = idx[best_first[global_pos]]
         start = np.zeros(n, np.int64)
@@ -65,11 +66,8 @@ class SortedCandidates:
 
     @classmethod
     def _from_blocks(cls, forest: CandidateForest, kernels) -> "SortedCandidates":
-        """``build`` by the compiled kernels (numpy sorts only when sort keys tie)."""
-        args = (forest.prob, forest.depth, forest.offsets, _DEPTH_TIE)
-        ints, floats, ok = kernels.sorted_candidates(*args)
-        if not ok:
-            ints, floats = kernels.grouped(np.argsort(floats[0]), *args)
+        """``build`` by the compiled kernels."""
+        ints, floats = kernels.sorted_candidates(forest.prob, forest.depth, forest.offsets, _DEPTH_TIE)
         n, count = len(forest.offsets) - 1, floats.shape[1]
         block = ints[:, :count]
         sc = cls(block[0], ints[5, :n], ints[6, :n], block[1], block[2], floats[0], block[3], block[4])
