@@ -8,7 +8,7 @@ import torch
 
 from adaserve.core import jit
 from adaserve.engine import tiny_random_model
-from adaserve.engine.batch import BatchBuilder
+from adaserve.engine.batch import BatchBuilder, padding_groups
 from adaserve.engine.drafters import RECORD_K, NgramIndex, NgramTable, TreeSet, level_plan
 from adaserve.engine.executor import select_trees
 from adaserve.engine.kv_cache import KVCache
@@ -175,7 +175,7 @@ def test_batch_masks_match_the_per_entry_version(host_path):
         for s in range(5):  # committed context of various lengths
             b.add_prefill(s, rng.integers(0, 50, int(rng.integers(1, 14))).tolist())
         b.build()
-        b = BatchBuilder(cache)
+        b = BatchBuilder(cache, split_padding=False)  # one call: its mask against the per-entry one
         b.add_prefill(9, rng.integers(0, 50, 5).tolist(), logits="all")  # a new sequence's chunk
         b.add_decode(0, 7)
         forest = random_forest(rng, 3, max_nodes=10)
@@ -199,6 +199,51 @@ def test_batch_masks_match_the_per_entry_version(host_path):
                 depth[j] = 0 if p < 0 else depth[p] + 1
             assert batch.positions[nodes].tolist() == [e.context_len + d for d in depth]
             assert batch.slot_mapping[nodes].tolist() == cache.alloc.slots(e.seq_id, e.context_len, e.key_len)
+
+
+def test_padding_groups_are_the_cheapest_split(host_path):
+    """The dynamic programme finds the cheapest cut of the key-sorted entries into runs (checked
+    against every cut), and every entry lands in exactly one group."""
+    import itertools
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        n = int(rng.integers(1, 8))
+        cols = np.zeros((7, n), np.int64)
+        cols[4] = rng.integers(1, 400, n)
+        cols[2] = rng.choice([1, 1, 2, 8, 25], n)
+        fixed, per_qk = float(rng.choice([0.0, 20.0, 170.0])), float(rng.choice([0.0, 0.165]))
+        groups = padding_groups(cols, 16, fixed, per_qk)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(n))
+        keys = -(-cols[4] // 16) * 16
+        cost = lambda g: fixed + len(g) * keys[g].max() * (1 + per_qk * cols[2][g].max())  # noqa: E731
+        order = np.lexsort((cols[2], keys))
+        best = min(sum(cost(order[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
+                   for k in range(n) for cut in itertools.combinations(range(1, n), k))
+        assert sum(cost(g) for g in groups) == pytest.approx(best)
+
+
+def test_split_attention_calls_give_the_same_logits():
+    """Entries of very different lengths split into several attention calls (forced here with
+    free calls): the logits are those of one padded call."""
+    model = tiny_random_model("llama")
+    out = []
+    for split in (False, True):
+        cache = KVCache(model.config, num_blocks=200, block_size=4)
+        b = BatchBuilder(cache)
+        for s, n in enumerate([3, 60, 9, 130]):
+            b.add_prefill(s, np.random.default_rng(s).integers(0, 50, n).tolist(), logits="none")
+        model(b.build(), cache)
+        b = BatchBuilder(cache, split_padding=split)
+        b.group_costs = (0.0, 1.0)
+        b.add_decode(0, 7)
+        b.add_tree(1, [5, 6, 7, 8], [-1, 0, 0, 1])
+        b.add_decode(2, 9)
+        b.add_prefill(4, [11, 12, 13], logits="all")  # a new sequence's chunk
+        b.add_tree(3, [1, 2], [-1, 0])
+        batch = b.build()
+        assert len(batch.groups) == (5 if split else 1)  # free calls: one per entry
+        out.append(model(batch, cache))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [SpecShape(depth=4, width=3), SpecShape.static((2, 1, 3)), SpecShape.chain(3)])
