@@ -48,6 +48,7 @@ def test_profile_writes_a_loadable_measured_profile(tiny_profile_file):
     assert p.verify.tokens[-1] == 64 and p.verify.context_tokens is not None
     assert p.limits.max_batch_requests == 4 and p.limits.kv_capacity_tokens > 0
     assert p.prefill is not None and p.draft.tokens[0] == 1
+    assert p.attention_calls == (170.0, 0.11)  # a CPU profile: the engine splits its attention call
 
 
 @pytest.mark.parametrize("system,extra", [("adaserve", []), ("vllm", []),

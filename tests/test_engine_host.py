@@ -8,11 +8,12 @@ import torch
 
 from adaserve.core import jit
 from adaserve.engine import tiny_random_model
-from adaserve.engine.batch import BatchBuilder, padding_groups
+from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.drafters import RECORD_K, NgramIndex, NgramTable, TreeSet, level_plan
 from adaserve.engine.executor import select_trees
 from adaserve.engine.kv_cache import KVCache
 from adaserve.engine.verify import greedy_walk
+from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from engine_util import greedy_walks
@@ -208,15 +209,13 @@ def test_padding_groups_are_the_cheapest_split(host_path):
     rng = np.random.default_rng(5)
     for _ in range(60):
         n = int(rng.integers(1, 8))
-        cols = np.zeros((7, n), np.int64)
-        cols[4] = rng.integers(1, 400, n)
-        cols[2] = rng.choice([1, 1, 2, 8, 25], n)
+        keys = rng.integers(1, 25, n) * 16
+        queries = rng.choice([1, 1, 2, 8, 25], n)
         fixed, per_qk = float(rng.choice([0.0, 20.0, 170.0])), float(rng.choice([0.0, 0.165]))
-        groups = padding_groups(cols, 16, fixed, per_qk)
+        groups = padding_groups(keys, queries, fixed, per_qk)
         assert sorted(np.concatenate(groups).tolist()) == list(range(n))
-        keys = -(-cols[4] // 16) * 16
-        cost = lambda g: fixed + len(g) * keys[g].max() * (1 + per_qk * cols[2][g].max())  # noqa: E731
-        order = np.lexsort((cols[2], keys))
+        cost = lambda g: fixed + len(g) * keys[g].max() * (1 + per_qk * queries[g].max())  # noqa: E731
+        order = np.lexsort((queries, keys))
         best = min(sum(cost(order[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
                    for k in range(n) for cut in itertools.combinations(range(1, n), k))
         assert sum(cost(g) for g in groups) == pytest.approx(best)

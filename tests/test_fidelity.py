@@ -50,6 +50,27 @@ def test_shared_attention_is_priced_at_the_padded_key_slots():
     assert shared_attention_ms(p, []) == 0.0
 
 
+def test_split_calls_are_priced_as_the_engine_cuts_them():
+    """With ``attention_calls`` (a CPU profile) the long request gets a call of its own, as the
+    engine's BatchBuilder does: 1024 + 3 x 16 slots plus the second call's fixed 170 slots, not
+    4 x 1024; uniform requests stay in one call, priced as before."""
+    p = engine_profile(attention_calls={"fixed_keys": 170.0, "query_key": 0.165})
+    entries = [(1023, 1)] + [(15, 1)] * 3
+    assert shared_attention_ms(p, entries) == pytest.approx((1024 + 3 * 16 + 170) / 100, rel=1e-6)
+    assert shared_attention_ms(p, [(256, 1)] * 4) == pytest.approx(shared_attention_ms(engine_profile(), [(256, 1)] * 4))
+    from adaserve.engine import tiny_random_model
+    from adaserve.engine.batch import BatchBuilder
+    from adaserve.engine.kv_cache import KVCache
+    cache = KVCache(tiny_random_model("llama").config, num_blocks=200, block_size=16)
+    b = BatchBuilder(cache)
+    b.group_costs = p.attention_calls
+    for s, (ctx, _) in enumerate(entries):
+        cache.alloc.add(s)
+        cache.alloc.append(s, ctx)
+        b.add_decode(s, 5)
+    assert sorted(len(g.block_tables) for g in b.build().groups) == [1, 3]  # the engine's cut
+
+
 def test_query_factor_scales_tree_attention():
     p = engine_profile(attention_queries={"tokens": [1, 4, 16], "ms": [10.0, 20.0, 60.0]})
     base = engine_profile()
@@ -120,13 +141,15 @@ def test_sim_executor_uses_the_step_model_and_charges_host_work():
 
 def test_profile_fields_round_trip_and_old_profiles_still_load():
     p = engine_profile(host={"speculative": {"tokens": [1, 4], "ms": [1.0, 2.0]}},
-                       attention_queries={"tokens": [1, 16], "ms": [1.0, 3.0]})
+                       attention_queries={"tokens": [1, 16], "ms": [1.0, 3.0]},
+                       attention_calls={"fixed_keys": 170, "query_key": 0.5})
     q = LatencyProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q.attention_calls == (170.0, 0.5)
     assert q.step_model == "engine" and q.host_ms(4, True) == 2.0 and q.host_ms(4, False) == 0.0
     assert q.query_factor(16) == pytest.approx(3.0)
     old = {"name": "old", "verify": {"tokens": [1, 2], "ms": [1, 2]}, "draft": {"tokens": [1, 2], "ms": [0, 0]}}
     o = LatencyProfile.from_dict(old)
-    assert o.step_model == "table" and o.host == {} and o.attention_queries is None
+    assert o.step_model == "table" and o.host == {} and o.attention_queries is None and o.attention_calls is None
     assert "step_model" not in o.to_dict() and "host" not in o.to_dict()
 
 
@@ -135,6 +158,9 @@ def test_profile_fields_round_trip_and_old_profiles_still_load():
     ("host", {"busy": {"tokens": [1, 2], "ms": [1, 2]}}, "'host'"),
     ("host", {"speculative": {"tokens": [2, 1], "ms": [1, 2]}}, "host.speculative"),
     ("attention_queries", {"tokens": [1], "ms": [1]}, "attention_queries"),
+    ("attention_calls", {"fixed_keys": 170}, "attention_calls"),
+    ("attention_calls", {"fixed_keys": -1, "query_key": 0.1}, "attention_calls.fixed_keys"),
+    ("attention_calls", {"fixed_keys": 1, "query_key": "x"}, "attention_calls.query_key"),
 ])
 def test_bad_profile_fields_are_user_errors(field, value, needle):
     d = engine_profile().to_dict()

@@ -16,6 +16,8 @@ Format (all times in ms)::
      "step_model": "table" | "engine",               # optional, default "table" (below)
      "attention_queries": {"tokens": [...], "ms": [...]},  # optional ("engine"): extra attention ms at
                                                      # a fixed context vs new tokens per request
+     "attention_calls": {"fixed_keys": x, "query_key": y},  # optional ("engine"): the engine splits
+                                                     # its shared attention call by these costs
      "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
               "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
               "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
@@ -31,7 +33,9 @@ Format (all times in ms)::
   its prefilled length), plus the attention of the one padded attention call that holds the trees
   and short chunks, read from the verify table's context axis at the *padded* key slots (requests
   x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
-  the host work per iteration (``host``). Drafting stays in ``draft``.
+  the host work per iteration (``host``). Drafting stays in ``draft``. With ``attention_calls``
+  (measured on a CPU) the engine cuts that call into several as
+  ``scheduling/attention_calls.padding_groups`` decides, and each is priced so.
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ class LatencyProfile:
     step_model: str = "table"  # "table" | "engine" (module docstring)
     attention_queries: Table | None = None
     host: dict[str, Table] = field(default_factory=dict)  # HOST_MODES -> ms vs decoding requests
+    attention_calls: tuple[float, float] | None = None  # (fixed_keys, query_key) of padding_groups
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -268,6 +273,7 @@ class LatencyProfile:
             attention_queries=(Table.from_dict(d["attention_queries"], f"{where}: attention_queries")
                                if d.get("attention_queries") else None),
             host=_host_tables(d.get("host"), where),
+            attention_calls=_attention_calls(d.get("attention_calls"), where),
         )
 
     def to_dict(self) -> dict:
@@ -286,6 +292,8 @@ class LatencyProfile:
             d["attention_queries"] = self.attention_queries.to_dict()
         if self.host:
             d["host"] = {mode: t.to_dict() for mode, t in self.host.items()}
+        if self.attention_calls is not None:
+            d["attention_calls"] = dict(zip(("fixed_keys", "query_key"), self.attention_calls))
         return d
 
     @classmethod
@@ -319,6 +327,20 @@ def _host_tables(d, where: str) -> dict[str, Table]:
     if not isinstance(d, dict) or set(d) - set(HOST_MODES):
         raise UserError(f"{where}: 'host' must be an object with keys among {', '.join(HOST_MODES)}")
     return {mode: Table.from_dict(t, f"{where}: host.{mode}") for mode, t in d.items()}
+
+
+def _attention_calls(d, where: str) -> tuple[float, float] | None:
+    """The optional ``attention_calls`` field: ``{"fixed_keys": x, "query_key": y}``, both >= 0."""
+    if d is None:
+        return None
+    keys = ("fixed_keys", "query_key")
+    if not isinstance(d, dict) or set(d) != set(keys):
+        raise UserError(f"{where}: 'attention_calls' must be an object with keys {', '.join(keys)}, got {d!r}")
+    for k in keys:
+        v = d[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UserError(f"{where}: attention_calls.{k} must be a number >= 0, got {v!r}")
+    return float(d["fixed_keys"]), float(d["query_key"])
 
 
 def _family(value, where: str) -> str | None:

@@ -23,6 +23,7 @@ import torch
 
 from adaserve.core import jit
 from adaserve.scheduling.admission import SOLO_QUERY_THRESHOLD
+from adaserve.scheduling.attention_calls import cpu_call_costs, padding_groups
 
 from .kv_cache import BlockAllocator, KVCache
 
@@ -213,7 +214,7 @@ class BatchBuilder:
         self.solo_threshold = solo_threshold
         self.split_padding = split_padding
         config = cache.config if isinstance(cache, KVCache) else None
-        self.group_costs = cpu_group_costs(config)
+        self.group_costs = cpu_call_costs(config.num_heads, config.num_kv_heads) if config else cpu_call_costs()
         self._reset()
 
     def _reset(self) -> None:
@@ -393,8 +394,9 @@ class BatchBuilder:
         if len(shared):
             parts = [shared]
             if self.split_padding and len(shared) > 1 and torch.device(device).type == "cpu":
-                parts = padding_groups(cols[:, shared], self.alloc.block_size, *self.group_costs)
-                parts = [shared[p] for p in parts]
+                bs = self.alloc.block_size
+                keys = -(-cols[4, shared] // bs) * bs
+                parts = [shared[p] for p in padding_groups(keys, num_new[shared], *self.group_costs)]
             groups += [self._group(cols[:, p] if len(p) < cols.shape[1] else cols, par, device) for p in parts]
         if len(groups) == 1:
             groups[0].all_rows = True
@@ -426,55 +428,6 @@ class BatchBuilder:
             mask, rows, pad = _group_mask_arrays(ctx, nnew, start, par, par_start, par_len, q, nblk * bs)
         return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
                          torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q)
-
-
-# A shared attention call on a CPU costs about GROUP_FIXED_KEYS key rows of its own (the K/V gather,
-# the padding and scattering of queries, the call) plus, per padded entry, a key row per key (reading
-# its K and V) and QUERY_KEY_COST of one per query and key and query head per KV head. Measured on
-# the 2-core dev VM, SmolLM2-135M shapes (9 query heads, 3 KV heads), one thread: per layer,
-# 16 entries x 512 keys took 2.5 ms with one query each and 5.2 ms with eight; one call ~50 us.
-GROUP_FIXED_KEYS = 170.0
-QUERY_KEY_COST = 0.055
-
-
-def cpu_group_costs(config) -> tuple[float, float]:
-    """(fixed cost of a call in key rows, cost of one query x key in key rows) for ``config``'s
-    heads (defaults: SmolLM2's 3 query heads per KV head)."""
-    ratio = config.num_heads / config.num_kv_heads if config is not None else 3.0
-    return GROUP_FIXED_KEYS, QUERY_KEY_COST * ratio
-
-
-def padding_groups(cols: np.ndarray, block_size: int, fixed: float, per_query_key: float) -> list[np.ndarray]:
-    """The entries (``BatchBuilder._cols`` columns) split into attention calls: a call pads every
-    entry to its longest keys (whole blocks) and queries, so entries of very different lengths
-    (a long context beside short ones, a large tree beside one-token steps) waste work in one call.
-    Sorted by keys, the entries are cut into runs minimizing the summed estimate
-    ``fixed + entries * keys * (1 + per_query_key * queries)`` (exact over runs, by dynamic
-    programming). Returns index arrays into ``cols``' columns."""
-    keys = -(-cols[4] // block_size) * block_size
-    order = np.lexsort((cols[2], keys))
-    cuts = _padding_cuts(keys[order], cols[2][order], float(fixed), float(per_query_key))
-    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-@jit.njit
-def _padding_cuts(keys, queries, fixed, per_query_key):
-    """Run boundaries (0 .. n) of the cheapest split of entries sorted by keys (``padding_groups``)."""
-    n = len(keys)
-    best = np.full(n + 1, np.inf)
-    back = np.zeros(n + 1, np.int64)
-    best[0] = 0.0
-    for j in range(1, n + 1):
-        q = 0
-        for i in range(j - 1, -1, -1):  # the run i..j-1: its keys are keys[j-1] (sorted)
-            q = max(q, queries[i])
-            cost = best[i] + fixed + (j - i) * keys[j - 1] * (1.0 + per_query_key * q)
-            if cost < best[j]:
-                best[j], back[j] = cost, i
-    cuts = [n]
-    while cuts[-1] > 0:
-        cuts.append(back[cuts[-1]])
-    return np.array(cuts[::-1], np.int64)
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:

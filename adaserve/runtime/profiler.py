@@ -50,6 +50,7 @@ import torch
 
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits, Table
+from adaserve.scheduling.attention_calls import cpu_call_costs
 from adaserve.scheduling.plan import SpecShape
 
 from adaserve.core.progress import progress as progress_bar
@@ -434,7 +435,16 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
                           measured_with={**measured_with(model, cuda_graphs),
                                          **({"drafter": drafter} if drafter else {}),
                                          **({"clock": "cpu"} if clock_name() == "cpu" else {})},
-                          family=model.config.family, step_model="engine", attention_queries=queries, host=host)
+                          family=model.config.family, step_model="engine", attention_queries=queries, host=host,
+                          attention_calls=attention_calls(model))
+
+
+def attention_calls(model: Transformer) -> tuple[float, float] | None:
+    """How the engine splits its shared attention call on this model's device (``BatchBuilder``:
+    on a CPU only), for the simulator to price the same calls."""
+    if model.lm_head.weight.device.type != "cpu":
+        return None
+    return cpu_call_costs(model.config.num_heads, model.config.num_kv_heads)
 
 
 def _table(points: dict[str, float], label: str, sizes: list[int]) -> Table | None:

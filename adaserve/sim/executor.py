@@ -13,29 +13,40 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
 from adaserve.scheduling.admission import BLOCK_SIZE, SOLO_QUERY_THRESHOLD
+from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim.acceptance import accepted_lengths
 
 
 # How our engine batches attention (adaserve/engine/batch.py; both read the constants from
-# scheduling/admission.py): an entry with at least SOLO_QUERY_THRESHOLD new tokens gets an
-# attention call of its own, the others share one call padded to the most new tokens and the longest key length, in
-# KV blocks of BLOCK_SIZE tokens.
+# scheduling/admission.py and the split from scheduling/attention_calls.py): an entry with at least
+# SOLO_QUERY_THRESHOLD new tokens gets an attention call of its own, the others share calls padded to
+# their most new tokens and longest key length, in KV blocks of BLOCK_SIZE tokens: one call, or on a
+# CPU (a profile with ``attention_calls``) as many as ``padding_groups`` cuts them into.
 
 
 def shared_attention_ms(latency: LatencyProfile, entries: list[tuple[int, int]]) -> float:
-    """Attention of the padded call over ``entries`` = (context tokens, new tokens) per sequence,
-    beyond what the verify table's context-0 row holds: the context axis (measured with one new
-    token per sequence, so that key slots = context tokens) read at the *padded* key slots, times
-    the measured factor for several new tokens per sequence."""
+    """Attention of the padded calls over ``entries`` = (context tokens, new tokens) per sequence,
+    beyond what the verify table's context-0 row holds: per call, the context axis (measured with
+    one new token per sequence, so that key slots = context tokens) read at the *padded* key slots,
+    times the measured factor for several new tokens per sequence; a call beyond the first also
+    costs its own ``fixed_keys`` key slots."""
     if not entries:
         return 0.0
-    queries = max(n for _, n in entries)
-    keys = max(c + n for c, n in entries)
-    slots = len(entries) * -(-keys // BLOCK_SIZE) * BLOCK_SIZE
-    extra = float(latency.verify_ms(1, slots)) - float(latency.verify_ms(1, 0.0))
-    return max(extra, 0.0) * latency.query_factor(queries)
+    keys = np.array([-(-(c + n) // BLOCK_SIZE) * BLOCK_SIZE for c, n in entries], np.int64)
+    queries = np.array([n for _, n in entries], np.int64)
+    calls = [np.arange(len(entries))]
+    if latency.attention_calls is not None and len(entries) > 1:
+        calls = padding_groups(keys, queries, *latency.attention_calls)
+    base = float(latency.verify_ms(1, 0.0))
+    ms = 0.0
+    for call in calls:
+        slots = len(call) * int(keys[call].max())
+        ms += max(float(latency.verify_ms(1, slots)) - base, 0.0) * latency.query_factor(int(queries[call].max()))
+    if len(calls) > 1:
+        ms += (len(calls) - 1) * max(float(latency.verify_ms(1, latency.attention_calls[0])) - base, 0.0)
+    return ms
 
 
 def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
