@@ -1,8 +1,8 @@
 """How the engine splits a step's shared attention call on a CPU, shared with the simulator.
 
-The entries of a step that are not big enough for an attention call of their own (prefill chunks
-of ``SOLO_QUERY_THRESHOLD`` tokens or more) share a call padded to the longest keys and the most
-new tokens among them, so that a long context beside short ones, or a large tree beside one-token
+A step's entries without an attention call of their own (all but prefill chunks of
+``SOLO_QUERY_THRESHOLD`` tokens or more) would share one call padded to the longest keys and the
+most new tokens among them, so that a long context beside short ones, or a large tree beside one-token
 steps, makes every entry pay for the longest. On a CPU, where attention time is this padded work,
 the engine cuts the entries into several calls where that is cheaper (``padding_groups``); the
 simulator prices the same calls (``sim/executor.py``). On a GPU the engine keeps one call (CUDA

@@ -7,7 +7,7 @@ and float additions and divisions in numpy's order (``np.cumsum`` accumulates le
 numpy's NaN rules where numpy's functions have them (``np.minimum``, ``np.maximum``, ``np.argmax``,
 ``np.searchsorted``, ``np.argsort``: NaN after every number). Every sort is stable (ties keep node
 order), so the order is a function of the keys alone, the same on every CPU (numpy's default
-quicksort breaks ties by its SIMD dispatch: AVX2 and AVX-512 machines would disagree).
+quicksort breaks ties by its SIMD dispatch: its AVX2 and baseline builds disagreed on one machine).
 ``tests/test_sim_speed.py`` runs both paths on the same forests.
 
 Imported only when ``jit.enabled()`` (importing this module imports numba).
