@@ -202,7 +202,7 @@ def test_batch_masks_match_the_per_entry_version(host_path):
             assert batch.slot_mapping[nodes].tolist() == cache.alloc.slots(e.seq_id, e.context_len, e.key_len)
 
 
-def test_padding_groups_are_the_cheapest_split(host_path):
+def test_padding_groups_are_the_cheapest_split(host_path, monkeypatch):
     """The dynamic programme finds the cheapest cut of the key-sorted entries into runs (checked
     against every cut), and every entry lands in exactly one group."""
     import itertools
@@ -219,6 +219,10 @@ def test_padding_groups_are_the_cheapest_split(host_path):
         best = min(sum(cost(order[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
                    for k in range(n) for cut in itertools.combinations(range(1, n), k))
         assert sum(cost(g) for g in groups) == pytest.approx(best)
+        if host_path == "numba":  # the compiled loops cut exactly as the numpy path
+            monkeypatch.setenv(jit.ENV, "0")
+            assert [g.tolist() for g in padding_groups(keys, queries, fixed, per_qk)] == [g.tolist() for g in groups]
+            monkeypatch.setenv(jit.ENV, "1")
 
 
 def test_split_attention_calls_give_the_same_logits():

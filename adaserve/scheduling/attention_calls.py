@@ -18,6 +18,8 @@ head), one call ~50 us (~170 key rows).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from adaserve.core import jit
@@ -38,16 +40,34 @@ def padding_groups(keys: np.ndarray, queries: np.ndarray, fixed: float, query_ke
     (exact over runs, by dynamic programming). Returns index arrays, one per call."""
     keys, queries = np.asarray(keys, np.int64), np.asarray(queries, np.int64)
     order = np.lexsort((queries, keys))
-    cuts = _cuts(keys[order], queries[order], float(fixed), float(query_key))
-    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    run_starts = _compiled_run_starts() if jit.enabled() else _run_starts
+    start = run_starts(keys[order], queries[order], float(fixed), float(query_key))
+    cuts = [len(order)]
+    while cuts[-1] > 0:  # the cheapest split of the first j entries ends with the run start[j]..j-1
+        cuts.append(int(start[cuts[-1]]))
+    return [order[a:b] for a, b in zip(cuts[-1:0:-1], cuts[-2::-1])]
 
 
-@jit.njit
-def _cuts(keys, queries, fixed, query_key):
-    """Run boundaries (0 .. n) of the cheapest split of entries sorted by keys."""
+def _run_starts(keys: np.ndarray, queries: np.ndarray, fixed: float, query_key: float) -> np.ndarray:
+    """For j = 1..n entries (sorted by keys): where the last run of their cheapest split starts.
+    One array operation per entry (the numpy path; ``_run_starts_loop`` compiled gives the same)."""
+    n = len(keys)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(j - 1, -1, -1)  # the run i..j-1, nearest first (ties keep the nearest)
+        q = np.maximum.accumulate(queries[i])
+        cost = best[i] + fixed + (j - i) * keys[j - 1] * (1.0 + query_key * q)
+        k = int(np.argmin(cost))
+        best[j], start[j] = cost[k], i[k]
+    return start
+
+
+def _run_starts_loop(keys, queries, fixed, query_key):
+    """``_run_starts`` as loops (compiled by ``_compiled_run_starts``)."""
     n = len(keys)
     best = np.full(n + 1, np.inf)
-    back = np.zeros(n + 1, np.int64)
+    start = np.zeros(n + 1, np.int64)
     best[0] = 0.0
     for j in range(1, n + 1):
         q = 0
@@ -55,8 +75,12 @@ def _cuts(keys, queries, fixed, query_key):
             q = max(q, queries[i])
             cost = best[i] + fixed + (j - i) * keys[j - 1] * (1.0 + query_key * q)
             if cost < best[j]:
-                best[j], back[j] = cost, i
-    cuts = [n]
-    while cuts[-1] > 0:
-        cuts.append(back[cuts[-1]])
-    return np.array(cuts[::-1], np.int64)
+                best[j], start[j] = cost, i
+    return start
+
+
+@functools.cache
+def _compiled_run_starts():
+    """``_run_starts_loop`` compiled on first use: importing this module must not import numba
+    (the simulator's numpy path, ``ADASERVE_NUMBA=0``, never pays for it)."""
+    return jit.njit(_run_starts_loop)
