@@ -4,6 +4,7 @@
         [--scales 4,1] [--requests 16] [--output-len 48] [--repeat 1] [--model smollm2-135m]
     python scripts/engine_vs_sim.py table DIR [--profile P]
     python scripts/engine_vs_sim.py steps PROFILE STEPS.jsonl
+    python scripts/engine_vs_sim.py retime PROFILE STEPS.jsonl [--sample 16]
 
 ``run``, per repeat ``k``: measures a profile (``adaserve profile``, DIR/profile-k.json) right
 before that repeat's engine runs, then for every time scale and system runs ``adaserve run``
@@ -26,6 +27,12 @@ per step at the total context, no host work, drafting from the per-level table).
 
 ``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
+
+``retime``: a sample of the logged decode-only steps timed again in isolation (a fresh KV cache,
+the same contexts and tree sizes, each tree as a chain; median of 5 after a warm-up, on the
+profile's clock), beside the forward the engine logged in its run and the profile's price: which
+part of an error is the profile's pricing of a step (re-timed vs priced) and which the step costing
+more inside the run than alone (logged vs re-timed).
 """
 
 from __future__ import annotations
@@ -193,6 +200,52 @@ def steps(a: argparse.Namespace) -> None:
               f"{k['host_price'] / n:12.2f}")
 
 
+def retime(a: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from adaserve.config import EngineConfig
+    from adaserve.engine.batch import BatchBuilder
+    from adaserve.runtime.build import load_models
+    from adaserve.runtime.profiler import median_ms
+
+    prof = LatencyProfile.load(a.profile)
+    if prof.measured_with.get("clock") == "cpu":
+        os.environ["ADASERVE_PROFILE_CLOCK"] = "cpu"
+    key = "forward_cpu_ms" if prof.measured_with.get("clock") == "cpu" else "forward_ms"
+    logged = [r for r in map(json.loads, open(a.steps, encoding="utf-8")) if r["decode"] and not r["prefill"]]
+    if not logged:
+        raise SystemExit(f"{a.steps}: no decode-only step")
+    pick = np.random.default_rng(a.seed).choice(len(logged), min(a.sample, len(logged)), replace=False)
+    model, _, _ = load_models(EngineConfig(model=a.model, drafter="ngram", threads=1), say=lambda _: None)
+    rows = []
+    print(f"{'requests':>8} {'tokens':>6} {'context':>7} {'logged ms':>10} {'re-timed':>9} {'priced':>7}")
+    with torch.inference_mode():
+        for i in sorted(pick.tolist()):
+            trees = [tuple(t) for t in logged[i]["decode"]]
+            cache = model.make_cache(sum(-(-(c + n) // 16) for c, n in trees) + len(trees), 16)
+            for seq, (c, _) in enumerate(trees):
+                cache.add(seq)
+                cache.alloc.append(seq, c)
+
+            def build(cache=cache, trees=trees):
+                b = BatchBuilder(cache)
+                for seq, (_, n) in enumerate(trees):
+                    b.add_tree(seq, [5] * n, list(range(-1, n - 1)))
+                return b.build()
+
+            def reset(cache=cache, trees=trees):
+                for seq, (c, _) in enumerate(trees):
+                    cache.truncate(seq, c)
+            alone = median_ms(lambda batch, cache=cache: model(batch, cache), 5, build, reset)
+            rows.append((len(trees), sum(n for _, n in trees), sum(c for c, _ in trees), logged[i][key], alone,
+                         engine_step_ms(prof, [], trees)))
+            print("{:8d} {:6d} {:7d} {:10.1f} {:9.1f} {:7.1f}".format(*rows[-1]), flush=True)
+    m = np.array(rows, float)[:, 3:].mean(0)
+    print(f"means: logged {m[0]:.1f}, re-timed {m[1]:.1f} ({100 * (m[1] / m[0] - 1):+.0f}%), "
+          f"priced {m[2]:.1f} ({100 * (m[2] / m[1] - 1):+.0f}% of re-timed)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -218,8 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("profile")
     s.add_argument("steps")
     s.add_argument("--old-model", action="store_true", help="price as before item 6 (one table lookup)")
+    rt = sub.add_parser("retime")
+    rt.add_argument("profile")
+    rt.add_argument("steps")
+    rt.add_argument("--sample", type=int, default=16, help="decode-only steps drawn from the log")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--model", default="smollm2-135m")
     a = ap.parse_args(argv)
-    {"run": run, "table": table, "steps": steps}[a.cmd](a)
+    {"run": run, "table": table, "steps": steps, "retime": retime}[a.cmd](a)
     return 0
 
 

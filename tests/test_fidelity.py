@@ -386,6 +386,29 @@ def test_table_covers_adaserve_plus_and_reports_attainment_in_points(tmp_path, c
     assert len(row) == 1 and "(+0.0 pt)" in row[0] and "(+0%)" in row[0] and row[0].endswith("| 0% |")
 
 
+def test_retime_times_logged_steps_alone_beside_their_price(tmp_path, capsys):
+    """``scripts/engine_vs_sim.py retime`` on a tiny model: one line per sampled decode-only step
+    (prefill and mixed steps are skipped) with the logged, re-timed and priced ms, then the means."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
+    spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    engine_profile().save(tmp_path / "p.json")
+    steps = [{"prefill": [[16, 0]], "decode": [], "forward_ms": 9.0},
+             {"prefill": [], "decode": [[40, 3], [7, 1]], "forward_ms": 2.0},
+             {"prefill": [], "decode": [[100, 1]], "forward_ms": 1.5}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    mod.main(["retime", str(tmp_path / "p.json"), str(tmp_path / "s.jsonl"), "--sample", "5",
+              "--model", "tiny-llama"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:-1]]
+    assert [r[:3] for r in rows] == [["2", "4", "47"], ["1", "1", "100"]] and lines[-1].startswith("means: logged")
+    assert float(rows[0][5]) == pytest.approx(engine_step_ms(engine_profile(), [], [(40, 3), (7, 1)]), abs=0.05)
+
+
 def test_negative_record_position_is_a_user_error(tmp_path):
     from adaserve.sim.acceptance import AcceptanceRecordError, RecordedAcceptance
 
