@@ -71,6 +71,22 @@ def test_split_calls_are_priced_as_the_engine_cuts_them():
     assert sorted(len(g.block_tables) for g in b.build().groups) == [1, 3]  # the engine's cut
 
 
+def test_simulating_with_a_cpu_profile_from_before_the_split_warns(tmp_path):
+    """A CPU engine profile without ``attention_calls`` prices one padded call the engine no longer
+    runs: ``simulate_file`` says so (once) and still simulates; with the field, no warning."""
+    from adaserve.sim.run import simulate_file
+    from adaserve.core.trace import TraceRecord, save_trace
+    trace = tmp_path / "t.json"
+    save_trace(trace, [TraceRecord(0.0, 40, 4, "x", 1.5, "coding")])
+    for calls, expected in ((None, 1), ({"fixed_keys": 170.0, "query_key": 0.165}, 0)):
+        extra = {"measured_with": {"device": "cpu"}, **({"attention_calls": calls} if calls else {})}
+        engine_profile(**extra).save(tmp_path / "p.json")
+        warnings = []
+        res = simulate_file(trace, "vllm", str(tmp_path / "p.json"), None, warn=warnings.append)
+        assert res.summary["completed"] == 1
+        assert len([w for w in warnings if "predates the engine's split attention calls" in w]) == expected
+
+
 def test_query_factor_scales_tree_attention():
     p = engine_profile(attention_queries={"tokens": [1, 4, 16], "ms": [10.0, 20.0, 60.0]})
     base = engine_profile()

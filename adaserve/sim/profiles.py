@@ -129,6 +129,18 @@ def system_profile(name_or_path: str | Path, system: str, pricing: str = "per-en
     return get_profile(name_or_path)
 
 
+def split_calls_missing(profile: LatencyProfile) -> str | None:
+    """A warning for a profile of our engine on a CPU measured before the engine split its
+    attention calls (no ``attention_calls``): it prices one padded call, which that engine no
+    longer runs (docs/engine.md, "Attention calls on a CPU")."""
+    if (profile.step_model == "engine" and profile.measured_with.get("device") == "cpu"
+            and profile.attention_calls is None):
+        return (f"profile {profile.name!r} predates the engine's split attention calls on a CPU: it prices "
+                "one padded call per step (too high for batches of mixed contexts or tree sizes); measure "
+                "it again with `adaserve profile`")
+    return None
+
+
 def get_profile(name_or_path: str | Path) -> LatencyProfile:
     """A built-in profile by name (a fresh copy each call), or a JSON profile file by path."""
     key = str(name_or_path)

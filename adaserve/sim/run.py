@@ -18,7 +18,7 @@ from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
 from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
 from adaserve.sim.executor import SimExecutor
-from adaserve.sim.profiles import system_profile
+from adaserve.sim.profiles import split_calls_missing, system_profile
 from adaserve.workload.tokens import InputLengthCheck
 
 
@@ -66,7 +66,11 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     """Simulate a trace file; ``acceptance``: a recorded-acceptance JSONL to replay. Records whose
     ``input_length`` disagrees with their prompt's token count by more than 2x are reported through
     ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
-    records = load_sim_records(trace, fix_input_lengths, warn or _stderr_warning)
+    warn = warn or _stderr_warning
+    records = load_sim_records(trace, fix_input_lengths, warn)
+    stale = split_calls_missing(system_profile(profile_name, system, pricing))
+    if stale:
+        warn(stale)
     model = RecordedAcceptance.load(acceptance) if acceptance else None
     result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
                               scale_slos=scale_slos, progress=progress, policy_options=policy_options,
