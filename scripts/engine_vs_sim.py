@@ -206,6 +206,7 @@ def retime(a: argparse.Namespace) -> None:
 
     from adaserve.config import EngineConfig
     from adaserve.engine.batch import BatchBuilder
+    from adaserve.engine.kv_cache import BLOCK_SIZE
     from adaserve.runtime.build import load_models
     from adaserve.runtime.profiler import median_ms
 
@@ -223,7 +224,7 @@ def retime(a: argparse.Namespace) -> None:
     with torch.inference_mode():
         for i in sorted(pick.tolist()):
             trees = [tuple(t) for t in logged[i]["decode"]]
-            cache = model.make_cache(sum(-(-(c + n) // 16) for c, n in trees) + len(trees), 16)
+            cache = model.make_cache(sum(-(-(c + n) // BLOCK_SIZE) for c, n in trees) + len(trees), BLOCK_SIZE)
             for seq, (c, _) in enumerate(trees):
                 cache.add(seq)
                 cache.alloc.append(seq, c)

@@ -68,7 +68,8 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
     warn = warn or _stderr_warning
     records = load_sim_records(trace, fix_input_lengths, warn)
-    stale = split_calls_missing(system_profile(profile_name, system, pricing))
+    profile = system_profile(profile_name, system, pricing)
+    stale = split_calls_missing(profile)
     if stale:
         warn(stale)
     model = RecordedAcceptance.load(acceptance) if acceptance else None
@@ -76,7 +77,6 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                               scale_slos=scale_slos, progress=progress, policy_options=policy_options,
                               acceptance=model, pricing=pricing)
     if out is not None:
-        profile = system_profile(profile_name, system, pricing)
         meta = {"backend": "sim", "sim_model": SIM_MODEL, "system": system, "trace": str(trace), "profile": profile.name,
                 "profile_source": profile.source, "hardware": profile.hardware, "seed": seed,
                 "baseline_ms": baseline_ms or profile.decode_baseline_ms,
