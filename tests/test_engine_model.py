@@ -169,8 +169,13 @@ def test_commit_path_then_decode_equals_plain_decoding(pair):
         assert close(model(b.build(), cache)[0], ref[len(accepted) + k])
 
 
-def test_mixed_batch_of_many_sequences(pair):
+@pytest.mark.parametrize("fold", ["0", "1"])
+def test_mixed_batch_of_many_sequences(pair, fold, monkeypatch):
+    """Also with grouped-query attention folded (query heads as query rows of their KV head, an
+    additive bias: what CUDA runs)."""
+    monkeypatch.setenv("ADASERVE_GQA_FOLD", fold)
     model, hf = pair
+    assert model.config.num_heads > model.config.num_kv_heads  # the fold has something to fold
     cache = model.make_cache(num_blocks=64, block_size=4)
     a, bb, c, d = tokens(30, 12), tokens(11, 13), tokens(17, 14), tokens(40, 15)
     parents = [-1, 0, 1, 0, 3, 3]

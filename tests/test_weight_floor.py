@@ -35,7 +35,7 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
     assert r["kernels"][0]["ms_per_step"] >= max(k["ms_per_step"] for k in r["kernels"][1:])
     assert any("mm" in k["name"] or "linear" in k["name"] for k in r["kernels"][1:])  # the GEMMs are there
     assert set(r["sdpa"]) == {"decode (1 x 128 keys)", "tree (8 x 1024 keys)", "prefill (512 x 512 keys)",
-                              "decode, cuDNN attention allowed"}
+                              "decode, cuDNN attention allowed", "decode, GQA unfolded"}
     assert all(v in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") for v in r["sdpa"].values())
     text = capsys.readouterr().out
     assert text.count("| llama-tiny |") == 1 + 3 * len(weight_floor.STEPS) + 3
@@ -68,3 +68,30 @@ def test_cudnn_attention_is_kept_out_unless_asked_for(monkeypatch):
             model_mod.configure_attention_backends()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_gqa_fold_is_on_for_cuda_only_unless_asked(monkeypatch):
+    from adaserve.core.errors import UserError
+    from adaserve.engine import model as model_mod
+
+    monkeypatch.delenv(model_mod.GQA_FOLD_ENV, raising=False)
+    assert model_mod.fold_gqa(torch.device("cuda")) and not model_mod.fold_gqa(torch.device("cpu"))
+    monkeypatch.setenv(model_mod.GQA_FOLD_ENV, "1")
+    assert model_mod.fold_gqa(torch.device("cpu"))
+    with weight_floor.gqa_folded(False):
+        assert not model_mod.fold_gqa(torch.device("cuda"))
+    assert model_mod.fold_gqa(torch.device("cpu"))  # restored
+    monkeypatch.setenv(model_mod.GQA_FOLD_ENV, "yes")
+    with pytest.raises(UserError, match="ADASERVE_GQA_FOLD='yes'"):
+        model_mod.fold_gqa(torch.device("cpu"))
+
+
+def test_folded_bias_repeats_each_query_row_per_head():
+    from adaserve.engine.model import folded_attention_bias
+
+    mask = torch.rand(2, 1, 3, 16) > 0.5
+    bias = folded_attention_bias(mask, 4, torch.float32)
+    assert bias.shape == (2, 1, 12, 16)
+    for j in range(4):  # row j * Q + i is query row i for the j-th head of the group
+        assert torch.equal(bias[:, :, 3 * j: 3 * j + 3] == 0, mask)
+    assert torch.isinf(bias[~mask.repeat(1, 1, 4, 1)]).all()

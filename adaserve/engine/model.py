@@ -174,7 +174,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused op in fp32 instead of seven (a decode step runs this 2 * layers + 1 times); other
         # dtypes normalize in fp32 and scale in their own, as Hugging Face's Llama does
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
+            # on CUDA one fused kernel in bf16/fp16 too (it normalizes in fp32 and rounds once, where
+            # the unfused form rounds the normalized value before scaling): three kernels fewer per norm
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
@@ -259,7 +261,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, cos, sin, batch: FlatBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, workspace):
+    def forward(self, x, cos, sin, batch: FlatBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, workspace,
+                masks: list[torch.Tensor]):
+        """``masks``: per group, its boolean mask, or with query heads folded onto their KV head
+        (``fold_gqa``) the additive bias ``[B, 1, G * Q, keys]`` of ``folded_attention_bias``."""
         t, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(t, h + 2 * kv, self.head_dim)
         qk = apply_rope(qkv[:, :h + kv], cos, sin)  # q and k rotated together
@@ -268,16 +273,23 @@ class Attention(nn.Module):
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
         out = q if len(batch.groups) == 1 else torch.empty_like(q)
-        for g in batch.groups:
+        for g, mask in zip(batch.groups, masks):
             b, nq = g.block_tables.shape[0], g.num_queries
             qg = q if g.all_rows else q[g.rows]
             if b * nq != qg.shape[0]:  # pad to [B * Q]
                 qg = qg.new_zeros(b * nq, self.num_heads, self.head_dim).index_copy_(0, g.pad_index, qg)
-            qg = qg.view(b, nq, self.num_heads, self.head_dim).transpose(1, 2)
             kg = gather_blocks(k_cache, g.block_tables, workspace[0])  # [B, kv_heads, S, head_dim]
             vg = gather_blocks(v_cache, g.block_tables, workspace[1])
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
-            og = og.transpose(1, 2).reshape(b * nq, self.num_heads, self.head_dim)
+            if mask.dtype == torch.bool:
+                qg = qg.view(b, nq, h, self.head_dim).transpose(1, 2)
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=True)
+            else:  # query head kv * G + j attends as query row j * Q + i of KV head kv
+                grp = h // kv
+                qg = qg.view(b, nq, kv, grp, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, kv, grp * nq, -1)
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).unflatten(2, (grp, nq))
+                og = og.permute(0, 3, 1, 2, 4)  # [B, Q, kv, G, head_dim]: heads back in order
+            og = og.transpose(1, 2) if mask.dtype == torch.bool else og
+            og = og.reshape(b * nq, self.num_heads, self.head_dim)
             if b * nq != len(g.rows):
                 og = og[g.pad_index]
             if g.all_rows:
@@ -308,8 +320,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, batch, k_cache, v_cache, workspace):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache, workspace)
+    def forward(self, x, cos, sin, batch, k_cache, v_cache, workspace, masks):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache, workspace, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -332,14 +344,44 @@ def configure_attention_backends() -> None:
     Why: cuDNN builds an execution graph for every new attention shape it meets, and the engine's
     eager steps (prefill chunks, large trees, mixed batches) bring a new query or key length almost
     every time. On an H200 (issue 12, 2026-11-26) every step holding a prefill chunk took 60-180 ms
-    where the profile, which repeats each shape, measured 8-14 ms; per-shape plan building is the
-    suspected cause (not yet confirmed: ``python -m adaserve.runtime.weight_floor`` times prefill
-    steps of new lengths with cuDNN attention on and off). A no-op without CUDA."""
+    where the profile, which repeats each shape, measured 8-14 ms; on an H100 (2026-11-27,
+    ``python -m adaserve.runtime.weight_floor``) a prefill of a new length took 70.6 ms with cuDNN
+    attention allowed and 8.9 ms without (1B shape). A no-op without CUDA."""
     value = os.environ.get(CUDNN_SDPA_ENV, "0").strip()
     if value not in ("0", "1", ""):
         raise UserError(f"{CUDNN_SDPA_ENV}={value!r}: use 1 (let SDPA choose cuDNN attention) or 0 (keep it out)")
     if value != "1" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+GQA_FOLD_ENV = "ADASERVE_GQA_FOLD"
+
+
+def fold_gqa(device: torch.device) -> bool:
+    """Whether grouped-query attention folds each KV head's query heads into its query rows
+    (``ADASERVE_GQA_FOLD``: 1 / 0; unset: on CUDA only).
+
+    Why: on CUDA, ``scaled_dot_product_attention`` with a mask and ``enable_gqa`` has only the math
+    kernel and cuDNN's (measured on an H100: SDPA picked the math kernel for decode, tree and prefill
+    calls, and a graphed decode step of 64 sequences took 12.4 ms against 3.2 ms with cuDNN
+    attention). Folded, the call has as many query heads as KV heads, which the memory-efficient
+    kernel accepts with a mask, and it plans nothing per shape: that step took 2.87 ms. CPUs keep ``enable_gqa``: their
+    kernels take it with a mask, and the CPU timings were measured that way."""
+    value = os.environ.get(GQA_FOLD_ENV, "").strip()
+    if value not in ("", "auto", "0", "1"):
+        raise UserError(f"{GQA_FOLD_ENV}={value!r}: use 1 (fold query heads onto their KV head), 0 (enable_gqa) "
+                        "or leave it unset (fold on CUDA)")
+    return device.type == "cuda" if value in ("", "auto") else value == "1"
+
+
+def folded_attention_bias(mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """A group's boolean mask ``[B, 1, Q, keys]`` as the additive bias of folded attention: ``[B, 1,
+    group * Q, keys]``, row ``j * Q + i`` = query row ``i`` (the same for each of a KV head's
+    ``group`` query heads), 0 where it may attend, -inf elsewhere. Built once per forward, not per
+    layer (SDPA would convert a boolean mask in every call)."""
+    b, _, q, keys = mask.shape
+    bias = torch.full((b, 1, group, q, keys), float("-inf"), dtype=dtype, device=mask.device)
+    return bias.masked_fill_(mask.unsqueeze(2), 0.0).view(b, 1, group * q, keys)
 
 
 class Transformer(nn.Module):
@@ -379,8 +421,12 @@ class Transformer(nn.Module):
         block_numel = cache.k[0, 0].numel()
         need = max(g.block_tables.numel() for g in batch.groups) * block_numel
         workspace = cache.workspace(2 * need).view(2, need).unbind(0)
+        masks = [g.mask for g in batch.groups]
+        attn = self.model.layers[0].self_attn
+        if attn.num_heads > attn.num_kv_heads and fold_gqa(x.device):
+            masks = [folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype) for m in masks]
         for layer, k, v in zip(self.model.layers, cache.k.unbind(0), cache.v.unbind(0)):
-            x = layer(x, cos, sin, batch, k, v, workspace)
+            x = layer(x, cos, sin, batch, k, v, workspace, masks)
         return x
 
     @torch.inference_mode()

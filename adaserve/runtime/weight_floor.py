@@ -17,14 +17,16 @@ shows up as the difference.
 
 Two more readings say where a step's time goes, for the next change to aim at: the kernels of one
 eager decode step by device time (``torch.profiler``; on the CPU, operators by CPU time), and the
-attention kernel SDPA picks for the engine's decode and prefill calls (dense boolean mask, grouped
-K/V heads)."""
+attention kernel SDPA picks for the engine's decode and prefill calls (on CUDA query heads folded
+onto their KV head with an additive bias, ``engine.model.fold_gqa``; the graphed steps are timed
+unfolded too)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 
@@ -32,7 +34,7 @@ import torch
 
 from adaserve.core.profile import Limits
 from adaserve.engine.config import ModelConfig
-from adaserve.engine.model import Transformer
+from adaserve.engine.model import GQA_FOLD_ENV, Transformer, fold_gqa, folded_attention_bias
 
 from .profiler import StepBench, sync
 from .random_checkpoint import SHAPES
@@ -114,6 +116,21 @@ def cudnn_attention(allowed: bool):
             torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+@contextlib.contextmanager
+def gqa_folded(on: bool):
+    """Grouped-query attention folded (``engine.model.fold_gqa``: the default on CUDA) or not, inside
+    the block; the setting is restored after."""
+    before = os.environ.get(GQA_FOLD_ENV)
+    os.environ[GQA_FOLD_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GQA_FOLD_ENV, None)
+        else:
+            os.environ[GQA_FOLD_ENV] = before
+
+
 def prefill_times(model: Transformer, repeat: int = 5) -> dict[str, float]:
     """ms of a ``WARM_PREFILL``-token prefill (median, one length repeated), and the median over
     ``COLD_LENGTHS`` of one call per new length, with cuDNN attention allowed and kept out."""
@@ -150,15 +167,22 @@ def kernel_breakdown(model: Transformer, steps: int = 5, top: int = 12) -> list[
 
 def sdpa_choice(model: Transformer, queries: int, keys: int) -> str:
     """The backend ``scaled_dot_product_attention`` picks for one request's call as the engine makes
-    it (``queries`` rows against ``keys`` gathered keys, boolean mask, grouped K/V heads)."""
+    it (``queries`` rows against ``keys`` gathered keys): query heads folded onto their KV head with an
+    additive bias where ``fold_gqa`` says so, else a boolean mask and grouped K/V heads."""
     from torch.nn.attention import SDPBackend
 
     c, w = model.config, model.lm_head.weight
-    q = torch.randn(1, c.num_heads, queries, c.head_dim, dtype=w.dtype, device=w.device)
     k = torch.randn(1, c.num_kv_heads, keys, c.head_dim, dtype=w.dtype, device=w.device)
     mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=w.device)
+    fold = c.num_heads > c.num_kv_heads and fold_gqa(w.device)
+    if fold:
+        group = c.num_heads // c.num_kv_heads
+        q = torch.randn(1, c.num_kv_heads, group * queries, c.head_dim, dtype=w.dtype, device=w.device)
+        mask = folded_attention_bias(mask, group, w.dtype)
+    else:
+        q = torch.randn(1, c.num_heads, queries, c.head_dim, dtype=w.dtype, device=w.device)
     try:
-        choice = int(torch._fused_sdp_choice(q, k, k, mask, 0.0, False, scale=None, enable_gqa=True))
+        choice = int(torch._fused_sdp_choice(q, k, k, mask, 0.0, False, scale=None, enable_gqa=not fold))
     except (AttributeError, TypeError, RuntimeError) as e:  # a private function: may change
         return f"unknown ({type(e).__name__})"
     names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
@@ -176,6 +200,9 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
     if True in graph_modes:  # what keeping cuDNN attention out costs the graphed steps, if anything
         with cudnn_attention(True):
             result["steps"]["graphs on, cuDNN attention allowed"] = step_times(model, True)
+        if fold_gqa(model.lm_head.weight.device):  # against the unfolded call (cuDNN's, the only fused
+            with gqa_folded(False), cudnn_attention(True):  # kernel that takes enable_gqa with a mask)
+                result["steps"]["graphs on, GQA unfolded, cuDNN attention allowed"] = step_times(model, True)
     result["prefill"] = prefill_times(model)
     try:  # the profiler needs CUPTI on a GPU, which a sandboxed machine may lack: keep the rest
         result["kernels"] = kernel_breakdown(model)
@@ -187,6 +214,8 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
                       "prefill (512 x 512 keys)": sdpa_choice(model, 512, 512)}
     with cudnn_attention(True):
         result["sdpa"]["decode, cuDNN attention allowed"] = sdpa_choice(model, 1, 128)
+    with gqa_folded(False):
+        result["sdpa"]["decode, GQA unfolded"] = sdpa_choice(model, 1, 128)
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
