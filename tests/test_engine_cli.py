@@ -157,6 +157,34 @@ def test_full_profile_keeps_each_points_median_over_interleaved_passes(monkeypat
         profiler.measure_profile("fake", None, CPU_LIMITS, grid, passes=0)
 
 
+def test_baseline_counts_the_host_work_of_one_request(monkeypatch):
+    """A profile with a host table: its baseline is the forward of one request plus the host work of
+    an iteration of one request (what that request's decode iteration costs), and says so."""
+    from adaserve.config import CPU_LIMITS
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime import profiler
+
+    grid = profiler.Grid.for_limits(CPU_LIMITS, repeat=1, quick=True)
+    assert 1 in grid.host
+
+    def fake_measure(model, lim, g, draft=None, cuda_graphs=False):
+        yield "baseline", 2.4
+        for t in g.tokens:
+            yield f"verify:{t}", 2.0 + t / 100
+        for c in g.contexts:
+            yield f"context:{c}", 1.0
+        for t in g.prefill:
+            yield f"prefill:{t}", float(t)
+        for t in g.draft:
+            yield f"draft:{t}", 0.1
+        for n in g.host:
+            yield from ((f"hostspec:{n}", 0.9 * n), (f"hostdraft:{n}", 0.1), (f"hostincr:{n}", 0.6 * n))
+    monkeypatch.setattr(profiler, "measure", fake_measure)
+    p = profiler.measure_profile("fake", tiny_random_model("llama"), CPU_LIMITS, grid)
+    assert p.baseline_ms == pytest.approx(3.0) and p.measured_with["baseline"] == "forward + host"
+    assert p.host_ms(1, speculative=False) == pytest.approx(0.6)
+
+
 def test_quick_profile_tables_never_decrease():
     from adaserve.engine.loader import tiny_random_model
     from adaserve.config import EngineConfig
