@@ -260,6 +260,54 @@ def test_predicted_iteration_time_is_the_simulated_one():
     assert all(actual == pytest.approx(p, rel=1e-9) for actual, p in mixed)
 
 
+def test_predicted_iteration_time_counts_host_work_and_ngram_drafting():
+    """With a profile measured with the n-gram drafter, the prediction counts the drafting call per
+    iteration, exactly as the simulator charges it; with the engine step model (a measured GPU or
+    CPU profile) also the host work of the iteration's kind, as the simulator adds it."""
+    from adaserve.core.profile import Table
+
+    host = {"speculative": Table(np.array([1.0, 64.0]), np.array([3.0, 9.0])),
+            "incremental": Table(np.array([1.0, 64.0]), np.array([1.0, 4.0])),
+            "draft": Table(np.array([1.0, 64.0]), np.array([0.5, 2.0]))}
+    profile = replace(LLAMA, host=host, measured_with={**LLAMA.measured_with, "drafter": "ngram"})
+    records = generate_trace("rps", rps=3.0, duration_s=15, seed=4, output_len=48, artifact_rounding=False)
+    policy = make_policy("adaserve_plus", "llama")
+    predicted = []
+    select = policy.select
+
+    def recording(plan, forest, view):
+        s = select(plan, forest, view)
+        predicted.append((view.now_ms, s.predicted_ms, plan.shape.speculative, len(plan.decode)))
+        return s
+
+    policy.select = recording
+    ex = SimExecutor(profile, SyntheticAcceptance(AcceptanceParams(3.0, 3.5, 0.5, 0.5)))
+    ends = []
+    execute = ex.execute
+
+    def timed(*args):
+        out = execute(*args)
+        ends.append(ex.clock)  # the plan's view.now_ms + drafting + step: no idle wait inside
+        return out
+
+    ex.execute = timed
+    ServingLoop(policy, ex, to_requests(records, 30.0)).run()
+    assert len(ends) == len(predicted)  # every iteration selects (a prefill-only one an empty forest)
+    steps = [(end - t0, p, spec) for (t0, p, spec, _), end in zip(predicted, ends)]
+    assert any(spec for *_, spec in steps) and any(not spec for *_, spec in steps)
+    bad = [(a, p, s) for a, p, s in steps if a != pytest.approx(p, rel=1e-9)]
+    assert not bad, bad[:5]
+    n = 8  # the overhead alone: host of the kind, plus the drafting call when speculating
+    from adaserve.scheduling.adaserve_plus import overhead_ms
+    running = [decoding(i, behind_ms=0.0) for i in range(n)]
+    table = overhead_ms(IterationView(0.0, [], running, profile, 10**7), n, np.array([0, 3]), np.array([0.0, 99.0]))
+    assert table.tolist() == pytest.approx([0.0, float(host["draft"](n))])
+    engine = replace(profile, step_model="engine")
+    got = overhead_ms(IterationView(0.0, [], running, engine, 10**7), n, np.array([0, 3]), np.array([0.0, 99.0]))
+    assert got.tolist() == pytest.approx([float(host["incremental"](n)),
+                                          float(host["speculative"](n)) + float(host["draft"](n))])
+
+
 # ------------------------------------------------------------------------------- the loop hook
 
 class Recording:

@@ -131,7 +131,7 @@ class AdaServePlus(AdaServe):
         lat = view.latency
         first, wide = lat.draft_ms(np.array([n, n * w], np.float64), ctx)
         draft = np.where(depth > 0, first + np.maximum(depth - 1, 0) * wide, 0.0)
-        t = draft + lat.verify_ms(tokens + prefill_tokens, ctx)
+        t = overhead_ms(view, n, depth, draft) + lat.verify_ms(tokens + prefill_tokens, ctx)
         weight = state.weights(np.min(t[:, None] / e, axis=0))
         return shapes[pick(state.deficit(e, t, weight), e.sum(axis=1) / t)]
 
@@ -154,7 +154,7 @@ class AdaServePlus(AdaServe):
             return 0
         n, ctx = len(decode), context_tokens(decode)
         base = min(n * (shape.depth + 1), lim.max_batch_tokens - self.config.min_prefill_chunk)
-        draft = draft_phase_ms(view, shape, n, ctx)
+        draft = float(overhead_ms(view, n, np.array([shape.depth]), draft_phase_ms(view, shape, n, ctx))[0])
         rooms = _room_options(view, self.config.min_prefill_chunk, lim.max_batch_tokens - base)
         if len(rooms) == 0:
             return self.config.min_prefill_chunk
@@ -240,12 +240,29 @@ class AdaServePlus(AdaServe):
 
 def _step_predictor(plan: Plan, view: IterationView, prefill_tokens: int):
     """Predicted iteration time as a function of the verification budget (vectorized)."""
-    ctx = context_tokens(plan.decode)
-    draft = draft_phase_ms(view, plan.shape, len(plan.decode), ctx)
+    ctx, n = context_tokens(plan.decode), len(plan.decode)
+    draft = float(overhead_ms(view, n, np.array([plan.shape.depth]), draft_phase_ms(view, plan.shape, n, ctx))[0])
     if prefill_tokens:
         prefilled = sum(r.prefilled for r, _ in plan.prefill)
         draft += float(draft_prefill_ms(view, prefill_tokens, prefilled))
     return lambda b: draft + view.latency.verify_ms(np.asarray(b) + prefill_tokens, ctx)
+
+
+def overhead_ms(view: IterationView, n: int, depth: np.ndarray, level_draft) -> np.ndarray:
+    """What an iteration of ``n`` decoding requests costs besides the target step, per tree depth of
+    ``depth``, as the engine pays it: the drafting (``level_draft``, the draft table's steps; a
+    profile measured with the n-gram drafter has its measured per-iteration call instead) and the
+    host work of its kind (speculative or incremental) where the simulator charges it too: profiles
+    of the engine step model (measured by ``adaserve profile``; the paper's tables have none). On a GPU, where a step of 1 or 64 tokens costs about the same, the host work of a
+    speculative iteration (drafting, selection, tree batch, verification walk) is most of what
+    speculating costs: without it the policy saw speculation as nearly free."""
+    lat = view.latency
+    speculative = np.asarray(depth) > 0
+    per_iteration = lat.draft_iteration_ms(n) if lat.ngram_drafter else None
+    draft = np.where(speculative, np.asarray(level_draft, np.float64) if per_iteration is None else per_iteration, 0.0)
+    if lat.step_model != "engine":
+        return draft
+    return draft + np.where(speculative, lat.host_ms(n, True), lat.host_ms(n, False))
 
 
 def draft_prefill_ms(view: IterationView, tokens, prefilled: int = 0):
