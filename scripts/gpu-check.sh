@@ -30,7 +30,8 @@
 # "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40), SYSTEMS
 # (default "vllm adaserve adaserve_plus"), SKIP (steps to leave out, of: tests floor runs bench;
 # e.g. SKIP="tests bench" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
-# benchmark, default "on off"), PYTEST_K (the pytest -k filter on CUDA, default "not 8B").
+# benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
+# default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
 # 20 s (docs/engine.md, "GPU check").
 set -uo pipefail
@@ -65,11 +66,11 @@ if [[ $DEVICE == cpu ]]; then
   FLOOR_GRAPHS=on              # the padded steps, run eagerly
 elif [[ $DEVICE == cuda* ]]; then
   SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}
-  read -ra GRAPHS <<< "${BENCH_GRAPHS:-on off}"
+  read -ra GRAPHS <<< "${BENCH_GRAPHS:-on}"   # eager steps: the floor table's "off" rows
   BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
   RUN_SIZE=(--output-len-cap 64)
   PROFILE_SIZE=()
-  TESTS=(-k "${PYTEST_K:-not 8B}")   # the 8B shape's steps: the weight-floor step measures them
+  TESTS=(-k "${PYTEST_K:-not weight_bandwidth}")   # the big shapes' steps: the weight-floor step measures them
   FLOOR_GRAPHS=on,off
 else
   echo "gpu-check: DEVICE must be cuda[:N] or cpu, got '$DEVICE'" >&2

@@ -175,11 +175,12 @@ def test_dry_run_on_cuda_prints_every_step():
     assert lines[0].startswith("env ADASERVE_CUDA_TEST_DEVICE=cuda python3 -m pytest") and "-m cuda" in lines[0]
     assert lines[1].startswith("python3 -m adaserve.runtime.weight_floor --shapes llama-3.2-1b,llama-3.1-8b")
     assert "--graphs on,off" in lines[1] and "--json /w/floor.json" in lines[1]
+    assert "-k not\\ weight_bandwidth" in lines[0]  # the big shapes' profile tests: the floor step times them
     for shape in ("llama-3.2-1b", "llama-3.1-8b"):
         assert f"python3 -m adaserve.runtime.random_checkpoint --shape {shape} --out /w/ckpt-{shape}" in lines
         for g, flag in (("on", "--cuda-graphs"), ("off", "--no-cuda-graphs")):
             benches = [x for x in lines if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
-            if shape == "llama-3.1-8b" and g == "off":  # its eager steps: the weight-floor step
+            if g == "off":  # eager steps: the weight-floor step's "off" rows (BENCH_GRAPHS="on off" adds them)
                 assert benches == []
                 continue
             [bench] = benches
@@ -197,6 +198,13 @@ def test_dry_run_on_cuda_prints_every_step():
         assert f"--profile {profile}" in r and f"--record-acceptance /w/run-{system}.acc.jsonl" in r
     assert any("trace generate" in x and "--pool synthetic-text" in x for x in lines)
     assert lines[-1] == "python3 scripts/gpu_check_table.py /w"
+
+
+def test_dry_run_knobs_add_eager_benchmarks_and_replace_the_test_filter():
+    lines = dry_run(BENCH_GRAPHS="on off", PYTEST_K="graph")
+    assert lines[0].endswith("-k graph")
+    assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-off.json") for x in lines)
+    assert not any(x.endswith("> /w/bench-llama-3.1-8b-graphs-off.json") for x in lines)  # never: see the floor
 
 
 def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
