@@ -58,6 +58,29 @@ def test_help_is_a_description_with_the_main_commands():
     assert "register(subparsers)" not in text  # not the module's developer docstring
 
 
+def test_command_map_names_the_module_of_every_command():
+    """``COMMANDS`` (which module a command line imports alone) against what the modules register,
+    and a command's own parser is the same as in the whole one."""
+    import argparse
+    import importlib
+    import pkgutil
+
+    registered = {}
+    for m in pkgutil.iter_modules(cli.__path__):
+        module = importlib.import_module(f"adaserve.cli.{m.name}")
+        if hasattr(module, "register"):
+            sub = argparse.ArgumentParser().add_subparsers()
+            module.register(sub)
+            registered.update({name: m.name for name in sub.choices})
+    assert registered == cli.COMMANDS
+    whole = cli.build_parser()
+    for name in cli.COMMANDS:
+        one = cli.build_parser(name)
+        (action,) = [a for a in one._actions if isinstance(a, argparse._SubParsersAction)]
+        (all_,) = [a for a in whole._actions if isinstance(a, argparse._SubParsersAction)]
+        assert action.choices[name].format_help() == all_.choices[name].format_help()
+
+
 def test_version_comes_from_the_package_metadata(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])

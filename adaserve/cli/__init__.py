@@ -59,13 +59,37 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+# command -> the module that registers it: a command line naming one imports only that module
+# (every module imports its own dependencies; ``adaserve simulate`` has no use for the engine's or the
+# harness's). tests/test_cli_misc.py checks this against what the modules register.
+COMMANDS = {"bench": "bench_cmd", "exp": "exp_cmd", "plot": "plot_cmd", "profile": "engine_cmd",
+            "profiles": "profile_info_cmd", "reproduce": "exp_cmd", "run": "engine_cmd",
+            "serve": "serve_cmd", "simulate": "simulate_cmd", "trace": "trace_cmd", "traces": "traces_cmd"}
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` (a key of ``COMMANDS``) only that command's."""
     parser = argparse.ArgumentParser(prog="adaserve", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{mod.name}")
+    if command in COMMANDS:
+        names = [COMMANDS[command]]
+    else:
+        names = sorted(m.name for m in pkgutil.iter_modules(__path__))
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
         if hasattr(module, "register"):
             module.register(sub)
     return parser
@@ -96,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         code = _run(args)
