@@ -282,13 +282,12 @@ class Attention(nn.Module):
             vg = gather_blocks(v_cache, g.block_tables, workspace[1])
             if mask.dtype == torch.bool:
                 qg = qg.view(b, nq, h, self.head_dim).transpose(1, 2)
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=True)
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=True).transpose(1, 2)
             else:  # query head kv * G + j attends as query row j * Q + i of KV head kv
                 grp = h // kv
                 qg = qg.view(b, nq, kv, grp, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, kv, grp * nq, -1)
                 og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).unflatten(2, (grp, nq))
                 og = og.permute(0, 3, 1, 2, 4)  # [B, Q, kv, G, head_dim]: heads back in order
-            og = og.transpose(1, 2) if mask.dtype == torch.bool else og
             og = og.reshape(b * nq, self.num_heads, self.head_dim)
             if b * nq != len(g.rows):
                 og = og[g.pad_index]
@@ -365,8 +364,8 @@ def fold_gqa(device: torch.device) -> bool:
     kernel and cuDNN's (measured on an H100: SDPA picked the math kernel for decode, tree and prefill
     calls, and a graphed decode step of 64 sequences took 12.4 ms against 3.2 ms with cuDNN
     attention). Folded, the call has as many query heads as KV heads, which the memory-efficient
-    kernel accepts with a mask, and it plans nothing per shape: that step took 2.87 ms. CPUs keep ``enable_gqa``: their
-    kernels take it with a mask, and the CPU timings were measured that way."""
+    kernel accepts with a mask, and it plans nothing per shape: that step took 2.87 ms. CPUs keep
+    ``enable_gqa``: their kernels take it with a mask, and the CPU timings were measured that way."""
     value = os.environ.get(GQA_FOLD_ENV, "").strip()
     if value not in ("", "auto", "0", "1"):
         raise UserError(f"{GQA_FOLD_ENV}={value!r}: use 1 (fold query heads onto their KV head), 0 (enable_gqa) "
