@@ -140,8 +140,10 @@ def c_every_point(figure: str, metric_names=("attainment", "goodput")):
             # goodput against the best baseline by goodput, as the claim compares goodput alone;
             # within GOODPUT_TIE of it counts as a tie (at 100% attainment every system's goodput
             # is its throughput, which differs in the last digits)
-            g = sum(goodput(ada) >= (1 - GOODPUT_TIE) * max(goodput(s[b]) for b in PAPER_BASELINES if b in s)
-                    for x, s in sw.sweep(figure, model).items() if x in comp for ada in [s["adaserve"]])
+            sweep, g = sw.sweep(figure, model), 0
+            for x in comp:
+                top = max(goodput(sweep[x][b]) for b in PAPER_BASELINES if b in sweep[x])
+                g += goodput(sweep[x]["adaserve"]) >= (1 - GOODPUT_TIE) * top
             parts.append(f"goodput ≥ best (ties within {100 * GOODPUT_TIE:g}%) at {g}/{n}")
             ok = ok and g == n
         return ", ".join(parts), ok
