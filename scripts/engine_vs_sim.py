@@ -28,9 +28,9 @@ per step at the total context, no host work, drafting from the per-level table).
 ``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
 
-``retime``: a sample of the logged decode-only steps timed again in isolation (a fresh KV cache,
-the same contexts and tree sizes, each tree as a chain; median of 5 after a warm-up, on the
-profile's clock), beside the forward the engine logged in its run and the profile's price: which
+``retime``: a sample of the logged decode-only steps timed again in isolation (``StepBench``: a
+fresh KV cache, the same contexts and tree sizes, each tree as a chain; median of 5 after a
+warm-up, on the profile's clock), beside the forward the engine logged in its run and the profile's price: which
 part of an error is the profile's pricing of a step (re-timed vs priced) and which the step costing
 more inside the run than alone (logged vs re-timed).
 """
@@ -205,10 +205,9 @@ def retime(a: argparse.Namespace) -> None:
     import torch
 
     from adaserve.config import EngineConfig
-    from adaserve.engine.batch import BatchBuilder
     from adaserve.engine.kv_cache import BLOCK_SIZE
     from adaserve.runtime.build import load_models
-    from adaserve.runtime.profiler import median_ms
+    from adaserve.runtime.profiler import StepBench
 
     prof = LatencyProfile.load(a.profile)
     if prof.measured_with.get("clock") == "cpu":
@@ -224,21 +223,8 @@ def retime(a: argparse.Namespace) -> None:
     with torch.inference_mode():
         for i in sorted(pick.tolist()):
             trees = [tuple(t) for t in logged[i]["decode"]]
-            cache = model.make_cache(sum(-(-(c + n) // BLOCK_SIZE) for c, n in trees) + len(trees), BLOCK_SIZE)
-            for seq, (c, _) in enumerate(trees):
-                cache.add(seq)
-                cache.alloc.append(seq, c)
-
-            def build(cache=cache, trees=trees):
-                b = BatchBuilder(cache)
-                for seq, (_, n) in enumerate(trees):
-                    b.add_tree(seq, [5] * n, list(range(-1, n - 1)))
-                return b.build()
-
-            def reset(cache=cache, trees=trees):
-                for seq, (c, _) in enumerate(trees):
-                    cache.truncate(seq, c)
-            alone = median_ms(lambda batch, cache=cache: model(batch, cache), 5, build, reset)
+            bench = StepBench(model, sum(c + n + BLOCK_SIZE for c, n in trees))
+            alone = bench.chains_ms([c for c, _ in trees], [n for _, n in trees], 5)
             rows.append((len(trees), sum(n for _, n in trees), sum(c for c, _ in trees), logged[i][key], alone,
                          engine_step_ms(prof, [], trees)))
             print("{:8d} {:6d} {:7d} {:10.1f} {:9.1f} {:7.1f}".format(*rows[-1]), flush=True)

@@ -210,6 +210,11 @@ class StepBench:
         """``tokens`` new tokens as chains over ``n_seqs`` sequences holding ``context`` KV tokens in all."""
         news = [tokens // n_seqs + (i < tokens % n_seqs) for i in range(n_seqs)]
         ctxs = [context // n_seqs + (i < context % n_seqs) for i in range(n_seqs)]
+        return self.chains_ms(ctxs, news, repeat)
+
+    def chains_ms(self, ctxs: list[int], news: list[int], repeat: int) -> float:
+        """Sequence ``s`` holding ``ctxs[s]`` KV tokens with a chain of ``news[s]`` new tokens."""
+        n_seqs = len(ctxs)
         for s, c in enumerate(ctxs):
             self.cache.add(s)
             self.cache.alloc.append(s, c)
