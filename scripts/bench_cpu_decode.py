@@ -1,12 +1,13 @@
 """Batch-1 decode step on the CPU against the weight-read floor, per dtype and linear kernel.
 
     .venv/bin/python scripts/bench_cpu_decode.py [--model smollm2-135m] [--threads 1]
-        [--dtypes float32,bfloat16] [--rounds 7] [--json]
+        [--dtypes float32,bfloat16] [--rounds 7] [--context 128] [--json]
 
-For each dtype: the step (1 sequence, 1 new token over 128 context tokens, as the profile's baseline;
+For each dtype: the step (1 sequence, 1 new token over 128 context tokens (``--context``), as the profile's baseline;
 and 8 tokens of a chain, a small tree) with plain ``F.linear``, with oneDNN prepacked linears (where
-the CPU can pack that dtype) and with what the load-time measurement chose (runtime/kernels.py, not
-cached here); the floor = bytes of the weights one decode step reads / memory bandwidth, measured
+the CPU can pack that dtype), with the compiled one-row linear, with every layer of the 1-token step
+as one compiled call (``engine/cpu_decode.py``, fp32) and with what the engine runs after the
+load-time measurement (runtime/kernels.py, not cached here); the floor = bytes of the weights one decode step reads / memory bandwidth, measured
 with a large tensor copy ((read + write) bytes per second, as tests/test_engine_cuda.py does on a
 GPU). Kernels, copies and rounds are interleaved so that load from other processes hits all alike;
 every number is a median over rounds. A benchmark, not a test: nothing is asserted."""
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,34 +46,43 @@ def decode_weight_bytes(model: model_mod.Transformer) -> int:
     return sum(p.numel() * p.element_size() for p in seen.values())
 
 
-def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say) -> dict:
+def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = BASELINE_CONTEXT) -> dict:
     model, _ = resolve_model(name, dtype, "cpu")
     choice = choose_linear_kernels(model, say=say, cache=False)
-    kernels = {"plain": (None, False)}  # name -> (prepacked from rows, numba-gemv at 1 row)
+    saved_setting = os.environ.get(model_mod.CPU_DECODE_ENV)
+    # name -> (prepacked from rows, numba-gemv at 1 row, ADASERVE_CPU_DECODE)
+    kernels = {"plain": (None, False, "0")}
     if model_mod.prepack_supported(dtype):
-        kernels["prepacked"] = (1, False)
+        kernels["prepacked"] = (1, False, "0")
     if gemv_candidate(dtype):
-        kernels["plain + numba-gemv at 1 row"] = (None, True)
-    if (choice.min_rows, choice.gemv) not in kernels.values():
-        kernels[f"measured ({choice.kernel})"] = (choice.min_rows, choice.gemv)
-    bench = StepBench(model, BASELINE_CONTEXT + 64)
+        kernels["plain + numba-gemv at 1 row"] = (None, True, "0")
+        kernels["compiled decode layers (cpu_decode)"] = (None, True, "1")
+    measured = (choice.min_rows, choice.gemv, "")  # what the engine runs after the load-time measurement
+    if model_mod.CPU_DECODE in choice.kernel or measured[:2] not in [k[:2] for k in kernels.values()]:
+        kernels[f"measured ({choice.kernel})"] = measured
+    bench = StepBench(model, context + 64)
     src = torch.ones(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     times = {(k, t): [] for k in kernels for t in (1, 8)}
     bandwidth = []
     for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
         bw = copy_bandwidth(src, dst)
-        for k, (rows, gemv) in kernels.items():
+        for k, (rows, gemv, fused) in kernels.items():
             model_mod.set_prepack(dtype, rows)
             model_mod.set_gemv(dtype, gemv)
+            os.environ[model_mod.CPU_DECODE_ENV] = fused
             for t in (1, 8):
-                ms = bench.step_ms(1, t, BASELINE_CONTEXT, 3)
+                ms = bench.step_ms(1, t, context, 3)
                 if r:
                     times[(k, t)].append(ms)
         if r:
             bandwidth.append(bw)
     model_mod.set_prepack(dtype, choice.min_rows)
     model_mod.set_gemv(dtype, choice.gemv)
+    if saved_setting is None:
+        os.environ.pop(model_mod.CPU_DECODE_ENV, None)
+    else:
+        os.environ[model_mod.CPU_DECODE_ENV] = saved_setting
     bw = statistics.median(bandwidth)
     weight_bytes = decode_weight_bytes(model)
     floor_ms = weight_bytes / bw * 1e3
@@ -94,22 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--context", type=int, default=BASELINE_CONTEXT, help="KV tokens before the new ones")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     say = (lambda s: print(s, file=sys.stderr))
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    out = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    out = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "context": args.context, "torch": torch.__version__,
            "loadavg_before": load_before, "dtypes": []}
     for d in args.dtypes.split(","):
-        out["dtypes"].append(bench_dtype(args.model, getattr(torch, d.strip()), args.rounds, say))
+        out["dtypes"].append(bench_dtype(args.model, getattr(torch, d.strip()), args.rounds, say, args.context))
     with open("/proc/loadavg") as f:
         out["loadavg_after"] = f.read().split()[:3]
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{args.model} on {out['cpu']}, {args.threads} thread(s), torch {torch.__version__}; "
+    print(f"{args.model} on {out['cpu']}, {args.threads} thread(s), {args.context} context tokens, torch {torch.__version__}; "
           f"load average {' '.join(load_before)} -> {' '.join(out['loadavg_after'])}")
     for d in out["dtypes"]:
         print(f"{d['dtype']}: {d['weight_bytes'] / 1e6:.0f} MB of weights per decode step, copy bandwidth "

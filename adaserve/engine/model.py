@@ -11,7 +11,6 @@ import math
 import os
 import weakref
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +18,7 @@ from torch import nn
 from adaserve.core import jit
 from adaserve.core.errors import UserError
 
+from . import cpu_decode
 from .batch import FlatBatch
 from .config import ModelConfig
 from .kv_cache import BLOCK_SIZE, KVCache
@@ -41,7 +41,7 @@ PREPACKED, PLAIN = "onednn-prepacked", "plain"
 _packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _min_rows: dict[torch.dtype, int] = {}  # prepacked from this many rows on, per dtype (set_prepack)
 # One-row fp32 CPU linears (batch-1 decode: a matrix-vector product, memory-bound) can run a compiled
-# dot-product loop instead: on the development VM the load-time timing of SmolLM2's weights gave it
+# dot-product loop instead (``cpu_decode.matvec``): on the development VM the load-time timing of SmolLM2's weights gave it
 # 0.81 of F.linear's time at one row. Chosen by measurement too (runtime/kernels.py, ``set_gemv``),
 # never by default.
 GEMV = "numba-gemv"
@@ -62,17 +62,22 @@ def prepack_supported(dtype: torch.dtype = torch.float32) -> bool:
         return False
 
 
+def env_switch(name: str, on: str, off: str, unset: str) -> bool | None:
+    """A 0/1 environment switch: True for 1, False for 0, None when unset, empty or ``auto``; any
+    other value is refused with what each setting means (``on``, ``off``, ``unset``)."""
+    value = os.environ.get(name, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise UserError(f"{name}={value!r}: use 1 ({on}), 0 ({off}) or leave it unset ({unset})")
+    return value == "1"
+
+
 def prepack_forced() -> bool | None:
     """``ADASERVE_PREPACK``, read when a model is loaded (runtime/kernels.py): 1 forces the prepacked
     path at every row count (where supported), 0 forces F.linear, unset or empty lets the load-time
     measurement decide."""
-    value = os.environ.get(PREPACK_ENV, "").strip()
-    if value in ("", "auto"):
-        return None
-    if value not in ("0", "1"):
-        raise UserError(f"{PREPACK_ENV}={value!r}: use 1 (prepacked oneDNN linears), 0 (plain F.linear) "
-                        "or leave it unset (measured at model load)")
-    return value == "1"
+    return env_switch(PREPACK_ENV, "prepacked oneDNN linears", "plain F.linear", "measured at model load")
 
 
 def set_prepack(dtype: torch.dtype, min_rows: int | None) -> None:
@@ -108,25 +113,55 @@ def gemv_enabled(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _gemv
 
 
+CPU_DECODE_ENV = "ADASERVE_CPU_DECODE"
+CPU_DECODE = "compiled 1-token layers"
+
+
+def cpu_decode_setting() -> bool | None:
+    """``ADASERVE_CPU_DECODE``: 1 runs every eligible one-token step with the compiled layers
+    (``cpu_decode``), 0 never; unset: where the load-time measurement chose the compiled one-row
+    linear for fp32 (the layers' matrix-vector products are that kernel)."""
+    return env_switch(CPU_DECODE_ENV, "compiled one-token CPU decode", "operator path",
+                      "on where the one-row kernel measured faster")
+
+
+def cpu_decode_for(dtype: torch.dtype, gemv: bool) -> bool:
+    """Whether one-token CPU steps in ``dtype`` run ``cpu_decode`` when the one-row kernel choice is
+    ``gemv``: fp32, numba enabled, and ``cpu_decode_setting`` (unset: follows ``gemv``)."""
+    if dtype != torch.float32 or not jit.enabled():
+        return False
+    setting = cpu_decode_setting()
+    return gemv if setting is None else setting
+
+
+def cpu_decode_active(weight: torch.Tensor) -> bool:
+    """``cpu_decode_for`` a model with weights like ``weight``, now."""
+    return weight.device.type == "cpu" and cpu_decode_for(weight.dtype, gemv_enabled(weight.dtype))
+
+
+def fused_cpu_decode(model: "Transformer", batch: FlatBatch) -> bool:
+    """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: one new token that attends to every
+    key of its sequence (a decode, a one-token chunk, a one-node tree), ``cpu_decode_active``, no
+    tensor parallelism."""
+    if batch.token_ids.shape[0] != 1 or len(batch.entries) != 1 or not cpu_decode_active(model.lm_head.weight):
+        return False
+    e = batch.entries[0]
+    if e.tree_parents is not None and len(e.tree_parents) != 1:
+        return False  # a node of a larger tree sees its ancestors only
+    return type(model.model.layers[0].self_attn.o_proj) is Linear  # a sharded layer all-reduces
+
+
 def linear_kernel(weight: torch.Tensor) -> str:
     """What a ``Linear`` with this weight runs at inference: ``plain``, ``onednn-prepacked`` or
     ``onednn-prepacked from N rows`` (plain below), prefixed by ``numba-gemv at 1 row, `` when one-row
-    inputs run the compiled kernel."""
+    inputs run the compiled kernel, followed by ``, compiled 1-token layers`` when one-token steps run
+    ``cpu_decode`` (profiles record this: it changes what a decode step costs)."""
     if weight.device.type != "cpu":
         return PLAIN
     rows = prepack_min_rows(weight.dtype)
     kind = PLAIN if rows is None else PREPACKED if rows == 1 else f"{PREPACKED} from {rows} rows"
-    return f"{GEMV} at 1 row, {kind}" if weight.dtype in _gemv else kind
-
-
-@jit.njit(fastmath=True)
-def _gemv_kernel(w, x, out):  # out[i] = w[i] . x (w row-major [N, K], x [K])
-    n, k = w.shape
-    for i in range(n):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += w[i, j] * x[j]
-        out[i] = acc
+    kind = f"{GEMV} at 1 row, {kind}" if weight.dtype in _gemv else kind
+    return f"{kind}, {CPU_DECODE}" if cpu_decode_active(weight) else kind
 
 
 class Linear(nn.Linear):
@@ -147,8 +182,9 @@ class Linear(nn.Linear):
         """The forward of a one-row input with the compiled kernel (CPU, no autograd)."""
         w = self.weight.detach()
         out = torch.empty(*x.shape[:-1], w.shape[0], dtype=w.dtype)
-        _gemv_kernel(w.numpy(), x.detach().reshape(-1).contiguous().numpy(), out.view(-1).numpy())
-        return out if self.bias is None else out.add_(self.bias)
+        bias = cpu_decode.EMPTY if self.bias is None else self.bias.detach().numpy()
+        cpu_decode.matvec(w.numpy(), x.detach().reshape(-1).contiguous().numpy(), bias, out.view(-1).numpy())
+        return out
 
     def packed_weight(self) -> torch.Tensor:
         """The oneDNN-prepacked copy of the weight, built on first use and again whenever the
@@ -216,10 +252,14 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The parts' outputs side by side ``[..., sum(out_features)]``."""
+        return self.fused()(x)
+
+    def fused(self) -> Linear:
+        """The ``Linear`` over the concatenated weights, fused again if a part changed."""
         lin = self.linear
         if lin is None or not self._current():
             lin = self._fuse()
-        return lin(x)
+        return lin
 
     def _current(self) -> bool:
         ws = self._weights
@@ -366,11 +406,8 @@ def fold_gqa(device: torch.device) -> bool:
     attention). Folded, the call has as many query heads as KV heads, which the memory-efficient
     kernel accepts with a mask, and it plans nothing per shape: that step took 2.87 ms. CPUs keep
     ``enable_gqa``: their kernels take it with a mask, and the CPU timings were measured that way."""
-    value = os.environ.get(GQA_FOLD_ENV, "").strip()
-    if value not in ("", "auto", "0", "1"):
-        raise UserError(f"{GQA_FOLD_ENV}={value!r}: use 1 (fold query heads onto their KV head), 0 (enable_gqa) "
-                        "or leave it unset (fold on CUDA)")
-    return device.type == "cuda" if value in ("", "auto") else value == "1"
+    setting = env_switch(GQA_FOLD_ENV, "fold query heads onto their KV head", "enable_gqa", "fold on CUDA")
+    return device.type == "cuda" if setting is None else setting
 
 
 def folded_attention_bias(mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -415,6 +452,8 @@ class Transformer(nn.Module):
     def hidden(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
         """The last layer's output for every row ``[T, hidden]`` (before the final norm); the part
         of the forward that CUDA graphs capture (engine/cuda_graphs.py)."""
+        if fused_cpu_decode(self, batch):
+            return cpu_decode.decode_hidden(self, batch, cache)
         x = self.model.embed_tokens(batch.token_ids)
         cos, sin = self.rope(batch.positions, x.dtype)
         block_numel = cache.k[0, 0].numel()

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from adaserve.core.files import atomic_write_text, cache_dir
 from adaserve.core import jit
-from adaserve.engine.model import (GEMV, PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer, prepack_forced,
-                                   prepack_supported, set_gemv, set_prepack)
+from adaserve.engine.model import (CPU_DECODE, GEMV, PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer,
+                                   cpu_decode_for, prepack_forced, prepack_supported, set_gemv, set_prepack)
 
 from .profiler import cpu_name
 
@@ -58,7 +58,8 @@ class KernelChoice:
     def kernel(self) -> str:
         kind = (PLAIN if self.min_rows is None else
                 PREPACKED if self.min_rows == 1 else f"{PREPACKED} from {self.min_rows} rows")
-        return f"{GEMV} at 1 row, {kind}" if self.gemv else kind
+        kind = f"{GEMV} at 1 row, {kind}" if self.gemv else kind
+        return f"{kind}, {CPU_DECODE}" if cpu_decode_for(getattr(torch, self.dtype), self.gemv) else kind
 
     def describe(self) -> str:
         text = f"CPU linears ({self.dtype}, {torch.get_num_threads()} thread(s)): {self.kernel}"

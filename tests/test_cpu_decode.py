@@ -1,0 +1,169 @@
+"""The compiled one-token CPU decode (engine/cpu_decode.py) against the operator path."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from adaserve.core import jit
+from adaserve.core.errors import UserError
+from adaserve.engine import BatchBuilder, NgramDrafter, tiny_random_model
+from adaserve.engine import cpu_decode
+from adaserve.engine import model as model_mod
+from engine_util import plain_greedy
+from test_engine_model import VARIANTS
+from test_engine_serving import EOS, make_requests, serve
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not jit.enabled(), reason="numba is not importable here")]
+
+
+@pytest.fixture(autouse=True)
+def fused_setting(monkeypatch):
+    """No measured kernel choice: each test says with ADASERVE_CPU_DECODE which path runs."""
+    monkeypatch.delenv(model_mod.CPU_DECODE_ENV, raising=False)
+    saved = set(model_mod._gemv)
+    model_mod._gemv.clear()
+    yield
+    model_mod._gemv.clear()
+    model_mod._gemv.update(saved)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    orig = cpu_decode._layer_kernel
+    monkeypatch.setattr(cpu_decode, "_layer_kernel", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def interleaved_cache(model, context: int, seed: int = 0):
+    """Sequence 0 with ``context`` tokens whose blocks alternate with sequence 1's (a table that is
+    not a run of consecutive blocks), written by the operator path."""
+    cache = model.make_cache(64, 16)
+    rng = np.random.default_rng(seed)
+    written = 0
+    while written < context:
+        n = min(11, context - written)
+        b = BatchBuilder(cache)
+        b.add_prefill(0, rng.integers(3, 200, n).tolist(), logits="none")
+        b.add_prefill(1, rng.integers(3, 200, n).tolist(), logits="none")
+        model(b.build("cpu"), cache)
+        written += n
+    return cache
+
+
+def one_token_step(model, cache, monkeypatch, fused: bool, kind: str = "tree"):
+    """Logits of one new token of sequence 0 and the KV it wrote; the cache is left as before."""
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1" if fused else "0")
+    before = (cache.k.clone(), cache.v.clone())
+    b = BatchBuilder(cache)
+    if kind == "tree":
+        b.add_tree(0, [7], [-1])
+    elif kind == "decode":
+        b.add_decode(0, 7)
+    else:
+        b.add_prefill(0, [7])
+    logits = model(b.build("cpu"), cache)
+    kv = (cache.k.clone(), cache.v.clone())
+    b.abort()
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    return logits, kv
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("context", [0, 15, 16, 37])
+def test_fused_step_matches_the_operator_path(variant, context, monkeypatch, kernel_calls):
+    family, overrides = VARIANTS[variant]
+    model = tiny_random_model(family, seed=1, **overrides)
+    cache = interleaved_cache(model, context) if context else model.make_cache(64, 16)
+    kind = "prefill" if context == 0 else "tree"
+    ref, ref_kv = one_token_step(model, cache, monkeypatch, False, kind)
+    assert not kernel_calls
+    out, kv = one_token_step(model, cache, monkeypatch, True, kind)
+    assert len(kernel_calls) == model.config.num_layers
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
+    for a, b in zip(kv, ref_kv):  # the new token's K/V, where the operator path wrote them
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 32), (6, 1, 8)])
+def test_fused_step_with_other_head_layouts(heads, kv_heads, head_dim, monkeypatch, kernel_calls):
+    model = tiny_random_model("llama", seed=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+    cache = interleaved_cache(model, 40)
+    ref, _ = one_token_step(model, cache, monkeypatch, False, "decode")
+    out, _ = one_token_step(model, cache, monkeypatch, True, "decode")
+    assert kernel_calls and torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_only_one_token_steps_that_see_every_key_are_fused(monkeypatch, kernel_calls):
+    model = tiny_random_model("llama", seed=2)
+    cache = interleaved_cache(model, 20)
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
+    for add in (lambda b: b.add_prefill(0, [5, 6]),  # two tokens
+                lambda b: b.add_tree(0, [5, 6], [-1, 0]),
+                lambda b: (b.add_decode(0, 5), b.add_decode(1, 6))):  # two sequences
+        b = BatchBuilder(cache)
+        add(b)
+        model(b.build("cpu"), cache)
+        b.abort()
+    assert not kernel_calls
+    # the second node of a growing tree is one new token, but it sees only its ancestors
+    b = BatchBuilder(cache)
+    b.add_tree(0, [5], [-1])
+    model(b.build("cpu"), cache)
+    kernel_calls.clear()
+    b2 = BatchBuilder(cache)
+    b2.add_tree(0, [5, 6, 8], [-1, 0, 0], num_cached=2)
+    assert not model_mod.fused_cpu_decode(model, b2.build("cpu"))
+
+
+def test_when_the_fused_path_runs(monkeypatch):
+    model = tiny_random_model("llama", seed=2)
+    cache = model.make_cache(16, 16)
+    b = BatchBuilder(cache)
+    b.add_decode(0, 5)
+    batch = b.build("cpu")
+    assert not model_mod.fused_cpu_decode(model, batch)  # unset, and the one-row kernel not chosen
+    model_mod.set_gemv(torch.float32, True)
+    assert model_mod.fused_cpu_decode(model, batch)  # unset follows the measured choice
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
+    assert not model_mod.fused_cpu_decode(model, batch)
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
+    assert not model_mod.fused_cpu_decode(model.to(torch.bfloat16), batch)  # fp32 only
+    monkeypatch.setenv(jit.ENV, "0")
+    assert not model_mod.fused_cpu_decode(tiny_random_model("llama", seed=2), batch)
+    monkeypatch.setenv(jit.ENV, "1")
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "yes")
+    with pytest.raises(UserError, match="ADASERVE_CPU_DECODE='yes'"):
+        model_mod.fused_cpu_decode(tiny_random_model("llama", seed=2), batch)
+
+
+def test_replaced_or_modified_weights_are_seen(monkeypatch):
+    """The kernel's arrays are cached between steps: a parameter replaced on its module, given new
+    storage, or changed in place must show in the next step."""
+    model = tiny_random_model("llama", seed=3)
+    cache = interleaved_cache(model, 18)
+    one_token_step(model, cache, monkeypatch, True)  # fills the cache of arrays
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.mlp.down_proj.weight = nn.Parameter(torch.randn_like(layer.mlp.down_proj.weight), requires_grad=False)
+        layer.self_attn.q_proj.weight.data = layer.self_attn.q_proj.weight.data * 1.5
+        layer.input_layernorm.weight.mul_(0.5)
+    ref, _ = one_token_step(model, cache, monkeypatch, False)
+    out, _ = one_token_step(model, cache, monkeypatch, True)
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_speculation_stays_lossless_with_fused_decoding(monkeypatch, kernel_calls):
+    """Plain greedy's one-token steps run the compiled layers, verification steps the operators:
+    the output must still be token-identical."""
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
+    target = tiny_random_model("llama", seed=1)
+    reqs, prompts = make_requests(6, seed=2)
+    ref = {r.rid: plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)) for r in reqs}
+    assert kernel_calls
+    for system, drafter in (("adaserve", NgramDrafter()), ("vllm", None)):
+        ex, _, done = serve(target, system, drafter, prompts, reqs=make_requests(6, seed=2)[0])
+        assert all(ex.outputs[r.rid] == ref[r.rid] for r in done), system
