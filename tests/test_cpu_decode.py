@@ -116,7 +116,7 @@ def test_only_one_token_steps_that_see_every_key_are_fused(monkeypatch, kernel_c
     kernel_calls.clear()
     b2 = BatchBuilder(cache)
     b2.add_tree(0, [5, 6, 8], [-1, 0, 0], num_cached=2)
-    assert not model_mod.fused_cpu_decode(model, b2.build("cpu"))
+    assert not model_mod.fused_cpu_decode(model, b2.build("cpu"), cache)
 
 
 def test_when_the_fused_path_runs(monkeypatch):
@@ -125,19 +125,23 @@ def test_when_the_fused_path_runs(monkeypatch):
     b = BatchBuilder(cache)
     b.add_decode(0, 5)
     batch = b.build("cpu")
-    assert not model_mod.fused_cpu_decode(model, batch)  # unset, and the one-row kernel not chosen
+    fused = model_mod.fused_cpu_decode
+    assert not fused(model, batch, cache)  # unset, and the one-row kernel not chosen
     model_mod.set_gemv(torch.float32, True)
-    assert model_mod.fused_cpu_decode(model, batch)  # unset follows the measured choice
+    assert fused(model, batch, cache)  # unset follows the measured choice
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
-    assert not model_mod.fused_cpu_decode(model, batch)
+    assert not fused(model, batch, cache)
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
-    assert not model_mod.fused_cpu_decode(model.to(torch.bfloat16), batch)  # fp32 only
+    half_cache = model.make_cache(16, 16)
+    half_cache.k, half_cache.v = half_cache.k.half(), half_cache.v.half()
+    assert not fused(model, batch, half_cache)  # an fp32 cache only
+    assert not fused(model.to(torch.bfloat16), batch, cache)  # fp32 weights only
     monkeypatch.setenv(jit.ENV, "0")
-    assert not model_mod.fused_cpu_decode(tiny_random_model("llama", seed=2), batch)
+    assert not fused(tiny_random_model("llama", seed=2), batch, cache)
     monkeypatch.setenv(jit.ENV, "1")
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "yes")
     with pytest.raises(UserError, match="ADASERVE_CPU_DECODE='yes'"):
-        model_mod.fused_cpu_decode(tiny_random_model("llama", seed=2), batch)
+        fused(tiny_random_model("llama", seed=2), batch, cache)
 
 
 def test_replaced_or_modified_weights_are_seen(monkeypatch):

@@ -139,11 +139,13 @@ def cpu_decode_active(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and cpu_decode_for(weight.dtype, gemv_enabled(weight.dtype))
 
 
-def fused_cpu_decode(model: "Transformer", batch: FlatBatch) -> bool:
+def fused_cpu_decode(model: "Transformer", batch: FlatBatch, cache: KVCache) -> bool:
     """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: one new token that attends to every
-    key of its sequence (a decode, a one-token chunk, a one-node tree), ``cpu_decode_active``, no
-    tensor parallelism."""
+    key of its sequence (a decode, a one-token chunk, a one-node tree), ``cpu_decode_active``, an fp32
+    cache, no tensor parallelism."""
     if batch.token_ids.shape[0] != 1 or len(batch.entries) != 1 or not cpu_decode_active(model.lm_head.weight):
+        return False
+    if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
         return False
     e = batch.entries[0]
     if e.tree_parents is not None and len(e.tree_parents) != 1:
@@ -452,7 +454,7 @@ class Transformer(nn.Module):
     def hidden(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
         """The last layer's output for every row ``[T, hidden]`` (before the final norm); the part
         of the forward that CUDA graphs capture (engine/cuda_graphs.py)."""
-        if fused_cpu_decode(self, batch):
+        if fused_cpu_decode(self, batch, cache):
             return cpu_decode.decode_hidden(self, batch, cache)
         x = self.model.embed_tokens(batch.token_ids)
         cos, sin = self.rope(batch.positions, x.dtype)
