@@ -41,9 +41,9 @@ PREPACKED, PLAIN = "onednn-prepacked", "plain"
 _packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _min_rows: dict[torch.dtype, int] = {}  # prepacked from this many rows on, per dtype (set_prepack)
 # One-row fp32 CPU linears (batch-1 decode: a matrix-vector product, memory-bound) can run a compiled
-# dot-product loop instead (``cpu_decode.matvec``): on the development VM the load-time timing of SmolLM2's weights gave it
-# 0.81 of F.linear's time at one row. Chosen by measurement too (runtime/kernels.py, ``set_gemv``),
-# never by default.
+# dot-product loop instead (``cpu_decode.matvec``): on the development VM the load-time timing of
+# SmolLM2's weights gave it 0.81 of F.linear's time at one row. Chosen by measurement too
+# (runtime/kernels.py, ``set_gemv``), never by default; with it, one-token steps run ``cpu_decode``.
 GEMV = "numba-gemv"
 _gemv: set[torch.dtype] = set()
 
