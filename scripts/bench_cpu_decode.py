@@ -3,14 +3,15 @@
     .venv/bin/python scripts/bench_cpu_decode.py [--model smollm2-135m] [--threads 1]
         [--dtypes float32,bfloat16] [--rounds 7] [--context 128] [--json]
 
-For each dtype: the step (1 sequence, 1 new token over 128 context tokens (``--context``), as the profile's baseline;
-and 8 tokens of a chain, a small tree) with plain ``F.linear``, with oneDNN prepacked linears (where
-the CPU can pack that dtype), with the compiled one-row linear, with every layer of the 1-token step
-as one compiled call (``engine/cpu_decode.py``, fp32) and with what the engine runs after the
-load-time measurement (runtime/kernels.py, not cached here); the floor = bytes of the weights one decode step reads / memory bandwidth, measured
-with a large tensor copy ((read + write) bytes per second, as tests/test_engine_cuda.py does on a
-GPU). Kernels, copies and rounds are interleaved so that load from other processes hits all alike;
-every number is a median over rounds. A benchmark, not a test: nothing is asserted."""
+For each dtype: the step (1 sequence, 1 new token over 128 context tokens, ``--context``, as the
+profile's baseline; and 8 tokens of a chain, a small tree) with plain ``F.linear``, with oneDNN
+prepacked linears (where the CPU can pack that dtype), with the compiled one-row linear, with every
+layer of the 1-token step as one compiled call (``engine/cpu_decode.py``, fp32) and with what the
+engine runs after the load-time measurement (runtime/kernels.py, not cached here); the floor = bytes
+of the weights one decode step reads / memory bandwidth, measured with a large tensor copy ((read +
+write) bytes per second, as tests/test_engine_cuda.py does on a GPU). Kernels, copies and rounds are
+interleaved so that load from other processes hits all alike; every number is a median over rounds.
+A benchmark, not a test: nothing is asserted."""
 
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda s: print(s, file=sys.stderr))
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    out = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "context": args.context, "torch": torch.__version__,
-           "loadavg_before": load_before, "dtypes": []}
+    out = {"model": args.model, "cpu": cpu_name(), "threads": args.threads, "context": args.context,
+           "torch": torch.__version__, "loadavg_before": load_before, "dtypes": []}
     for d in args.dtypes.split(","):
         out["dtypes"].append(bench_dtype(args.model, getattr(torch, d.strip()), args.rounds, say, args.context))
     with open("/proc/loadavg") as f:
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{args.model} on {out['cpu']}, {args.threads} thread(s), {args.context} context tokens, torch {torch.__version__}; "
-          f"load average {' '.join(load_before)} -> {' '.join(out['loadavg_after'])}")
+    print(f"{args.model} on {out['cpu']}, {args.threads} thread(s), {args.context} context tokens, "
+          f"torch {torch.__version__}; load average {' '.join(load_before)} -> {' '.join(out['loadavg_after'])}")
     for d in out["dtypes"]:
         print(f"{d['dtype']}: {d['weight_bytes'] / 1e6:.0f} MB of weights per decode step, copy bandwidth "
               f"{d['copy_bandwidth_gbs']} GB/s -> floor {d['floor_ms']} ms; measured choice: {d['choice']['kernel']} "
