@@ -4,9 +4,9 @@
         [--dtypes float32,bfloat16] [--rounds 7] [--context 128] [--json]
 
 For each dtype: the step (1 sequence, 1 new token over 128 context tokens, ``--context``, as the
-profile's baseline; and 8 tokens of a chain, a small tree) with plain ``F.linear``, with oneDNN
+profile's baseline; and 2, 4 and 8 tokens of a chain, small trees) with plain ``F.linear``, with oneDNN
 prepacked linears (where the CPU can pack that dtype), with the compiled one-row linear, with every
-layer of the 1-token step as one compiled call (``engine/cpu_decode.py``, fp32) and with what the
+layer of steps up to 4 tokens as one compiled call (``engine/cpu_decode.py``, fp32) and with what the
 engine runs after the load-time measurement (runtime/kernels.py, not cached here); the floor = bytes
 of the weights one decode step reads / memory bandwidth, measured with a large tensor copy ((read +
 write) bytes per second, as tests/test_engine_cuda.py does on a GPU). Kernels, copies and rounds are
@@ -30,6 +30,7 @@ from adaserve.runtime.kernels import choose_linear_kernels, gemv_candidate
 from adaserve.runtime.profiler import BASELINE_CONTEXT, StepBench, cpu_name
 
 COPY_BYTES = 512 * 2**20
+STEP_TOKENS = (1, 2, 4, 8)  # tokens of a step: one chain of that many over the context
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> float:
@@ -51,35 +52,36 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = 
     model, _ = resolve_model(name, dtype, "cpu")
     choice = choose_linear_kernels(model, say=say, cache=False)
     saved_setting = os.environ.get(model_mod.CPU_DECODE_ENV)
-    # name -> (prepacked from rows, numba-gemv at 1 row, ADASERVE_CPU_DECODE)
-    kernels = {"plain": (None, False, "0")}
+    top = model_mod.MAX_COMPILED_ROWS
+    # name -> (prepacked from rows, compiled linear up to rows, ADASERVE_CPU_DECODE)
+    kernels = {"plain": (None, 0, "0")}
     if model_mod.prepack_supported(dtype):
-        kernels["prepacked"] = (1, False, "0")
+        kernels["prepacked"] = (1, 0, "0")
     if gemv_candidate(dtype):
-        kernels["plain + numba-gemv at 1 row"] = (None, True, "0")
-        kernels["compiled decode layers (cpu_decode)"] = (None, True, "1")
-    measured = (choice.min_rows, choice.gemv, "")  # what the engine runs after the load-time measurement
-    if model_mod.CPU_DECODE in choice.kernel or measured[:2] not in [k[:2] for k in kernels.values()]:
+        kernels["plain + numba-gemv at 1 row"] = (None, 1, "0")
+        kernels[f"compiled layers up to {top} tokens"] = (choice.min_rows, top, "1")
+    measured = (choice.min_rows, choice.compiled_rows, "")  # what the engine runs after the measurement
+    if choice.compiled_rows or measured[:2] not in [k[:2] for k in kernels.values()]:
         kernels[f"measured ({choice.kernel})"] = measured
     bench = StepBench(model, context + 64)
     src = torch.ones(COPY_BYTES // 4)
     dst = torch.empty_like(src)
-    times = {(k, t): [] for k in kernels for t in (1, 8)}
+    times = {(k, t): [] for k in kernels for t in STEP_TOKENS}
     bandwidth = []
     for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
         bw = copy_bandwidth(src, dst)
-        for k, (rows, gemv, fused) in kernels.items():
+        for k, (rows, compiled, fused) in kernels.items():
             model_mod.set_prepack(dtype, rows)
-            model_mod.set_gemv(dtype, gemv)
+            model_mod.set_compiled_rows(dtype, compiled)
             os.environ[model_mod.CPU_DECODE_ENV] = fused
-            for t in (1, 8):
+            for t in STEP_TOKENS:
                 ms = bench.step_ms(1, t, context, 3)
                 if r:
                     times[(k, t)].append(ms)
         if r:
             bandwidth.append(bw)
     model_mod.set_prepack(dtype, choice.min_rows)
-    model_mod.set_gemv(dtype, choice.gemv)
+    model_mod.set_compiled_rows(dtype, choice.compiled_rows)
     if saved_setting is None:
         os.environ.pop(model_mod.CPU_DECODE_ENV, None)
     else:
@@ -89,14 +91,14 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = 
     floor_ms = weight_bytes / bw * 1e3
     rows = []
     for k in kernels:
-        one, eight = (statistics.median(times[(k, t)]) for t in (1, 8))
-        rows.append({"kernel": k, "decode_ms": round(one, 2), "ratio_to_floor": round(one / floor_ms, 2),
-                     "verify8_ms": round(eight, 2),
+        med = {t: statistics.median(times[(k, t)]) for t in STEP_TOKENS}
+        rows.append({"kernel": k, "decode_ms": round(med[1], 2), "ratio_to_floor": round(med[1] / floor_ms, 2),
+                     "steps_ms": {str(t): round(med[t], 2) for t in STEP_TOKENS[1:]},
                      "range_ms": [round(min(times[(k, 1)]), 2), round(max(times[(k, 1)]), 2)]})
     return {"dtype": str(dtype).replace("torch.", ""), "weight_bytes": weight_bytes,
             "copy_bandwidth_gbs": round(bw / 1e9, 2), "floor_ms": round(floor_ms, 2),
             "choice": {"kernel": choice.kernel, "reason": choice.reason, "ratios": choice.ratios,
-                       "gemv_ratio": choice.gemv_ratio},
+                       "gemv_ratio": choice.gemv_ratio, "compiled_ratios": choice.compiled_ratios},
             "steps": rows}
 
 
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['copy_bandwidth_gbs']} GB/s -> floor {d['floor_ms']} ms; measured choice: {d['choice']['kernel']} "
               f"({d['choice']['ratios']})")
         for r in d["steps"]:
+            more = "  ".join(f"{t}-token {ms:7.2f}" for t, ms in r["steps_ms"].items())
             print(f"  {r['kernel']:<40} decode {r['decode_ms']:7.2f} ms [{r['range_ms'][0]}-{r['range_ms'][1]}]"
-                  f"  = {r['ratio_to_floor']:.2f}x floor   8-token step {r['verify8_ms']:7.2f} ms")
+                  f"  = {r['ratio_to_floor']:.2f}x floor   steps (ms): {more}")
     return 0
 
 

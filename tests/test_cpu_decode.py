@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def fused_setting(monkeypatch):
     """No measured kernel choice: each test says with ADASERVE_CPU_DECODE which path runs."""
     monkeypatch.delenv(model_mod.CPU_DECODE_ENV, raising=False)
-    saved = set(model_mod._gemv)
-    model_mod._gemv.clear()
+    saved = dict(model_mod._compiled_rows)
+    model_mod._compiled_rows.clear()
     yield
-    model_mod._gemv.clear()
-    model_mod._gemv.update(saved)
+    model_mod._compiled_rows.clear()
+    model_mod._compiled_rows.update(saved)
 
 
 @pytest.fixture
@@ -53,70 +53,98 @@ def interleaved_cache(model, context: int, seed: int = 0):
     return cache
 
 
-def one_token_step(model, cache, monkeypatch, fused: bool, kind: str = "tree"):
-    """Logits of one new token of sequence 0 and the KV it wrote; the cache is left as before."""
+STEPS = {  # a step's additions to a batch (sequence 0 holds the context; sequence 1 too, if any)
+    "decode": lambda b: b.add_decode(0, 7),
+    "one-node tree": lambda b: b.add_tree(0, [7], [-1]),
+    "one-token chunk": lambda b: b.add_prefill(0, [7]),
+    "chunk of 3": lambda b: b.add_prefill(0, [7, 8, 9]),
+    "tree of 4": lambda b: b.add_tree(0, [7, 8, 9, 10], [-1, 0, 0, 1]),
+    "two decodes": lambda b: (b.add_decode(0, 7), b.add_decode(1, 8)),
+    "decode + tree of 3": lambda b: (b.add_decode(1, 8), b.add_tree(0, [7, 9, 10], [-1, 0, 0])),
+}
+
+
+def run_step(model, cache, monkeypatch, fused: bool, add, grown=None):
+    """Logits of the batch ``add`` builds and the KV it wrote; the cache is left as before. ``grown``:
+    a tree of sequence 0 written by an earlier forward first (``add`` then grows it, as the model
+    drafter does)."""
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1" if fused else "0")
     before = (cache.k.clone(), cache.v.clone())
+    builders = []
+    if grown is not None:
+        builders.append(BatchBuilder(cache))
+        builders[0].add_tree(0, *grown)
+        monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")  # the earlier forward: the same for both
+        model(builders[0].build("cpu"), cache)
+        monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1" if fused else "0")
     b = BatchBuilder(cache)
-    if kind == "tree":
-        b.add_tree(0, [7], [-1])
-    elif kind == "decode":
-        b.add_decode(0, 7)
-    else:
-        b.add_prefill(0, [7])
+    builders.append(b)
+    add(b)
     logits = model(b.build("cpu"), cache)
     kv = (cache.k.clone(), cache.v.clone())
-    b.abort()
+    for builder in reversed(builders):
+        builder.abort()
     cache.k.copy_(before[0])
     cache.v.copy_(before[1])
     return logits, kv
 
 
+def assert_same_step(model, cache, monkeypatch, kernel_calls, add, grown=None):
+    ref, ref_kv = run_step(model, cache, monkeypatch, False, add, grown)
+    assert not kernel_calls
+    out, kv = run_step(model, cache, monkeypatch, True, add, grown)
+    assert len(kernel_calls) == model.config.num_layers
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
+    for a, b in zip(kv, ref_kv):  # the new tokens' K/V, where the operator path wrote them
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("context", [0, 15, 16, 37])
-def test_fused_step_matches_the_operator_path(variant, context, monkeypatch, kernel_calls):
+def test_fused_one_token_step_matches_the_operator_path(variant, context, monkeypatch, kernel_calls):
     family, overrides = VARIANTS[variant]
     model = tiny_random_model(family, seed=1, **overrides)
     cache = interleaved_cache(model, context) if context else model.make_cache(64, 16)
-    kind = "prefill" if context == 0 else "tree"
-    ref, ref_kv = one_token_step(model, cache, monkeypatch, False, kind)
-    assert not kernel_calls
-    out, kv = one_token_step(model, cache, monkeypatch, True, kind)
-    assert len(kernel_calls) == model.config.num_layers
-    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
-    for a, b in zip(kv, ref_kv):  # the new token's K/V, where the operator path wrote them
-        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5)
+    step = STEPS["one-token chunk" if context == 0 else "one-node tree"]
+    assert_same_step(model, cache, monkeypatch, kernel_calls, step)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_fused_steps_of_a_few_tokens_match_the_operator_path(step, variant, monkeypatch, kernel_calls):
+    """Chunks, trees and several sequences in one step: each row attends where its mask says."""
+    family, overrides = VARIANTS[variant]
+    model = tiny_random_model(family, seed=5, **overrides)
+    assert_same_step(model, interleaved_cache(model, 29), monkeypatch, kernel_calls, STEPS[step])
+
+
+def test_a_growing_tree_sees_only_its_ancestors(monkeypatch, kernel_calls):
+    """The model drafter's next level: nodes written by an earlier forward are keys, but only the
+    new nodes' ancestors may be attended to."""
+    model = tiny_random_model("llama", seed=6)
+    cache = interleaved_cache(model, 21)
+    grow = lambda b: b.add_tree(0, [7, 8, 9, 10, 11], [-1, 0, 0, 1, 2], num_cached=3)  # noqa: E731
+    assert_same_step(model, cache, monkeypatch, kernel_calls, grow, grown=([7, 8, 9], [-1, 0, 0]))
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 32), (6, 1, 8)])
 def test_fused_step_with_other_head_layouts(heads, kv_heads, head_dim, monkeypatch, kernel_calls):
     model = tiny_random_model("llama", seed=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
     cache = interleaved_cache(model, 40)
-    ref, _ = one_token_step(model, cache, monkeypatch, False, "decode")
-    out, _ = one_token_step(model, cache, monkeypatch, True, "decode")
-    assert kernel_calls and torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
+    for step in ("decode", "tree of 4"):
+        assert_same_step(model, cache, monkeypatch, kernel_calls, STEPS[step])
+        kernel_calls.clear()
 
 
-def test_only_one_token_steps_that_see_every_key_are_fused(monkeypatch, kernel_calls):
+def test_larger_steps_keep_the_operator_path(monkeypatch, kernel_calls):
     model = tiny_random_model("llama", seed=2)
     cache = interleaved_cache(model, 20)
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
-    for add in (lambda b: b.add_prefill(0, [5, 6]),  # two tokens
-                lambda b: b.add_tree(0, [5, 6], [-1, 0]),
-                lambda b: (b.add_decode(0, 5), b.add_decode(1, 6))):  # two sequences
-        b = BatchBuilder(cache)
-        add(b)
-        model(b.build("cpu"), cache)
-        b.abort()
-    assert not kernel_calls
-    # the second node of a growing tree is one new token, but it sees only its ancestors
     b = BatchBuilder(cache)
-    b.add_tree(0, [5], [-1])
+    b.add_prefill(0, list(range(5, 5 + model_mod.MAX_COMPILED_ROWS + 1)))
     model(b.build("cpu"), cache)
-    kernel_calls.clear()
-    b2 = BatchBuilder(cache)
-    b2.add_tree(0, [5, 6, 8], [-1, 0, 0], num_cached=2)
-    assert not model_mod.fused_cpu_decode(model, b2.build("cpu"), cache)
+    b.abort()
+    assert not kernel_calls
 
 
 def test_when_the_fused_path_runs(monkeypatch):
@@ -129,6 +157,16 @@ def test_when_the_fused_path_runs(monkeypatch):
     assert not fused(model, batch, cache)  # unset, and the one-row kernel not chosen
     model_mod.set_gemv(torch.float32, True)
     assert fused(model, batch, cache)  # unset follows the measured choice
+    b3 = BatchBuilder(cache)
+    b3.add_prefill(1, [5, 6, 7])
+    three = b3.build("cpu")
+    assert not fused(model, three, cache)
+    model_mod.set_compiled_rows(torch.float32, 2)
+    assert not fused(model, three, cache)  # measured: up to 2 rows
+    model_mod.set_compiled_rows(torch.float32, 4)
+    assert fused(model, three, cache)
+    assert model_mod.linear_kernel(model.lm_head.weight) == "numba-gemv up to 4 rows, plain, compiled layers up to 4 tokens"
+    model_mod.set_compiled_rows(torch.float32, 1)
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
     assert not fused(model, batch, cache)
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
@@ -149,14 +187,14 @@ def test_replaced_or_modified_weights_are_seen(monkeypatch):
     storage, or changed in place must show in the next step."""
     model = tiny_random_model("llama", seed=3)
     cache = interleaved_cache(model, 18)
-    one_token_step(model, cache, monkeypatch, True)  # fills the cache of arrays
+    run_step(model, cache, monkeypatch, True, STEPS["decode"])  # fills the cache of arrays
     layer = model.model.layers[1]
     with torch.no_grad():
         layer.mlp.down_proj.weight = nn.Parameter(torch.randn_like(layer.mlp.down_proj.weight), requires_grad=False)
         layer.self_attn.q_proj.weight.data = layer.self_attn.q_proj.weight.data * 1.5
         layer.input_layernorm.weight.mul_(0.5)
-    ref, _ = one_token_step(model, cache, monkeypatch, False)
-    out, _ = one_token_step(model, cache, monkeypatch, True)
+    ref, _ = run_step(model, cache, monkeypatch, False, STEPS["decode"])
+    out, _ = run_step(model, cache, monkeypatch, True, STEPS["decode"])
     assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
 
 

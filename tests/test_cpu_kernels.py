@@ -32,14 +32,14 @@ needs_prepack = pytest.mark.skipif(not model_mod.prepack_supported(torch.float32
 def clean_choice(monkeypatch):
     """Every test starts with no measured choice and no ADASERVE_PREPACK; what it sets is undone."""
     monkeypatch.delenv(model_mod.PREPACK_ENV, raising=False)
-    saved, saved_gemv = dict(model_mod._min_rows), set(model_mod._gemv)
+    saved, saved_compiled = dict(model_mod._min_rows), dict(model_mod._compiled_rows)
     model_mod._min_rows.clear()
-    model_mod._gemv.clear()
+    model_mod._compiled_rows.clear()
     yield
     model_mod._min_rows.clear()
     model_mod._min_rows.update(saved)
-    model_mod._gemv.clear()
-    model_mod._gemv.update(saved_gemv)
+    model_mod._compiled_rows.clear()
+    model_mod._compiled_rows.update(saved_compiled)
 
 
 # ---- the choice ---------------------------------------------------------------------------------
@@ -270,12 +270,12 @@ def test_gemv_equals_f_linear_on_one_row(bias, shape):
         ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
         model_mod.set_gemv(torch.float32, True)
         calls = []
-        orig = cpu_decode.matvec
-        cpu_decode.matvec = lambda *a: calls.append(1) or orig(*a)
+        orig = cpu_decode.matmul_rows
+        cpu_decode.matmul_rows = lambda *a: calls.append(1) or orig(*a)
         try:
             out = lin(x)
         finally:
-            cpu_decode.matvec = orig
+            cpu_decode.matmul_rows = orig
         assert calls and out.shape == ref.shape
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 

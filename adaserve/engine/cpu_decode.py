@@ -1,17 +1,21 @@
-"""One-token decode of one sequence on the CPU as one compiled call per layer (fp32, numba).
+"""A step of a few tokens on the CPU as one compiled call per layer (fp32, numba).
 
 A batch-1 decode step is memory-bound: it should cost about the time to read the weights once. With
 PyTorch operators it paid ~1,250 operator calls on top (issue 12: 1.66x the weight-read floor on the
 2-core VM, of which RMSNorm on one 576-wide row took ~26 us per call and SDPA over 128 keys ~59 us,
 each a few hundred nanoseconds of arithmetic). Here each decoder layer is one compiled call: RMSNorm,
-the fused q/k/v matrix-vector product, RoPE, the K/V write into the paged cache, attention read
-straight from the cache blocks (no gather), the output projection, the residual adds and the MLP.
-The matrix-vector products are ``matvec``, the loop ``Linear.gemv`` runs for one-row inputs.
+the fused q/k/v product, RoPE, the K/V writes into the paged cache, attention read straight from the
+cache blocks (no gather), the output projection, the residual adds and the MLP. The products are
+``matmul_rows`` (each weight row read once for all of the step's rows), the loop ``Linear.gemv``
+runs for few-row inputs; so a step of two or four tokens (a small tree, two decoding requests) reads
+the weights once too.
 
-Used by ``Transformer.hidden`` for a batch of one new token (``model.fused_cpu_decode`` decides:
-fp32 on the CPU with numba, no tensor parallelism, and the load-time kernel measurement chose the
-compiled one-row linear, or ``ADASERVE_CPU_DECODE=1``). Results match the operator path to fp32
-rounding (sums run in a different order), tested in ``tests/test_cpu_decode.py``.
+Used by ``Transformer.hidden`` for a batch of at most ``model.cpu_decode_active`` tokens
+(``model.fused_cpu_decode`` decides: fp32 on the CPU with numba, no tensor parallelism, and the
+load-time kernel measurement chose the compiled linear up to that many rows, or
+``ADASERVE_CPU_DECODE=1``). Each row attends where its batch mask says (``row_keys``), so decodes,
+chunks and trees mix. Results match the operator path to fp32 rounding (sums run in a different
+order), tested in ``tests/test_cpu_decode.py``.
 """
 
 from __future__ import annotations
@@ -27,44 +31,55 @@ EMPTY = np.zeros(0, np.float32)
 
 
 @jit.njit(fastmath=True)
-def matvec(w, x, bias, out):
-    """out = w @ x (+ bias; empty: none); w row-major [N, K]. ``fastmath`` lets LLVM vectorize the
-    dot products (sums then differ from a sequential sum in the last bits); memory-bound: one such
-    loop read SmolLM2's weights at 18-21 GB/s on the 2-core VM."""
+def matmul_rows(w, x, bias, out):
+    """out[t] = w @ x[t] (+ bias; empty: none) for the few rows of ``x`` [T, K]; w row-major [N, K],
+    out [T, N]. Each weight row is read once from memory and dotted with every input row while it
+    sits in L1, so a few rows cost little more than one. ``fastmath`` lets LLVM vectorize the dot
+    products (sums then differ from a sequential sum in the last bits); one row read SmolLM2's
+    weights at 18-21 GB/s on the 2-core VM."""
     n, k = w.shape
     for i in range(n):
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += w[i, j] * x[j]
-        out[i] = acc
+        wi = w[i]
+        for t in range(x.shape[0]):
+            xt = x[t]
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += wi[j] * xt[j]
+            out[t, i] = acc
     if len(bias):
-        for i in range(n):
-            out[i] += bias[i]
+        for t in range(x.shape[0]):
+            for i in range(n):
+                out[t, i] += bias[i]
 
 
 @jit.njit(fastmath=True)
 def _rms_norm(x, w, eps, out):
-    ss = np.float32(0.0)
-    for j in range(len(x)):
-        ss += x[j] * x[j]
-    r = np.float32(1.0) / np.sqrt(ss / np.float32(len(x)) + np.float32(eps))
-    for j in range(len(x)):
-        out[j] = x[j] * r * w[j]
+    for t in range(x.shape[0]):
+        xt, ot = x[t], out[t]
+        ss = np.float32(0.0)
+        for j in range(len(xt)):
+            ss += xt[j] * xt[j]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(len(xt)) + np.float32(eps))
+        for j in range(len(xt)):
+            ot[j] = xt[j] * r * w[j]
 
 
 @jit.njit(fastmath=True)
-def _attend(qkv, k_cache, v_cache, table, key_len, heads, kv_heads, out):
-    """Attention of one query row (every head of ``qkv``) over the first ``key_len`` positions of
-    the sequence whose blocks are ``table``; query head ``h`` reads KV head ``h // (heads //
-    kv_heads)`` (``enable_gqa``), scale 1/sqrt(head_dim). Rows are taken as 1-D views so that the
-    inner loops vectorize (indexing the 4-D cache element by element ran 3.5x slower)."""
+def _attend(qkv, k_cache, v_cache, table, keys, heads, kv_heads, out):
+    """Attention of one query row (every head of ``qkv``) over the key positions ``keys`` of the
+    sequence whose blocks are ``table`` (position p: block ``table[p // block_size]``); query head
+    ``h`` reads KV head ``h // (heads // kv_heads)`` (``enable_gqa``), scale 1/sqrt(head_dim). Rows
+    are taken as 1-D views so that the inner loops vectorize (indexing the 4-D cache element by
+    element ran 3.5x slower)."""
     bs, hd = k_cache.shape[1], k_cache.shape[3]
     group = heads // kv_heads
     scale = np.float32(1.0 / np.sqrt(hd))
-    scores = np.empty((group, key_len), np.float32)
+    n = len(keys)
+    scores = np.empty((group, n), np.float32)
     for g in range(kv_heads):
-        for t in range(key_len):
-            krow = k_cache[table[t // bs], t % bs, g]
+        for t in range(n):
+            p = keys[t]
+            krow = k_cache[table[p // bs], p % bs, g]
             for r in range(group):
                 q = qkv[(g * group + r) * hd:(g * group + r + 1) * hd]
                 s = np.float32(0.0)
@@ -75,64 +90,70 @@ def _attend(qkv, k_cache, v_cache, table, key_len, heads, kv_heads, out):
             sr = scores[r]
             m = sr.max()
             total = np.float32(0.0)
-            for t in range(key_len):
+            for t in range(n):
                 e = np.exp(sr[t] - m)
                 sr[t] = e
                 total += e
             inv = np.float32(1.0) / total
-            for t in range(key_len):
+            for t in range(n):
                 sr[t] *= inv
-        for t in range(key_len):
-            vrow = v_cache[table[t // bs], t % bs, g]
+        for t in range(n):
+            p = keys[t]
+            vrow = v_cache[table[p // bs], p % bs, g]
             for r in range(group):
-                p = scores[r, t]
+                pr = scores[r, t]
                 o = out[(g * group + r) * hd:(g * group + r + 1) * hd]
                 for j in range(hd):
-                    o[j] += p * vrow[j]
+                    o[j] += pr * vrow[j]
 
 
 @jit.njit(fastmath=True)
 def _layer_kernel(x, w_in, w_post, eps, w_qkv, b_qkv, w_o, b_o, w_gu, b_gu, w_down, b_down, cos, sin,
-                  k_cache, v_cache, table, key_len, slot, heads, kv_heads):
-    """One decoder layer on the hidden row ``x`` (updated in place); writes the token's K/V at flat
-    ``slot`` of this layer's cache [blocks, block_size, kv_heads, head_dim]."""
+                  k_cache, v_cache, tables, keys, key_counts, slots, heads, kv_heads):
+    """One decoder layer on the hidden rows ``x`` [T, hidden] (updated in place). Row ``t`` writes
+    its K/V at flat ``slots[t]`` of this layer's cache [blocks, block_size, kv_heads, head_dim] (all
+    rows first, as the operator path does), then attends to the positions ``keys[t, :key_counts[t]]``
+    of the sequence whose blocks are ``tables[t]``."""
     bs, hd = k_cache.shape[1], k_cache.shape[3]
-    xn = np.empty(len(x), np.float32)
+    rows, hidden = x.shape
+    xn = np.empty((rows, hidden), np.float32)
     _rms_norm(x, w_in, eps, xn)
-    qkv = np.empty(w_qkv.shape[0], np.float32)
-    matvec(w_qkv, xn, b_qkv, qkv)
+    qkv = np.empty((rows, w_qkv.shape[0]), np.float32)
+    matmul_rows(w_qkv, xn, b_qkv, qkv)
     half = hd // 2
     rot = np.empty(hd, np.float32)
-    for h in range(heads + kv_heads):  # RoPE on q and k: x * cos + rotate_half(x) * sin (sin signed)
-        base = h * hd
-        for j in range(half):
-            rot[j] = qkv[base + j] * cos[j] + qkv[base + j + half] * sin[j]
-        for j in range(half, hd):
-            rot[j] = qkv[base + j] * cos[j] + qkv[base + j - half] * sin[j]
-        for j in range(hd):
-            qkv[base + j] = rot[j]
-    blk, off = slot // bs, slot % bs
-    for g in range(kv_heads):
-        for j in range(hd):
-            k_cache[blk, off, g, j] = qkv[(heads + g) * hd + j]
-            v_cache[blk, off, g, j] = qkv[(heads + kv_heads + g) * hd + j]
-    att = np.zeros(heads * hd, np.float32)
-    _attend(qkv, k_cache, v_cache, table, key_len, heads, kv_heads, att)
-    o = np.empty(len(x), np.float32)
-    matvec(w_o, att, b_o, o)
-    for j in range(len(x)):
-        x[j] += o[j]
+    for t in range(rows):
+        qt, ct, st = qkv[t], cos[t], sin[t]
+        for h in range(heads + kv_heads):  # RoPE on q and k: x * cos + rotate_half(x) * sin (sin signed)
+            base = h * hd
+            for j in range(half):
+                rot[j] = qt[base + j] * ct[j] + qt[base + j + half] * st[j]
+            for j in range(half, hd):
+                rot[j] = qt[base + j] * ct[j] + qt[base + j - half] * st[j]
+            for j in range(hd):
+                qt[base + j] = rot[j]
+        blk, off = slots[t] // bs, slots[t] % bs
+        for g in range(kv_heads):
+            for j in range(hd):
+                k_cache[blk, off, g, j] = qt[(heads + g) * hd + j]
+                v_cache[blk, off, g, j] = qt[(heads + kv_heads + g) * hd + j]
+    att = np.zeros((rows, heads * hd), np.float32)
+    for t in range(rows):
+        _attend(qkv[t], k_cache, v_cache, tables[t], keys[t, :key_counts[t]], heads, kv_heads, att[t])
+    o = np.empty((rows, hidden), np.float32)
+    matmul_rows(w_o, att, b_o, o)
+    x += o
     _rms_norm(x, w_post, eps, xn)
-    gu = np.empty(w_gu.shape[0], np.float32)
-    matvec(w_gu, xn, b_gu, gu)
+    gu = np.empty((rows, w_gu.shape[0]), np.float32)
+    matmul_rows(w_gu, xn, b_gu, gu)
     inter = w_gu.shape[0] // 2
-    act = np.empty(inter, np.float32)
-    for i in range(inter):
-        g = gu[i]
-        act[i] = g / (np.float32(1.0) + np.exp(-g)) * gu[inter + i]
-    matvec(w_down, act, b_down, o)
-    for j in range(len(x)):
-        x[j] += o[j]
+    act = np.empty((rows, inter), np.float32)
+    for t in range(rows):
+        for i in range(inter):
+            g = gu[t, i]
+            act[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[t, inter + i]
+    matmul_rows(w_down, act, b_down, o)
+    x += o
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray:
@@ -176,17 +197,39 @@ def model_arrays(model) -> list[tuple]:
     return hit.layers
 
 
-def decode_hidden(model, batch, cache) -> torch.Tensor:
-    """``Transformer.hidden`` of a batch holding one new token: the last layer's output [1, hidden]."""
+def row_keys(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per flat row of ``batch``: its sequence's block table ``[T, blocks]``, the key positions its
+    mask lets it see ``[T, most keys]`` (left-aligned) and how many ``[T]``, from the attention
+    groups (``batch.py``: key position p of a group's padded layout lies in table block p // block_size)."""
+    t = batch.num_tokens
+    per_row = [None] * t
+    for g in batch.groups:
+        q = g.num_queries
+        tables, mask = g.block_tables.numpy(), g.mask.numpy()
+        for row, pad in zip(g.rows.tolist(), g.pad_index.tolist()):
+            b = pad // q
+            per_row[row] = (tables[b], np.flatnonzero(mask[b, 0, pad % q]))
+    width = max(len(tab) for tab, _ in per_row)
+    most = max(len(k) for _, k in per_row)
+    tables = np.zeros((t, width), np.int64)
+    keys = np.zeros((t, most), np.int64)
+    counts = np.empty(t, np.int64)
+    for row, (tab, k) in enumerate(per_row):
+        tables[row, :len(tab)], keys[row, :len(k)], counts[row] = tab, k, len(k)
+    return tables, keys, counts
+
+
+def step_hidden(model, batch, cache) -> torch.Tensor:
+    """``Transformer.hidden`` of a batch of a few tokens: the last layer's output [T, hidden]."""
     cfg = model.config
-    key_len = int(batch.entries[0].key_len)
-    table = batch.groups[0].block_tables[0].numpy()
-    slot = int(batch.slot_mapping[0])
-    x = model.model.embed_tokens.weight[batch.token_ids].detach().clone()  # [1, hidden]
-    xs = x.numpy()[0]
+    tables, keys, counts = row_keys(batch)
+    slots = batch.slot_mapping.numpy()
+    x = model.model.embed_tokens.weight[batch.token_ids].detach().clone()  # [T, hidden]
+    xs = x.numpy()
     cos, sin = model.rope(batch.positions, x.dtype)
-    cos, sin = cos.numpy().reshape(-1), sin.numpy().reshape(-1)
+    cos, sin = cos.numpy()[:, 0], sin.numpy()[:, 0]
     ks, vs = cache.k.numpy(), cache.v.numpy()
     for i, arrays in enumerate(model_arrays(model)):
-        _layer_kernel(xs, *arrays, cos, sin, ks[i], vs[i], table, key_len, slot, cfg.num_heads, cfg.num_kv_heads)
+        _layer_kernel(xs, *arrays, cos, sin, ks[i], vs[i], tables, keys, counts, slots, cfg.num_heads,
+                      cfg.num_kv_heads)
     return x

@@ -40,13 +40,15 @@ PREPACK_ENV = "ADASERVE_PREPACK"
 PREPACKED, PLAIN = "onednn-prepacked", "plain"
 _packed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _min_rows: dict[torch.dtype, int] = {}  # prepacked from this many rows on, per dtype (set_prepack)
-# One-row fp32 CPU linears (batch-1 decode: a matrix-vector product, memory-bound) can run a compiled
-# dot-product loop instead (``cpu_decode.matvec``): on the development VM the load-time timing of
-# SmolLM2's weights gave it 0.81 of F.linear's time at one row. Chosen by measurement too
-# (runtime/kernels.py, ``set_gemv``), never by default; with it, one-token steps run ``cpu_decode``.
+# Few-row fp32 CPU linears (a batch-1 decode step: a matrix-vector product, memory-bound; a small
+# tree: a few rows) can run a compiled loop instead (``cpu_decode.matmul_rows``: each weight row read
+# once for all input rows): on the development VM the load-time timing of SmolLM2's weights gave it
+# 0.81 of F.linear's time at one row. Chosen by measurement too (runtime/kernels.py,
+# ``set_compiled_rows``: up to how many rows), never by default; steps of at most that many tokens
+# then run every decoder layer as one compiled call (``cpu_decode``).
 GEMV = "numba-gemv"
-_gemv: set[torch.dtype] = set()
-
+MAX_COMPILED_ROWS = 4  # the most rows the measurement tries (1, 2, 4) and ADASERVE_CPU_DECODE=1 allows
+_compiled_rows: dict[torch.dtype, int] = {}
 
 @functools.lru_cache(maxsize=None)
 def prepack_supported(dtype: torch.dtype = torch.float32) -> bool:
@@ -100,70 +102,86 @@ def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _min_rows
 
 
-def set_gemv(dtype: torch.dtype, on: bool) -> None:
-    """Run one-row CPU linears of ``dtype`` with the compiled matrix-vector kernel (fp32 only, and only
-    where numba is enabled); other row counts keep their kernel."""
-    if on and dtype == torch.float32 and jit.enabled():
-        _gemv.add(dtype)
+def set_compiled_rows(dtype: torch.dtype, rows: int) -> None:
+    """Run CPU linears of ``dtype`` with inputs of at most ``rows`` rows (0: none) with the compiled
+    kernel, and steps of at most that many tokens with ``cpu_decode`` (fp32 only, and only where
+    numba is enabled); larger inputs keep their kernel."""
+    if rows >= 1 and dtype == torch.float32 and jit.enabled():
+        _compiled_rows[dtype] = min(int(rows), MAX_COMPILED_ROWS)
     else:
-        _gemv.discard(dtype)
+        _compiled_rows.pop(dtype, None)
+
+
+def set_gemv(dtype: torch.dtype, on: bool) -> None:
+    """``set_compiled_rows`` for one-row inputs only (on) or none (off)."""
+    set_compiled_rows(dtype, 1 if on else 0)
+
+
+def compiled_rows(dtype: torch.dtype = torch.float32) -> int:
+    return _compiled_rows.get(dtype, 0)
 
 
 def gemv_enabled(dtype: torch.dtype = torch.float32) -> bool:
-    return dtype in _gemv
+    return compiled_rows(dtype) >= 1
 
 
 CPU_DECODE_ENV = "ADASERVE_CPU_DECODE"
-CPU_DECODE = "compiled 1-token layers"
 
 
 def cpu_decode_setting() -> bool | None:
-    """``ADASERVE_CPU_DECODE``: 1 runs every eligible one-token step with the compiled layers
-    (``cpu_decode``), 0 never; unset: where the load-time measurement chose the compiled one-row
-    linear for fp32 (the layers' matrix-vector products are that kernel)."""
-    return env_switch(CPU_DECODE_ENV, "compiled one-token CPU decode", "operator path",
-                      "on where the one-row kernel measured faster")
+    """``ADASERVE_CPU_DECODE``: 1 runs every eligible step of up to ``MAX_COMPILED_ROWS`` tokens with
+    the compiled layers (``cpu_decode``), 0 none; unset: steps of up to as many tokens as the
+    load-time measurement chose the compiled linear for (the layers' products are that kernel)."""
+    return env_switch(CPU_DECODE_ENV, f"compiled CPU steps of up to {MAX_COMPILED_ROWS} tokens", "operator path",
+                      "as many tokens as the compiled linear measured faster for")
 
 
-def cpu_decode_for(dtype: torch.dtype, gemv: bool) -> bool:
-    """Whether one-token CPU steps in ``dtype`` run ``cpu_decode`` when the one-row kernel choice is
-    ``gemv``: fp32, numba enabled, and ``cpu_decode_setting`` (unset: follows ``gemv``)."""
+def cpu_decode_tokens(dtype: torch.dtype, rows: int) -> int:
+    """Up to how many tokens CPU steps in ``dtype`` run ``cpu_decode`` (0: none) when the compiled
+    linear is used up to ``rows`` rows: fp32, numba enabled, and ``cpu_decode_setting``."""
     if dtype != torch.float32 or not jit.enabled():
-        return False
+        return 0
     setting = cpu_decode_setting()
-    return gemv if setting is None else setting
+    return rows if setting is None else MAX_COMPILED_ROWS if setting else 0
 
 
-def cpu_decode_active(weight: torch.Tensor) -> bool:
-    """``cpu_decode_for`` a model with weights like ``weight``, now."""
-    return weight.device.type == "cpu" and cpu_decode_for(weight.dtype, gemv_enabled(weight.dtype))
+def cpu_decode_label(tokens: int) -> str:
+    """How profiles and logs name ``cpu_decode`` for steps of up to ``tokens`` tokens."""
+    return "compiled 1-token layers" if tokens == 1 else f"compiled layers up to {tokens} tokens"
+
+
+def cpu_decode_active(weight: torch.Tensor) -> int:
+    """``cpu_decode_tokens`` for a model with weights like ``weight``, now (0 off the CPU)."""
+    return cpu_decode_tokens(weight.dtype, compiled_rows(weight.dtype)) if weight.device.type == "cpu" else 0
 
 
 def fused_cpu_decode(model: "Transformer", batch: FlatBatch, cache: KVCache) -> bool:
-    """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: one new token that attends to every
-    key of its sequence (a decode, a one-token chunk, a one-node tree), ``cpu_decode_active``, an fp32
-    cache, no tensor parallelism."""
-    if batch.token_ids.shape[0] != 1 or len(batch.entries) != 1 or not cpu_decode_active(model.lm_head.weight):
+    """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: at most ``cpu_decode_active``
+    tokens (any mix of decodes, chunks and trees: each row attends where its mask says), an fp32
+    CPU cache, boolean masks, no tensor parallelism."""
+    if batch.token_ids.shape[0] > cpu_decode_active(model.lm_head.weight):
         return False
     if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
         return False
-    e = batch.entries[0]
-    if e.tree_parents is not None and len(e.tree_parents) != 1:
-        return False  # a node of a larger tree sees its ancestors only
+    if any(g.mask.dtype != torch.bool for g in batch.groups):
+        return False
     return type(model.model.layers[0].self_attn.o_proj) is Linear  # a sharded layer all-reduces
 
 
 def linear_kernel(weight: torch.Tensor) -> str:
     """What a ``Linear`` with this weight runs at inference: ``plain``, ``onednn-prepacked`` or
-    ``onednn-prepacked from N rows`` (plain below), prefixed by ``numba-gemv at 1 row, `` when one-row
-    inputs run the compiled kernel, followed by ``, compiled 1-token layers`` when one-token steps run
-    ``cpu_decode`` (profiles record this: it changes what a decode step costs)."""
+    ``onednn-prepacked from N rows`` (plain below), prefixed by ``numba-gemv at 1 row, `` (or ``up to
+    N rows``) when inputs of so few rows run the compiled kernel, followed by ``cpu_decode_label``
+    when steps of that many tokens run ``cpu_decode`` (profiles record this: it changes what a
+    decode step costs)."""
     if weight.device.type != "cpu":
         return PLAIN
     rows = prepack_min_rows(weight.dtype)
     kind = PLAIN if rows is None else PREPACKED if rows == 1 else f"{PREPACKED} from {rows} rows"
-    kind = f"{GEMV} at 1 row, {kind}" if weight.dtype in _gemv else kind
-    return f"{kind}, {CPU_DECODE}" if cpu_decode_active(weight) else kind
+    n = compiled_rows(weight.dtype)
+    kind = kind if not n else f"{GEMV} at 1 row, {kind}" if n == 1 else f"{GEMV} up to {n} rows, {kind}"
+    tokens = cpu_decode_active(weight)
+    return f"{kind}, {cpu_decode_label(tokens)}" if tokens else kind
 
 
 class Linear(nn.Linear):
@@ -171,7 +189,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dtype in _gemv and x.numel() == w.shape[1] and x.dtype == w.dtype and w.device.type == "cpu" \
+        few = _compiled_rows.get(w.dtype)
+        if few is not None and x.numel() <= few * w.shape[1] and x.dtype == w.dtype and w.device.type == "cpu" \
                 and not torch.is_grad_enabled():
             return self.gemv(x)
         rows = _min_rows.get(w.dtype)  # a dict lookup: this runs ~200 times per step
@@ -181,11 +200,12 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward of a one-row input with the compiled kernel (CPU, no autograd)."""
+        """The forward of a few-row input with the compiled kernel (CPU, no autograd)."""
         w = self.weight.detach()
         out = torch.empty(*x.shape[:-1], w.shape[0], dtype=w.dtype)
         bias = cpu_decode.EMPTY if self.bias is None else self.bias.detach().numpy()
-        cpu_decode.matvec(w.numpy(), x.detach().reshape(-1).contiguous().numpy(), bias, out.view(-1).numpy())
+        xs = x.detach().reshape(-1, w.shape[1]).contiguous().numpy()
+        cpu_decode.matmul_rows(w.numpy(), xs, bias, out.view(-1, w.shape[0]).numpy())
         return out
 
     def packed_weight(self) -> torch.Tensor:
@@ -455,7 +475,7 @@ class Transformer(nn.Module):
         """The last layer's output for every row ``[T, hidden]`` (before the final norm); the part
         of the forward that CUDA graphs capture (engine/cuda_graphs.py)."""
         if fused_cpu_decode(self, batch, cache):
-            return cpu_decode.decode_hidden(self, batch, cache)
+            return cpu_decode.step_hidden(self, batch, cache)
         x = self.model.embed_tokens(batch.token_ids)
         cos, sin = self.rope(batch.positions, x.dtype)
         block_numel = cache.k[0, 0].numel()

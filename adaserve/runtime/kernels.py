@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from adaserve.core.files import atomic_write_text, cache_dir
 from adaserve.core import jit
-from adaserve.engine.model import (CPU_DECODE, GEMV, PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer,
-                                   cpu_decode_for, prepack_forced, prepack_supported, set_gemv, set_prepack)
+from adaserve.engine.model import (GEMV, MAX_COMPILED_ROWS, PLAIN, PREPACK_ENV, PREPACKED, Linear, Transformer,
+                                   cpu_decode_label, cpu_decode_tokens, prepack_forced, prepack_supported,
+                                   set_compiled_rows, set_prepack)
 
 from .profiler import cpu_name
 
@@ -40,7 +41,8 @@ ROWS = (1, 2, 8, 64)  # batch-1 decode, MKL's small-GEMM corner, a small tree, a
 REPEAT = 3  # timed passes per kernel and row count (interleaved), after one warm-up pass each
 MARGIN = 0.95  # prepacked must take at most this fraction of plain's time to be used
 LAYER_BYTES = 128 * 2**20  # decoder-layer weights timed per pass (plus the LM head): several times any L3
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+COMPILED_ROWS = tuple(r for r in (2, 4) if r <= MAX_COMPILED_ROWS)  # tried once one row wins
 
 
 @dataclass
@@ -53,13 +55,17 @@ class KernelChoice:
     ratios: dict[str, float] = field(default_factory=dict)  # prepacked / plain time per row count
     gemv: bool = False  # one-row inputs run the compiled matrix-vector kernel (fp32, numba)
     gemv_ratio: float | None = None  # its time / the time of the kernel otherwise used at one row
+    compiled_rows: int = 0  # inputs of up to this many rows run the compiled kernel (1 with gemv alone)
+    compiled_ratios: dict[str, float] = field(default_factory=dict)  # the same ratio at 2, 4 rows
 
     @property
     def kernel(self) -> str:
         kind = (PLAIN if self.min_rows is None else
                 PREPACKED if self.min_rows == 1 else f"{PREPACKED} from {self.min_rows} rows")
-        kind = f"{GEMV} at 1 row, {kind}" if self.gemv else kind
-        return f"{kind}, {CPU_DECODE}" if cpu_decode_for(getattr(torch, self.dtype), self.gemv) else kind
+        n = self.compiled_rows
+        kind = kind if not n else f"{GEMV} at 1 row, {kind}" if n == 1 else f"{GEMV} up to {n} rows, {kind}"
+        tokens = cpu_decode_tokens(getattr(torch, self.dtype), n)
+        return f"{kind}, {cpu_decode_label(tokens)}" if tokens else kind
 
     def describe(self) -> str:
         text = f"CPU linears ({self.dtype}, {torch.get_num_threads()} thread(s)): {self.kernel}"
@@ -67,7 +73,8 @@ class KernelChoice:
             pairs = ", ".join(f"{r} rows {v:.2f}" for r, v in self.ratios.items())
             text += f" (prepacked/plain time: {pairs})"
         if self.gemv_ratio is not None:
-            text += f" (1-row {GEMV}/other time: {self.gemv_ratio:.2f})"
+            text += f" (1-row {GEMV}/other time: {self.gemv_ratio:.2f}"
+            text += "".join(f", {r} rows {v:.2f}" for r, v in self.compiled_ratios.items()) + ")"
         return f"{text} [{self.reason}]"
 
 
@@ -89,7 +96,7 @@ def choose_linear_kernels(model: Transformer, *, say: Say = log.info, cache: boo
     else:
         choice = cached_or_measured(model, cache)
     set_prepack(dtype, choice.min_rows)
-    set_gemv(dtype, choice.gemv)
+    set_compiled_rows(dtype, choice.compiled_rows)
     say(choice.describe())
     return choice
 
@@ -123,7 +130,8 @@ def cached_or_measured(model: Transformer, cache: bool = True) -> KernelChoice:
                 raise ValueError(f"min_rows {rows!r}")
             return KernelChoice(d["dtype"], rows, f"cached in {path}",
                                 {str(k): float(v) for k, v in d["ratios"].items()}, bool(d["gemv"]),
-                                d["gemv_ratio"])
+                                d["gemv_ratio"], int(d["compiled_rows"]),
+                                {str(k): float(v) for k, v in d["compiled_ratios"].items()})
         except (ValueError, KeyError, TypeError, OSError) as e:
             log.info("ignoring the cached kernel choice %s: %s", path, e)
     choice = measure(groups)
@@ -170,7 +178,8 @@ def cache_path(model: Transformer, groups: list[Group]) -> Path:
 
 
 def gemv_candidate(dtype: torch.dtype) -> bool:
-    """The compiled one-row kernel is timed for fp32 where numba is enabled."""
+    """The compiled few-row kernel is timed (at 1, then 2 and 4 rows while it wins) for fp32 where
+    numba is enabled."""
     return dtype == torch.float32 and jit.enabled()
 
 
@@ -223,14 +232,23 @@ def measure(groups: list[Group], rows: tuple[int, ...] = ROWS, repeat: int = REP
             total = weighted_seconds(groups, xs, (False, True), repeat)
             ratios[r] = round(total[True] / total[False], 3)
         rows_on = min_rows_from(ratios, mixed=dtype == torch.float32)
-        gemv_ratio = None
-        if gemv_candidate(dtype):  # against what one row would run otherwise
-            one = inputs.get(1) or {n: torch.randn(1, n, generator=gen).to(dtype) for n in {m.in_features for m in mods}}
-            total = weighted_seconds(groups, one, ("gemv", rows_on == 1), repeat)
-            gemv_ratio = round(total["gemv"] / total[rows_on == 1], 3)
+        gemv_ratio, compiled, compiled_ratios = None, 0, {}
+        if gemv_candidate(dtype):  # against what each row count would run otherwise
+            for r in (1, *COMPILED_ROWS):
+                xs = inputs.get(r) or {n: torch.randn(r, n, generator=gen).to(dtype)
+                                       for n in {m.in_features for m in mods}}
+                other = rows_on is not None and r >= rows_on
+                total = weighted_seconds(groups, xs, ("gemv", other), repeat)
+                ratio = round(total["gemv"] / total[other], 3)
+                if r == 1:
+                    gemv_ratio = ratio
+                else:
+                    compiled_ratios[str(r)] = ratio
+                if ratio > MARGIN:
+                    break
+                compiled = r
     if rows_on is None:
         for m in mods:
             m.drop_packed()
     return KernelChoice(str(dtype).replace("torch.", ""), rows_on, "measured",
-                        {str(r): v for r, v in ratios.items()}, gemv_ratio is not None and gemv_ratio <= MARGIN,
-                        gemv_ratio)
+                        {str(r): v for r, v in ratios.items()}, compiled >= 1, gemv_ratio, compiled, compiled_ratios)
