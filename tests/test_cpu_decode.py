@@ -165,7 +165,8 @@ def test_when_the_fused_path_runs(monkeypatch):
     assert not fused(model, three, cache)  # measured: up to 2 rows
     model_mod.set_compiled_rows(torch.float32, 4)
     assert fused(model, three, cache)
-    assert model_mod.linear_kernel(model.lm_head.weight) == "numba-gemv up to 4 rows, plain, compiled layers up to 4 tokens"
+    expected = "numba-gemv up to 4 rows, plain, compiled layers up to 4 tokens"
+    assert model_mod.linear_kernel(model.lm_head.weight) == expected
     model_mod.set_compiled_rows(torch.float32, 1)
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
     assert not fused(model, batch, cache)
