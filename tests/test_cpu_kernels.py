@@ -155,6 +155,30 @@ def test_measurement_weighs_each_group_by_how_often_a_step_runs_it(monkeypatch):
     assert choice.min_rows is None  # 1.06: plain, although the unweighted pass would say 0.85
 
 
+def test_a_ratio_near_the_margin_is_timed_again_longer(monkeypatch):
+    """A 64-row ratio just past 1 / MARGIN would turn the prepacked path off at every row count: it
+    is timed again with more passes, and that measurement decides."""
+    model = tiny_random_model("llama", seed=1)
+    groups = kernels.timed_linears(model)
+    first_round = 2 * (kernels.REPEAT + 1) * len(groups)  # passes of one row count, both kernels
+    calls: dict[int, int] = {}
+
+    def fake_pass(mods, xs, packed):
+        r = next(iter(xs.values())).shape[0]
+        calls[r] = calls.get(r, 0) + 1
+        if packed is not True:
+            return 1.0
+        if r == 2:
+            return 0.6
+        return 1.06 if calls[r] <= first_round else 0.98
+
+    monkeypatch.setattr(kernels, "pass_seconds", fake_pass)
+    choice = kernels.measure(groups, rows=(2, 64))
+    assert calls[64] == first_round + 2 * (kernels.UNSURE_REPEAT + 1) * len(groups)
+    assert calls[2] == first_round  # 0.6: sure, not timed again
+    assert choice.ratios == {"2": 0.6, "64": 0.98} and choice.min_rows == 2
+
+
 def test_choice_is_cached_per_cpu_torch_dtype_threads_and_shapes(monkeypatch, tmp_path):
     monkeypatch.setenv("ADASERVE_CACHE", str(tmp_path))
     calls = []
