@@ -4,6 +4,7 @@ Timings are never asserted: the choice logic is tested on given ratios, the meas
 its shape and its effect."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -325,6 +326,31 @@ def test_measurement_times_the_one_row_kernel_and_records_it():
 
 
 @needs_numba
+@needs_numba
+def test_compiled_steps_are_chosen_by_timing_whole_steps(monkeypatch):
+    """Steps of 2, then 4 tokens, compiled against the operator path with the chosen linears; the
+    compiled rows grow while compiled steps win, and the user's ADASERVE_CPU_DECODE comes back."""
+    model = tiny_random_model("llama", seed=1)
+    choice = kernels.KernelChoice("float32", 2, "measured", {}, True, 0.8, 1)
+    seen = []
+
+    def fake(bench, tokens, times):
+        compiled = os.environ[model_mod.CPU_DECODE_ENV] == "1"
+        seen.append((tokens, compiled, model_mod.compiled_rows(torch.float32), model_mod.prepack_min_rows()))
+        return times[tokens] if compiled else 1.0
+
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
+    monkeypatch.setattr(kernels, "step_ms", lambda b, t: fake(b, t, {2: 0.7, 4: 0.9}))
+    out = kernels.measure_compiled_steps(model, choice)
+    assert out.compiled_rows == 4 and out.compiled_ratios == {"2": 0.7, "4": 0.9}
+    assert {(t, on, rows) for t, on, rows, _ in seen} == {(2, True, 2), (2, False, 1), (4, True, 4), (4, False, 1)}
+    assert all(prepack == 2 for *_, prepack in seen)  # the operator path with the chosen linears
+    assert os.environ[model_mod.CPU_DECODE_ENV] == "0"
+    monkeypatch.setattr(kernels, "step_ms", lambda b, t: fake(b, t, {2: 1.2, 4: 0.5}))
+    out = kernels.measure_compiled_steps(model, choice)
+    assert out.compiled_rows == 1 and out.compiled_ratios == {"2": 1.2}  # a loss at 2 tokens stops there
+
+
 def test_fp32_greedy_speculation_lossless_with_the_one_row_kernel(monkeypatch):
     """Plain greedy's 1-token steps run the compiled kernel, verification steps F.linear: the output
     must still be token-identical."""

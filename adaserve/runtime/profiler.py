@@ -175,9 +175,10 @@ class StepBench:
     graphed step costs a fraction of an eager one (issue 12: a 1B-shaped decode step 2.3 ms against
     8.2 ms on an H200), so a profile of an engine with graphs on must time graphs too."""
 
-    def __init__(self, model: Transformer, max_tokens: int, seed: int = 0, graphs: Limits | None = None):
+    def __init__(self, model: Transformer, max_tokens: int, seed: int = 0, graphs: Limits | None = None,
+                 spare_blocks: int = 256):
         self.model = model
-        blocks = max_tokens // BLOCK_SIZE + 256
+        blocks = max_tokens // BLOCK_SIZE + spare_blocks
         self.runner = None
         if graphs is None:
             self.cache = model.make_cache(blocks, BLOCK_SIZE)
