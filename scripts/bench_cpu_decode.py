@@ -51,7 +51,6 @@ def decode_weight_bytes(model: model_mod.Transformer) -> int:
 def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = BASELINE_CONTEXT) -> dict:
     model, _ = resolve_model(name, dtype, "cpu")
     choice = choose_linear_kernels(model, say=say, cache=False)
-    saved_setting = os.environ.get(model_mod.CPU_DECODE_ENV)
     top = model_mod.MAX_COMPILED_ROWS
     # name -> (prepacked from rows, compiled linear up to rows, ADASERVE_CPU_DECODE)
     kernels = {"plain": (None, 0, "0")}
@@ -60,7 +59,8 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = 
     if gemv_candidate(dtype):
         kernels["plain + numba-gemv at 1 row"] = (None, 1, "0")
         kernels[f"compiled layers up to {top} tokens"] = (choice.min_rows, top, "1")
-    measured = (choice.min_rows, choice.compiled_rows, "")  # what the engine runs after the measurement
+    # what the engine runs after the measurement, with the caller's ADASERVE_CPU_DECODE
+    measured = (choice.min_rows, choice.compiled_rows, os.environ.get(model_mod.CPU_DECODE_ENV, ""))
     if choice.compiled_rows or measured[:2] not in [k[:2] for k in kernels.values()]:
         kernels[f"measured ({choice.kernel})"] = measured
     bench = StepBench(model, context + 64)
@@ -68,24 +68,19 @@ def bench_dtype(name: str, dtype: torch.dtype, rounds: int, say, context: int = 
     dst = torch.empty_like(src)
     times = {(k, t): [] for k in kernels for t in STEP_TOKENS}
     bandwidth = []
-    for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
-        bw = copy_bandwidth(src, dst)
-        for k, (rows, compiled, fused) in kernels.items():
-            model_mod.set_prepack(dtype, rows)
-            model_mod.set_compiled_rows(dtype, compiled)
-            os.environ[model_mod.CPU_DECODE_ENV] = fused
-            for t in STEP_TOKENS:
-                ms = bench.step_ms(1, t, context, 3)
-                if r:
-                    times[(k, t)].append(ms)
-        if r:
-            bandwidth.append(bw)
-    model_mod.set_prepack(dtype, choice.min_rows)
-    model_mod.set_compiled_rows(dtype, choice.compiled_rows)
-    if saved_setting is None:
-        os.environ.pop(model_mod.CPU_DECODE_ENV, None)
-    else:
-        os.environ[model_mod.CPU_DECODE_ENV] = saved_setting
+    with model_mod.kernel_settings_restored(dtype):
+        for r in range(rounds + 1):  # round 0 warms up (packing, allocator)
+            bw = copy_bandwidth(src, dst)
+            for k, (rows, compiled, fused) in kernels.items():
+                model_mod.set_prepack(dtype, rows)
+                model_mod.set_compiled_rows(dtype, compiled)
+                os.environ[model_mod.CPU_DECODE_ENV] = fused
+                for t in STEP_TOKENS:
+                    ms = bench.step_ms(1, t, context, 3)
+                    if r:
+                        times[(k, t)].append(ms)
+            if r:
+                bandwidth.append(bw)
     bw = statistics.median(bandwidth)
     weight_bytes = decode_weight_bytes(model)
     floor_ms = weight_bytes / bw * 1e3

@@ -331,7 +331,7 @@ def test_compiled_steps_are_chosen_by_timing_whole_steps(monkeypatch):
     """Steps of 2, then 4 tokens, compiled against the operator path with the chosen linears; the
     compiled rows grow while compiled steps win, and the user's ADASERVE_CPU_DECODE comes back."""
     model = tiny_random_model("llama", seed=1)
-    choice = kernels.KernelChoice("float32", 2, "measured", {}, True, 0.8, 1)
+    choice = kernels.KernelChoice("float32", 2, "measured", {}, 0.8, 1)
     seen = []
 
     def fake(bench, tokens, times):

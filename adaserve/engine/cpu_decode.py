@@ -10,7 +10,7 @@ cache blocks (no gather), the output projection, the residual adds and the MLP. 
 runs for few-row inputs; so a step of two or four tokens (a small tree, two decoding requests) reads
 the weights once too.
 
-Used by ``Transformer.hidden`` for a batch of at most ``model.cpu_decode_active`` tokens
+Used by ``Transformer.hidden`` for a batch of at most ``model.cpu_decode_limit`` tokens
 (``model.fused_cpu_decode`` decides: fp32 on the CPU with numba, no tensor parallelism, and the
 load-time kernel measurement chose the compiled linear up to that many rows, or
 ``ADASERVE_CPU_DECODE=1``). Each row attends where its batch mask says (``row_keys``), so decodes,

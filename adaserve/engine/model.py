@@ -6,6 +6,7 @@ state dict loads as is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -44,8 +45,9 @@ _min_rows: dict[torch.dtype, int] = {}  # prepacked from this many rows on, per 
 # tree: a few rows) can run a compiled loop instead (``cpu_decode.matmul_rows``: each weight row read
 # once for all input rows): on the development VM the load-time timing of SmolLM2's weights gave it
 # 0.81 of F.linear's time at one row. Chosen by measurement too (runtime/kernels.py,
-# ``set_compiled_rows``: up to how many rows), never by default; steps of at most that many tokens
-# then run every decoder layer as one compiled call (``cpu_decode``).
+# ``set_compiled_rows``: one row by timing the linears, 2 and 4 by timing whole steps), never by
+# default; steps of at most that many tokens then run every decoder layer as one compiled call
+# (``cpu_decode``).
 GEMV = "numba-gemv"
 MAX_COMPILED_ROWS = 4  # the most rows the measurement tries (1, 2, 4) and ADASERVE_CPU_DECODE=1 allows
 _compiled_rows: dict[torch.dtype, int] = {}
@@ -145,21 +147,16 @@ def cpu_decode_tokens(dtype: torch.dtype, rows: int) -> int:
     return rows if setting is None else MAX_COMPILED_ROWS if setting else 0
 
 
-def cpu_decode_label(tokens: int) -> str:
-    """How profiles and logs name ``cpu_decode`` for steps of up to ``tokens`` tokens."""
-    return "compiled 1-token layers" if tokens == 1 else f"compiled layers up to {tokens} tokens"
-
-
-def cpu_decode_active(weight: torch.Tensor) -> int:
+def cpu_decode_limit(weight: torch.Tensor) -> int:
     """``cpu_decode_tokens`` for a model with weights like ``weight``, now (0 off the CPU)."""
     return cpu_decode_tokens(weight.dtype, compiled_rows(weight.dtype)) if weight.device.type == "cpu" else 0
 
 
 def fused_cpu_decode(model: "Transformer", batch: FlatBatch, cache: KVCache) -> bool:
-    """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: at most ``cpu_decode_active``
+    """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: at most ``cpu_decode_limit``
     tokens (any mix of decodes, chunks and trees: each row attends where its mask says), an fp32
     CPU cache, boolean masks, no tensor parallelism."""
-    if batch.token_ids.shape[0] > cpu_decode_active(model.lm_head.weight):
+    if batch.token_ids.shape[0] > cpu_decode_limit(model.lm_head.weight):
         return False
     if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
         return False
@@ -168,20 +165,41 @@ def fused_cpu_decode(model: "Transformer", batch: FlatBatch, cache: KVCache) -> 
     return type(model.model.layers[0].self_attn.o_proj) is Linear  # a sharded layer all-reduces
 
 
+def kernel_description(dtype: torch.dtype, min_rows: int | None, compiled: int) -> str:
+    """``plain``, ``onednn-prepacked`` or ``onednn-prepacked from N rows`` (plain below), prefixed by
+    ``numba-gemv at 1 row, `` (or ``up to N rows``) when inputs of so few rows run the compiled
+    kernel, followed by ``, compiled 1-token layers`` (or ``layers up to N tokens``) when steps of
+    that many tokens run ``cpu_decode``. Profiles record it: it changes what a decode step costs."""
+    kind = PLAIN if min_rows is None else PREPACKED if min_rows == 1 else f"{PREPACKED} from {min_rows} rows"
+    if compiled:
+        kind = f"{GEMV} at 1 row, {kind}" if compiled == 1 else f"{GEMV} up to {compiled} rows, {kind}"
+    tokens = cpu_decode_tokens(dtype, compiled)
+    if tokens:
+        kind += ", compiled 1-token layers" if tokens == 1 else f", compiled layers up to {tokens} tokens"
+    return kind
+
+
 def linear_kernel(weight: torch.Tensor) -> str:
-    """What a ``Linear`` with this weight runs at inference: ``plain``, ``onednn-prepacked`` or
-    ``onednn-prepacked from N rows`` (plain below), prefixed by ``numba-gemv at 1 row, `` (or ``up to
-    N rows``) when inputs of so few rows run the compiled kernel, followed by ``cpu_decode_label``
-    when steps of that many tokens run ``cpu_decode`` (profiles record this: it changes what a
-    decode step costs)."""
+    """What a ``Linear`` with this weight runs at inference now (``kernel_description``)."""
     if weight.device.type != "cpu":
         return PLAIN
-    rows = prepack_min_rows(weight.dtype)
-    kind = PLAIN if rows is None else PREPACKED if rows == 1 else f"{PREPACKED} from {rows} rows"
-    n = compiled_rows(weight.dtype)
-    kind = kind if not n else f"{GEMV} at 1 row, {kind}" if n == 1 else f"{GEMV} up to {n} rows, {kind}"
-    tokens = cpu_decode_active(weight)
-    return f"{kind}, {cpu_decode_label(tokens)}" if tokens else kind
+    return kernel_description(weight.dtype, prepack_min_rows(weight.dtype), compiled_rows(weight.dtype))
+
+
+@contextlib.contextmanager
+def kernel_settings_restored(dtype: torch.dtype):
+    """Run a block that changes the CPU kernel settings of ``dtype`` (``set_prepack``,
+    ``set_compiled_rows``, ``ADASERVE_CPU_DECODE``) to time them, and put them back afterwards."""
+    rows, compiled, env = prepack_min_rows(dtype), compiled_rows(dtype), os.environ.get(CPU_DECODE_ENV)
+    try:
+        yield
+    finally:
+        set_prepack(dtype, rows)
+        set_compiled_rows(dtype, compiled)
+        if env is None:
+            os.environ.pop(CPU_DECODE_ENV, None)
+        else:
+            os.environ[CPU_DECODE_ENV] = env
 
 
 class Linear(nn.Linear):

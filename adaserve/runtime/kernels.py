@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from adaserve.core.files import atomic_write_text, cache_dir
 from adaserve.core import jit
-from adaserve.engine.model import (CPU_DECODE_ENV, GEMV, MAX_COMPILED_ROWS, PLAIN, PREPACK_ENV, PREPACKED, Linear,
-                                   Transformer, cpu_decode_label, cpu_decode_tokens, prepack_forced,
+from adaserve.engine.model import (CPU_DECODE_ENV, GEMV, MAX_COMPILED_ROWS, PREPACK_ENV, Linear, Transformer,
+                                   kernel_description, kernel_settings_restored, prepack_forced,
                                    prepack_supported, set_compiled_rows, set_prepack)
 
 from .profiler import BASELINE_CONTEXT, StepBench, cpu_name
@@ -60,19 +60,18 @@ class KernelChoice:
     min_rows: int | None  # prepacked from this many rows on (1: always); None: plain only
     reason: str  # "measured", "cached in PATH", "ADASERVE_PREPACK=1", "oneDNN cannot prepack ..."
     ratios: dict[str, float] = field(default_factory=dict)  # prepacked / plain time per row count
-    gemv: bool = False  # one-row inputs run the compiled matrix-vector kernel (fp32, numba)
-    gemv_ratio: float | None = None  # its time / the time of the kernel otherwise used at one row
-    compiled_rows: int = 0  # inputs of up to this many rows run the compiled kernel (1 with gemv alone)
+    gemv_ratio: float | None = None  # the compiled kernel's time / the other kernel's, at one row
+    compiled_rows: int = 0  # inputs of up to this many rows run the compiled kernel (0: none)
     compiled_ratios: dict[str, float] = field(default_factory=dict)  # whole steps of 2, 4 tokens: compiled / other
 
     @property
+    def gemv(self) -> bool:
+        """One-row inputs run the compiled matrix-vector kernel (fp32, numba)."""
+        return self.compiled_rows >= 1
+
+    @property
     def kernel(self) -> str:
-        kind = (PLAIN if self.min_rows is None else
-                PREPACKED if self.min_rows == 1 else f"{PREPACKED} from {self.min_rows} rows")
-        n = self.compiled_rows
-        kind = kind if not n else f"{GEMV} at 1 row, {kind}" if n == 1 else f"{GEMV} up to {n} rows, {kind}"
-        tokens = cpu_decode_tokens(getattr(torch, self.dtype), n)
-        return f"{kind}, {cpu_decode_label(tokens)}" if tokens else kind
+        return kernel_description(getattr(torch, self.dtype), self.min_rows, self.compiled_rows)
 
     def describe(self) -> str:
         text = f"CPU linears ({self.dtype}, {torch.get_num_threads()} thread(s)): {self.kernel}"
@@ -137,7 +136,7 @@ def cached_or_measured(model: Transformer, cache: bool = True) -> KernelChoice:
             if rows is not None and not (isinstance(rows, int) and rows >= 1):
                 raise ValueError(f"min_rows {rows!r}")
             return KernelChoice(d["dtype"], rows, f"cached in {path}",
-                                {str(k): float(v) for k, v in d["ratios"].items()}, bool(d["gemv"]),
+                                {str(k): float(v) for k, v in d["ratios"].items()},
                                 d["gemv_ratio"], int(d["compiled_rows"]),
                                 {str(k): float(v) for k, v in d["compiled_ratios"].items()})
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -256,7 +255,7 @@ def measure(groups: list[Group], rows: tuple[int, ...] = ROWS, repeat: int = REP
             m.drop_packed()
     gemv = gemv_ratio is not None and gemv_ratio <= MARGIN
     return KernelChoice(str(dtype).replace("torch.", ""), rows_on, "measured",
-                        {str(r): v for r, v in ratios.items()}, gemv, gemv_ratio, int(gemv))
+                        {str(r): v for r, v in ratios.items()}, gemv_ratio, int(gemv))
 
 
 def step_ms(bench: StepBench, tokens: int) -> float:
@@ -270,13 +269,12 @@ def measure_compiled_steps(model: Transformer, choice: KernelChoice, repeat: int
     interleaved, medians; ``compiled_rows`` grows while the compiled step takes at most ``MARGIN`` of
     the other's time. Whole steps, not linears alone: at 4 rows the compiled linear took 1.07x the
     prepacked one on the development VM while whole 4-token steps were 1.27x faster compiled (the
-    operator calls it saves). The engine's switches are set for each path and restored after."""
+    operator calls it saves). The engine's kernel settings are set for each path and restored after."""
     dtype = model.lm_head.weight.dtype
     bench = StepBench(model, BASELINE_CONTEXT + COMPILED_ROWS[-1] + 16, spare_blocks=4)
-    saved_env = os.environ.get(CPU_DECODE_ENV)
     compiled, ratios = choice.compiled_rows, dict(choice.compiled_ratios)
-    set_prepack(dtype, choice.min_rows)
-    try:
+    with kernel_settings_restored(dtype):
+        set_prepack(dtype, choice.min_rows)
         for t in COMPILED_ROWS:
             times: dict[bool, list[float]] = {True: [], False: []}
             for i in range(repeat + 1):
@@ -290,9 +288,4 @@ def measure_compiled_steps(model: Transformer, choice: KernelChoice, repeat: int
             if ratios[str(t)] > MARGIN:
                 break
             compiled = t
-    finally:
-        if saved_env is None:
-            os.environ.pop(CPU_DECODE_ENV, None)
-        else:
-            os.environ[CPU_DECODE_ENV] = saved_env
     return replace(choice, compiled_rows=compiled, compiled_ratios=ratios)
