@@ -490,3 +490,73 @@ def test_engine_steps_logs_every_iteration_with_the_decoding_requests(tmp_path):
     assert len(recs) == loop.stats.iterations and decoding
     assert all(len(r["rids"]) == len(r["decode"]) and set(r["rids"]) <= {7, 9} for r in decoding)
     assert all(r["forward_ms"] > 0 for r in recs) and any("speculate_ms" in r for r in decoding)
+
+
+COMPILED = {"max_tokens": 4, "keys": {"tokens": [0, 1000, 2000], "ms": [0.0, 2.0, 5.0]}}
+
+
+def test_compiled_steps_are_priced_per_row_without_an_attention_call():
+    """A step of at most ``max_tokens`` tokens runs compiled layers: the verify table at context 0
+    plus, per row, the keys table at its committed keys (no padded call); a larger step is priced
+    as before."""
+    p = engine_profile(compiled_steps=COMPILED)
+    keys = p.compiled_keys
+    assert engine_step_ms(p, [], [(1000, 1)]) == pytest.approx(float(p.verify_ms(1, 0)) + 2.0)
+    trees = [(1000, 2), (1500, 1), (0, 1)]
+    assert engine_step_ms(p, [], trees) == pytest.approx(float(p.verify_ms(4, 0)) + 2 * 2.0 + 3.5 + 0.0)
+    assert engine_step_ms(p, [(2, 500)], [(1000, 1)]) == pytest.approx(
+        float(p.verify_ms(3, 0)) + 2 * float(keys(500)) + 2.0)
+    big = [(1000, 3), (1500, 2)]
+    assert engine_step_ms(p, [], big) == pytest.approx(engine_step_ms(engine_profile(), [], big))
+    assert engine_step_ms(engine_profile(), [], [(1000, 1)]) == pytest.approx(
+        float(p.verify_ms(1, 0)) + shared_attention_ms(p, [(1000, 1)]))
+
+
+def test_compiled_steps_round_trip_and_bad_values_are_user_errors():
+    p = engine_profile(compiled_steps=COMPILED)
+    q = LatencyProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q.compiled_tokens == 4 and float(q.compiled_keys(1500)) == pytest.approx(3.5)
+    assert engine_profile().compiled_keys is None and "compiled_steps" not in engine_profile().to_dict()
+    for bad, needle in [({"max_tokens": 0, "keys": COMPILED["keys"]}, "max_tokens"),
+                        ({"max_tokens": True, "keys": COMPILED["keys"]}, "max_tokens"),
+                        ({"max_tokens": 4}, "compiled_steps"),
+                        ({"max_tokens": 4, "keys": {"tokens": [0], "ms": [0]}}, "compiled_steps.keys")]:
+        with pytest.raises(UserError, match=needle):
+            engine_profile(compiled_steps=bad)
+
+
+def test_compiled_key_points_and_table(monkeypatch):
+    """``ckeys:C`` is paired with a context-0 step like the context axis; the table starts at 0
+    and never decreases; only a model whose CPU steps run compiled layers gets the points."""
+    from adaserve.engine import model as model_mod
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime import profiler
+
+    class Bench:
+        load = 0.0
+        calls = []
+
+        def step_ms(self, seqs, tokens, context, repeat):
+            Bench.calls.append((seqs, tokens, context))
+            ms = 30.0 + context / 500 + Bench.load
+            if context:
+                Bench.load += 50.0
+            return ms
+
+    points = dict(profiler.compiled_key_points(Bench(), [0, 128, 1024], 5))
+    assert points == pytest.approx({"ckeys:0": 0.0, "ckeys:128": 0.256, "ckeys:1024": 2.048})
+    assert {c[:2] for c in Bench.calls} == {(1, 1)}
+    lim = Limits(max_batch_requests=16, max_batch_tokens=256, prefill_chunk=256, max_seq_len=2048)
+    g = profiler.Grid.for_limits(lim)
+    assert g.compiled_keys == [0, 128, 256, 512, 1024, 2048]
+    m = tiny_random_model("llama")
+    points = {f"ckeys:{c}": c / 1000 for c in g.compiled_keys}
+    points["ckeys:1024"] = 0.1  # disturbed
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
+    if not model_mod.cpu_decode_limit(m.lm_head.weight):
+        pytest.skip("numba disabled: no compiled steps")
+    assert g.for_model(m) is g
+    t = profiler.compiled_keys_table(points, g, m)
+    assert list(t.ms) == pytest.approx([0, 0.128, 0.256, 0.512, 0.512, 2.048])
+    monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
+    assert g.for_model(m).compiled_keys == [] and profiler.compiled_keys_table(points, g, m) is None

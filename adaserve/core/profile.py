@@ -18,6 +18,9 @@ Format (all times in ms)::
                                                      # a fixed context vs new tokens per request
      "attention_calls": {"fixed_keys": x, "query_key": y},  # optional ("engine"): the engine splits
                                                      # its shared attention call by these costs
+     "compiled_steps": {"max_tokens": int,           # optional ("engine", CPU): steps of up to this
+                        "keys": {"tokens": [...], "ms": [...]}},  # many tokens run compiled layers;
+                                                     # extra ms of one row attending this many keys
      "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
               "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
               "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
@@ -35,7 +38,11 @@ Format (all times in ms)::
   x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
   the host work per iteration (``host``). Drafting stays in ``draft``. With ``attention_calls``
   (measured on a CPU) the engine cuts that call into several as
-  ``scheduling/attention_calls.padding_groups`` decides, and each is priced so.
+  ``scheduling/attention_calls.padding_groups`` decides, and each is priced so. With
+  ``compiled_steps`` (a CPU engine whose steps of a few tokens run one compiled call per layer,
+  ``engine/cpu_decode.py``) a step of at most ``max_tokens`` new tokens makes no attention call:
+  each row reads its own keys, so it is priced as the verify table at context 0 plus, per row, the
+  ``keys`` table at the keys that row attends beyond itself.
 """
 
 from __future__ import annotations
@@ -198,6 +205,8 @@ class LatencyProfile:
     attention_queries: Table | None = None
     host: dict[str, Table] = field(default_factory=dict)  # HOST_MODES -> ms vs decoding requests
     attention_calls: tuple[float, float] | None = None  # (fixed_keys, query_key) of padding_groups
+    compiled_tokens: int = 0  # steps of up to this many new tokens run compiled layers (0: none)
+    compiled_keys: Table | None = None  # extra ms of one row of such a step vs the keys it attends
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -274,6 +283,7 @@ class LatencyProfile:
                                if d.get("attention_queries") else None),
             host=_host_tables(d.get("host"), where),
             attention_calls=_attention_calls(d.get("attention_calls"), where),
+            **_compiled_steps(d.get("compiled_steps"), where),
         )
 
     def to_dict(self) -> dict:
@@ -294,6 +304,8 @@ class LatencyProfile:
             d["host"] = {mode: t.to_dict() for mode, t in self.host.items()}
         if self.attention_calls is not None:
             d["attention_calls"] = dict(zip(("fixed_keys", "query_key"), self.attention_calls))
+        if self.compiled_keys is not None:
+            d["compiled_steps"] = {"max_tokens": self.compiled_tokens, "keys": self.compiled_keys.to_dict()}
         return d
 
     @classmethod
@@ -341,6 +353,18 @@ def _attention_calls(d, where: str) -> tuple[float, float] | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise UserError(f"{where}: attention_calls.{k} must be a number >= 0, got {v!r}")
     return float(d["fixed_keys"]), float(d["query_key"])
+
+
+def _compiled_steps(d, where: str) -> dict:
+    """The optional ``compiled_steps`` field as ``LatencyProfile`` fields."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or set(d) != {"max_tokens", "keys"}:
+        raise UserError(f"{where}: 'compiled_steps' must be an object with keys max_tokens, keys")
+    n = d["max_tokens"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"{where}: compiled_steps.max_tokens must be an integer >= 1, got {n!r}")
+    return {"compiled_tokens": n, "compiled_keys": Table.from_dict(d["keys"], f"{where}: compiled_steps.keys")}
 
 
 def _family(value, where: str) -> str | None:

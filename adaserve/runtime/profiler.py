@@ -20,6 +20,12 @@ computed (its values do not change the time), so long contexts cost nothing to s
   cheap). Context axis = tokens of the prompt already prefilled: a ``prefill_chunk``-token chunk
   is timed after ``p`` prefilled tokens (``PREFILL_CONTEXTS``), and its extra time over ``p = 0``
   is charged per chunk token (each new token attends to ``p`` more keys).
+* ``compiled_steps`` (a CPU model whose steps of up to ``cpu_decode_limit`` tokens run compiled
+  layers, ``engine/cpu_decode.py``): the extra time of a one-token step of one sequence holding
+  C context tokens over the same step at context 0 (``compiled_key_points``, paired like the
+  context axis), C over ``CONTEXT_POINTS`` up to the maximum sequence length. Such a step makes
+  no attention call, so the context axis above (eight sequences, the operator path) does not
+  price it: each row reads its own keys.
 * ``attention_queries``: extra time of a step of ``CONTEXT_SEQS`` sequences holding
   ``QUERY_CONTEXT`` context tokens in all over the same step at context 0, with ``q`` new tokens
   per sequence (``QUERY_POINTS``): how the attention cost of trees grows with their size.
@@ -47,7 +53,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -62,7 +68,7 @@ from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.cuda_graphs import cache_with_scratch_block, make_graph_runner
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
-from adaserve.engine.model import Transformer, linear_kernel
+from adaserve.engine.model import Transformer, cpu_decode_limit, linear_kernel
 from adaserve.engine.sequence import SeqState
 
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -92,6 +98,7 @@ class Grid:
     queries: list[int] = field(default_factory=list)  # new tokens per sequence (attention_queries)
     host: list[int] = field(default_factory=list)  # decoding requests (host work)
     chunk: int = 256  # the chunk timed at each prefill context
+    compiled_keys: list[int] = field(default_factory=list)  # contexts of compiled one-token steps
 
     @classmethod
     def for_limits(cls, limits: Limits, repeat: int = 5, quick: bool = False) -> "Grid":
@@ -103,17 +110,23 @@ class Grid:
         prefill_ctx = [p for p in PREFILL_CONTEXTS if p + chunk <= limits.max_seq_len]
         queries = [q for q in QUERY_POINTS if q * CONTEXT_SEQS <= top]
         host = _upto(HOST_REQUESTS, limits.max_batch_requests)
+        keys = _upto(CONTEXT_POINTS, limits.max_seq_len)
         if quick:
             tokens, contexts, prefill = tokens[::2] + tokens[-1:], contexts[::2] + contexts[-1:], prefill[::2] + prefill[-1:]
-            prefill_ctx, host = prefill_ctx[::2], host[::2] + host[-1:]
+            prefill_ctx, host, keys = prefill_ctx[::2], host[::2] + host[-1:], keys[::2] + keys[-1:]
         return cls(sorted(set(tokens)), sorted(set(contexts)), sorted(set(prefill)), _upto(TOKEN_POINTS, 256), repeat,
-                   prefill_ctx, queries, sorted(set(host)), chunk)
+                   prefill_ctx, queries, sorted(set(host)), chunk, sorted(set(keys)))
+
+    def for_model(self, model: Transformer) -> "Grid":
+        """This grid without the points ``model`` does not have: compiled-step keys unless its CPU
+        steps of a few tokens run compiled layers."""
+        return self if cpu_decode_limit(model.lm_head.weight) else replace(self, compiled_keys=[])
 
     @property
     def size(self) -> int:
         """Measured points (``measure`` yields one label per point)."""
         return (1 + len(self.tokens) + len(self.contexts) + len(self.prefill) + len(self.draft)
-                + len(self.prefill_contexts) + len(self.queries) + 3 * len(self.host))
+                + len(self.prefill_contexts) + len(self.queries) + 3 * len(self.host) + len(self.compiled_keys))
 
 
 def _upto(points, top: int) -> list[int]:
@@ -282,6 +295,8 @@ def measure(model: Transformer, limits: Limits, grid: Grid, draft: Transformer |
     for t in grid.tokens:
         yield f"verify:{t}", bench.step_ms(verify_seqs(t, limits), t, 0, grid.repeat)
     yield from context_points(bench, min(CONTEXT_SEQS, limits.max_batch_requests), grid.contexts, grid.repeat)
+    if cpu_decode_limit(model.lm_head.weight):
+        yield from compiled_key_points(bench, grid.compiled_keys, grid.repeat)
     for t in grid.prefill:
         yield f"prefill:{t}", bench.prefill_ms(t, max(2, grid.repeat // 2))
     for p in grid.prefill_contexts:  # a chain of `chunk` tokens gets its own attention call, as a chunk
@@ -311,6 +326,14 @@ def context_points(bench: StepBench, seqs: int, contexts: list[int], repeat: int
         zero = bench.step_ms(seqs, seqs, 0, repeat)
         g0 = zero if g0 is None else g0
         yield f"context:{c}", g0 + (bench.step_ms(seqs, seqs, c, repeat) - zero if c else 0.0)
+
+
+def compiled_key_points(bench: StepBench, contexts: list[int], repeat: int) -> Iterator[tuple[str, float]]:
+    """``ckeys:C``: a compiled one-token step of one sequence at context C minus the same step at
+    context 0 timed right before it (paired as in ``context_points``)."""
+    for c in contexts:
+        zero = bench.step_ms(1, 1, 0, repeat)
+        yield f"ckeys:{c}", bench.step_ms(1, 1, c, repeat) - zero if c else 0.0
 
 
 def measure_host(model: Transformer, limits: Limits, grid: Grid, draft: Transformer | None
@@ -441,6 +464,7 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
             if (t := _table(points, label, grid.host)) is not None}
     # the baseline is what one request's decode iteration costs in this engine: its forward plus the
     # host work of an iteration of one request (docs/definitions.md §1), when that was measured
+    compiled = compiled_keys_table(points, grid, model)
     host_one = points.get("hostincr:1")
     baseline = points["baseline"] + (host_one or 0.0)
     return LatencyProfile(name=name, verify=verify, draft=draft, prefill=prefill_table(points, grid),
@@ -451,7 +475,20 @@ def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, mo
                                          **({"drafter": drafter} if drafter else {}),
                                          **({"clock": "cpu"} if clock_name() == "cpu" else {})},
                           family=model.config.family, step_model="engine", attention_queries=queries, host=host,
-                          attention_calls=attention_calls(model))
+                          attention_calls=attention_calls(model),
+                          compiled_tokens=cpu_decode_limit(model.lm_head.weight) if compiled else 0,
+                          compiled_keys=compiled)
+
+
+def compiled_keys_table(points: dict[str, float], grid: Grid, model: Transformer) -> Table | None:
+    """The ``compiled_steps`` keys table (ms vs context keys of one row, starting at 0 and never
+    decreasing: a later point below an earlier one is noise), if ``model`` runs compiled steps and
+    at least two points were measured."""
+    keys = grid.compiled_keys
+    if not cpu_decode_limit(model.lm_head.weight) or len(keys) < 2 or any(f"ckeys:{c}" not in points for c in keys):
+        return None
+    ms = np.maximum.accumulate(np.maximum([points[f"ckeys:{c}"] for c in keys], 0.0))
+    return Table(np.array(keys, float), ms - ms[0])
 
 
 def attention_calls(model: Transformer) -> tuple[float, float] | None:
@@ -498,6 +535,7 @@ def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
     if passes < 1:
         raise UserError(f"--passes must be >= 1, got {passes}")
     samples: dict[str, list[float]] = {}
+    grid = grid.for_model(model)
     with progress_bar(passes * grid.size, f"profiling {name}", "pt", enabled=progress) as bar:
         for _ in range(passes):
             for label, ms in measure(model, limits, grid, draft, cuda_graphs):
@@ -526,7 +564,7 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
     max guarantees that the scheduler never sees more tokens as cheaper."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    grid = Grid.for_limits(limits, repeat=1, quick=True)
+    grid = Grid.for_limits(limits, repeat=1, quick=True).for_model(model)
     total = passes * grid.size
     best: dict[str, float] = {}
     with progress_bar(total, f"profiling {name} (quick)", "pt", enabled=progress) as bar:

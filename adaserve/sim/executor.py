@@ -61,8 +61,11 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     step costs at least any of its parts alone (the trees' tokens, each chunk): a bound that keeps
     two tables measured at different moments of a shared machine's load from pricing a step below
     its own parts. Trees, decodes and chunks of fewer than ``SOLO_QUERY_THRESHOLD`` tokens share one
-    padded attention call (``shared_attention_ms``)."""
+    padded attention call (``shared_attention_ms``). A step small enough to run compiled layers
+    (the profile's ``compiled_steps``) is priced by ``compiled_step_ms`` instead."""
     tree_tokens = sum(n for _, n in trees)
+    if latency.compiled_keys is not None and 0 < sum(c for c, _ in chunks) + tree_tokens <= latency.compiled_tokens:
+        return compiled_step_ms(latency, chunks, trees)
     ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
     parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
     shared = list(trees)
@@ -73,6 +76,19 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
         if c < SOLO_QUERY_THRESHOLD:
             shared.append((p, c))
     return max([ms, *parts]) + shared_attention_ms(latency, shared)
+
+
+def compiled_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
+                     trees: list[tuple[int, int]]) -> float:
+    """A step of our engine's compiled CPU layers (``engine/cpu_decode.py``): no attention call,
+    each row reads the keys its mask shows, weights are read once for all rows. The verify table
+    at context 0 for all new tokens (measured compiled at these sizes, its chains' keys included),
+    plus per row the ``compiled_keys`` table at the committed keys before it: a chunk's rows at
+    its prompt's prefilled tokens, a tree's at its request's context."""
+    table = latency.compiled_keys
+    rows = [(p, c) for c, p in chunks] + list(trees)  # (committed keys, rows)
+    tokens = sum(n for _, n in rows)
+    return float(latency.verify_ms(tokens, 0.0)) + sum(n * float(table(k)) for k, n in rows)
 
 
 def table_step_ms(latency: LatencyProfile, chunk_tokens: int, prefilled: int,
