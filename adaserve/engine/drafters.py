@@ -160,15 +160,25 @@ _WINDOW_STEPS = np.arange(WINDOW, dtype=np.int64)
 
 class _IntMap:
     """int64 keys (>= 0) -> int64 values: open addressing with linear probing, every operation on
-    arrays of keys at once (a round per probe step, not a Python step per key)."""
+    arrays of keys at once (a round per probe step, not a Python step per key). A key and its value
+    sit side by side (``kv``: [slots, 2]): a probe that finds its key reads its value from the same
+    cache line (the compiled paths walk these maps one random slot at a time)."""
 
     def __init__(self, capacity: int = 1024):
         self._alloc(capacity)
         self.size = 0
 
     def _alloc(self, capacity: int) -> None:
-        self.keys = np.full(capacity, -1, np.int64)  # a power of two (the compiled paths may replace them)
-        self.vals = np.zeros(capacity, np.int64)
+        self.kv = np.zeros((capacity, 2), np.int64)  # a power of two (the compiled paths may replace it)
+        self.kv[:, 0] = -1
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.kv[:, 0]
+
+    @property
+    def vals(self) -> np.ndarray:
+        return self.kv[:, 1]
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
         h = keys.astype(np.uint64) * np.uint64(_FIB)  # Fibonacci hashing (wraps mod 2**64)
@@ -270,20 +280,32 @@ class NgramTable:
         self.grams = _IntMap()  # (prefix id << TOKEN_BITS) | last token -> gram id
         self.nexts = _IntMap()  # (gram id << TOKEN_BITS) | next token -> count
         self.n_ids = 0
-        self.total = np.zeros(1024, np.int64)  # per id: continuations counted
-        self.top_tok = np.full((1024, RECORD_K), -1, np.int64)
-        self.top_cnt = np.zeros((1024, RECORD_K), np.int64)
+        self.stats = _empty_stats(1024)  # per id: total, then the top list (``_empty_stats``)
         self.root_of = np.zeros(1024, np.int64)  # per id: its sequence's root id
         self.dead = 0  # ids of released sequences still stored
+
+    @property
+    def total(self) -> np.ndarray:
+        """Per id: continuations counted (a view of ``stats``)."""
+        return self.stats[:, 0]
+
+    @property
+    def top_tok(self) -> np.ndarray:
+        """Per id: its top ``RECORD_K`` continuations, -1 padded (a view of ``stats``)."""
+        return self.stats[:, 1::2]
+
+    @property
+    def top_cnt(self) -> np.ndarray:
+        """Per id: the counts of ``top_tok`` (a view of ``stats``)."""
+        return self.stats[:, 2::2]
 
     def _new_ids(self, roots: np.ndarray) -> np.ndarray:
         m = len(roots)
         ids = np.arange(self.n_ids, self.n_ids + m, dtype=np.int64)
-        if self.n_ids + m > len(self.total):
+        if self.n_ids + m > len(self.stats):
             cap = 2 * (self.n_ids + m)
-            grow = lambda a, fill: np.concatenate([a, np.full((cap - len(a),) + a.shape[1:], fill, a.dtype)])  # noqa: E731
-            self.total, self.root_of = grow(self.total, 0), grow(self.root_of, 0)
-            self.top_tok, self.top_cnt = grow(self.top_tok, -1), grow(self.top_cnt, 0)
+            self.stats = np.concatenate([self.stats, _empty_stats(cap - len(self.stats))])
+            self.root_of = np.concatenate([self.root_of, np.zeros(cap - len(self.root_of), np.int64)])
         self.root_of[ids] = np.where(roots < 0, ids, roots)
         self.n_ids += m
         return ids
@@ -325,20 +347,45 @@ class NgramTable:
             sizes.append(n - lo)
             new_from.append(a - lo)
         if flat:
-            tok = np.array(flat, np.int64)
-            if tok.max() >= 1 << TOKEN_BITS or tok.min() < 0:
-                raise ValueError(f"token ids must lie in [0, {1 << TOKEN_BITS})")
             as_array = lambda xs: np.array(xs, np.int64)  # noqa: E731
             (self._update_compiled if jit.enabled() else self._update_arrays)(
-                tok, as_array(sizes), as_array(roots), as_array(new_from))
+                _token_array(flat), as_array(sizes), as_array(roots), as_array(new_from))
         return np.array(all_roots, np.int64)
+
+    def update_with_roots(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> np.ndarray:
+        """``update`` (compiled path only), returning per sequence the ids of the n-grams that end
+        at its last token ([S, max_n + 1]: column n the n-gram of its last n tokens, column 0 its
+        root id; -1 never seen or longer than the sequence): ``suffix_ids`` of the draft's roots,
+        found by the same pass that indexes the new tokens. Each sequence's pass starts
+        ``max_n`` tokens before its last token at the latest, so that those n-grams are walked."""
+        m = self.max_n
+        flat: list[int] = []
+        sizes, roots, new_from = [], [], []
+        for seq_id, ids in seqs:
+            state = self.seqs.get(seq_id)
+            if state is None:
+                self.root(seq_id)
+                state = self.seqs[seq_id]
+            a, n = max(state[1], 1), len(ids)
+            lo = max(min(a, n) - m, 0)
+            flat += ids[lo:n]
+            sizes.append(n - lo)
+            roots.append(state[0])
+            new_from.append(a - lo)  # past the tail when nothing is new: walked, not counted
+            state[1] = max(state[1], n)
+        g, nx = self.grams, self.nexts
+        as_array = lambda xs: np.array(xs, np.int64)  # noqa: E731
+        out = np.empty((len(sizes), m + 1), np.int64)
+        g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of, self.n_ids = _table_update_kernel(
+            _token_array(flat), as_array(sizes), as_array(roots), as_array(new_from), m, g.kv, g.size, nx.kv,
+            nx.size, self.stats, self.root_of, self.n_ids, out)
+        return out
 
     def _update_compiled(self, tok: np.ndarray, sizes: np.ndarray, roots: np.ndarray, new_from: np.ndarray) -> None:
         g, nx = self.grams, self.nexts
-        (g.keys, g.vals, g.size, nx.keys, nx.vals, nx.size, self.total, self.top_tok, self.top_cnt, self.root_of,
-         self.n_ids) = _table_update_kernel(tok, sizes, roots, new_from, self.max_n, g.keys, g.vals, g.size,
-                                            nx.keys, nx.vals, nx.size, self.total, self.top_tok, self.top_cnt,
-                                            self.root_of, self.n_ids)
+        g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of, self.n_ids = _table_update_kernel(
+            tok, sizes, roots, new_from, self.max_n, g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of,
+            self.n_ids, np.empty((0, self.max_n + 1), np.int64))
 
     def _update_arrays(self, tok: np.ndarray, sizes: np.ndarray, roots: np.ndarray, new_from: np.ndarray) -> None:
         """``update`` with numpy array operations (one probe per n for all positions)."""
@@ -447,8 +494,7 @@ class NgramTable:
         live_roots = np.array(sorted(s[0] for s in self.seqs.values()), np.int64)
         live = np.isin(self.root_of[:self.n_ids], live_roots)
         new_id = np.cumsum(live) - 1
-        total, top_t, top_c, root_of = (x[:self.n_ids][live] for x in (self.total, self.top_tok, self.top_cnt,
-                                                                        self.root_of))
+        stats, root_of = self.stats[:self.n_ids][live], self.root_of[:self.n_ids][live]
         gk, gv = self.grams.items()
         nk, nv = self.nexts.items()
         keep_g = live[gv]
@@ -458,7 +504,7 @@ class NgramTable:
         nk = (new_id[nk[keep_n] >> TOKEN_BITS] << TOKEN_BITS) | (nk[keep_n] & mask)
         self._reset()
         self._new_ids(new_id[root_of])
-        self.total[:len(total)], self.top_tok[:len(total)], self.top_cnt[:len(total)] = total, top_t, top_c
+        self.stats[:len(stats)] = stats
         if len(gk):
             slots = self.grams.insert(gk)  # (may reallocate: index the arrays afterwards)
             self.grams.vals[slots] = new_id[gv[keep_g]]
@@ -474,78 +520,107 @@ class NgramTable:
 # and linear probing, per-id totals and exact top lists), walked one key at a time: a table may be
 # updated by either path and read by the other. Used when ``jit.enabled()``.
 
+def _token_array(tokens: list[int]) -> np.ndarray:
+    tok = np.array(tokens, np.int64)
+    if len(tok) and (tok.max() >= 1 << TOKEN_BITS or tok.min() < 0):
+        raise ValueError(f"token ids must lie in [0, {1 << TOKEN_BITS})")
+    return tok
+
+
+def _empty_stats(rows: int) -> np.ndarray:
+    """``NgramTable.stats`` rows: per id its total, then its top list as (token, count) pairs
+    (tokens -1, counts 0): what a lookup or a count reads of one id is one contiguous row."""
+    stats = np.zeros((rows, 1 + 2 * RECORD_K), np.int64)
+    stats[:, 1::2] = -1
+    return stats
+
+
 @jit.njit
-def _slot_for(keys: np.ndarray, shift: np.uint64, key: int) -> int:
-    """The slot holding ``key`` in an ``_IntMap``'s keys, else the empty slot where it would go
-    (``shift``: ``_shift(keys)``)."""
-    mask = len(keys) - 1
+def _slot_for(kv: np.ndarray, shift: np.uint64, key: int) -> int:
+    """The slot holding ``key`` in an ``_IntMap``'s ``kv``, else the empty slot where it would go
+    (``shift``: ``_shift(kv)``)."""
+    mask = len(kv) - 1
     s = np.int64((np.uint64(key) * np.uint64(_FIB)) >> shift)
-    while keys[s] != key and keys[s] >= 0:
+    while kv[s, 0] != key and kv[s, 0] >= 0:
         s = (s + 1) & mask
     return s
 
 
 @jit.njit
-def _shift(keys: np.ndarray) -> np.uint64:
-    """64 - log2(slots): Fibonacci hashing's shift for a map of ``len(keys)`` slots (a power of two)."""
+def _shift(kv: np.ndarray) -> np.uint64:
+    """64 - log2(slots): Fibonacci hashing's shift for a map of ``len(kv)`` slots (a power of two)."""
     bits = 0
-    while (1 << bits) < len(keys):
+    while (1 << bits) < len(kv):
         bits += 1
     return np.uint64(64 - bits)
 
 
 @jit.njit
-def _map_grown(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _map_grown(kv: np.ndarray) -> np.ndarray:
     """The map rehashed into twice the slots (``_IntMap._rehash``)."""
-    new_keys = np.full(2 * len(keys), -1, np.int64)
-    new_vals = np.zeros(2 * len(keys), np.int64)
-    shift = _shift(new_keys)
-    for j in range(len(keys)):
-        if keys[j] >= 0:
-            s = _slot_for(new_keys, shift, keys[j])
-            new_keys[s], new_vals[s] = keys[j], vals[j]
-    return new_keys, new_vals
+    new = np.zeros((2 * len(kv), 2), np.int64)
+    new[:, 0] = -1
+    shift = _shift(new)
+    for j in range(len(kv)):
+        if kv[j, 0] >= 0:
+            s = _slot_for(new, shift, kv[j, 0])
+            new[s, 0], new[s, 1] = kv[j, 0], kv[j, 1]
+    return new
 
 
 @jit.njit
-def _rows_grown(a: np.ndarray, fill: int) -> np.ndarray:
-    out = np.full((2 * a.shape[0],) + a.shape[1:], fill, a.dtype)
-    out[:a.shape[0]] = a
+def _stats_grown(stats: np.ndarray) -> np.ndarray:
+    out = np.zeros((2 * stats.shape[0], stats.shape[1]), np.int64)
+    out[:, 1::2] = -1
+    out[:stats.shape[0]] = stats
     return out
 
 
 @jit.njit
-def _count_next(top_tok: np.ndarray, top_cnt: np.ndarray, g: int, tok: int, count: int) -> None:
-    """Gram ``g``'s continuation ``tok`` now has ``count``: keep its top list exact (count desc,
-    token asc). Only this token's rank changes, so it moves up past the entries it now beats."""
-    row, cnt = top_tok[g], top_cnt[g]
+def _ids_grown(a: np.ndarray) -> np.ndarray:
+    out = np.zeros(2 * len(a), np.int64)
+    out[:len(a)] = a
+    return out
+
+
+@jit.njit
+def _count_next(stats: np.ndarray, g: int, tok: int, count: int) -> None:
+    """Gram ``g``'s continuation ``tok`` now has ``count``: keep its top list (``stats[g]``: tokens
+    at 1, 3, ..., counts at 2, 4, ...) exact (count desc, token asc). Only this token's rank
+    changes, so it moves up past the entries it now beats."""
+    row = stats[g]
     pos = -1
     for j in range(RECORD_K):
-        if row[j] == tok:
+        if row[1 + 2 * j] == tok:
             pos = j
             break
     last = RECORD_K - 1
     if pos < 0:
-        if row[last] >= 0 and (cnt[last] > count or (cnt[last] == count and row[last] < tok)):
+        t, c = row[1 + 2 * last], row[2 + 2 * last]
+        if t >= 0 and (c > count or (c == count and t < tok)):
             return  # still outside the top
         pos = last
-        row[pos] = tok
-    cnt[pos] = count
-    while pos > 0 and (cnt[pos - 1] < count or (cnt[pos - 1] == count and row[pos - 1] > tok)):
-        row[pos], row[pos - 1] = row[pos - 1], row[pos]
-        cnt[pos], cnt[pos - 1] = cnt[pos - 1], cnt[pos]
+        row[1 + 2 * pos] = tok
+    row[2 + 2 * pos] = count
+    while pos > 0:
+        t, c = row[2 * pos - 1], row[2 * pos]  # the entry above
+        if not (c < count or (c == count and t > tok)):
+            break
+        row[2 * pos - 1], row[2 * pos], row[2 * pos + 1], row[2 * pos + 2] = tok, count, t, c
         pos -= 1
 
 
 @jit.njit
-def _table_update_kernel(tok, sizes, roots, new_from, max_n, gkeys, gvals, g_size, nkeys, nvals, n_size,
-                     total, top_tok, top_cnt, root_of, n_ids):
+def _table_update_kernel(tok, sizes, roots, new_from, max_n, gkv, g_size, nkv, n_size, stats, root_of, n_ids,
+                         root_grams):
     """``NgramTable.update`` over the concatenated tails ``tok`` (tail ``s``: ``sizes[s]`` tokens of
     the sequence with root id ``roots[s]``, whose continuations count from ``new_from[s]`` on).
-    Returns every array (grown ones are new) and the new sizes."""
+    Returns every array (grown ones are new) and the new sizes. ``root_grams`` with a row per
+    tail: filled with the ids of the n-grams ending at each tail's last token
+    (``NgramTable.update_with_roots``)."""
     prev = np.full(max_n + 1, -1, np.int64)  # ids of the n-grams ending before the previous position
     cur = np.full(max_n + 1, -1, np.int64)
-    g_shift, n_shift = _shift(gkeys), _shift(nkeys)
+    g_shift, n_shift = _shift(gkv), _shift(nkv)
     q = 0
     for s in range(len(sizes)):
         for a in range(sizes[s]):
@@ -555,34 +630,41 @@ def _table_update_kernel(tok, sizes, roots, new_from, max_n, gkeys, gvals, g_siz
                 if a < n or prev[n - 1] < 0:
                     continue
                 key = (prev[n - 1] << TOKEN_BITS) | tok[q - 1]
-                if 2 * (g_size + 1) > len(gkeys):
-                    gkeys, gvals = _map_grown(gkeys, gvals)
-                    g_shift = _shift(gkeys)
-                slot = _slot_for(gkeys, g_shift, key)
-                if gkeys[slot] < 0:  # a new n-gram: a new id
-                    if n_ids >= len(total):
-                        total, root_of = _rows_grown(total, 0), _rows_grown(root_of, 0)
-                        top_tok, top_cnt = _rows_grown(top_tok, -1), _rows_grown(top_cnt, 0)
-                    gkeys[slot], gvals[slot], root_of[n_ids] = key, n_ids, roots[s]
+                if 2 * (g_size + 1) > len(gkv):
+                    gkv = _map_grown(gkv)
+                    g_shift = _shift(gkv)
+                slot = _slot_for(gkv, g_shift, key)
+                if gkv[slot, 0] < 0:  # a new n-gram: a new id
+                    if n_ids >= len(stats):
+                        stats, root_of = _stats_grown(stats), _ids_grown(root_of)
+                    gkv[slot, 0], gkv[slot, 1], root_of[n_ids] = key, n_ids, roots[s]
                     n_ids += 1
                     g_size += 1
-                g = gvals[slot]
+                g = gkv[slot, 1]
                 cur[n] = g
                 if a >= new_from[s]:
                     pair = (g << TOKEN_BITS) | tok[q]
-                    if 2 * (n_size + 1) > len(nkeys):
-                        nkeys, nvals = _map_grown(nkeys, nvals)
-                        n_shift = _shift(nkeys)
-                    slot = _slot_for(nkeys, n_shift, pair)
-                    if nkeys[slot] < 0:
-                        nkeys[slot], nvals[slot] = pair, 0
+                    if 2 * (n_size + 1) > len(nkv):
+                        nkv = _map_grown(nkv)
+                        n_shift = _shift(nkv)
+                    slot = _slot_for(nkv, n_shift, pair)
+                    if nkv[slot, 0] < 0:
+                        nkv[slot, 0], nkv[slot, 1] = pair, 0
                         n_size += 1
-                    nvals[slot] += 1
-                    total[g] += 1
-                    _count_next(top_tok, top_cnt, g, tok[q], nvals[slot])
+                    nkv[slot, 1] += 1
+                    stats[g, 0] += 1
+                    _count_next(stats, g, tok[q], nkv[slot, 1])
             prev[:] = cur
             q += 1
-    return gkeys, gvals, g_size, nkeys, nvals, n_size, total, top_tok, top_cnt, root_of, n_ids
+        if len(root_grams):  # prev: the n-grams before the last token; extend each by it
+            root_grams[s, 0] = roots[s]
+            for n in range(1, max_n + 1):
+                g = -1
+                if prev[n - 1] >= 0:
+                    slot = _slot_for(gkv, g_shift, (prev[n - 1] << TOKEN_BITS) | tok[q - 1])
+                    g = gkv[slot, 1] if gkv[slot, 0] >= 0 else -1
+                root_grams[s, n] = g
+    return gkv, g_size, nkv, n_size, stats, root_of, n_ids
 
 
 def filler_hash(key, request, level, node, col):
@@ -600,15 +682,15 @@ _filler_hash_compiled = jit.njit(filler_hash)
 
 
 @jit.njit
-def _draft_kernel(root_tokens, root_ids, suffix, gkeys, gvals, top_tok, top_cnt, total, min_n, prior,
-                    keeps, cols, max_nodes, fill_probs, fill_low, fill_high, fill_key):
+def _draft_kernel(root_tokens, root_grams, gkv, stats, min_n, prior, keeps, cols, max_nodes, fill_probs,
+                  fill_low, fill_high, fill_key):
     """``NgramDrafter.draft`` of all requests (numpy path: ``TreeSet`` + ``NgramTable`` lookups),
     one request after the other, all its levels: the forest's arrays, each request's nodes root
     first, then level by level in the order beam search created them. ``keeps[l]`` < 0: keep all
     (static shapes); ``fill_probs`` non-empty: pad every expanded node's continuations to
     ``RECORD_K`` with filler tokens (``Filler``)."""
-    n, max_n = suffix.shape
-    shift = _shift(gkeys)
+    n, max_n = root_grams.shape[0], root_grams.shape[1] - 1
+    shift = _shift(gkv)
     cap = n * max_nodes
     offsets = np.zeros(n + 1, np.int64)
     parent = np.empty(cap, np.int64)
@@ -627,16 +709,7 @@ def _draft_kernel(root_tokens, root_ids, suffix, gkeys, gvals, top_tok, top_cnt,
     for i in range(n):
         lo = at
         parent[at], token[at], prob[at], depth[at] = -1, root_tokens[i], 1.0, 0
-        grams[0, 0] = root_ids[i]
-        for length in range(1, max_n + 1):  # the n-gram of the last ``length`` committed tokens
-            g = root_ids[i]
-            for j in range(max_n - length, max_n):
-                if g < 0 or suffix[i, j] < 0:
-                    g = -1
-                    break
-                s = _slot_for(gkeys, shift, (g << TOKEN_BITS) | suffix[i, j])
-                g = gvals[s] if gkeys[s] >= 0 else -1
-            grams[0, length] = g
+        grams[0] = root_grams[i]  # column n: the n-gram of the last n committed tokens
         at += 1
         frontier[0], n_front = 0, 1
         for level in range(len(keeps)):
@@ -654,9 +727,10 @@ def _draft_kernel(root_tokens, root_ids, suffix, gkeys, gvals, top_tok, top_cnt,
                 row = lo + node
                 expanded[row] = True
                 if seen >= min_n:
+                    st = stats[best]
                     for k in range(RECORD_K):
-                        next_tokens[row, k] = top_tok[best, k]
-                        next_probs[row, k] = top_cnt[best, k] / (total[best] + prior)
+                        next_tokens[row, k] = st[1 + 2 * k]
+                        next_probs[row, k] = st[2 + 2 * k] / (st[0] + prior)
                 if len(fill_probs):
                     for k in range(RECORD_K):
                         if next_tokens[row, k] < 0:
@@ -685,13 +759,14 @@ def _draft_kernel(root_tokens, root_ids, suffix, gkeys, gvals, top_tok, top_cnt,
                 node = at - lo
                 t = next_tokens[lo + par, cand_k[c]]
                 parent[at], token[at], prob[at], depth[at] = lo + par, t, cand_p[c], level + 1
-                grams[node, 0] = grams[par, 0]
-                for length in range(1, max_n + 1):  # a child's n-grams extend its parent's by its token
-                    g = grams[par, length - 1]
-                    if g >= 0:
-                        s = _slot_for(gkeys, shift, (g << TOKEN_BITS) | t)
-                        g = gvals[s] if gkeys[s] >= 0 else -1
-                    grams[node, length] = g
+                if level + 1 < len(keeps):  # a node of the last level is never expanded: no n-grams
+                    grams[node, 0] = grams[par, 0]
+                    for length in range(1, max_n + 1):  # a child's n-grams extend its parent's by its token
+                        g = grams[par, length - 1]
+                        if g >= 0:
+                            s = _slot_for(gkv, shift, (g << TOKEN_BITS) | t)
+                            g = gkv[s, 1] if gkv[s, 0] >= 0 else -1
+                        grams[node, length] = g
                 at += 1
             n_front = n_cand
             for c in range(n_cand):
@@ -795,16 +870,16 @@ class NgramDrafter:
 
     def draft(self, seqs: Sequence[SeqState], shape: SpecShape) -> CandidateForest:
         self.calls += 1
+        if jit.enabled():  # one pass indexes the new tokens and finds the roots' n-grams
+            grams = self.table.update_with_roots([(s.seq_id, s.ids) for s in seqs])
+            return self._draft_compiled(np.array([s.last for s in seqs], np.int64), grams, shape)
         roots = self.table.update([(s.seq_id, s.ids) for s in seqs])  # only the tokens committed since the last call
         m = self.max_ngram
         flat: list[int] = []  # the roots' last m committed tokens, left-padded with -1
         for s in seqs:
             flat += s.ids[-m:] if len(s.ids) >= m else [-1] * (m - len(s.ids)) + s.ids
         suffix = np.array(flat, np.int64).reshape(len(seqs), m)
-        last = suffix[:, -1]
-        if jit.enabled():
-            return self._draft_compiled(last, roots, suffix, shape)
-        trees = TreeSet(last)
+        trees = TreeSet(suffix[:, -1])
         grams = self.table.suffix_ids(roots, suffix)  # per frontier node: ids of the n-grams ending there
         for level in range(shape.depth):
             if not len(trees.frontier):
@@ -817,8 +892,7 @@ class NgramDrafter:
             grams = self.table.child_ids(grams[parent], trees.frontier_token)
         return trees.to_forest()
 
-    def _draft_compiled(self, last: np.ndarray, roots: np.ndarray, suffix: np.ndarray,
-                        shape: SpecShape) -> CandidateForest:
+    def _draft_compiled(self, last: np.ndarray, root_grams: np.ndarray, shape: SpecShape) -> CandidateForest:
         plans = [level_plan(shape, level) for level in range(shape.depth)]
         keeps = np.array([-1 if k is None else k for k, _ in plans], np.int64)
         cols = np.array([c for _, c in plans], np.int64)
@@ -828,9 +902,8 @@ class NgramDrafter:
             max_nodes += front
         f = self.filler
         t = self.table
-        arrays = _draft_kernel(last, roots, suffix, t.grams.keys, t.grams.vals, t.top_tok, t.top_cnt, t.total,
-                               self.min_ngram, float(self.prior), keeps, cols, max_nodes,
-                               np.asarray(f.probs if f else (), np.float64), f.low if f else 0,
+        arrays = _draft_kernel(last, root_grams, t.grams.kv, t.stats, self.min_ngram, float(self.prior), keeps,
+                               cols, max_nodes, np.asarray(f.probs if f else (), np.float64), f.low if f else 0,
                                f.high if f else 1, f.key(self.calls) if f else np.uint64(0))
         offsets, parent, token, prob, depth, next_tokens, next_probs, expanded = arrays
         return CandidateForest(offsets, parent, token, prob, depth,
