@@ -292,3 +292,19 @@ def test_argmax_rows_matches_torch_with_ties():
     assert np.array_equal(argmax_rows(logits), logits.argmax(-1).numpy())
     assert np.array_equal(argmax_rows(logits.to(torch.bfloat16)), logits.argmax(-1).numpy())
     assert np.array_equal(argmax_rows(logits.T.contiguous().T), logits.argmax(-1).numpy())
+
+
+def test_enabled_follows_the_environment_at_every_call(monkeypatch):
+    """``jit.enabled`` keeps its answer per raw value: a changed value is read anew, and a bad one
+    is refused at every call (nothing cached hides it)."""
+    from adaserve.core.errors import UserError
+
+    for value, want in (("0", False), ("1", jit._numba() is not None), ("0", False), ("", jit._numba() is not None)):
+        monkeypatch.setenv(jit.ENV, value)
+        assert jit.enabled() is want
+    monkeypatch.setenv(jit.ENV, "yes")
+    for _ in range(2):
+        with pytest.raises(UserError, match="ADASERVE_NUMBA='yes'"):
+            jit.enabled()
+    monkeypatch.delenv(jit.ENV)
+    assert jit.enabled() is (jit._numba() is not None)
