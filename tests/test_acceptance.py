@@ -8,9 +8,10 @@ import pytest
 from adaserve.core.request import Request
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest, is_connected
-from adaserve.sim.acceptance import (FIG12_CHAIN, LLAMA_ACCEPTANCE, QWEN_ACCEPTANCE, AcceptanceParams,
+from adaserve.sim.acceptance import (FIG12_CHAIN, LLAMA_ACCEPTANCE, QWEN_ACCEPTANCE, PAD_PROB, AcceptanceParams,
                                      AcceptanceRecordError, RecordedAcceptance, SyntheticAcceptance,
-                                     accepted_lengths, acceptance_for, mean_committed)
+                                     accepted_lengths, acceptance_for, load_records, load_tree_sizes,
+                                     mean_committed, pad_trees)
 from adaserve.sim.profiles import get_profile
 
 
@@ -151,6 +152,60 @@ def test_recorded_misses_leave_no_nodes(tmp_path):
     two = model.draft(reqs(2), SpecShape.chain(3), np.random.default_rng(0))
     two.check()
     assert two.offsets.tolist() == [0, 2, 4]
+
+
+def test_recorded_tree_sizes_pad_the_replayed_trees(tmp_path):
+    """With the engine's tree sizes recorded, a replayed tree grows to as many nodes as the engine
+    drafted at that request's latest recorded draft (here up to 3 where the target's path alone
+    gives 1; never more than the shape holds), with padding nodes that are never right: what is
+    accepted does not change."""
+    rows = [{"rid": 0, "category": "chat", "pos": p, "probs": [0.8, 0.1] if p % 3 == 0 else [0.0],
+             "rank": 0 if p % 3 == 0 else -1} for p in range(30)]
+    rows += [{"rid": 0, "category": "chat", "pos": 0, "tree": 4}, {"rid": 0, "category": "chat", "pos": 9, "tree": 2}]
+    path = tmp_path / "acc.jsonl"
+    write_records(path, rows)
+    assert set(load_records(path)) == {("chat", 0)}  # the tree lines are not acceptance records
+    assert [a.tolist() for a in load_tree_sizes(path)[("chat", 0)]] == [[0, 9], [4, 2]]
+    model = RecordedAcceptance.load(path)
+    plain = RecordedAcceptance(load_records(path, by_position=True))
+    for generated, size in ((3, 3), (9, 2), (12, 2)):
+        r = reqs(1)[0]
+        r.generated = generated
+        f = model.draft([r], SpecShape.chain(3), np.random.default_rng(0))
+        f.check()
+        g = plain.draft([r], SpecShape.chain(3), np.random.default_rng(0))
+        assert f.n_nodes - 1 == max(size, g.n_nodes - 1)
+        assert accepted_lengths(f, np.ones(f.n_nodes, bool)).tolist() == \
+            accepted_lengths(g, np.ones(g.n_nodes, bool)).tolist()
+        pads = f.prob == PAD_PROB
+        assert not f.extra["correct"][pads].any() and (f.depth[pads] == 1).all()
+    other = reqs(2)[1]  # no tree lines for rid 1: not padded
+    assert model.tree_size(other) == -1
+
+
+def test_pad_trees_keeps_each_tree_and_appends_root_children():
+    f = CandidateForest.from_lists([[(0, 5, 0.5), (1, 6, 0.25)], [], [(0, 7, 0.9)]])
+    f.extra["correct"] = np.array([True, True, False, True, True, False])
+    g = pad_trees(f, [3, 2, -1])
+    g.check()
+    assert g.offsets.tolist() == [0, 4, 7, 9]
+    assert g.parent.tolist() == [-1, 0, 1, 0, -1, 4, 4, -1, 7]
+    assert g.token.tolist() == [0, 5, 6, 0, 0, 0, 0, 0, 7]
+    assert g.extra["correct"].tolist() == [True, True, False, False, True, False, False, True, False]
+    assert pad_trees(f, [1, 0, 1]) is f  # nothing to add
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"rid": 0, "category": "chat", "pos": 0, "tree": "x"}', "needs rid, category, pos, tree"),
+    ('{"rid": 0, "category": "chat", "pos": -1, "tree": 2}', "pos and tree must be >= 0"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_bad_tree_lines_name_file_and_line(tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"rid": 0, "category": "chat", "pos": 1, "probs": [0.5], "rank": 0}\n' + line + "\n")
+    with pytest.raises(AcceptanceRecordError) as e:
+        RecordedAcceptance.load(path)
+    assert needle in str(e.value) and "bad.jsonl' line 2" in str(e.value)
 
 
 def test_forests_match_pinned_draws():

@@ -323,7 +323,11 @@ class TorchExecutor:
         seqs = [self._seq(r) for r in requests]
         if self.drafter is None or not shape.speculative:
             return CandidateForest.roots_only(len(seqs), np.array([s.last for s in seqs], np.int64))
-        return self.drafter.draft(seqs, shape)
+        forest = self.drafter.draft(seqs, shape)
+        if self.recorder is not None:
+            for r, seq, size in zip(requests, seqs, np.diff(forest.offsets).tolist()):
+                self.recorder.record_tree(r.rid, r.category, seq.num_output, size - 1)
+        return forest
 
     # ---- one target forward ---------------------------------------------------------------------
     def execute(self, prefill: list[tuple[Request, int]], decode: list[Request],

@@ -11,6 +11,15 @@ next token at that node, descending (conditional draft probabilities; n-gram con
 n-gram drafter). ``rank``: index in ``probs`` of the token the target actually produced, -1 when it
 is not among them. Where the drafter had no proposal at all (an n-gram miss) the line reads
 ``"probs": [0.0], "rank": -1`` (the simulator's reader needs a non-empty list).
+
+Beside them, one line per (request, draft call) with the size of the tree the drafter grew::
+
+    {"rid": 3, "category": "coding", "pos": 17, "tree": 11}
+
+``pos``: the request's output length when it drafted (the output position its level-1 nodes
+predict), ``tree``: the tree's nodes without its root. The records above hold only the target's
+path; the simulator's replay grows its trees from them and pads each to this size
+(``sim/acceptance.py``), so that a replayed step verifies as many nodes as the engine's did.
 """
 
 from __future__ import annotations
@@ -35,6 +44,11 @@ class AcceptanceRecorder:
                 "probs": [round(p, 6) for p, _ in kept], "rank": rank}
         self._file.write(json.dumps(line) + "\n")
         self.records += 1
+
+    def record_tree(self, rid: int, category: str, pos: int, nodes: int) -> None:
+        """The drafter grew ``nodes`` non-root nodes for request ``rid`` at output length ``pos``."""
+        line = {"rid": int(rid), "category": category, "pos": int(pos), "tree": int(nodes)}
+        self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,7 +16,9 @@ token is the draft's child of rank ``rank`` (or none of them). Nodes off that pa
 
 Recorded format, one JSON object per line: ``{"rid": int, "category": str, "pos": int,
 "probs": [draft top-K confidences, descending], "rank": int}`` where ``rank`` indexes ``probs``
-(``-1``: the target's token is not among them).
+(``-1``: the target's token is not among them); and, from recordings since 2026-11-27, ``{"rid":
+int, "category": str, "pos": int, "tree": int}``: the drafter grew ``tree`` non-root nodes when the
+request's output was ``pos`` tokens long (engine/recorder.py).
 """
 
 from __future__ import annotations
@@ -168,6 +170,41 @@ def drop_impossible(forest: CandidateForest) -> CandidateForest:
     return out
 
 
+PAD_PROB = 1e-6  # path probability of a padding node: below any real draft, so selected last
+
+
+def pad_trees(forest: CandidateForest, sizes: list[int]) -> CandidateForest:
+    """Request ``i``'s tree grown to ``sizes[i]`` non-root nodes (-1 or no more than it has: as
+    is) with children of its root that are never right (``extra`` arrays padded with zeros, so
+    ``correct`` is False). The replay's trees come from the target's path alone; the engine's
+    drafter also grew nodes off it (n-gram continuations of drafted tokens), and a static shape
+    verifies every one. Which nodes those were is not recorded: only their number counts here (a
+    step's price is by tokens; acceptance is decided on the target's path)."""
+    have = np.diff(forest.offsets) - 1
+    add = np.maximum(np.asarray(sizes, np.int64) - have, 0)
+    if not add.any():
+        return forest
+    n = forest.n_requests
+    new_size = have + 1 + add
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(new_size, out=offsets[1:])
+    shift = offsets[:-1] - forest.offsets[:-1]  # where each request's old nodes move
+    old_at = np.arange(forest.n_nodes) + np.repeat(shift, have + 1)
+    pad_owner = np.repeat(np.arange(n), add)
+    pad_at = offsets[pad_owner] + have[pad_owner] + 1 + np.arange(int(add.sum())) - np.repeat(np.cumsum(add) - add, add)
+
+    def grown(values: np.ndarray, pad) -> np.ndarray:
+        out = np.empty(offsets[-1], values.dtype)
+        out[old_at], out[pad_at] = values, pad
+        return out
+
+    parent = np.where(forest.parent >= 0, forest.parent + np.repeat(shift, have + 1), -1)
+    out = CandidateForest(offsets, grown(parent, offsets[pad_owner]), grown(forest.token, 0),
+                          grown(forest.prob, PAD_PROB), grown(forest.depth, 1))
+    out.extra = {k: grown(v, 0) for k, v in forest.extra.items()}
+    return out
+
+
 def accepted_lengths(forest: CandidateForest, selected: np.ndarray) -> np.ndarray:
     """Per request, the depth of the deepest selected node whose whole root path is selected and
     on the target's path: the tokens the target accepts (the bonus token not included).
@@ -314,14 +351,9 @@ class AcceptanceRecordError(UserError):
     pass
 
 
-def load_records(path: str | Path, by_position: bool = False
-                 ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """Recorded JSONL → {(category, rid): (probs (positions, K), rank (positions,))}, positions
-    sorted. ``by_position``: row ``pos`` holds the record of output position ``pos``, and a
-    position without a record (the drafter never expanded a node there) reads as a miss (probs 0,
-    rank -1). Raises ``AcceptanceRecordError`` naming the file, line and field."""
-    rows: dict[tuple[str, int], list[tuple[int, list[float], int]]] = {}
-    path = Path(path)
+def _record_lines(path: Path):
+    """(where, object) of every non-blank line of a recording; ``AcceptanceRecordError`` names the
+    file and line of one that cannot be read or is not a JSON object."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -332,10 +364,28 @@ def load_records(path: str | Path, by_position: bool = False
         where = f"acceptance records '{path}' line {no}"
         try:
             d = json.loads(line)
-            key, pos = (str(d["category"]), int(d["rid"])), int(d["pos"])
-            probs, rank = [float(p) for p in d["probs"]], int(d["rank"])
         except json.JSONDecodeError as e:
             raise AcceptanceRecordError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise AcceptanceRecordError(f"{where}: not a JSON object")
+        yield where, d
+
+
+def load_records(path: str | Path, by_position: bool = False
+                 ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Recorded JSONL → {(category, rid): (probs (positions, K), rank (positions,))}, positions
+    sorted. ``by_position``: row ``pos`` holds the record of output position ``pos``, and a
+    position without a record (the drafter never expanded a node there) reads as a miss (probs 0,
+    rank -1). Tree-size lines are skipped (``load_tree_sizes``). Raises ``AcceptanceRecordError``
+    naming the file, line and field."""
+    rows: dict[tuple[str, int], list[tuple[int, list[float], int]]] = {}
+    path = Path(path)
+    for where, d in _record_lines(path):
+        if "tree" in d:
+            continue
+        try:
+            key, pos = (str(d["category"]), int(d["rid"])), int(d["pos"])
+            probs, rank = [float(p) for p in d["probs"]], int(d["rank"])
         except (KeyError, TypeError, ValueError) as e:
             raise AcceptanceRecordError(f"{where}: needs rid, category, pos, probs, rank ({e!r})") from None
         if not probs or not all(0 <= p <= 1 for p in probs) or not -1 <= rank < len(probs):
@@ -355,6 +405,24 @@ def load_records(path: str | Path, by_position: bool = False
         probs = np.array([p + [0.0] * (k - len(p)) for _, p, _ in rs])
         out[key] = (probs, np.array([r for _, _, r in rs], np.int64))
     return out
+
+
+def load_tree_sizes(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """The recording's tree-size lines → {(category, rid): (pos ascending, non-root nodes)}; empty
+    for a recording without them (made before they were written)."""
+    rows: dict[tuple[str, int], dict[int, int]] = {}
+    for where, d in _record_lines(Path(path)):
+        if "tree" not in d:
+            continue
+        try:
+            key, pos, nodes = (str(d["category"]), int(d["rid"])), int(d["pos"]), int(d["tree"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise AcceptanceRecordError(f"{where}: needs rid, category, pos, tree ({e!r})") from None
+        if pos < 0 or nodes < 0:
+            raise AcceptanceRecordError(f"{where}: pos and tree must be >= 0")
+        rows.setdefault(key, {})[pos] = nodes  # a position drafted twice (a capped step): the last
+    return {key: (np.array(sorted(r), np.int64), np.array([r[p] for p in sorted(r)], np.int64))
+            for key, r in rows.items()}
 
 
 def _dense_by_position(rows: list[tuple[int, list[float], int]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,9 +464,12 @@ class RecordedAcceptance:
     the end wrap around. Nodes off the target's path reuse the position's confidences (the record
     holds only the target's path)."""
 
-    def __init__(self, records: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], name: str = "recorded"):
-        """``records``: as ``load_records(..., by_position=True)`` (row = output position)."""
+    def __init__(self, records: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], name: str = "recorded",
+                 trees: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
+        """``records``: as ``load_records(..., by_position=True)`` (row = output position);
+        ``trees``: as ``load_tree_sizes`` (none: trees are not padded)."""
         self.name = name
+        self.trees = dict(trees or {})
         self.by_key = dict(records)
         self.by_category: dict[str, list] = {}
         for (cat, _), seq in sorted(records.items()):
@@ -407,7 +478,7 @@ class RecordedAcceptance:
 
     @classmethod
     def load(cls, path: str | Path) -> "RecordedAcceptance":
-        return cls(load_records(path, by_position=True), name=f"recorded:{path}")
+        return cls(load_records(path, by_position=True), name=f"recorded:{path}", trees=load_tree_sizes(path))
 
     def sequence(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         """The recorded (probs, rank) that ``request`` follows."""
@@ -421,7 +492,21 @@ class RecordedAcceptance:
               ) -> CandidateForest:
         seqs = [self.sequence(r) for r in requests]
         positions = np.array([r.generated for r in requests], np.int64)
-        return grow_forest(_RecordedLevels(seqs, positions), len(requests), shape, rng)
+        forest = grow_forest(_RecordedLevels(seqs, positions), len(requests), shape, rng)
+        if not self.trees:
+            return forest
+        most = sum(shape.level_sizes())  # the engine drafted with this request's shape then
+        return pad_trees(forest, [min(self.tree_size(r), most) for r in requests])
+
+    def tree_size(self, request: Request) -> int:
+        """The non-root nodes the engine's drafter grew for this request at its latest recorded
+        draft at or before its current output length (the nearest such draft: the replay's steps
+        need not fall on the engine's); -1 without one."""
+        rec = self.trees.get((request.category, request.rid))
+        if rec is None:
+            return -1
+        i = int(np.searchsorted(rec[0], request.generated, side="right")) - 1
+        return int(rec[1][max(i, 0)])
 
 
 def calibration_table(samples: int = 20000) -> list[dict]:
