@@ -555,8 +555,12 @@ def test_compiled_key_points_and_table(monkeypatch):
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "1")
     if not model_mod.cpu_decode_limit(m.lm_head.weight):
         pytest.skip("numba disabled: no compiled steps")
-    assert g.for_model(m) is g
+    assert g.for_model(m).compiled_keys == g.compiled_keys
+    assert 5 not in g.tokens and {4, 5} <= set(g.for_model(m).tokens)  # both sides of the compiled limit
+    quick = profiler.Grid.for_limits(lim, quick=True)
+    assert {4, 5} <= set(quick.for_model(m).tokens)
     t = profiler.compiled_keys_table(points, g, m)
     assert list(t.ms) == pytest.approx([0, 0.128, 0.256, 0.512, 0.512, 2.048])
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
     assert g.for_model(m).compiled_keys == [] and profiler.compiled_keys_table(points, g, m) is None
+    assert g.for_model(m).tokens == g.tokens
