@@ -20,7 +20,7 @@ Format (all times in ms)::
                                                      # its shared attention call by these costs
      "compiled_steps": {"max_tokens": int,           # optional ("engine", CPU): steps of up to this
                         "keys": {"tokens": [...], "ms": [...]}},  # many tokens run compiled layers;
-                                                     # extra ms of one row attending this many keys
+                                                     # extra ms of one row over this many context keys
      "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
               "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
               "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
@@ -42,7 +42,7 @@ Format (all times in ms)::
   ``compiled_steps`` (a CPU engine whose steps of a few tokens run one compiled call per layer,
   ``engine/cpu_decode.py``) a step of at most ``max_tokens`` new tokens makes no attention call:
   each row reads its own keys, so it is priced as the verify table at context 0 plus, per row, the
-  ``keys`` table at the keys that row attends beyond itself.
+  ``keys`` table at its sequence's committed keys (the context before the step).
 """
 
 from __future__ import annotations

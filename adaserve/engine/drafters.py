@@ -328,8 +328,32 @@ class NgramTable:
     def update(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> np.ndarray:
         """Index the tokens each ``(seq_id, ids)`` gained since its last update; returns the
         sequences' root ids."""
+        tok, sizes, roots, new_from, all_roots = self._tails(seqs, every=False)
+        if len(tok):
+            (self._update_compiled if jit.enabled() else self._update_arrays)(tok, sizes, roots, new_from)
+        return all_roots
+
+    def update_with_roots(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> np.ndarray:
+        """``update`` (compiled path only), returning per sequence the ids of the n-grams that end
+        at its last token ([S, max_n + 1]: column n the n-gram of its last n tokens, column 0 its
+        root id; -1 never seen or longer than the sequence): ``suffix_ids`` of the draft's roots,
+        found by the same pass that indexes the new tokens."""
+        tok, sizes, roots, new_from, _ = self._tails(seqs, every=True)
+        g, nx = self.grams, self.nexts
+        out = np.empty((len(sizes), self.max_n + 1), np.int64)
+        g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of, self.n_ids = _table_update_kernel(
+            tok, sizes, roots, new_from, self.max_n, g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of,
+            self.n_ids, out)
+        return out
+
+    def _tails(self, seqs: Sequence[tuple[object, Sequence[int]]], every: bool) -> tuple[np.ndarray, ...]:
+        """What an update walks, marking the tokens indexed: per sequence its tail from ``max_n``
+        tokens before its first new token (the n-grams before it start there), concatenated, with
+        (sizes, root ids, where counting starts in the tail), and every sequence's root id.
+        ``every``: a tail for every sequence, reaching ``max_n`` tokens before its last token at
+        the latest (walked, not counted, when nothing is new); else only sequences with new tokens."""
         flat: list[int] = []
-        all_roots, roots, sizes, new_from = [], [], [], []
+        sizes, roots, new_from, all_roots = [], [], [], []
         for seq_id, ids in seqs:
             state = self.seqs.get(seq_id)
             if state is None:
@@ -337,49 +361,16 @@ class NgramTable:
                 state = self.seqs[seq_id]
             all_roots.append(state[0])
             a, n = max(state[1], 1), len(ids)
-            if n <= a:
-                state[1] = max(state[1], n)
-                continue
-            state[1] = n
-            lo = max(a - self.max_n, 0)  # the n-grams before the new positions start here
-            flat += ids[lo:n]
-            roots.append(state[0])
-            sizes.append(n - lo)
-            new_from.append(a - lo)
-        if flat:
-            as_array = lambda xs: np.array(xs, np.int64)  # noqa: E731
-            (self._update_compiled if jit.enabled() else self._update_arrays)(
-                _token_array(flat), as_array(sizes), as_array(roots), as_array(new_from))
-        return np.array(all_roots, np.int64)
-
-    def update_with_roots(self, seqs: Sequence[tuple[object, Sequence[int]]]) -> np.ndarray:
-        """``update`` (compiled path only), returning per sequence the ids of the n-grams that end
-        at its last token ([S, max_n + 1]: column n the n-gram of its last n tokens, column 0 its
-        root id; -1 never seen or longer than the sequence): ``suffix_ids`` of the draft's roots,
-        found by the same pass that indexes the new tokens. Each sequence's pass starts
-        ``max_n`` tokens before its last token at the latest, so that those n-grams are walked."""
-        m = self.max_n
-        flat: list[int] = []
-        sizes, roots, new_from = [], [], []
-        for seq_id, ids in seqs:
-            state = self.seqs.get(seq_id)
-            if state is None:
-                self.root(seq_id)
-                state = self.seqs[seq_id]
-            a, n = max(state[1], 1), len(ids)
-            lo = max(min(a, n) - m, 0)
-            flat += ids[lo:n]
-            sizes.append(n - lo)
-            roots.append(state[0])
-            new_from.append(a - lo)  # past the tail when nothing is new: walked, not counted
             state[1] = max(state[1], n)
-        g, nx = self.grams, self.nexts
+            if n <= a and not every:
+                continue
+            lo = max(min(a, n) - self.max_n, 0)
+            flat += ids[lo:n]
+            sizes.append(n - lo)
+            roots.append(state[0])
+            new_from.append(a - lo)
         as_array = lambda xs: np.array(xs, np.int64)  # noqa: E731
-        out = np.empty((len(sizes), m + 1), np.int64)
-        g.kv, g.size, nx.kv, nx.size, self.stats, self.root_of, self.n_ids = _table_update_kernel(
-            _token_array(flat), as_array(sizes), as_array(roots), as_array(new_from), m, g.kv, g.size, nx.kv,
-            nx.size, self.stats, self.root_of, self.n_ids, out)
-        return out
+        return _token_array(flat), as_array(sizes), as_array(roots), as_array(new_from), as_array(all_roots)
 
     def _update_compiled(self, tok: np.ndarray, sizes: np.ndarray, roots: np.ndarray, new_from: np.ndarray) -> None:
         g, nx = self.grams, self.nexts

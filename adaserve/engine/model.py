@@ -52,6 +52,7 @@ GEMV = "numba-gemv"
 MAX_COMPILED_ROWS = 4  # the most rows the measurement tries (1, 2, 4) and ADASERVE_CPU_DECODE=1 allows
 _compiled_rows: dict[torch.dtype, int] = {}
 
+
 @functools.lru_cache(maxsize=None)
 def prepack_supported(dtype: torch.dtype = torch.float32) -> bool:
     """Decided once per process and dtype, by trying it: oneDNN's prepacked linear works in this torch

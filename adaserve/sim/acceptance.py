@@ -500,8 +500,8 @@ class RecordedAcceptance:
 
     def tree_size(self, request: Request) -> int:
         """The non-root nodes the engine's drafter grew for this request at its latest recorded
-        draft at or before its current output length (the nearest such draft: the replay's steps
-        need not fall on the engine's); -1 without one."""
+        draft at or before its current output length (the replay's steps need not fall on the
+        engine's), or its first draft when none is that early; -1 without any."""
         rec = self.trees.get((request.category, request.rid))
         if rec is None:
             return -1
