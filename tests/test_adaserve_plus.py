@@ -18,7 +18,8 @@ from adaserve.core.request import Phase, Request
 from adaserve.core.results import format_text, load_result
 from adaserve.core.trace import TraceError, parse_records, save_trace, to_requests
 from adaserve.iteration import ServingLoop, StepOutput
-from adaserve.scheduling.adaserve_plus import AdaServePlus, _deadline_room, _deadline_view
+from adaserve.scheduling.adaserve_plus import (AdaServePlus, DraftSwitch, _can_wait, _deadline_room,
+                                               _deadline_view, _verified_options)
 from adaserve.scheduling.calibration import (Calibrator, conditional_confidence, end_weights,
                                              exact_end_weights, node_outcomes, path_products)
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
@@ -234,6 +235,76 @@ def test_ttft_room_leaves_decoding_requests_their_slo():
         [decoding(0, slo=36.0, generated=250, behind_ms=behind)], [prompt], now=now)).prefill)
     assert room(-5_000.0) == 900
     assert room(60.0) < 900
+
+
+def test_prefill_waits_when_even_the_least_chunk_would_sink_a_request():
+    """A coding request one token from its end with 26 ms left: the least prefill chunk (128
+    tokens, +23 ms on this profile beside a ~32 ms step) would push it past its SLO, and the
+    waiting prompt is due in 10 s, so the prefill waits an iteration; a prompt due in 150 ms does
+    not wait."""
+    policy = make_policy("adaserve_plus", "llama")
+    now = 10_000.0
+    tight = decoding(0, slo=36.0, generated=255, behind_ms=10.0)
+    far = waiting(5, now, input_len=300, ttft=10_000.0)
+    near = waiting(5, now, input_len=300, ttft=150.0)
+    assert policy.plan(view_of([tight], [far], now=now)).prefill == []
+    assert policy.plan(view_of([tight], [near], now=now)).prefill != []
+
+
+def test_can_wait_only_when_every_deadline_survives_the_wait():
+    now = 10_000.0
+    view = view_of([], [waiting(0, now, input_len=256, ttft=500.0),
+                        waiting(1, now, input_len=256, ttft=2_000.0)], now=now)
+    # one 50 ms decode step, then 256-token chunks of 100 ms: done at +150 and +250 ms
+    assert _can_wait(view, 256, 50.0, 50.0)
+    assert not _can_wait(view, 256, 300.0, 50.0)  # the first is done at 300 + 350 > 500 ms
+    late = view_of([], [waiting(0, now - 5_000.0, input_len=64, ttft=1_000.0)], now=now)
+    assert not _can_wait(late, 256, 1.0, 1.0)  # already past its deadline: no waiting
+
+
+def test_verified_options_rank_requests_by_gain():
+    expected = np.array([[1.0, 1.0, 1.0], [1.2, 1.9, 1.5]])  # depth 0, then a depth with 3 nodes
+    e, tokens = _verified_options(expected, np.array([0.0, 3.0]), np.zeros(3))
+    assert e.shape == (2, 4, 3) and tokens.tolist() == [[3, 3, 3, 3], [3, 6, 9, 12]]
+    assert e[1, 1].tolist() == [1.0, 1.9, 1.0]       # the best request's tree first
+    assert e[1, 2].tolist() == [1.0, 1.9, 1.5]
+    assert e[1, 3].tolist() == expected[1].tolist()
+    assert (e[0] == 1.0).all()
+
+
+def test_an_ngram_drafter_drafts_the_deepest_tree():
+    """Drafting with the n-gram table costs one call whatever the depth: the plan drafts the
+    deepest tree and the selection decides what to verify (a prior that says speculation does
+    not pay must not stop the drafting)."""
+    from adaserve.core.profile import Table
+
+    host = {"draft": Table(np.array([1.0, 64.0]), np.array([0.5, 2.0]))}
+    profile = replace(LLAMA, host=host, measured_with={**LLAMA.measured_with, "drafter": "ngram"})
+    policy = AdaServePlus(make_policy("adaserve", "llama").config, "llama")
+    running = [decoding(i, behind_ms=20.0) for i in range(16)]
+    zero = np.zeros((16, 8))
+    for _ in range(50):  # the plan's own estimate: never right
+        policy.depths.update_many(["chat"] * 16, 7, np.zeros(16, np.int64), zero + 2)
+    assert policy.plan(view_of(running)).shape == SpecShape()  # a draft model: no speculation
+    view = IterationView(10_000.0, [], running, profile, 10**7)
+    assert policy.plan(view).shape == policy.shape_options(16)[-1]
+
+
+def test_draft_switch_turns_drafting_off_while_it_does_not_pay_and_probes():
+    sw = DraftSwitch()
+    for _ in range(sw.min_seen):  # 16 requests commit 17 tokens in a 10% longer step: no gain
+        assert sw.draft()
+        sw.record(True, 17.0, 16, 11.0, 10.0)
+    assert not sw.pays()
+    drafted = []
+    for _ in range(3 * sw.probe_every):
+        d = sw.draft()
+        drafted.append(d)
+        sw.record(d, 17.0 if d else 16.0, 16, 11.0, 10.0)
+    assert sum(drafted) == 3 and drafted[sw.probe_every - 1]  # a probe every probe_every iterations
+    for _ in range(60):  # the traffic changes: 24 tokens for the 10% longer step
+        sw.record(True, 24.0, 16, 11.0, 10.0)
+    assert sw.pays() and sw.draft()
 
 
 def test_predicted_iteration_time_is_the_simulated_one():

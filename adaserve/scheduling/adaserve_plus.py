@@ -41,6 +41,10 @@ BUDGET_GRID = 8            # verification budgets the selection scores between i
 # "hopeless" iff the SLO time left < margin × tokens left × the best predicted ms per token; 2.5
 # was the best of 0.7-1000 at Llama RPS 4.8 (docs/adaserve_plus.md, "What did not work")
 HOPELESS_MARGIN = 2.5
+# the same test for the selection's SLO phase (which nodes a request behind schedule gets): tuned
+# over 1.0-2.5 on ten sweep points (docs/adaserve_plus.md, "The hopeless margin"); at 2.5 a request
+# that needs 40% of the best rate to catch up got no SLO-phase nodes and missed by 3%
+SELECT_MARGIN = 2.0
 
 
 @dataclass
@@ -61,11 +65,11 @@ class SloState:
         with np.errstate(invalid="ignore"):
             return cls(slo, slo * done - elapsed, slo * most - elapsed, np.maximum(most - done, 0))
 
-    def weights(self, best_ms_per_token: np.ndarray) -> np.ndarray:
-        """1 for requests whose SLO is within reach (``HOPELESS_MARGIN``), 0 for best effort and
-        hopeless ones."""
+    def weights(self, best_ms_per_token: np.ndarray, margin: float = HOPELESS_MARGIN) -> np.ndarray:
+        """1 for requests whose SLO is within reach (the time left is at least ``margin`` times
+        what the rest takes at ``best_ms_per_token``), 0 for best effort and hopeless ones."""
         finite = np.isfinite(self.slo)
-        ok = self.budget >= HOPELESS_MARGIN * self.left * best_ms_per_token
+        ok = self.budget >= margin * self.left * best_ms_per_token
         return (finite & ok).astype(np.float64)
 
     def spare(self, ms_per_token: np.ndarray) -> np.ndarray:
@@ -89,6 +93,41 @@ def pick(deficits: np.ndarray, rates: np.ndarray) -> int:
     return int(np.flatnonzero(ok)[np.argmax(rates[ok])])
 
 
+@dataclass
+class DraftSwitch:
+    """Whether drafting pays, for a drafter the plan always runs at its deepest (the n-gram table):
+    tokens per predicted ms of the iterations that drafted against the same iterations predicted
+    without drafting (one token per request, no draft call, incremental host work), as decayed
+    sums. Drafting starts on, goes off while it does not pay, and is tried again every
+    ``probe_every`` iterations so that the sums follow the traffic."""
+
+    decay: float = 0.98        # per drafting iteration (~50 iterations of memory)
+    min_seen: int = 8          # drafting iterations before the sums decide
+    probe_every: int = 16
+    spec_tokens: float = 0.0
+    spec_ms: float = 0.0
+    plain_tokens: float = 0.0
+    plain_ms: float = 0.0
+    seen: int = 0
+    since_draft: int = 0       # iterations since the last one that drafted
+
+    def record(self, drafted: bool, committed: float, n: int, spec_ms: float, plain_ms: float) -> None:
+        if not drafted:
+            self.since_draft += 1
+            return
+        d = self.decay
+        self.spec_tokens, self.spec_ms = d * self.spec_tokens + committed, d * self.spec_ms + spec_ms
+        self.plain_tokens, self.plain_ms = d * self.plain_tokens + n, d * self.plain_ms + plain_ms
+        self.seen += 1
+        self.since_draft = 0
+
+    def pays(self) -> bool:
+        return self.seen < self.min_seen or self.spec_tokens * self.plain_ms >= self.plain_tokens * self.spec_ms
+
+    def draft(self) -> bool:
+        return self.pays() or self.since_draft + 1 >= self.probe_every
+
+
 class AdaServePlus(AdaServe):
     """AdaServe with calibrated, cost-aware speculation and TTFT-deadline prefill (module doc)."""
 
@@ -99,6 +138,8 @@ class AdaServePlus(AdaServe):
         self.depths = DepthAcceptance(alpha=PAPER_CHAIN_ACCEPTANCE.get(family or "llama", 0.79))
         self._calibrated: tuple[int, np.ndarray, np.ndarray] | None = None  # (id(forest), p̂, F̂)
         self.outcomes = {"exact": 0, "posterior": 0}  # steps learned from token ids / posteriors
+        self.switch = DraftSwitch()
+        self._plain_ms: float | None = None  # the planned iteration's predicted time without drafting
 
     # -- plan ---------------------------------------------------------------------------------
     def plan(self, view: IterationView) -> Plan:
@@ -119,21 +160,38 @@ class AdaServePlus(AdaServe):
         return [SpecShape()] + [SpecShape(d, spec.width(n)) for d in range(1, spec.depth(n) + 1)]
 
     def choose_shape(self, view: IterationView, decode: list[Request], prefill_tokens: int) -> SpecShape:
-        """The shape with the smallest expected SLO deficit, then the most tokens per ms."""
+        """The shape with the smallest expected SLO deficit, then the most tokens per ms. A depth
+        is scored with the selection's freedom: any number of requests may have their trees
+        verified (``_verified_options``), since the selection verifies a tree only where it pays.
+
+        A drafter whose cost does not depend on the depth (the n-gram table, one call per
+        iteration) drafts its deepest tree whenever drafting pays (``DraftSwitch``), and the
+        selection, which sees each node's calibrated confidence, decides what to verify: the
+        per-category estimate here cannot tell a coding request that repeats itself from one
+        that does not, and on the CPU engine's profile it drafted nothing in half the
+        iterations and lost the predictable requests AdaServe's SLO phase saves
+        (docs/adaserve_plus.md)."""
         n, ctx = len(decode), context_tokens(decode)
         state = SloState.of(decode, view.now_ms)
         shapes = self.shape_options(n)
+        if view.latency.ngram_drafter:
+            self._plain_ms = float(overhead_ms(view, n, np.zeros(1, np.int64), np.zeros(1))[0]
+                                   + view.latency.verify_ms(n + prefill_tokens, ctx))
+            return shapes[-1] if self.switch.draft() else shapes[0]
+        self._plain_ms = None
         depth = np.array([min(s.depth, MAX_DEPTH) for s in shapes])
-        e = self.expected_tokens(decode, depth)                     # (shapes, n)
         w = self.config.spec.width(n)
         nodes = np.concatenate(([0.0], np.cumsum(np.minimum(self.depths.mean_width(), w))))
-        tokens = np.minimum(n * (1.0 + nodes[depth]), max(view.limits.max_batch_tokens - prefill_tokens, n))
+        e, tokens = _verified_options(self.expected_tokens(decode, depth), nodes[depth], state.slack)
+        tokens = np.minimum(tokens, max(view.limits.max_batch_tokens - prefill_tokens, n))
         lat = view.latency
         first, wide = lat.draft_ms(np.array([n, n * w], np.float64), ctx)
         draft = np.where(depth > 0, first + np.maximum(depth - 1, 0) * wide, 0.0)
-        t = overhead_ms(view, n, depth, draft) + lat.verify_ms(tokens + prefill_tokens, ctx)
+        over = np.repeat(overhead_ms(view, n, depth, draft), n + 1)
+        t = over + np.asarray(lat.verify_ms(tokens.ravel() + prefill_tokens, ctx), np.float64)
+        e = e.reshape(-1, n)
         weight = state.weights(np.min(t[:, None] / e, axis=0))
-        return shapes[pick(state.deficit(e, t, weight), e.sum(axis=1) / t)]
+        return shapes[pick(state.deficit(e, t, weight), e.sum(axis=1) / t) // (n + 1)]
 
     def expected_tokens(self, decode: list[Request], depth: np.ndarray) -> np.ndarray:
         """E_r = 1 + Σ_{k≤d} ρ_k(r's category): tokens each request is expected to commit in an
@@ -148,7 +206,11 @@ class AdaServePlus(AdaServe):
         (``slack`` mode) or, if more, the least room that meets the most waiting prompts' TTFT
         deadlines (``_deadline_room``) among the rooms every salvageable decoding request can
         absorb (``SloState.spare``): a TPOT miss loses the request on both metrics, a TTFT miss
-        on the joint one only, so TTFT deadlines take what the decode SLOs leave."""
+        on the joint one only, so TTFT deadlines take what the decode SLOs leave. When even the
+        least room would push a salvageable request past its SLO, the prefill waits an iteration
+        if no waiting prompt loses its TTFT deadline by the wait (``_can_wait``): a floor of
+        ``min_prefill_chunk`` tokens cost a coding request with 3 tokens and 350 ms left a 465 ms
+        step on the CPU engine's profile."""
         lim = view.limits
         if not view.waiting:
             return 0
@@ -169,7 +231,10 @@ class AdaServePlus(AdaServe):
         spare = state.spare(step / self.expected_tokens(decode, np.array([shape.depth]))[0])
         ok = extra <= np.min(np.where(weight > 0, spare, np.inf), initial=np.inf)
         by_deadline = _deadline_room(view, rooms[ok], (step + extra)[ok]) if ok.any() else 0
-        return max(by_slack, by_deadline)
+        room = max(by_slack, by_deadline)
+        if not ok[0] and _can_wait(view, room, step, float(extra[rooms == room][0])):
+            return 0  # even the least chunk would sink a salvageable request: prefill next time
+        return room
 
     # -- select -------------------------------------------------------------------------------
     def select(self, plan: Plan, forest: CandidateForest, view: IterationView) -> Selection:
@@ -188,7 +253,7 @@ class AdaServePlus(AdaServe):
         need_at = need_function(decode, view.now_ms)
         cap = np.full(n, shape.depth + 1, np.float64)
         best = sc.expected_tokens(len(sc.order))[-1] / n + 1.0
-        weight = state.weights(np.full(n, float(predict(b_rate)) / best))
+        weight = state.weights(np.full(n, float(predict(b_rate)) / best), SELECT_MARGIN)
         need = np.where(weight > 0, need_at(float(predict(b_rate))), -np.inf)
         wanted = n + int(slo_wants(sc, need, cap, self.config.spec.n_max(b_rate, n)).sum())
         top = min(max(wanted, b_rate), max_budget)
@@ -211,6 +276,9 @@ class AdaServePlus(AdaServe):
     def observe(self, plan: Plan, forest: CandidateForest, selection: Selection, out) -> None:
         """Learn from one step's outcome: which selected nodes the target accepted."""
         decode = plan.decode
+        if decode and self._plain_ms is not None:
+            self.switch.record(plan.shape.speculative, float(np.sum(out.committed)), len(decode),
+                               selection.predicted_ms, self._plain_ms)
         if not decode or forest.n_nodes == len(decode):
             return
         committed = np.asarray(out.committed, np.int64)
@@ -236,6 +304,23 @@ class AdaServePlus(AdaServe):
         np.add.at(verified, (forest.owner[deep], forest.depth[deep] - 1), 1.0)
         self.depths.update_many([r.category for r in decode], plan.shape.depth, accepted_depth,
                                 verified)
+
+
+def _verified_options(expected: np.ndarray, nodes: np.ndarray, slack: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per depth (rows of ``expected``: (depths, n) tokens each request commits with its whole
+    tree verified; ``nodes``: a tree's non-root nodes per depth), the options "the first k
+    requests' trees verified, the others' roots only", k = 0..n, requests ranked by expected
+    gain (then the least slack first). Returns the options' expected tokens (depths, n + 1, n)
+    and verified tokens (depths, n + 1)."""
+    depths, n = expected.shape
+    gain = expected - 1.0
+    rank = np.empty((depths, n), np.int64)
+    for d in range(depths):
+        rank[d, np.lexsort((slack, -gain[d]))] = np.arange(n)
+    k = np.arange(n + 1)
+    chosen = rank[:, None, :] < k[None, :, None]                       # (depths, n + 1, n)
+    return 1.0 + gain[:, None, :] * chosen, n + k[None, :] * nodes[:, None]
 
 
 def _step_predictor(plan: Plan, view: IterationView, prefill_tokens: int):
@@ -299,6 +384,18 @@ def _room_options(view: IterationView, least: int, most: int) -> np.ndarray:
     ends = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.int64)
     ends = ends[(ends >= least) & (ends <= most)]
     return np.unique(np.concatenate((np.arange(least, most + 1, 32, dtype=np.int64), ends)))
+
+
+def _can_wait(view: IterationView, room: int, decode_ms: float, extra_ms: float) -> bool:
+    """Whether prefilling ``room`` tokens per iteration from the next iteration on (after one of
+    ``decode_ms`` without prefill; each later one ``extra_ms`` longer) still meets every waiting
+    prompt's TTFT deadline (in the view's order). A prompt already past its deadline forbids the
+    wait: deferring would only grow the queue."""
+    now = view.now_ms
+    remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
+    deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
+    finish = now + decode_ms + np.ceil(remaining / max(room, 1)) * (decode_ms + extra_ms)
+    return bool(np.all(finish <= deadline))
 
 
 def _deadline_room(view: IterationView, rooms: np.ndarray, step_ms: np.ndarray) -> int:
