@@ -13,10 +13,13 @@ Three changes to AdaServe's iteration:
    among options within a tolerance of the smallest deficit, the expected tokens per ms. The plan
    scores every tree depth (and no speculation at all: the draft phase must pay for itself), the
    selection scores a grid of verification budgets. A request whose SLO, with a margin, is out of
-   reach at the best rate the system has now (*hopeless*) stops steering the choice.
+   reach at the best rate the system has now (*hopeless*) stops steering the choice. A drafter
+   whose cost does not depend on the depth (n-gram) drafts its deepest tree while drafting pays
+   (``DraftSwitch``) and leaves to the selection what to verify.
 3. **TTFT deadlines**: waiting prompts are prefilled earliest-deadline-first (deadlines still
    ahead first), and each iteration's prefill room is the larger of what the decode slack
-   allows and the least room that meets the most waiting prompts' TTFT deadlines.
+   allows and the least room that meets the most waiting prompts' TTFT deadlines; none when even
+   the least room would sink a salvageable request and every prompt can wait an iteration.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ BUDGET_GRID = 8            # verification budgets the selection scores between i
 # was the best of 0.7-1000 at Llama RPS 4.8 (docs/adaserve_plus.md, "What did not work")
 HOPELESS_MARGIN = 2.5
 # the same test for the selection's SLO phase (which nodes a request behind schedule gets): tuned
-# over 1.0-2.5 on ten sweep points (docs/adaserve_plus.md, "The hopeless margin"); at 2.5 a request
-# that needs 40% of the best rate to catch up got no SLO-phase nodes and missed by 3%
+# over 1.0-2.5 on ten sweep points (docs/adaserve_plus.md, "The selection's margin"); at 2.5 a
+# request 22 tokens from its end with 766 ms left (Llama RPS 3.6) got no SLO-phase nodes and
+# missed its 36 ms SLO by 3%
 SELECT_MARGIN = 2.0
 
 
