@@ -176,13 +176,13 @@ class AdaServePlus(AdaServe):
         iterations and lost the predictable requests AdaServe's SLO phase saves
         (docs/adaserve_plus.md)."""
         n, ctx = len(decode), context_tokens(decode)
-        state = SloState.of(decode, view.now_ms)
         shapes = self.shape_options(n)
         if view.latency.ngram_drafter:
             self._plain_ms = float(overhead_ms(view, n, np.zeros(1, np.int64), np.zeros(1))[0]
                                    + view.latency.verify_ms(n + prefill_tokens, ctx))
             return shapes[-1] if self.switch.draft() else shapes[0]
         self._plain_ms = None
+        state = SloState.of(decode, view.now_ms)
         depth = np.array([min(s.depth, MAX_DEPTH) for s in shapes])
         w = self.config.spec.width(n)
         nodes = np.concatenate(([0.0], np.cumsum(np.minimum(self.depths.mean_width(), w))))
