@@ -240,13 +240,14 @@ def test_ttft_room_leaves_decoding_requests_their_slo():
 def test_prefill_waits_when_even_the_least_chunk_would_sink_a_request():
     """A coding request one token from its end with 26 ms left: the least prefill chunk (128
     tokens, +23 ms on this profile beside a ~32 ms step) would push it past its SLO, and the
-    waiting prompt is due in 10 s, so the prefill waits an iteration; a prompt due in 150 ms does
-    not wait."""
+    waiting prompt is due in 10 s, so the prefill waits an iteration; a 120-token prompt due in
+    100 ms, which a chunk now meets (~77 ms) and one after a wait would not (~124 ms), does not
+    wait."""
     policy = make_policy("adaserve_plus", "llama")
     now = 10_000.0
     tight = decoding(0, slo=36.0, generated=255, behind_ms=10.0)
     far = waiting(5, now, input_len=300, ttft=10_000.0)
-    near = waiting(5, now, input_len=300, ttft=150.0)
+    near = waiting(5, now, input_len=120, ttft=100.0)
     assert policy.plan(view_of([tight], [far], now=now)).prefill == []
     assert policy.plan(view_of([tight], [near], now=now)).prefill != []
 
@@ -258,8 +259,16 @@ def test_can_wait_only_when_every_deadline_survives_the_wait():
     # one 50 ms decode step, then 256-token chunks of 100 ms: done at +150 and +250 ms
     assert _can_wait(view, 256, 50.0, 50.0)
     assert not _can_wait(view, 256, 300.0, 50.0)  # the first is done at 300 + 350 > 500 ms
-    late = view_of([], [waiting(0, now - 5_000.0, input_len=64, ttft=1_000.0)], now=now)
-    assert not _can_wait(late, 256, 1.0, 1.0)  # already past its deadline: no waiting
+
+
+def test_a_prompt_past_its_deadline_does_not_forbid_the_wait():
+    """A late prompt has lost its TTFT either way; a prompt still on time behind it decides."""
+    now = 10_000.0
+    late = waiting(0, now - 5_000.0, input_len=64, ttft=1_000.0)
+    assert _can_wait(view_of([], [late], now=now), 256, 1.0, 1.0)
+    due = waiting(1, now, input_len=256, ttft=150.0)
+    assert not _can_wait(view_of([], [due, late], now=now), 256, 100.0, 0.0)  # +100 now, +200 later
+    assert _can_wait(view_of([], [due, late], now=now), 256, 50.0, 0.0)  # +50 now, +100 later
 
 
 def test_verified_options_rank_requests_by_gain():

@@ -19,7 +19,8 @@ Three changes to AdaServe's iteration:
 3. **TTFT deadlines**: waiting prompts are prefilled earliest-deadline-first (deadlines still
    ahead first), and each iteration's prefill room is the larger of what the decode slack
    allows and the least room that meets the most waiting prompts' TTFT deadlines; none when even
-   the least room would sink a salvageable request and every prompt can wait an iteration.
+   the least room would sink a salvageable request and no prompt loses its deadline by waiting an
+   iteration.
 """
 
 from __future__ import annotations
@@ -392,14 +393,17 @@ def _room_options(view: IterationView, least: int, most: int) -> np.ndarray:
 
 def _can_wait(view: IterationView, room: int, decode_ms: float, extra_ms: float) -> bool:
     """Whether prefilling ``room`` tokens per iteration from the next iteration on (after one of
-    ``decode_ms`` without prefill; each later one ``extra_ms`` longer) still meets every waiting
-    prompt's TTFT deadline (in the view's order). A prompt already past its deadline forbids the
-    wait: deferring would only grow the queue."""
+    ``decode_ms`` without prefill; each later one ``extra_ms`` longer) meets every TTFT deadline
+    (of the waiting prompts, in the view's order) that prefilling from this iteration on meets. A
+    prompt already past its deadline has lost it either way, and its TPOT clock starts only with
+    its first token: it does not forbid the wait. In an overload (the CPU engine at the trace's
+    rate) every queued prompt is late, and prefilling them anyway sank the decoding requests that
+    could still attain."""
     now = view.now_ms
     remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
     deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
-    finish = now + decode_ms + np.ceil(remaining / max(room, 1)) * (decode_ms + extra_ms)
-    return bool(np.all(finish <= deadline))
+    prefill_now = now + np.ceil(remaining / max(room, 1)) * (decode_ms + extra_ms)
+    return bool(np.all((prefill_now + decode_ms <= deadline) | (prefill_now > deadline)))
 
 
 def _deadline_room(view: IterationView, rooms: np.ndarray, step_ms: np.ndarray) -> int:
