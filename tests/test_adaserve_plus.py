@@ -241,8 +241,8 @@ def test_prefill_waits_when_even_the_least_chunk_would_sink_a_request():
     """A coding request one token from its end with 26 ms left: the least prefill chunk (128
     tokens, +23 ms on this profile beside a ~32 ms step) would push it past its SLO, and the
     waiting prompt is due in 10 s, so the prefill waits an iteration; a 120-token prompt due in
-    100 ms, which a chunk now meets (~77 ms) and one after a wait would not (~124 ms), does not
-    wait."""
+    100 ms does not wait: with drafting an iteration predicts ~47 ms and one with the chunk ~77
+    ms, so the prompt is met now and would not be after a wait (~124 ms)."""
     policy = make_policy("adaserve_plus", "llama")
     now = 10_000.0
     tight = decoding(0, slo=36.0, generated=255, behind_ms=10.0)
