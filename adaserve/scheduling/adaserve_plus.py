@@ -391,6 +391,14 @@ def _room_options(view: IterationView, least: int, most: int) -> np.ndarray:
     return np.unique(np.concatenate((np.arange(least, most + 1, 32, dtype=np.int64), ends)))
 
 
+def _queue(view: IterationView) -> tuple[np.ndarray, np.ndarray]:
+    """The waiting prompts in the view's order: prompt tokens left up to and including each
+    (cumulative, since each waits for those before it) and each one's TTFT deadline."""
+    remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
+    deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
+    return remaining, deadline
+
+
 def _can_wait(view: IterationView, room: int, decode_ms: float, extra_ms: float) -> bool:
     """Whether prefilling ``room`` tokens per iteration from the next iteration on (after one of
     ``decode_ms`` without prefill; each later one ``extra_ms`` longer) meets every TTFT deadline
@@ -399,10 +407,8 @@ def _can_wait(view: IterationView, room: int, decode_ms: float, extra_ms: float)
     its first token: it does not forbid the wait. In an overload (the CPU engine at the trace's
     rate) every queued prompt is late, and prefilling them anyway sank the decoding requests that
     could still attain."""
-    now = view.now_ms
-    remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
-    deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
-    prefill_now = now + np.ceil(remaining / max(room, 1)) * (decode_ms + extra_ms)
+    remaining, deadline = _queue(view)
+    prefill_now = view.now_ms + np.ceil(remaining / max(room, 1)) * (decode_ms + extra_ms)
     return bool(np.all((prefill_now + decode_ms <= deadline) | (prefill_now > deadline)))
 
 
@@ -411,10 +417,8 @@ def _deadline_room(view: IterationView, rooms: np.ndarray, step_ms: np.ndarray) 
     prompts (in the view's order) by their TTFT deadlines; 0 when no room meets any. A prompt may
     be met only by a small room (short steps) or only by a large one (few steps), so every room is
     scored, not only the largest."""
-    now = view.now_ms
-    remaining = np.cumsum([r.remaining_prefill for r in view.waiting], dtype=np.float64)
-    deadline = np.array([r.ttft_deadline_ms for r in view.waiting], np.float64)
-    finish = now + np.ceil(remaining[None, :] / rooms[:, None]) * step_ms[:, None]
+    remaining, deadline = _queue(view)
+    finish = view.now_ms + np.ceil(remaining[None, :] / rooms[:, None]) * step_ms[:, None]
     met = (finish <= deadline).sum(axis=1)
     return int(rooms[np.argmax(met)]) if met.max() > 0 else 0
 
