@@ -148,6 +148,28 @@ def test_host_breakdown_times_every_phase_of_full_trees(restore_threads):
     assert r.committed_per_step >= 3
     assert all(v >= 0 for v in r.phases_ms.values()) and r.phases_ms["forward"] > 0
     assert r.host_ms == pytest.approx(r.iteration_ms - r.phases_ms["forward"], rel=0.5)
+    # the replayed pass ran the same steps without the forward (it checks its commits itself)
+    assert r.host_replayed_ms > 0 and set(r.phases_replayed_ms) == set(bench.HOST_PHASES)
+    assert r.phases_replayed_ms["forward"] < r.phases_ms["forward"]
+
+
+def test_host_replay_stands_in_for_the_forward_and_detects_divergence(restore_threads):
+    torch.set_num_threads(1)
+    model = tiny_random_model("llama")
+    args = (model, 2, 24, 2, 2, 3, 1, 0, False)
+    first = bench._host_pass(*args, record=True)
+    assert len(first.logits) == 3 and [t.shape[0] for t in first.logits] == first.tokens
+    again = bench._host_pass(*args, replayed=first.logits)
+    assert again.committed == first.committed and again.tokens == first.tokens
+    bench._check_replay(first, again)
+    # a pass that committed other tokens, or ran other batches, is not a replay of this one
+    for changed in ({"committed": [c + 1 for c in first.committed]}, {"tokens": first.tokens[::-1] + [1]}):
+        with pytest.raises(RuntimeError, match="diverged"):
+            bench._check_replay(first, bench._HostPass(**{**vars(again), **changed}))
+    with pytest.raises(RuntimeError, match="diverged"):  # logits of another batch size
+        bench._host_pass(*args, replayed=[t[:-1] for t in first.logits])
+    with pytest.raises(RuntimeError, match="diverged"):  # too few recorded steps
+        bench._host_pass(*args, replayed=first.logits[:1])
 
 
 def test_cli_bench_engine_host_json(capsys, restore_threads):
@@ -157,6 +179,10 @@ def test_cli_bench_engine_host_json(capsys, restore_threads):
     assert out["overhead"] == [] and out["generation"] == []
     (h,) = out["host"]
     assert (h["requests"], h["context"], h["depth"], h["width"]) == (2, 24, 2, 2)
-    assert h["tokens_per_step"] == 2 * 5 and h["host_ms"] > 0
+    assert h["tokens_per_step"] == 2 * 5 and h["host_ms"] > 0 and h["host_replayed_ms"] > 0
+    assert main(["bench", "engine", "--model", "tiny-llama", "--only", "host", "--batches", "2", "--context", "24",
+                 "--depth", "2", "--width", "2", "--steps", "2", "--json", "--no-replay"]) == 0
+    (h,) = json.loads(capsys.readouterr().out)["host"]
+    assert h["host_replayed_ms"] is None and h["phases_replayed_ms"] == {}
     assert main(["bench", "engine", "--model", "tiny-llama", "--only", "host", "--depth", "0"]) == 2
     assert "--depth must be >= 1" in capsys.readouterr().err

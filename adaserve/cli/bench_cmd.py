@@ -68,6 +68,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "batch build, forward, verification, commit), not part of the default run")
     p.add_argument("--depth", type=int, default=8, help="--only host: tree depth (default 8)")
     p.add_argument("--width", type=int, default=3, help="--only host: beam width (default 3)")
+    p.add_argument("--no-replay", action="store_true",
+                   help="--only host: skip the second pass that times the same steps with the forward "
+                        "replaced by the first pass's logits (the host work without a CPU forward "
+                        "evicting its caches between steps, as on a GPU host)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
