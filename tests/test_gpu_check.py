@@ -186,6 +186,9 @@ def test_dry_run_on_cuda_prints_every_step():
             [bench] = benches
             assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
             assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
+    [host] = [x for x in lines if "--only host" in x]  # the first shape only
+    assert host.endswith("> /w/bench-llama-3.2-1b-host-graphs-on.json")
+    assert "--model /w/ckpt-llama-3.2-1b --device cuda --cuda-graphs --only host --batches 16,64" in host
     runs = [x for x in lines if " run --trace " in x]
     assert [r.split("--system ")[1].split()[0] for r in runs] == ["vllm", "adaserve", "adaserve_plus"]
     assert all("--model /w/ckpt-llama-3.2-1b" in r and "--device cuda" in r for r in runs)
@@ -237,7 +240,8 @@ def test_table_from_results(tmp_path):
         sys.path.pop(0)
     bench = {"baseline_ms": 3.5, "overhead": [{"mode": "incremental", "requests": 16, "tokens_per_step": 16.0,
                                                "forward_ms": 4.25, "ratio": 1.05}],
-             "generation": [{"system": "vllm", "batch": 16, "tokens_per_s": 1234.5, "same_as_hf": 16}]}
+             "generation": [{"system": "vllm", "batch": 16, "tokens_per_s": 1234.5, "same_as_hf": 16}],
+             "host": [{"requests": 64, "host_ms": 2.5, "host_replayed_ms": 1.25}]}
     (tmp_path / "bench-llama-3.2-1b-graphs-on.json").write_text(json.dumps(bench))
     run = {"summary": {"registered": 40, "slo_attainment_pct": 87.5, "mean_generated_tokens_per_step": 1.4},
            "meta": {"system": "adaserve", "model": "/w/ckpt-llama-3.2-1b", "iterations": 200, "wall_s": 4.0,
@@ -248,6 +252,8 @@ def test_table_from_results(tmp_path):
     assert lines[0] == "| measure | llama-3.2-1b graphs on |"
     assert "| 1-token decode step, batch 1 (quick profile) ms | 3.50 |" in lines
     assert "| generate tok/s, vllm, batch 16 | 1234.5 (16/16 same as generate) |" in lines
+    assert "| host work per iteration, 64 req ms | 2.500 |" in lines
+    assert "| host work per iteration, 64 req, forward replayed ms | 1.250 |" in lines
     assert "| adaserve run adaserve, 40 requests: wall ms per iteration | 20.0 (200 iterations) |" in lines
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
@@ -280,6 +286,7 @@ def test_whole_script_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = (tmp_path / "table.md").read_text()
     assert "llama-tiny graphs off" in table and "adaserve run adaserve, 6 requests" in table
+    assert re.search(r"\| host work per iteration, 4 req, forward replayed ms \|[ |]*\d", table), table
     # every run simulated from the profile with its recorded acceptance, beside the engine's numbers
     for system in ("vllm", "adaserve", "adaserve_plus"):
         [row] = [x for x in table.splitlines()
