@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from adaserve.core.errors import UserError
@@ -33,12 +34,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
     ``mkstemp`` creates files 0600; the final file gets the permissions an ordinary ``open`` would
     give it (0666 less the umask)."""
+    atomic_write_chunks(path, (text,))
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[str]) -> None:
+    """``atomic_write_text`` of the concatenated ``chunks``, written as they come (a large
+    document never has to be one string in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            for chunk in chunks:
+                f.write(chunk)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

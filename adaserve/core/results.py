@@ -14,11 +14,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from adaserve.core.metrics import request_record
 from adaserve.core.request import Request
-from adaserve.core.files import atomic_write_text
+from adaserve.core.files import atomic_write_chunks, atomic_write_text
 
 STATS_LINE = re.compile(r"^ (\w+)\( (.*)\)$")
 STATS_NAMES = ("total_time_ms", "total_requests", "total_tokens", "throughput_tokens_per_sec",
@@ -93,11 +93,20 @@ def write_results(prefix: str | Path, summary: Mapping[str, Any], requests: Sequ
                   meta: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``PREFIX.json`` then ``PREFIX.txt`` atomically; return their paths."""
     txt, js = _paths(prefix)
-    doc = {"complete": True, "meta": dict(meta), "summary": dict(summary),
-           "requests": [request_record(r) for r in requests]}
-    atomic_write_text(js, json.dumps(_clean(doc), allow_nan=False) + "\n")
+    atomic_write_chunks(js, _result_json(summary, requests, meta))
     atomic_write_text(txt, format_text(summary, meta))
     return txt, js
+
+
+def _result_json(summary: Mapping[str, Any], requests: Sequence[Request],
+                 meta: Mapping[str, Any]) -> Iterator[str]:
+    """``json.dumps`` of ``{"complete", "meta", "summary", "requests"}`` (the same text), one
+    request record at a time: the records of a long trace are never all in memory at once."""
+    dump = lambda obj: json.dumps(_clean(obj), allow_nan=False)  # noqa: E731
+    yield f'{{"complete": true, "meta": {dump(dict(meta))}, "summary": {dump(dict(summary))}, "requests": ['
+    for i, r in enumerate(requests):
+        yield (", " if i else "") + dump(request_record(r))
+    yield "]}\n"
 
 
 def read_stats_block(path: str | Path) -> dict[str, str]:

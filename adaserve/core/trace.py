@@ -11,6 +11,7 @@ import math
 import os
 import re
 import reprlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -350,7 +351,7 @@ def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
         out.append(Request(rid=i, arrival_ms=rec.emission_time_ms, input_len=n_in,
                            max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
                            slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
-                           category=slo.category_of(rec.slo_ratio, rec.category), prompt=rec.prompt,
+                           category=sys.intern(slo.category_of(rec.slo_ratio, rec.category)), prompt=rec.prompt,
                            slo_ttft_ms=rec.slo_ttft_ms))
     return out
 

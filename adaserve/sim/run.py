@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress as progress_bar
+from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.core.results import write_results
 from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
@@ -38,10 +39,19 @@ def simulate_records(records: list[TraceRecord], system: str, profile_name: str,
     ``acceptance`` is given, the calibrated acceptance model. ``system`` is priced on the engine
     the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile)."""
     profile = system_profile(profile_name, system, pricing)
-    policy = make_policy(system, profile.family, **(policy_options or {}))
+    requests = _requests(records, profile, baseline_ms, scale_slos)
+    return _simulate(requests, system, profile, seed, acceptance, progress, policy_options)
+
+
+def _requests(records: list[TraceRecord], profile: LatencyProfile, baseline_ms: float | None,
+              scale_slos: bool) -> list[Request]:
     baseline = baseline_ms or profile.decode_baseline_ms
-    records = prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos)
-    requests = to_requests(records, baseline)
+    return to_requests(prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos), baseline)
+
+
+def _simulate(requests: list[Request], system: str, profile: LatencyProfile, seed: int, acceptance,
+              progress: bool, policy_options: dict | None) -> SimResult:
+    policy = make_policy(system, profile.family, **(policy_options or {}))
     executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed,
                            draft_prefill=policy.drafts)
     bar = progress_bar(len(requests), f"{system} on {profile.name}", "req", enabled=progress,
@@ -67,15 +77,14 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     ``input_length`` disagrees with their prompt's token count by more than 2x are reported through
     ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
     warn = warn or _stderr_warning
-    records = load_sim_records(trace, fix_input_lengths, warn)
     profile = system_profile(profile_name, system, pricing)
+    # the records become requests in one call, so that nothing holds them during the run
+    requests = _requests(load_sim_records(trace, fix_input_lengths, warn), profile, baseline_ms, scale_slos)
     stale = split_calls_missing(profile)
     if stale:
         warn(stale)
     model = RecordedAcceptance.load(acceptance) if acceptance else None
-    result = simulate_records(records, system, profile_name, seed=seed, baseline_ms=baseline_ms,
-                              scale_slos=scale_slos, progress=progress, policy_options=policy_options,
-                              acceptance=model, pricing=pricing)
+    result = _simulate(requests, system, profile, seed, model, progress, policy_options)
     if out is not None:
         meta = {"backend": "sim", "sim_model": SIM_MODEL, "system": system, "trace": str(trace), "profile": profile.name,
                 "profile_source": profile.source, "hardware": profile.hardware, "seed": seed,
