@@ -113,6 +113,15 @@ def test_per_request_latencies():
 
 # ------------------------------------------------------------------------------ the summary
 
+def test_all_itls_are_every_request_s_itls_in_order():
+    reqs = [make(0, "chat", 1.2, arrival=0, token_times=[1.0, 3.0, 3.0, 7.5]),
+            make(1, "chat", 1.2, arrival=0, token_times=[]), make(2, "chat", 1.2, arrival=0, token_times=[4.0]),
+            make(3, "chat", 1.2, arrival=0, token_times=[2.0, 2.5, 9.0])]
+    got = metrics._all_itls(reqs)
+    assert got.dtype == float and got.tolist() == [g for r in reqs for g in metrics.itls_ms(r)] == [2.0, 4.5, 0.5, 6.5]
+    assert metrics._all_itls([]).tolist() == []
+
+
 def test_serving_time_is_last_finish_minus_first_admission():
     assert serving_time_ms(workload()) == 2000.0  # finish 2000 (rid 3) − admission 0 (rid 0)
     assert serving_time_ms(workload()[1:3]) == 1100.0 - 120.0
@@ -308,6 +317,12 @@ def test_write_results_files(tmp_path, summary):
     assert recs[1]["ttft_ms"] == 100 and recs[1]["tpot_ms"] == 75
     assert load_result(prefix) == doc
     assert result_complete(prefix)
+    # written one request record at a time, the text is json.dumps of the whole document
+    whole = {"complete": True, "meta": META, "summary": summary,
+             "requests": [metrics.request_record(r) for r in workload()]}
+    assert js.read_text(encoding="utf-8") == json.dumps(results._clean(whole), allow_nan=False) + "\n"
+    _, js = write_results(tmp_path / "none", summary, [], META)  # no requests: an empty list
+    assert js.read_text(encoding="utf-8") == json.dumps(results._clean({**whole, "requests": []})) + "\n"
 
 
 def test_non_finite_numbers_become_null(tmp_path):

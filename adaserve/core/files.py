@@ -7,8 +7,8 @@ import codecs
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from adaserve.core.errors import UserError

@@ -39,12 +39,12 @@ def simulate_records(records: list[TraceRecord], system: str, profile_name: str,
     ``acceptance`` is given, the calibrated acceptance model. ``system`` is priced on the engine
     the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile)."""
     profile = system_profile(profile_name, system, pricing)
-    requests = _requests(records, profile, baseline_ms, scale_slos)
+    requests = _prepared_requests(records, profile, baseline_ms, scale_slos)
     return _simulate(requests, system, profile, seed, acceptance, progress, policy_options)
 
 
-def _requests(records: list[TraceRecord], profile: LatencyProfile, baseline_ms: float | None,
-              scale_slos: bool) -> list[Request]:
+def _prepared_requests(records: list[TraceRecord], profile: LatencyProfile, baseline_ms: float | None,
+                       scale_slos: bool) -> list[Request]:
     baseline = baseline_ms or profile.decode_baseline_ms
     return to_requests(prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos), baseline)
 
@@ -79,7 +79,8 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     warn = warn or _stderr_warning
     profile = system_profile(profile_name, system, pricing)
     # the records become requests in one call, so that nothing holds them during the run
-    requests = _requests(load_sim_records(trace, fix_input_lengths, warn), profile, baseline_ms, scale_slos)
+    requests = _prepared_requests(load_sim_records(trace, fix_input_lengths, warn), profile, baseline_ms,
+                                  scale_slos)
     stale = split_calls_missing(profile)
     if stale:
         warn(stale)
