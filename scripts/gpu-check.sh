@@ -17,19 +17,19 @@
 #      profile the simulator prices with), then adaserve run of each of SYSTEMS on a generated
 #      RPS-4.8 trace with that profile,
 #      recording the draft acceptance and logging every iteration (scripts/engine_steps.py)
-#   4. adaserve bench engine on every shape (the 8B one's checkpoint made here), CUDA graphs on and
-#      off (the 8B shape on only: the floor step has its eager steps) (synthetic text prompts: the
-#      offline prompt pool is a wheel such machines lack);
-#      transformers' generate as the peer on the 1B shape; on the first shape also the host work per
-#      iteration (bench engine --only host: 16 and 64 requests, 1k-token prompts, D=8 W=3 trees).
-#      Last because the 8B shape is the slowest:
-#      a check cut short by its caller's time limit has the serving runs already
+#   4. adaserve bench engine on each of BENCH_SHAPES (default: the first shape; the 8B shape's steps
+#      are the floor step's, and its checkpoint and benchmark add minutes), CUDA graphs on (and off
+#      with BENCH_GRAPHS="on off") (synthetic text prompts: the offline prompt pool is a wheel such
+#      machines lack); transformers' generate as the peer on the 1B shape; on the first shape also
+#      the host work per iteration (bench engine --only host: 16 and 64 requests, 1k-token prompts,
+#      D=8 W=3 trees). Last: a check cut short by its caller's time limit has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
 #      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
 #
 # Environment: DEVICE (cuda | cpu; default cuda), PYTHON (default: python3), WORK (default: a new
 # temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
-# "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), RUN_REQUESTS (default 40), SYSTEMS
+# "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), BENCH_SHAPES (the shapes step 4
+# benchmarks, default the first of SHAPES; e.g. "llama-3.2-1b llama-3.1-8b"), RUN_REQUESTS (default 40), SYSTEMS
 # (default "vllm adaserve adaserve_plus"), SKIP (steps to leave out, of: tests floor runs bench;
 # e.g. SKIP="tests bench" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
@@ -144,6 +144,7 @@ fi
 
 # 2-3. the first shape's checkpoint and profile, then adaserve run: vllm vs adaserve vs adaserve_plus
 first=${SHAPES%% *}
+BENCH_SHAPES=${BENCH_SHAPES:-$first}
 if wanted runs; then
   step "checkpoint $first" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" --out "$WORK/ckpt-$first"
   trace="$WORK/trace-rps4.8.json"
@@ -163,9 +164,9 @@ if wanted runs; then
   done
 fi
 
-# 4. bench engine on every shape
+# 4. bench engine on each of BENCH_SHAPES
 if wanted bench; then
-  for shape in $SHAPES; do
+  for shape in $BENCH_SHAPES; do
     ckpt="$WORK/ckpt-$shape"
     if [[ $shape != "$first" ]] || ! wanted runs; then  # else it was written in step 2
       step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"

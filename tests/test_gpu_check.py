@@ -176,16 +176,21 @@ def test_dry_run_on_cuda_prints_every_step():
     assert lines[1].startswith("python3 -m adaserve.runtime.weight_floor --shapes llama-3.2-1b,llama-3.1-8b")
     assert "--graphs on,off" in lines[1] and "--json /w/floor.json" in lines[1]
     assert "-k not\\ weight_bandwidth" in lines[0]  # the big shapes' profile tests: the floor step times them
-    for shape in ("llama-3.2-1b", "llama-3.1-8b"):
-        assert f"python3 -m adaserve.runtime.random_checkpoint --shape {shape} --out /w/ckpt-{shape}" in lines
-        for g, flag in (("on", "--cuda-graphs"), ("off", "--no-cuda-graphs")):
-            benches = [x for x in lines if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
-            if g == "off":  # eager steps: the weight-floor step's "off" rows (BENCH_GRAPHS="on off" adds them)
-                assert benches == []
-                continue
-            [bench] = benches
-            assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
-            assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
+    assert "python3 -m adaserve.runtime.random_checkpoint --shape llama-3.2-1b --out /w/ckpt-llama-3.2-1b" in lines
+    # the 8B shape is benchmarked only when asked (BENCH_SHAPES): the floor step times its steps
+    assert not any("ckpt-llama-3.1-8b" in x for x in lines)
+    for bench_shapes, shapes in ((None, ("llama-3.2-1b",)), ("llama-3.2-1b llama-3.1-8b", ("llama-3.2-1b", "llama-3.1-8b"))):
+        got = dry_run() if bench_shapes is None else dry_run(BENCH_SHAPES=bench_shapes)
+        for shape in shapes:
+            assert f"python3 -m adaserve.runtime.random_checkpoint --shape {shape} --out /w/ckpt-{shape}" in got
+            for g, flag in (("on", "--cuda-graphs"), ("off", "--no-cuda-graphs")):
+                benches = [x for x in got if x.endswith(f"> /w/bench-{shape}-graphs-{g}.json")]
+                if g == "off":  # eager steps: the weight-floor step's "off" rows (BENCH_GRAPHS="on off" adds them)
+                    assert benches == []
+                    continue
+                [bench] = benches
+                assert f"bench engine --model /w/ckpt-{shape} --device cuda {flag} --prompts synthetic-text" in bench
+                assert ("--no-hf" in bench) == (shape == "llama-3.1-8b")
     [host] = [x for x in lines if "--only host" in x]  # the first shape only
     assert host.endswith("> /w/bench-llama-3.2-1b-host-graphs-on.json")
     assert "--model /w/ckpt-llama-3.2-1b --device cuda --cuda-graphs --only host --batches 16,64" in host
@@ -204,7 +209,7 @@ def test_dry_run_on_cuda_prints_every_step():
 
 
 def test_dry_run_knobs_add_eager_benchmarks_and_replace_the_test_filter():
-    lines = dry_run(BENCH_GRAPHS="on off", PYTEST_K="graph")
+    lines = dry_run(BENCH_GRAPHS="on off", PYTEST_K="graph", BENCH_SHAPES="llama-3.2-1b llama-3.1-8b")
     assert lines[0].endswith("-k graph")
     assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-off.json") for x in lines)
     assert not any(x.endswith("> /w/bench-llama-3.1-8b-graphs-off.json") for x in lines)  # never: see the floor
