@@ -18,8 +18,8 @@ from adaserve.core.request import Phase, Request
 from adaserve.core.results import format_text, load_result
 from adaserve.core.trace import TraceError, parse_records, save_trace, to_requests
 from adaserve.iteration import ServingLoop, StepOutput
-from adaserve.scheduling.adaserve_plus import (AdaServePlus, DraftSwitch, _can_wait, _deadline_room,
-                                               _deadline_view, _verified_options)
+from adaserve.scheduling.adaserve_plus import (AdaServePlus, DraftSwitch, SloState, _can_wait,
+                                               _deadline_room, _deadline_view, _verified_options)
 from adaserve.scheduling.calibration import (Calibrator, conditional_confidence, end_weights,
                                              exact_end_weights, node_outcomes, path_products)
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
@@ -605,3 +605,29 @@ def test_replay_script_runs_systems_across_loads(tmp_path):
     assert all(r["tokens_per_step"] == 1.0 for r in rows if r["system"] == "vllm")
     with pytest.raises(SystemExit, match="NAME=FILE"):
         replay_acceptance.acceptance("nofile")
+
+
+def test_depth_acceptance_cumulative_follows_every_update():
+    """``DepthAcceptance.cumulative`` is read several times an iteration and cached: each update
+    clears it, so it always equals [0, cumsum(rho)]."""
+    from adaserve.scheduling.calibration import MAX_DEPTH, DepthAcceptance
+    d = DepthAcceptance()
+    fresh = lambda c: np.concatenate(([0.0], np.cumsum(d.rho(c))))  # noqa: E731
+    before = d.cumulative("coding")
+    assert np.array_equal(before, fresh("coding")) and d.cumulative("coding") is before
+    d.update_many(["coding", "chat"], 3, np.array([2, 0]), np.ones((2, MAX_DEPTH)))
+    for c in ("coding", "chat", "summarization"):
+        assert np.array_equal(d.cumulative(c), fresh(c))
+    assert not np.array_equal(d.cumulative("coding"), before)
+
+
+def test_slo_state_is_read_once_per_iteration():
+    """Plan and selection of one iteration share one ``SloState`` (same list of requests, same
+    time); another list or another time reads the requests again."""
+    p = make_policy("adaserve_plus", "llama")
+    decode = [Request(0, 0.0, 10, 50, 1.2, 36.0, "coding", first_decode_ms=5.0, generated=3)]
+    a = p.slo_state(decode, 100.0)
+    assert p.slo_state(decode, 100.0) is a
+    assert p.slo_state(decode, 140.0) is not a and p.slo_state(list(decode), 140.0) is not a
+    fresh = SloState.of(decode, 100.0)
+    assert np.array_equal(a.slack, fresh.slack) and np.array_equal(a.terms[0], fresh.terms[0])

@@ -178,6 +178,36 @@ def test_compiled_selection_equals_numpy(monkeypatch, shape, n):
                                                    predict))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_select_budgets_is_select_at_every_budget_on_both_paths(monkeypatch, shape, n):
+    """AdaServe+'s loop over budgets (``select_budgets``, one kernel compiled): per budget the mask
+    ``select`` gives with A(r) at that budget's time (-inf where the weight is 0), and each
+    request's 1 + Σ f̂ of its selected non-root nodes, bit for bit on both paths."""
+    from adaserve.scheduling.selection import SortedCandidates, select, select_budgets
+    rng = np.random.default_rng(10 + n)
+    forest = LLAMA_ACCEPTANCE.draft(reqs(n), shape, rng)
+    elapsed, slo, done = rng.random(n) * 900, rng.choice([30.0, 36.0, 50.0, np.inf], n), rng.integers(1, 40, n) * 1.0
+    weight = (rng.random(n) < 0.8).astype(np.float64)
+    cap = np.full(n, shape.depth + 1.0)
+    budgets = np.array([n - 1, n, n + 3, forest.n_nodes // 2, forest.n_nodes + 5], np.int64)
+    times = 20.0 + rng.random(len(budgets)) * 40
+    n_max = np.array([1, 3, 50, 4, 2], np.int64)
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        sc = SortedCandidates.build(forest)
+        masks, expected = select_budgets(forest, sc, budgets, times, (elapsed, slo, done), weight, cap, n_max)
+        for j, b in enumerate(budgets):
+            need = np.where(weight > 0, (elapsed + times[j]) / slo - done, -np.inf)
+            assert np.array_equal(masks[j], select(forest, sc, int(b), need, cap, int(n_max[j])))
+            gained = np.bincount(forest.owner, weights=np.where(masks[j] & (forest.parent >= 0), forest.prob, 0.0),
+                                 minlength=n)
+            assert np.array_equal(expected[j], 1.0 + gained)
+        out.append((masks, expected))
+    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
+
+
 def test_tied_keys_keep_node_order_on_both_paths(monkeypatch):
     """Equal path probabilities at one depth tie the best-first sort key: both paths break the tie
     by node order (a stable sort; numpy's default quicksort would break it by the CPU's SIMD

@@ -36,8 +36,8 @@ from adaserve.scheduling.calibration import (MAX_DEPTH, PAPER_CHAIN_ACCEPTANCE, 
                                              exact_end_weights, node_outcomes)
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
 from adaserve.scheduling.policies import (AdaServe, PolicyConfig, context_tokens, draft_phase_ms,
-                                          need_function, register_policy, select_all)
-from adaserve.scheduling.selection import SortedCandidates, choose_budget, select, slo_wants
+                                          need_from_terms, need_terms, register_policy, select_all)
+from adaserve.scheduling.selection import SortedCandidates, choose_budget, select_budgets, slo_wants
 from adaserve.scheduling.trees import CandidateForest
 
 DEFICIT_TOLERANCE = 0.25   # tokens: options this close to the smallest deficit count as equal
@@ -60,15 +60,15 @@ class SloState:
     slack: np.ndarray      # ms ahead of the SLO schedule: slo·o − (now − t0)
     budget: np.ndarray     # ms the SLO allows for the rest at the maximum length: slo·max − elapsed
     left: np.ndarray       # tokens left to the maximum length
+    terms: tuple[np.ndarray, np.ndarray, np.ndarray]  # ``need_terms``: (now − t0, slo, o)
 
     @classmethod
     def of(cls, decode: list[Request], now_ms: float) -> "SloState":
-        slo = np.array([r.slo_ms for r in decode], np.float64)
-        elapsed = np.array([now_ms - r.first_decode_ms for r in decode], np.float64)
-        done = np.array([r.generated for r in decode], np.float64)
-        most = np.array([r.max_new_tokens for r in decode], np.float64)
+        terms = need_terms(decode, now_ms)
+        elapsed, slo, done = terms
+        most = np.fromiter((r.max_new_tokens for r in decode), np.float64, len(decode))
         with np.errstate(invalid="ignore"):
-            return cls(slo, slo * done - elapsed, slo * most - elapsed, np.maximum(most - done, 0))
+            return cls(slo, slo * done - elapsed, slo * most - elapsed, np.maximum(most - done, 0), terms)
 
     def weights(self, best_ms_per_token: np.ndarray, margin: float = HOPELESS_MARGIN) -> np.ndarray:
         """1 for requests whose SLO is within reach (the time left is at least ``margin`` times
@@ -145,6 +145,8 @@ class AdaServePlus(AdaServe):
         self.outcomes = {"exact": 0, "posterior": 0}  # steps learned from token ids / posteriors
         self.switch = DraftSwitch()
         self._plain_ms: float | None = None  # the planned iteration's predicted time without drafting
+        self._state: tuple[list[Request], float, SloState] | None = None  # this iteration's, once read
+        self._shapes: dict[int, list[SpecShape]] = {}  # shape_options by request count
 
     # -- plan ---------------------------------------------------------------------------------
     def plan(self, view: IterationView) -> Plan:
@@ -156,13 +158,30 @@ class AdaServePlus(AdaServe):
         shape = self.choose_shape(view, decode, 0)
         room = self.ttft_room(ordered, decode, shape)
         prefill = chunked_prefill(ordered, room, len(decode))
-        shape = self.choose_shape(view, decode, sum(c for _, c in prefill))
+        prefill_tokens = sum(c for _, c in prefill)
+        if prefill_tokens:  # else the shape just chosen, for the same iteration, stands
+            shape = self.choose_shape(view, decode, prefill_tokens)
         return Plan(prefill, decode, shape)
 
     def shape_options(self, n: int) -> list[SpecShape]:
         """No speculation, then beams of every depth up to Eq. 8's, at Eq. 9's width."""
-        spec = self.config.spec
-        return [SpecShape()] + [SpecShape(d, spec.width(n)) for d in range(1, spec.depth(n) + 1)]
+        shapes = self._shapes.get(n)
+        if shapes is None:
+            spec = self.config.spec
+            shapes = self._shapes[n] = [SpecShape()] + [SpecShape(d, spec.width(n))
+                                                        for d in range(1, spec.depth(n) + 1)]
+        return shapes
+
+    def slo_state(self, decode: list[Request], now_ms: float) -> SloState:
+        """``SloState.of(decode, now_ms)``, read once per iteration: its plan and selection ask for
+        it with the same list of requests at the same time, and the requests change only when the
+        iteration commits."""
+        cached = self._state
+        if cached is not None and cached[0] is decode and cached[1] == now_ms:
+            return cached[2]
+        state = SloState.of(decode, now_ms)
+        self._state = (decode, now_ms, state)
+        return state
 
     def choose_shape(self, view: IterationView, decode: list[Request], prefill_tokens: int) -> SpecShape:
         """The shape with the smallest expected SLO deficit, then the most tokens per ms. A depth
@@ -183,7 +202,7 @@ class AdaServePlus(AdaServe):
                                    + view.latency.verify_ms(n + prefill_tokens, ctx))
             return shapes[-1] if self.switch.draft() else shapes[0]
         self._plain_ms = None
-        state = SloState.of(decode, view.now_ms)
+        state = self.slo_state(decode, view.now_ms)
         depth = np.array([min(s.depth, MAX_DEPTH) for s in shapes])
         w = self.config.spec.width(n)
         nodes = np.concatenate(([0.0], np.cumsum(np.minimum(self.depths.mean_width(), w))))
@@ -201,9 +220,8 @@ class AdaServePlus(AdaServe):
     def expected_tokens(self, decode: list[Request], depth: np.ndarray) -> np.ndarray:
         """E_r = 1 + Σ_{k≤d} ρ_k(r's category): tokens each request is expected to commit in an
         iteration of tree depth d, for every d of ``depth``: (len(depth), n)."""
-        by_cat = {c: np.concatenate(([0.0], np.cumsum(self.depths.rho(c))))
-                  for c in {r.category for r in decode}}
-        cum = np.array([by_cat[r.category] for r in decode])      # (n, MAX_DEPTH + 1)
+        cumulative = self.depths.cumulative
+        cum = np.array([cumulative(r.category) for r in decode])  # (n, MAX_DEPTH + 1)
         return 1.0 + cum[:, np.minimum(depth, MAX_DEPTH)].T
 
     def ttft_room(self, view: IterationView, decode: list[Request], shape: SpecShape) -> int:
@@ -227,7 +245,7 @@ class AdaServePlus(AdaServe):
             return self.config.min_prefill_chunk
         extra = (view.latency.verify_ms(base + rooms, ctx) - view.latency.verify_ms(base, ctx)
                  + draft_prefill_ms(view, rooms))
-        state = SloState.of(decode, view.now_ms)
+        state = self.slo_state(decode, view.now_ms)
         step = draft + float(view.latency.verify_ms(base, ctx))
         weight = state.weights(np.full(n, step / max(shape.depth + 1, 1)))
         slack = np.min(np.where(weight > 0, state.slack, np.inf), initial=np.inf)
@@ -254,8 +272,9 @@ class AdaServePlus(AdaServe):
         sc = SortedCandidates.build(cal)
         max_budget = max(n, view.limits.max_batch_tokens - prefill_tokens)
         b_rate = choose_budget(sc, n, max_budget, predict)
-        state = SloState.of(decode, view.now_ms)
-        need_at = need_function(decode, view.now_ms)
+        state = self.slo_state(decode, view.now_ms)
+        terms = state.terms
+        need_at = need_from_terms(terms)
         cap = np.full(n, shape.depth + 1, np.float64)
         best = sc.expected_tokens(len(sc.order))[-1] / n + 1.0
         weight = state.weights(np.full(n, float(predict(b_rate)) / best), SELECT_MARGIN)
@@ -264,16 +283,9 @@ class AdaServePlus(AdaServe):
         top = min(max(wanted, b_rate), max_budget)
         budgets = np.unique(np.linspace(n, top, BUDGET_GRID + 1).round().astype(np.int64))
         budgets = np.unique(np.append(budgets, b_rate))
-        owner = cal.owner
         times = np.asarray(predict(budgets), np.float64)
-        masks, expected = [], np.empty((len(budgets), n))
-        for j, b in enumerate(budgets):
-            need_b = np.where(weight > 0, need_at(float(times[j])), -np.inf)
-            mask = select(cal, sc, int(b), need_b, cap, self.config.spec.n_max(int(b), n))
-            gained = np.bincount(owner, weights=np.where(mask & (cal.parent >= 0), path, 0.0),
-                                 minlength=n)
-            masks.append(mask)
-            expected[j] = 1.0 + gained
+        n_max = np.array([self.config.spec.n_max(int(b), n) for b in budgets], np.int64)
+        masks, expected = select_budgets(cal, sc, budgets, times, terms, weight, cap, n_max)
         i = pick(state.deficit(expected, times, weight), expected.sum(axis=1) / times)
         return Selection(masks[i], int(budgets[i]), float(times[i]))
 
@@ -320,9 +332,11 @@ def _verified_options(expected: np.ndarray, nodes: np.ndarray, slack: np.ndarray
     and verified tokens (depths, n + 1)."""
     depths, n = expected.shape
     gain = expected - 1.0
-    rank = np.empty((depths, n), np.int64)
-    for d in range(depths):
-        rank[d, np.lexsort((slack, -gain[d]))] = np.arange(n)
+    # one stable sort for all depths: by depth, then gain descending, then slack
+    order = np.lexsort((np.tile(slack, depths), -gain.ravel(), np.repeat(np.arange(depths), n)))
+    rank = np.empty(depths * n, np.int64)
+    rank[order] = np.tile(np.arange(n), depths)
+    rank = rank.reshape(depths, n)
     k = np.arange(n + 1)
     chosen = rank[:, None, :] < k[None, :, None]                       # (depths, n + 1, n)
     return 1.0 + gain[:, None, :] * chosen, n + k[None, :] * nodes[:, None]

@@ -196,6 +196,9 @@ class DepthAcceptance:
     counts: dict = field(default_factory=dict)   # category ("" = all) -> (reached, drafted)
     width_sum: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH))
     width_n: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DEPTH))
+    # category -> [0, ρ_1, ρ_1 + ρ_2, ...]: read several times an iteration, changed once (cleared
+    # by ``update_many``)
+    _cumulative: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _arrays(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         if key not in self.counts:
@@ -210,6 +213,7 @@ class DepthAcceptance:
         live = accepted >= 0
         if k <= 0 or not live.any():
             return
+        self._cumulative.clear()
         reach = (accepted[:, None] >= np.arange(1, k + 1)[None, :]) & live[:, None]
         self.width_sum[:k] += verified[live, :k].sum(axis=0)
         self.width_n[:k] += int(live.sum())
@@ -226,6 +230,14 @@ class DepthAcceptance:
     def mean_width(self) -> np.ndarray:
         """ν_k for k = 1..MAX_DEPTH."""
         return (self.width_sum + self.strength * self.prior_width) / (self.width_n + self.strength)
+
+    def cumulative(self, category: str) -> np.ndarray:
+        """``[0, ρ_1, ρ_1 + ρ_2, ...]`` (MAX_DEPTH + 1 values): tokens expected beyond the first
+        from a tree of each depth."""
+        cum = self._cumulative.get(category)
+        if cum is None:
+            cum = self._cumulative[category] = np.concatenate(([0.0], np.cumsum(self.rho(category))))
+        return cum
 
     def rho(self, category: str) -> np.ndarray:
         """ρ_k for k = 1..MAX_DEPTH."""

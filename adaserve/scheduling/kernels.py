@@ -177,3 +177,33 @@ def select(roots, n_nodes, order, rank, owner, best, global_pos, remaining, need
             selected[best[j]] = True
             remaining -= 1
     return selected
+
+
+@njit
+def select_budgets(roots, n_nodes, order, rank, owner_sorted, best, global_pos, cumprob, start, length,
+                   budgets, times, elapsed, slo, done, weight, cap, limits, node_owner, parent,
+                   prob):  # pragma: no cover - compiled
+    """``selection.select_budgets``: per budget, A(r) at its time, ``slo_wants`` and ``select``,
+    and each request's 1 + Σ f̂ of its selected non-root nodes (``np.bincount``'s order)."""
+    n, nb = roots.shape[0], budgets.shape[0]
+    masks = np.zeros((nb, n_nodes), np.bool_)
+    expected = np.empty((nb, n))
+    need = np.empty(n)
+    for j in range(nb):
+        for i in range(n):
+            need[i] = (elapsed[i] + times[j]) / slo[i] - done[i] if weight[i] > 0 else -np.inf
+        remaining = budgets[j] - n
+        if remaining <= 0 or order.shape[0] == 0:
+            for i in range(n):
+                masks[j, roots[i]] = True
+        else:
+            want = slo_wants(cumprob, start, length, need, cap, limits[j])
+            masks[j] = select(roots, n_nodes, order, rank, owner_sorted, best, global_pos, remaining,
+                              need, want, True)
+        gained = np.zeros(n)
+        for v in range(n_nodes):
+            if masks[j, v] and parent[v] >= 0:
+                gained[node_owner[v]] += prob[v]
+        for i in range(n):
+            expected[j, i] = 1.0 + gained[i]
+    return masks, expected

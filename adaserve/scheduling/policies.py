@@ -73,11 +73,22 @@ def needed_tokens(requests: list[Request], now_ms: float, t_iter_ms: float) -> n
 def need_function(requests: list[Request], now_ms: float) -> Callable[[float], np.ndarray]:
     """A(r) for every request as a function of the predicted iteration time (the requests' state
     is read once, however many budgets are tried)."""
+    return need_from_terms(need_terms(requests, now_ms))
+
+
+def need_from_terms(terms: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Callable[[float], np.ndarray]:
+    """A(r) as a function of the iteration time, from ``need_terms``."""
+    elapsed, slo, done = terms
+    return lambda t_iter_ms: (elapsed + t_iter_ms) / slo - done
+
+
+def need_terms(requests: list[Request], now_ms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What A(r) is made of, per request: (elapsed since t0, SLO ms per token, tokens done);
+    A(r) = (elapsed + t_iter) / slo - done."""
     t0 = np.fromiter((r.first_decode_ms for r in requests), np.float64, len(requests))
     slo = np.fromiter((r.slo_ms for r in requests), np.float64, len(requests))
     done = np.fromiter((r.generated for r in requests), np.float64, len(requests))
-    elapsed = now_ms - t0
-    return lambda t_iter_ms: (elapsed + t_iter_ms) / slo - done
+    return now_ms - t0, slo, done
 
 
 def select_all(forest: CandidateForest, predicted_ms: float) -> Selection:

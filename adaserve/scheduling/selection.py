@@ -132,6 +132,35 @@ def select(forest: CandidateForest, sorted_c: SortedCandidates, budget: int, nee
     return selected
 
 
+def select_budgets(forest: CandidateForest, sorted_c: SortedCandidates, budgets: np.ndarray,
+                   times: np.ndarray, terms: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   weight: np.ndarray, cap: np.ndarray, n_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``select`` (SLO phase on) for every budget ``budgets[j]``, with A(r) at that budget's
+    predicted time ``times[j]`` (``terms``: ``need_terms``' (elapsed, slo, done)) for requests with
+    ``weight`` > 0 and -inf for the others, and ``n_max[j]``. Returns the masks (budgets, nodes)
+    and, per budget, each request's 1 + Σ f̂ of its selected non-root nodes (budgets, n).
+    Compiled: one kernel call for all budgets."""
+    elapsed, slo, done = terms
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.select_budgets(
+            forest.roots, forest.n_nodes, sorted_c.order, sorted_c.rank, sorted_c.owner, sorted_c.best,
+            sorted_c.global_pos, sorted_c.cumprob, sorted_c.start, sorted_c.length,
+            np.asarray(budgets, np.int64), np.asarray(times, np.float64), elapsed, slo, done,
+            np.asarray(weight, np.float64), np.asarray(cap, np.float64),
+            np.maximum(np.asarray(n_max, np.int64) - 1, 0), forest.owner, forest.parent, forest.prob)
+    n = forest.n_requests
+    masks = np.empty((len(budgets), forest.n_nodes), bool)
+    expected = np.empty((len(budgets), n))
+    for j, b in enumerate(budgets):
+        need = np.where(weight > 0, (elapsed + float(times[j])) / slo - done, -np.inf)
+        masks[j] = select(forest, sorted_c, int(b), need, cap, int(n_max[j]))
+        gained = np.bincount(forest.owner, weights=np.where(masks[j] & (forest.parent >= 0), forest.prob, 0.0),
+                             minlength=n)
+        expected[j] = 1.0 + gained
+    return masks, expected
+
+
 def select_equal(forest: CandidateForest, sorted_c: SortedCandidates, budget: int) -> np.ndarray:
     """Ablation ``equal``: every request gets the same share of the budget (its best nodes)."""
     n = forest.n_requests
