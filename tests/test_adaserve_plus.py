@@ -106,6 +106,50 @@ def test_node_outcomes_exact_from_token_ids():
     assert exact_end_weights(forest, sel, [[8, 1]], np.array([1])) is None  # not in the tree
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_end_weights_compiled_equals_python(monkeypatch, seed):
+    """The compiled walk gives the Python walk's weights, or None where it does: random trees with
+    repeated tokens among siblings, unselected nodes, skipped requests (depth -1, no ids), walks that
+    leave the tree, and accepted depths beyond the ids."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(seed)
+    trees = []
+    for _ in range(rng.integers(1, 12)):
+        nodes = []
+        for v in range(1, rng.integers(1, 26)):
+            nodes.append((int(rng.integers(0, v)), int(rng.integers(3, 7)), 0.5))
+        trees.append(nodes)
+    forest = CandidateForest.from_lists(trees)
+    sel = rng.random(forest.n_nodes) < 0.8
+    sel[forest.roots] = True
+    def walk(i):  # the tokens of a random path down request i's selected tree, sometimes spoilt
+        lo, hi = int(forest.offsets[i]), int(forest.offsets[i + 1])
+        node, ids = lo, []
+        while rng.random() < 0.8:
+            kids = [v for v in range(node + 1, hi) if forest.parent[v] == node and sel[v]]
+            if not kids:
+                break
+            node = kids[rng.integers(len(kids))]
+            ids.append(int(forest.token[node]))
+        if ids and rng.random() < 0.1:
+            ids[rng.integers(len(ids))] = 2  # a token no node has
+        return ids + rng.integers(3, 7, rng.integers(0, 3)).tolist()  # the bonus token(s) after the path
+
+    fitted = 0
+    for _ in range(40):
+        tokens = [None if rng.random() < 0.1 else walk(i) for i in range(len(trees))]
+        depth = np.array([rng.integers(-1, len(t) + 1) if t is not None else rng.integers(-1, 3) for t in tokens])
+        out = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("ADASERVE_NUMBA", flag)
+            out.append(exact_end_weights(forest, sel, tokens, depth))
+        assert (out[0] is None) == (out[1] is None)
+        if out[0] is not None:
+            assert np.array_equal(out[0], out[1])
+            fitted += 1
+    assert 0 < fitted < 40  # both outcomes were checked
+
+
 def test_node_outcomes_without_ids_use_the_posterior():
     """Accepted depth 1 with two selected depth-1 siblings: each gets its posterior share; a
     chain is unambiguous."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adaserve.scheduling.selection import compiled_kernels
 from adaserve.scheduling.trees import CandidateForest
 
 N_BINS = 10
@@ -147,9 +148,25 @@ def end_weights(forest: CandidateForest, selected: np.ndarray, accepted_depth: n
 def exact_end_weights(forest: CandidateForest, selected: np.ndarray,
                       tokens: list[list[int] | None], accepted_depth: np.ndarray) -> np.ndarray | None:
     """End weights from committed token ids: walk each request's selected tree along its accepted
-    draft tokens. None when a walk does not fit the tree (then the posterior is used)."""
-    w = np.zeros(forest.n_nodes)
+    draft tokens. None when a walk does not fit the tree (then the posterior is used). Compiled:
+    every walk in one kernel call (it ran ~0.5 ms of Python for 64 full trees of 25 nodes)."""
     sel = np.asarray(selected, bool)
+    kernels = compiled_kernels()
+    if kernels is not None:
+        lens = np.full(len(tokens), -1, np.int64)
+        flat: list[int] = []
+        for i, ids in enumerate(tokens):
+            a = int(accepted_depth[i])
+            if a >= 0 and ids is not None:
+                walk = ids[:a]
+                lens[i] = len(walk)
+                flat += walk
+        starts = np.zeros(len(tokens), np.int64)
+        np.cumsum(np.maximum(lens, 0)[:-1], out=starts[1:])
+        w, ok = kernels.exact_end_weights(forest.offsets, forest.parent, forest.token, sel,
+                                          np.array(flat, np.int64), starts, lens)
+        return w if ok else None
+    w = np.zeros(forest.n_nodes)
     for i, ids in enumerate(tokens):
         a = int(accepted_depth[i])
         if a < 0 or ids is None:

@@ -207,3 +207,27 @@ def select_budgets(roots, n_nodes, order, rank, owner_sorted, best, global_pos, 
         for i in range(n):
             expected[j, i] = 1.0 + gained[i]
     return masks, expected
+
+
+@njit
+def exact_end_weights(offsets, parent, token, selected, tokens, starts, lens):  # pragma: no cover - compiled
+    """``calibration.exact_end_weights``: (1 at each walk's end node, whether every walk fit).
+    Request ``i`` walks ``tokens[starts[i]:][:lens[i]]`` from its root (``lens[i]`` < 0: skipped),
+    each step to the first selected child with that token."""
+    w = np.zeros(parent.shape[0])
+    for i in range(offsets.shape[0] - 1):
+        if lens[i] < 0:
+            continue
+        node, hi = offsets[i], offsets[i + 1]
+        for j in range(lens[i]):
+            tok = tokens[starts[i] + j]
+            nxt = -1
+            for v in range(node + 1, hi):
+                if parent[v] == node and selected[v] and token[v] == tok:
+                    nxt = v
+                    break
+            if nxt < 0:
+                return w, False
+            node = nxt
+        w[node] = 1.0
+    return w, True

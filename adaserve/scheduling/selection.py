@@ -44,7 +44,7 @@ class SortedCandidates:
 
     @classmethod
     def build(cls, forest: CandidateForest) -> "SortedCandidates":
-        kernels = _kernels()
+        kernels = compiled_kernels()
         if kernels is not None:
             return cls._from_blocks(forest, kernels)
         n = forest.n_requests
@@ -105,7 +105,7 @@ def select(forest: CandidateForest, sorted_c: SortedCandidates, budget: int, nee
     remaining = budget - n
     if remaining <= 0 or len(sorted_c.order) == 0:
         return selected
-    kernels = _kernels()
+    kernels = compiled_kernels()
     if kernels is not None:
         if slo_phase and want is None:
             want = slo_wants(sorted_c, need, cap, n_max)
@@ -141,7 +141,7 @@ def select_budgets(forest: CandidateForest, sorted_c: SortedCandidates, budgets:
     and, per budget, each request's 1 + Σ f̂ of its selected non-root nodes (budgets, n).
     Compiled: one kernel call for all budgets."""
     elapsed, slo, done = terms
-    kernels = _kernels()
+    kernels = compiled_kernels()
     if kernels is not None:
         return kernels.select_budgets(
             forest.roots, forest.n_nodes, sorted_c.order, sorted_c.rank, sorted_c.owner, sorted_c.best,
@@ -184,7 +184,7 @@ def choose_budget(sorted_c: SortedCandidates, n: int, max_budget: int, step_ms) 
         return n
     budgets = n + np.arange(extra + 1)
     times = np.asarray(step_ms(budgets), dtype=np.float64)
-    kernels = _kernels()
+    kernels = compiled_kernels()
     if kernels is not None:
         return n + kernels.best_rate(sorted_c._prob_best, n, times)
     rate = (n + sorted_c.expected_tokens(extra)) / np.maximum(times, 1e-9)
@@ -194,7 +194,7 @@ def choose_budget(sorted_c: SortedCandidates, n: int, max_budget: int, step_ms) 
 def slo_wants(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_max: int) -> np.ndarray:
     """Per request: the candidates the SLO phase gives it with an unlimited budget (the shortest
     best-first prefix reaching ``A_cap = min(A, cap)``, at most ``n_max - 1``)."""
-    kernels = _kernels()
+    kernels = compiled_kernels()
     if kernels is not None:
         return kernels.slo_wants(sorted_c.cumprob, sorted_c.start, sorted_c.length,
                                  np.asarray(need, np.float64), np.asarray(cap, np.float64),
@@ -207,8 +207,8 @@ def slo_budget(sorted_c: SortedCandidates, need: np.ndarray, cap: np.ndarray, n_
     return int(len(need) + slo_wants(sorted_c, need, cap, n_max).sum())
 
 
-def _kernels():
-    """``scheduling.kernels`` when numba is enabled, else None: the numpy code above runs."""
+def compiled_kernels():
+    """``scheduling.kernels`` when numba is enabled, else None: the numpy code runs."""
     return _kernel_module() if jit.enabled() else None
 
 
