@@ -150,6 +150,37 @@ def test_exact_end_weights_compiled_equals_python(monkeypatch, seed):
     assert 0 < fitted < 40  # both outcomes were checked
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_calibration_and_outcomes_compiled_equal_numpy(monkeypatch, seed):
+    """``Calibrator.calibrate`` and ``node_outcomes`` compiled give the numpy code's bits: random
+    forests (siblings whose calibrated conditionals sum above 1, zero probabilities, deep trees),
+    a calibrator with random counts, random end weights."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(100 + seed)
+    trees = []
+    for _ in range(rng.integers(1, 10)):
+        nodes, prob = [], [1.0]
+        for v in range(1, rng.integers(1, 30)):
+            parent = int(rng.integers(max(0, v - 4), v))
+            prob.append(prob[parent] * rng.choice([0.0, rng.random(), 1.0], p=[0.05, 0.9, 0.05]))
+            nodes.append((parent, int(rng.integers(3, 50)), prob[-1]))
+        trees.append(nodes)
+    forest = CandidateForest.from_lists(trees)
+    cal = Calibrator()
+    cal.accepted[:] = rng.random(cal.accepted.shape) * 50
+    cal.predicted[:] = rng.random(cal.predicted.shape) * 30
+    end = np.where(rng.random(forest.n_nodes) < 0.3, rng.random(forest.n_nodes), 0.0)
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        out.append((*cal.calibrate(forest), *node_outcomes(forest, end)))
+    for a, b in zip(*out):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    capped = np.bincount(forest.parent[forest.parent >= 0], weights=out[0][0][forest.parent >= 0],
+                         minlength=forest.n_nodes)
+    assert capped.max() > 0.99 and (capped <= 1 + 1e-9).all()  # some siblings were capped at 1
+
+
 def test_node_outcomes_without_ids_use_the_posterior():
     """Accepted depth 1 with two selected depth-1 siblings: each gets its posterior share; a
     chain is unambiguous."""

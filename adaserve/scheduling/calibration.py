@@ -89,6 +89,9 @@ class Calibrator:
     def calibrate(self, forest: CandidateForest) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated conditional p̂ per node, calibrated path probability per node). Siblings'
         p̂ are scaled down together where they would sum above 1 (they are exclusive events)."""
+        kernels = compiled_kernels()
+        if kernels is not None:
+            return kernels.calibrate(forest.parent, forest.depth, forest.prob, self.ratio(), N_BINS, MAX_DEPTH)
         q = conditional_confidence(forest)
         nonroot = forest.parent >= 0
         p = q.copy()
@@ -186,6 +189,9 @@ def exact_end_weights(forest: CandidateForest, selected: np.ndarray,
 def node_outcomes(forest: CandidateForest, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(tried, accepted) per node from end-of-path weights: ``accepted(v)`` = mass of path ends in
     v's subtree (v on the path), ``tried(v)`` = that of its parent (the target looked at v)."""
+    kernels = compiled_kernels()
+    if kernels is not None:
+        return kernels.node_outcomes(forest.parent, forest.depth, np.asarray(end, np.float64))
     mass = end.copy()
     nonroot = np.flatnonzero(forest.parent >= 0)
     if len(nonroot) == 0:

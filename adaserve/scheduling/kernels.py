@@ -231,3 +231,65 @@ def exact_end_weights(offsets, parent, token, selected, tokens, starts, lens):  
             node = nxt
         w[node] = 1.0
     return w, True
+
+
+@njit
+def calibrate(parent, depth, prob, ratio, n_bins, max_depth):  # pragma: no cover - compiled
+    """``Calibrator.calibrate``: per node the calibrated conditional (siblings capped at a total of
+    1) and path probability, with ``conditional_confidence``, ``ratio_at``, ``_cap_siblings`` and
+    ``path_products``' operations in their order (nodes are stored parents first)."""
+    n = parent.shape[0]
+    q = np.ones(n)
+    p = np.ones(n)
+    for v in range(n):
+        pa = parent[v]
+        if pa < 0:
+            continue
+        pp = prob[pa]
+        x = prob[v] / (pp if pp >= 1e-300 else 1e-300) if pp > 0 else 0.0
+        if x == x:  # np.clip: NaN stays
+            x = 0.0 if x < 0.0 else (1.0 if x > 1.0 else x)
+        q[v] = x
+        row = min(max(depth[v], 1), max_depth) - 1
+        pos = x * n_bins - 0.5
+        pos = 0.0 if pos < 0.0 else (n_bins - 1.0 if pos > n_bins - 1.0 else pos)
+        lo = min(np.int64(pos), n_bins - 2)
+        frac = pos - lo
+        p[v] = _np_minimum(x * ((1.0 - frac) * ratio[row, lo] + frac * ratio[row, lo + 1]), 1.0)
+    total = np.zeros(n)
+    for v in range(n):
+        if parent[v] >= 0:
+            total[parent[v]] += p[v]
+    out = p.copy()
+    for v in range(n):
+        if parent[v] >= 0:
+            t = total[parent[v]]
+            out[v] = p[v] / (t if t >= 1.0 or t != t else 1.0)
+    path = out.copy()
+    for v in range(n):
+        if parent[v] >= 0:
+            path[v] *= path[parent[v]]
+    return out, path
+
+
+@njit
+def node_outcomes(parent, depth, end):  # pragma: no cover - compiled
+    """``calibration.node_outcomes``: path-end mass summed up the tree level by level (deepest
+    first, nodes in index order: ``np.add.at``'s order), then (tried, accepted) per node."""
+    n = parent.shape[0]
+    mass = end.copy()
+    tried = np.zeros(n)
+    accepted = np.zeros(n)
+    deepest = 0
+    for v in range(n):
+        if parent[v] >= 0 and depth[v] > deepest:
+            deepest = depth[v]
+    for d in range(deepest, 0, -1):
+        for v in range(n):
+            if parent[v] >= 0 and depth[v] == d:
+                mass[parent[v]] += mass[v]
+    for v in range(n):
+        if parent[v] >= 0:
+            tried[v] = mass[parent[v]]
+            accepted[v] = mass[v]
+    return tried, accepted
