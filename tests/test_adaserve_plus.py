@@ -356,6 +356,31 @@ def test_verified_options_rank_requests_by_gain():
     assert (e[0] == 1.0).all()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_shape_scoring_compiled_equals_numpy(monkeypatch, seed):
+    """``_verified_options`` and ``SloState.deficit`` compiled give the numpy code's bits: tied
+    gains (ranked by slack, then request order), best-effort requests (infinite SLO and slack),
+    requests behind and ahead of schedule."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(seed)
+    n, depths = int(rng.integers(1, 30)), int(rng.integers(1, 9))
+    expected = 1.0 + np.round(np.cumsum(rng.random((depths, n)) * 0.6, axis=0), 1)  # ties
+    nodes = np.concatenate(([0.0], np.cumsum(rng.random(depths - 1) * 3)))
+    slo = rng.choice([30.0, 36.0, 50.0, np.inf], n)
+    slack = np.where(np.isfinite(slo), np.round(rng.normal(0, 40, n)), np.inf)
+    slack[rng.random(n) < 0.2] = 0.0  # ties in slack too
+    state = SloState(slo, slack, slack + 500.0, np.full(n, 100.0), (None, None, None))
+    weight = (rng.random(n) < 0.8).astype(np.float64)
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        e, tokens = _verified_options(expected, nodes, slack)
+        t = 30.0 + tokens.ravel() * 0.7
+        out.append((e, tokens, state.deficit(e.reshape(-1, n), t, weight)))
+    for a, b in zip(*out):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def test_an_ngram_drafter_drafts_the_deepest_tree():
     """Drafting with the n-gram table costs one call whatever the depth: the plan drafts the
     deepest tree and the selection decides what to verify (a prior that says speculation does

@@ -37,7 +37,8 @@ from adaserve.scheduling.calibration import (MAX_DEPTH, PAPER_CHAIN_ACCEPTANCE, 
 from adaserve.scheduling.plan import IterationView, Plan, Selection, SpecShape
 from adaserve.scheduling.policies import (AdaServe, PolicyConfig, context_tokens, draft_phase_ms,
                                           need_from_terms, need_terms, register_policy, select_all)
-from adaserve.scheduling.selection import SortedCandidates, choose_budget, select_budgets, slo_wants
+from adaserve.scheduling.selection import (SortedCandidates, choose_budget, compiled_kernels, select_budgets,
+                                          slo_wants)
 from adaserve.scheduling.trees import CandidateForest
 
 DEFICIT_TOLERANCE = 0.25   # tokens: options this close to the smallest deficit count as equal
@@ -85,6 +86,10 @@ class SloState:
     def deficit(self, expected: np.ndarray, t_ms: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """Σ weight · tokens behind schedule after an iteration of ``t_ms`` committing
         ``expected``; vectorized over options: ``expected`` (options, n), ``t_ms`` (options,)."""
+        kernels = compiled_kernels()
+        if kernels is not None:
+            return kernels.deficit_terms(np.asarray(expected, np.float64), np.asarray(t_ms, np.float64),
+                                         self.slo, self.slack, np.asarray(weight, np.float64)).sum(axis=1)
         finite = np.isfinite(self.slo)
         slo = np.where(finite, self.slo, 1.0)
         slack = np.where(finite, self.slack, 0.0)
@@ -330,6 +335,10 @@ def _verified_options(expected: np.ndarray, nodes: np.ndarray, slack: np.ndarray
     requests' trees verified, the others' roots only", k = 0..n, requests ranked by expected
     gain (then the least slack first). Returns the options' expected tokens (depths, n + 1, n)
     and verified tokens (depths, n + 1)."""
+    kernels = compiled_kernels()
+    if kernels is not None:
+        return kernels.verified_options(np.asarray(expected, np.float64), np.asarray(nodes, np.float64),
+                                        np.asarray(slack, np.float64))
     depths, n = expected.shape
     gain = expected - 1.0
     # one stable sort for all depths: by depth, then gain descending, then slack

@@ -293,3 +293,55 @@ def node_outcomes(parent, depth, end):  # pragma: no cover - compiled
             tried[v] = mass[parent[v]]
             accepted[v] = mass[v]
     return tried, accepted
+
+
+@njit
+def verified_options(expected, nodes, slack):  # pragma: no cover - compiled
+    """``adaserve_plus._verified_options``: per depth, requests ranked by gain descending, then
+    slack, then index (``np.lexsort``'s stable order, NaN last), and the options "the first k
+    requests' trees verified" for k = 0..n: expected tokens (depths, n + 1, n), verified tokens
+    (depths, n + 1)."""
+    depths, n = expected.shape
+    e = np.empty((depths, n + 1, n))
+    tokens = np.empty((depths, n + 1))
+    order = np.empty(n, np.int64)
+    rank = np.empty(n, np.int64)
+    for d in range(depths):
+        for i in range(n):  # insertion sort: stable
+            at = i
+            gi = -(expected[d, i] - 1.0)
+            while at > 0:
+                j = order[at - 1]
+                gj = -(expected[d, j] - 1.0)
+                if _before(gi, gj) or (not _before(gj, gi) and _before(slack[i], slack[j])):
+                    order[at] = j
+                    at -= 1
+                else:
+                    break
+            order[at] = i
+        for pos in range(n):
+            rank[order[pos]] = pos
+        for k in range(n + 1):
+            tokens[d, k] = n + k * nodes[d]
+            for r in range(n):
+                e[d, k, r] = 1.0 + (expected[d, r] - 1.0) * (1.0 if rank[r] < k else 0.0)
+    return e, tokens
+
+
+@njit
+def deficit_terms(expected, t_ms, slo, slack, weight):  # pragma: no cover - compiled
+    """``SloState.deficit`` before its sum over requests: weight · tokens behind schedule per
+    (option, request), in numpy's order of operations (the caller sums each row with numpy)."""
+    options, n = expected.shape
+    out = np.empty((options, n))
+    for r in range(n):
+        finite = np.isfinite(slo[r])
+        s = slo[r] if finite else 1.0
+        sl = slack[r] if finite else 0.0
+        w = weight[r] if finite else 0.0
+        for o in range(options):
+            x = t_ms[o] - sl - s * expected[o, r]
+            if not (x >= 0.0 or x != x):
+                x = 0.0
+            out[o, r] = x / s * w
+    return out
