@@ -181,6 +181,29 @@ def test_calibration_and_outcomes_compiled_equal_numpy(monkeypatch, seed):
     assert capped.max() > 0.99 and (capped <= 1 + 1e-9).all()  # some siblings were capped at 1
 
 
+def test_calibrator_update_compiled_equals_numpy(monkeypatch):
+    """``Calibrator.update``'s counts compiled: the numpy code's bits, with masses at and below the
+    1e-9 floor, every depth and confidence bin (q = 1 in the last), and the decay past
+    ``max_weight``."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(7)
+    m = 500
+    depth = rng.integers(0, 12, m)
+    q = np.where(rng.random(m) < 0.1, 1.0, rng.random(m))
+    tried = np.where(rng.random(m) < 0.2, rng.choice([0.0, 1e-10, 1e-9]), rng.random(m))
+    accepted = tried * rng.random(m)
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADASERVE_NUMBA", flag)
+        cal = Calibrator(max_weight=40.0)
+        for _ in range(3):
+            cal.update(depth, q, tried, accepted)
+        out.append((cal.tried, cal.predicted, cal.accepted))
+    for a, b in zip(*out):
+        assert np.array_equal(a, b)
+    assert out[0][1].max() <= 40.0 + 1e-9 and out[0][0].sum() > 0  # the decay ran
+
+
 def test_node_outcomes_without_ids_use_the_posterior():
     """Accepted depth 1 with two selected depth-1 siblings: each gets its posterior share; a
     chain is unambiguous."""

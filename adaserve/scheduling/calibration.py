@@ -105,10 +105,15 @@ class Calibrator:
         keep = tried > 1e-9
         if not keep.any():
             return
-        row, col = self._cells(depth[keep], q[keep])
-        np.add.at(self.tried, (row, col), tried[keep])
-        np.add.at(self.predicted, (row, col), tried[keep] * q[keep])
-        np.add.at(self.accepted, (row, col), accepted[keep])
+        kernels = compiled_kernels()
+        if kernels is not None:  # the three np.add.at below, in one pass (each array in index order)
+            kernels.calibration_counts(self.tried, self.predicted, self.accepted, depth, q, tried, accepted,
+                                       N_BINS, MAX_DEPTH)
+        else:
+            row, col = self._cells(depth[keep], q[keep])
+            np.add.at(self.tried, (row, col), tried[keep])
+            np.add.at(self.predicted, (row, col), tried[keep] * q[keep])
+            np.add.at(self.accepted, (row, col), accepted[keep])
         over = self.predicted > self.max_weight
         if over.any():
             scale = np.where(over, self.max_weight / np.maximum(self.predicted, 1e-12), 1.0)
@@ -240,12 +245,14 @@ class DepthAcceptance:
         reach = (accepted[:, None] >= np.arange(1, k + 1)[None, :]) & live[:, None]
         self.width_sum[:k] += verified[live, :k].sum(axis=0)
         self.width_n[:k] += int(live.sum())
-        cats = np.array(categories, dtype=object)
-        for key in set(categories):
-            mine = live & (cats == key)
+        rows: dict[str, list[int]] = {}
+        for i, c in enumerate(categories):
+            rows.setdefault(c, []).append(i)
+        for key, idx in rows.items():  # integer counts: the order of the categories does not matter
+            mine = np.array(idx)[live[idx]]
             reached, drafted = self._arrays(key)
             reached[:k] += reach[mine].sum(axis=0)
-            drafted[:k] += int(mine.sum())
+            drafted[:k] += len(mine)
         reached, drafted = self._arrays("")
         reached[:k] += reach.sum(axis=0)
         drafted[:k] += int(live.sum())

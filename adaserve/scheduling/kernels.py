@@ -345,3 +345,18 @@ def deficit_terms(expected, t_ms, slo, slack, weight):  # pragma: no cover - com
                 x = 0.0
             out[o, r] = x / s * w
     return out
+
+
+@njit
+def calibration_counts(tried_c, predicted_c, accepted_c, depth, q, tried, accepted, n_bins,
+                       max_depth):  # pragma: no cover - compiled
+    """``Calibrator.update``'s three ``np.add.at`` over the nodes with ``tried`` > 1e-9, in place:
+    each node's (depth, confidence bin) cell gains its tried mass, tried · q, and accepted mass."""
+    for v in range(depth.shape[0]):
+        if not tried[v] > 1e-9:
+            continue
+        row = min(max(depth[v], 1), max_depth) - 1
+        col = min(np.int64(q[v] * n_bins), n_bins - 1)
+        tried_c[row, col] += tried[v]
+        predicted_c[row, col] += tried[v] * q[v]
+        accepted_c[row, col] += accepted[v]
