@@ -48,8 +48,12 @@ def itls_ms(r: Request) -> list[float]:
     """Inter-token latencies as a streaming client sees them: the gaps between consecutive commits.
     Tokens committed in the same step share a timestamp and arrive as one chunk, so zero gaps are
     not latencies (vLLM's ``bench serve`` also measures ITL per streamed chunk)."""
+    return _itls(r).tolist()
+
+
+def _itls(r: Request) -> np.ndarray:
     gaps = np.diff(np.asarray(r.token_times_ms, dtype=float))
-    return gaps[gaps > 0].tolist()
+    return gaps[gaps > 0]
 
 
 def _all_itls(requests: Sequence[Request]) -> np.ndarray:
@@ -59,8 +63,7 @@ def _all_itls(requests: Sequence[Request]) -> np.ndarray:
     out = np.empty(sum(max(len(r.token_times_ms) - 1, 0) for r in requests))
     at = 0
     for r in requests:
-        gaps = np.diff(np.asarray(r.token_times_ms, dtype=float))
-        gaps = gaps[gaps > 0]
+        gaps = _itls(r)
         out[at:at + len(gaps)] = gaps
         at += len(gaps)
     return out[:at]

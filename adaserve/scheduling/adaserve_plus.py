@@ -341,11 +341,9 @@ def _verified_options(expected: np.ndarray, nodes: np.ndarray, slack: np.ndarray
                                         np.asarray(slack, np.float64))
     depths, n = expected.shape
     gain = expected - 1.0
-    # one stable sort for all depths: by depth, then gain descending, then slack
-    order = np.lexsort((np.tile(slack, depths), -gain.ravel(), np.repeat(np.arange(depths), n)))
-    rank = np.empty(depths * n, np.int64)
-    rank[order] = np.tile(np.arange(n), depths)
-    rank = rank.reshape(depths, n)
+    rank = np.empty((depths, n), np.int64)
+    for d in range(depths):
+        rank[d, np.lexsort((slack, -gain[d]))] = np.arange(n)
     k = np.arange(n + 1)
     chosen = rank[:, None, :] < k[None, :, None]                       # (depths, n + 1, n)
     return 1.0 + gain[:, None, :] * chosen, n + k[None, :] * nodes[:, None]

@@ -234,13 +234,19 @@ def exact_end_weights(offsets, parent, token, selected, tokens, starts, lens):  
 
 
 @njit
+def _depth_row(depth, max_depth):  # pragma: no cover - compiled
+    """The calibration tables' row of a node depth (``Calibrator._cells``: depths past
+    ``max_depth`` share the last row, a root's the first)."""
+    return min(max(depth, 1), max_depth) - 1
+
+
+@njit
 def calibrate(parent, depth, prob, ratio, n_bins, max_depth):  # pragma: no cover - compiled
     """``Calibrator.calibrate``: per node the calibrated conditional (siblings capped at a total of
     1) and path probability, with ``conditional_confidence``, ``ratio_at``, ``_cap_siblings`` and
     ``path_products``' operations in their order (nodes are stored parents first)."""
     n = parent.shape[0]
-    q = np.ones(n)
-    p = np.ones(n)
+    p = np.ones(n)  # roots: 1
     for v in range(n):
         pa = parent[v]
         if pa < 0:
@@ -249,8 +255,7 @@ def calibrate(parent, depth, prob, ratio, n_bins, max_depth):  # pragma: no cove
         x = prob[v] / (pp if pp >= 1e-300 else 1e-300) if pp > 0 else 0.0
         if x == x:  # np.clip: NaN stays
             x = 0.0 if x < 0.0 else (1.0 if x > 1.0 else x)
-        q[v] = x
-        row = min(max(depth[v], 1), max_depth) - 1
+        row = _depth_row(depth[v], max_depth)
         pos = x * n_bins - 0.5
         pos = 0.0 if pos < 0.0 else (n_bins - 1.0 if pos > n_bins - 1.0 else pos)
         lo = min(np.int64(pos), n_bins - 2)
@@ -355,7 +360,7 @@ def calibration_counts(tried_c, predicted_c, accepted_c, depth, q, tried, accept
     for v in range(depth.shape[0]):
         if not tried[v] > 1e-9:
             continue
-        row = min(max(depth[v], 1), max_depth) - 1
+        row = _depth_row(depth[v], max_depth)
         col = min(np.int64(q[v] * n_bins), n_bins - 1)
         tried_c[row, col] += tried[v]
         predicted_c[row, col] += tried[v] * q[v]
