@@ -15,14 +15,15 @@
 #      byte tokenizer), written under $WORK (in /dev/shm when it has room)
 #   3. adaserve profile of that shape (n-gram drafter, with CUDA graphs as the runs use them; the
 #      profile the simulator prices with), then adaserve run of each of SYSTEMS on a generated
-#      RPS-4.8 trace with that profile,
+#      RPS-4.8 trace with that profile, at each time scale of RUN_SCALES (arrival times multiplied),
 #      recording the draft acceptance and logging every iteration (scripts/engine_steps.py)
 #   4. adaserve bench engine on each of BENCH_SHAPES (default: the first shape; the 8B shape's steps
 #      are the floor step's, and its checkpoint and benchmark add minutes), CUDA graphs on (and off
 #      with BENCH_GRAPHS="on off") (synthetic text prompts: the offline prompt pool is a wheel such
-#      machines lack); transformers' generate as the peer on the 1B shape; on the first shape also
-#      the host work per iteration (bench engine --only host: 16 and 64 requests, 1k-token prompts,
-#      D=8 W=3 trees). Last: a check cut short by its caller's time limit has the serving runs already
+#      machines lack); transformers' generate as the peer on the 1B shape; then, step "host", on the
+#      first shape the host work per iteration (bench engine --only host: 16 and 64 requests,
+#      1k-token prompts, D=8 W=3 trees). Last, so that a check cut short by its caller's time limit
+#      has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
 #      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
 #
@@ -30,8 +31,9 @@
 # temporary folder), STEP_TIMEOUT (seconds per step, default 240), SHAPES (default
 # "llama-3.2-1b llama-3.1-8b"; with DEVICE=cpu "llama-tiny"), BENCH_SHAPES (the shapes step 4
 # benchmarks, default the first of SHAPES; e.g. "llama-3.2-1b llama-3.1-8b"), RUN_REQUESTS (default 40), SYSTEMS
-# (default "vllm adaserve adaserve_plus"), SKIP (steps to leave out, of: tests floor runs bench;
-# e.g. SKIP="tests bench" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
+# (default "vllm adaserve adaserve_plus"), RUN_SCALES (the runs' --time-scale values, default "1";
+# e.g. "1 0.25" adds every system with arrivals 4x denser, as run-<system>-x0.25), SKIP (steps to
+# leave out, of: tests floor runs bench host; e.g. SKIP="tests bench host" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
 # default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
@@ -53,9 +55,17 @@ PY=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 RUN_REQUESTS=${RUN_REQUESTS:-40}
 SYSTEMS=${SYSTEMS:-vllm adaserve adaserve_plus}
+RUN_SCALES=${RUN_SCALES:-1}
 SKIP=${SKIP:-}
 for s in $SKIP; do
-  case $s in tests|floor|runs|bench) ;; *) echo "gpu-check: SKIP names unknown step '$s' (tests floor runs bench)" >&2; exit 2 ;; esac
+  case $s in tests|floor|runs|bench|host) ;;
+    *) echo "gpu-check: SKIP names unknown step '$s' (tests floor runs bench host)" >&2; exit 2 ;;
+  esac
+done
+for x in $RUN_SCALES; do
+  if ! [[ $x =~ ^[0-9]*\.?[0-9]+$ ]] || [[ $x =~ ^[0.]+$ ]]; then
+    echo "gpu-check: RUN_SCALES holds '$x', not a positive number (time scales, e.g. \"1 0.25\")" >&2; exit 2
+  fi
 done
 wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 if [[ $DEVICE == cpu ]]; then
@@ -154,33 +164,39 @@ if wanted runs; then
   step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
   with_profile=()
   if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
-  for system in $SYSTEMS; do
-    # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
-    # the per-iteration cost (wall time / iterations would count them)
-    step "run $system $first" - "$PY" scripts/engine_steps.py "$WORK/run-$system.steps.jsonl" -- \
-      run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" \
-      --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
-      "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/run-$system.acc.jsonl" --out "$WORK/run-$system"
+  for scale in $RUN_SCALES; do
+    for system in $SYSTEMS; do
+      name=run-$system
+      [[ $scale == 1 ]] || name=$name-x$scale
+      # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
+      # the per-iteration cost (wall time / iterations would count them)
+      step "run $system $first x$scale" - "$PY" scripts/engine_steps.py "$WORK/$name.steps.jsonl" -- \
+        run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" --time-scale "$scale" \
+        --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+        "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
+    done
   done
 fi
 
-# 4. bench engine on each of BENCH_SHAPES
-if wanted bench; then
+# 4. bench engine on each of BENCH_SHAPES, then (step "host") the first shape's host work
+if wanted bench || wanted host; then
   for shape in $BENCH_SHAPES; do
     ckpt="$WORK/ckpt-$shape"
+    wanted bench || [[ $shape == "$first" ]] || continue
     if [[ $shape != "$first" ]] || ! wanted runs; then  # else it was written in step 2
       step "checkpoint $shape" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$shape" --out "$ckpt"
     fi
     hf=()
     [[ $shape == llama-3.1-8b ]] && hf=(--no-hf)   # transformers' twin would double the 8B load time
     for g in "${GRAPHS[@]}"; do
+      wanted bench || break
       # the 8B shape's eager steps are in the weight-floor table; its eager bench would add minutes
       [[ $shape == llama-3.1-8b && $g == off ]] && continue
       step "bench engine $shape graphs $g" "$WORK/bench-$shape-graphs-$g.json" "${ADASERVE[@]}" bench engine \
         --model "$ckpt" --device "$DEVICE" --"$( [[ $g == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
         --prompts synthetic-text "${BENCH_SIZE[@]}" "${hf[@]}" --json
     done
-    if [[ $shape == "$first" ]]; then  # the host work per iteration with the device's forward in between
+    if [[ $shape == "$first" ]] && wanted host; then  # the host work per iteration, the device's forward between
       step "bench host $shape" "$WORK/bench-$shape-host-graphs-${GRAPHS[0]}.json" "${ADASERVE[@]}" bench engine \
         --model "$ckpt" --device "$DEVICE" --"$( [[ ${GRAPHS[0]} == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
         --only host "${HOST_SIZE[@]}" --json

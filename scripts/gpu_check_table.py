@@ -1,7 +1,7 @@
 """The table at the end of scripts/gpu-check.sh: one Markdown table from the JSON results in a work
 folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
-``run-<system>.json`` from ``adaserve run``, with its iteration log ``run-<system>.steps.jsonl``
-from scripts/engine_steps.py). Missing files (a failed step) leave their cells
+``run-<system>.json`` from ``adaserve run``, ``run-<system>-x<time scale>.json`` for arrivals at
+another time scale, each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
 empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
 their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
 (``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
-RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)\.json")
+RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-x(?P<scale>[0-9.]+))?\.json")
 
 
 def _load(path: Path) -> dict | list | None:
@@ -79,6 +79,8 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         shape = Path(meta["model"]).name.removeprefix("ckpt-")
         col = f"{shape} graphs {'on' if graphs else 'off'}"
         what = f"adaserve run {meta['system']}, {s.get('registered')} requests"
+        if meta.get("time_scale", 1) != 1:
+            what += f", time scale {meta['time_scale']:g}"
         out.append((f"{what}: SLO attainment %", col, _num(s.get("slo_attainment_pct"), 1)))
         out.append((f"{what}: wall ms per iteration", col, _num(1e3 * meta["wall_s"] / iters if iters else None, 1)
                     + f" ({iters} iterations)"))

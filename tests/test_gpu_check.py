@@ -215,6 +215,26 @@ def test_dry_run_knobs_add_eager_benchmarks_and_replace_the_test_filter():
     assert not any(x.endswith("> /w/bench-llama-3.1-8b-graphs-off.json") for x in lines)  # never: see the floor
 
 
+def test_dry_run_time_scales_and_skipping_the_host_step():
+    lines = dry_run(RUN_SCALES="1 0.25", SKIP="floor host")
+    runs = [x for x in lines if " run --trace " in x]
+    assert len(runs) == 6 and all("--model /w/ckpt-llama-3.2-1b" in r for r in runs)
+    for r in runs[3:]:  # the second scale: its own names, so the table tells the loads apart
+        system = r.split("--system ")[1].split()[0]
+        assert "--time-scale 0.25" in r and f"--out /w/run-{system}-x0.25" in r
+        assert f"--record-acceptance /w/run-{system}-x0.25.acc.jsonl" in r
+    assert all("--time-scale 1 " in r and "-x" not in r.split("--out ")[1] for r in runs[:3])
+    assert not any("--only host" in x or "weight_floor" in x for x in lines)
+    assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-on.json") for x in lines)
+    # the host step alone still has its checkpoint
+    lines = dry_run(SKIP="tests floor runs bench")
+    assert len(lines) == 3 and "random_checkpoint --shape llama-3.2-1b" in lines[0] and "--only host" in lines[1]
+    for bad in ("0", "-1", "fast", "1e3"):
+        p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "RUN_SCALES": f"1 {bad}"})
+        assert p.returncode == 2 and f"RUN_SCALES holds '{bad}'" in p.stderr
+
+
 def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
     lines = dry_run(DEVICE="cpu", PYTHON="py")
     assert not any("llama-3.1-8b" in x or "--cuda-graphs" in x for x in lines)
@@ -278,6 +298,14 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: median ms per iteration with a prefill chunk (count) | 34.50 (2) |" \
         in lines
     assert "| measure | llama-3.2-1b graphs on |" in lines and not any("8b" in x for x in lines)
+    scaled = json.loads(json.dumps(run))
+    scaled["meta"]["time_scale"] = 0.25
+    scaled["summary"]["slo_attainment_pct"] = 62.5
+    (tmp_path / "run-adaserve-x0.25.json").write_text(json.dumps(scaled))
+    lines = gpu_check_table.table(tmp_path).splitlines()
+    assert "| adaserve run adaserve, 40 requests, time scale 0.25: SLO attainment % | 62.50 |" not in lines
+    assert "| adaserve run adaserve, 40 requests, time scale 0.25: SLO attainment % | 62.5 |" in lines
+    assert "| adaserve run adaserve, 40 requests: SLO attainment % | 87.5 |" in lines
     (tmp_path / "empty").mkdir()
     assert gpu_check_table.table(tmp_path / "empty") == "(no results: every measuring step failed)"
 
