@@ -26,6 +26,7 @@ from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import SYSTEMS, make_policy
 
 from .build import Engine, build_engine
+from .warmup import warm_serving
 
 @dataclass
 class RunConfig:
@@ -90,6 +91,9 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
                                   output_len_cap=cfg.output_len_cap)
         prompts = tokenize(eng.tokenizer, records, cfg.chat_template)
         requests = to_requests(records, eng.baseline_ms, input_lengths=[len(p) for p in prompts])
+        warm_s = warm_serving(eng, cfg.system)
+        if say is not None:
+            say(f"warmed up {cfg.system}'s serving path on throwaway requests in {warm_s:.2f} s")
         eng.executor.set_prompts({r.rid: p for r, p in zip(requests, prompts)})
         loop, wall = replay(cfg, eng.executor, requests)
     finally:
@@ -98,7 +102,7 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
     summary = summarize(requests, committed_tokens=loop.stats.committed_tokens,
                         request_steps=loop.stats.request_steps, overhead_ms=loop.stats.overhead_ms,
                         registered=len(requests))
-    return EngineResult(summary, requests, run_meta(cfg, eng, loop, wall))
+    return EngineResult(summary, requests, {**run_meta(cfg, eng, loop, wall), "warmup_s": round(warm_s, 3)})
 
 
 def replay(cfg: RunConfig, ex: TorchExecutor, requests: list[Request]) -> tuple[ServingLoop, float]:

@@ -47,6 +47,7 @@ def build_server_engine(cfg: EngineConfig, system: str, *, baseline_ms: float | 
                         say: Callable[[str], None] = log.info) -> Built:
     """Everything ``adaserve serve`` needs: executor, policy, codec, baseline."""
     from adaserve.runtime.build import build_engine
+    from adaserve.runtime.warmup import warm_serving
     from adaserve.scheduling.policies import SYSTEMS, make_policy
 
     if system not in SYSTEMS:
@@ -66,6 +67,7 @@ def build_server_engine(cfg: EngineConfig, system: str, *, baseline_ms: float | 
     channel = getattr(eng.model, "channel", None)  # tensor parallel: a failed rank ends the server
     if channel is not None:
         channel.on_failure.append(_stop_server)
+    say(f"warmed up {system}'s serving path on throwaway requests in {warm_serving(eng, system):.2f} s")
     say(f"baseline latency {eng.baseline_ms:.2f} ms/token ({eng.baseline_source}); system {system}; "
         f"KV pool {ex.num_blocks} blocks; {profile.limits}")
     return Built(ex, make_policy(system, eng.model.config.family), codec, eng.baseline_ms, eng.baseline_source,
