@@ -89,6 +89,10 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         if graphs:
             out.append((f"{what}: steps replayed as graphs", col,
                         f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}"))
+        warm = meta.get("warmup")
+        if warm:
+            out.append((f"{what}: warm-up s (graphs captured ahead)", col,
+                        f"{warm['serving_s'] + warm['graphs_s']:.1f} ({warm['graphs']})"))
         out.extend((f"{what}: {m}", col, cell) for m, cell in simulated_cells(f, f.parent / f"profile-{shape}.json"))
     return out
 

@@ -214,6 +214,55 @@ def test_executor_with_graphs_is_lossless(model, system):
     assert ex.cache.alloc.free_blocks == ex.num_blocks  # every real block released, scratch never handed out
 
 
+# ---- capturing ahead (adaserve run / serve warm up with it) ----------------------------------------
+
+def test_buckets_ahead_cover_every_bucket_choose_can_return(model):
+    cache, scratch = fresh(model)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
+    every = runner.buckets()
+    assert len(every) == len(set(every)) and all(b.rows <= 64 for b in every)
+    chosen = {runner.limits.choose(r, q, n) for r in range(1, 9) for q in range(1, 33) for n in range(1, 17)}
+    assert set(every) == chosen - {None}
+    assert [b.queries for b in runner.buckets((1,))] == [1] * 12  # 4 request x 3 context buckets
+    assert every[:12] == runner.buckets((1,))  # plain decode steps first
+
+
+def test_capture_ahead_then_serving_captures_nothing_and_stays_lossless(model):
+    prompts = {i: (list(range(10 + i, 15 + i)) * 8)[: 20 + 3 * i] for i in range(4)}
+    reqs = [Request(rid=i, arrival_ms=0.0, input_len=len(prompts[i]), max_new_tokens=10, slo_ratio=1.5, slo_ms=3.0,
+                    category="coding") for i in range(4)]
+    ex = TorchExecutor(model, tiny_profile(), NgramDrafter(), cuda_graphs=True, ignore_eos=True)
+    runner = ex.graphs
+    assert runner.capture_ahead(budget_s=-1) == 0 and runner.graphs == {}  # past the budget at once
+    n = runner.capture_ahead()
+    assert n == len(runner.buckets()) == runner.stats["captured"] == len(runner.graphs)
+    assert runner.capture_ahead() == 0  # nothing left
+    ex.set_prompts(prompts)
+    ServingLoop(make_policy("adaserve", "tiny"), ex, copy.deepcopy(reqs)).run()
+    for r in reqs:
+        assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], 10)
+    assert runner.stats["captured"] == n and runner.stats["graph_steps"] > 0  # every step found its graph
+    assert ex.cache.alloc.free_blocks == ex.num_blocks
+
+
+def test_capture_ahead_stops_at_max_graphs(model):
+    cache, scratch = fresh(model)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture, max_graphs=5)
+    assert runner.capture_ahead() == 5 and list(runner.graphs) == runner.buckets()[:5]
+
+
+def test_capture_ahead_stops_at_a_failed_capture(model):
+    cache, scratch = fresh(model)
+    calls = []
+
+    def out_of_memory(fn):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=out_of_memory)
+    assert runner.capture_ahead() == 0 and len(calls) == 1 and runner.stats["failed"] == 1
+
+
 # ---- the profiler times what the engine runs (issue 12/14: graphed steps on a GPU) ---------------
 
 def test_profiler_bench_with_graphs_replays_decode_and_tree_steps(model):

@@ -350,15 +350,20 @@ def test_cuda_graph_replays_match_eager():
     assert runner.stats["graph_steps"] == 2 * len(shapes)
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["lazy", "captured-ahead"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
-def test_greedy_serving_with_cuda_graphs_is_lossless(system):
+def test_greedy_serving_with_cuda_graphs_is_lossless(system, ahead):
     target = tiny_random_model("llama", seed=1, device=DEVICE)
     reqs, prompts = workload()
     ex = TorchExecutor(target, tiny_profile(), NgramDrafter(), cuda_graphs=True)
+    captured = ex.graphs.capture_ahead() if ahead else 0  # every bucket, before serving (the warm-up's)
+    assert captured == (len(ex.graphs.buckets()) if ahead else 0)
     ex.set_prompts(prompts)
     ServingLoop(make_policy(system, "tiny"), ex, reqs).run()
     for r in reqs:
         assert ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)), f"request {r.rid}"
     stats = ex.graphs.stats
     assert stats["failed"] == 0 and stats["graph_steps"] > 0, stats
+    if ahead:
+        assert stats["captured"] == captured, stats  # no capture while serving
     assert ex.cache.alloc.free_blocks == ex.num_blocks

@@ -23,10 +23,25 @@ def test_warm_up_leaves_the_real_executor_untouched(system, draft):
                                     max_model_len=256, threads=1), progress=False)
     ex = eng.executor
     free, blocks = ex.cache.alloc.free_blocks, ex.num_blocks
-    assert warm_serving(eng, system) > 0
+    assert warm_serving(eng, system).serving_s > 0
     assert ex.seqs == {} and ex.outputs == {} and ex.prompts == {}
     assert ex.cache.alloc.free_blocks == free and ex.num_blocks == blocks
     assert getattr(ex.drafter, "calls", 0) == 0  # the real drafter drafted nothing
+
+
+@pytest.mark.parametrize("system,queries", [("vllm", {1}), ("adaserve", {1, 2, 4, 8, 16, 32})])
+def test_warm_up_captures_the_graph_buckets_of_the_policy(system, queries):
+    from adaserve.engine import TorchExecutor
+
+    eng = build_engine(EngineConfig("tiny-llama", profile="llama-3.1-70b", max_num_seqs=4, max_model_len=256,
+                                    threads=1), progress=False)
+    # CUDA graphs on the CPU: the runner's eager stand-in (engine/cuda_graphs.py), same buckets
+    eng.executor = TorchExecutor(eng.model, eng.profile, eng.executor.drafter, cuda_graphs=True, ignore_eos=True)
+    warm = warm_serving(eng, system)
+    runner = eng.executor.graphs
+    assert warm.graphs == len(runner.graphs) == len(runner.buckets(tuple(sorted(queries)))) > 0
+    assert {b.queries for b in runner.graphs} == queries
+    assert system in warm.describe(system) and f"captured {warm.graphs} CUDA graphs" in warm.describe(system)
 
 
 # In a fresh process (numba dispatchers start with no compiled signature, even when its disk cache
@@ -44,7 +59,7 @@ def signatures():
             for d in gc.get_objects() if isinstance(d, Dispatcher)}
 
 if sys.argv[1] == "off":
-    rp.warm_serving = lambda eng, system: 0.0
+    rp.warm_serving = lambda eng, system: wu.WarmUp(0.0)
 real = rp.replay
 def spy(cfg, ex, requests):
     before = signatures()

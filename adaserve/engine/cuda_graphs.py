@@ -30,8 +30,12 @@ The graph computes the last hidden state of every row; the final norm and the LM
 on the real logits rows only (one GEMM: inside the graph each bucket would hold a
 ``[B' * Q', vocab]`` output and compute logits for padded rows).
 
-Graphs are captured lazily, the first time a bucket is needed (on padding-only inputs, so a capture
-never touches real KV), into one shared memory pool; at most ``max_graphs`` of them. A failed
+Graphs are captured on padding-only inputs (so a capture never touches real KV) into one shared
+memory pool; at most ``max_graphs`` of them. ``capture_ahead`` captures every bucket within the
+limits before serving (``adaserve run`` and ``serve`` call it in their warm-up, with the query sizes
+their policy uses): a capture costs about 25 ms on an H200 (1B shape), and captured lazily, the first
+time a bucket is needed, each one stalled every running request (an AdaServe run of 40 requests met
+36-45 of them, docs/engine.md). A bucket beyond the start-up budget is captured on first use. A failed
 capture is logged once and that bucket runs eagerly from then on.
 
 Tests on the CPU replace the CUDA capture by ``eager_capture`` (the same padded buffers, run
@@ -41,6 +45,7 @@ eagerly at replay), which checks the layout, the padding and the bucket choice w
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,7 +61,8 @@ log = logging.getLogger("adaserve.engine")
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)  # nodes per tree; trees of >= 32 nodes get their own SDPA call anyway
 MIN_CONTEXT_BLOCKS = 4
 MAX_GRAPH_TOKENS = 512  # padded rows per graph (B' * Q')
-MAX_GRAPHS = 64
+MAX_GRAPHS = 512  # every bucket of the default limits (378 with 64 requests and 2k-token sequences)
+CAPTURE_BUDGET_S = 60.0  # start-up captures stop after this long; the rest are captured on first use
 
 Replay = Callable[[], None]
 # capture(fn) -> (replay, output): ``fn`` runs the forward on the static buffers and returns its
@@ -237,6 +243,28 @@ class GraphRunner:
         if g is None:
             return None
         return self.limits.choose(len(batch.entries), g.num_queries, int(g.block_tables.shape[1]))
+
+    def buckets(self, queries: tuple[int, ...] = QUERY_BUCKETS) -> list[Bucket]:
+        """Every bucket within the limits whose query size is in ``queries``: by query size (plain
+        decode steps first), then requests, then context."""
+        lim = self.limits
+        return [Bucket(b, q, n) for q in queries for b in request_buckets(lim.max_requests)
+                for n in block_buckets(lim.max_blocks) if b * q <= lim.max_tokens]
+
+    def capture_ahead(self, queries: tuple[int, ...] = QUERY_BUCKETS, budget_s: float = CAPTURE_BUDGET_S) -> int:
+        """Capture the buckets of ``queries`` not captured yet, before serving, until ``max_graphs``,
+        ``budget_s`` seconds or a failed capture (e.g. out of memory: the rest wait for their first
+        use); the number captured."""
+        t0, n = time.perf_counter(), 0
+        for bucket in self.buckets(queries):
+            if len(self.graphs) >= self.max_graphs or time.perf_counter() - t0 > budget_s:
+                break
+            if bucket in self.graphs:
+                continue
+            if self._capture(bucket) is EAGER:
+                break
+            n += 1
+        return n
 
     # ---- running ---------------------------------------------------------------------------
     def __call__(self, batch: FlatBatch) -> torch.Tensor:

@@ -26,7 +26,7 @@ from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import SYSTEMS, make_policy
 
 from .build import Engine, build_engine
-from .warmup import warm_serving
+from .warmup import WarmUp, warm_serving
 
 @dataclass
 class RunConfig:
@@ -91,9 +91,9 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
                                   output_len_cap=cfg.output_len_cap)
         prompts = tokenize(eng.tokenizer, records, cfg.chat_template)
         requests = to_requests(records, eng.baseline_ms, input_lengths=[len(p) for p in prompts])
-        warm_s = warm_serving(eng, cfg.system)
+        warm = warm_serving(eng, cfg.system)
         if say is not None:
-            say(f"warmed up {cfg.system}'s serving path on throwaway requests in {warm_s:.2f} s")
+            say(warm.describe(cfg.system))
         eng.executor.set_prompts({r.rid: p for r, p in zip(requests, prompts)})
         loop, wall = replay(cfg, eng.executor, requests)
     finally:
@@ -102,7 +102,7 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
     summary = summarize(requests, committed_tokens=loop.stats.committed_tokens,
                         request_steps=loop.stats.request_steps, overhead_ms=loop.stats.overhead_ms,
                         registered=len(requests))
-    return EngineResult(summary, requests, {**run_meta(cfg, eng, loop, wall), "warmup_s": round(warm_s, 3)})
+    return EngineResult(summary, requests, run_meta(cfg, eng, loop, wall, warm))
 
 
 def replay(cfg: RunConfig, ex: TorchExecutor, requests: list[Request]) -> tuple[ServingLoop, float]:
@@ -117,7 +117,7 @@ def replay(cfg: RunConfig, ex: TorchExecutor, requests: list[Request]) -> tuple[
     return loop, wall
 
 
-def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float) -> dict:
+def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float, warm: WarmUp) -> dict:
     ec, profile, ex = cfg.engine, eng.profile, eng.executor
     return {"backend": "engine", "system": cfg.system, "model": ec.model, "drafter": eng.drafter_kind,
             "draft": ec.draft, "trace": str(cfg.trace), "profile": ec.profile or "quick-measured",
@@ -131,6 +131,7 @@ def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float) -> dic
             "cuda_graphs": dict(ex.graphs.stats) if ex.graphs is not None else None,
             "threads": torch.get_num_threads(), "limits": asdict(profile.limits),
             "iterations": loop.stats.iterations, "wall_s": round(wall, 3),
+            "warmup": {k: round(v, 3) for k, v in asdict(warm).items()},
             "kv_blocks": ex.num_blocks, "kv_capacity_tokens": ex.kv_capacity_tokens,
             "acceptance_records": cfg.record_acceptance,
             "note": "real engine: wall-clock replay; scheduling overhead is measured CPU time"}

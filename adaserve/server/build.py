@@ -67,7 +67,7 @@ def build_server_engine(cfg: EngineConfig, system: str, *, baseline_ms: float | 
     channel = getattr(eng.model, "channel", None)  # tensor parallel: a failed rank ends the server
     if channel is not None:
         channel.on_failure.append(_stop_server)
-    say(f"warmed up {system}'s serving path on throwaway requests in {warm_serving(eng, system):.2f} s")
+    say(warm_serving(eng, system).describe(system))
     say(f"baseline latency {eng.baseline_ms:.2f} ms/token ({eng.baseline_source}); system {system}; "
         f"KV pool {ex.num_blocks} blocks; {profile.limits}")
     return Built(ex, make_policy(system, eng.model.config.family), codec, eng.baseline_ms, eng.baseline_source,
