@@ -1,6 +1,6 @@
 """`adaserve run` with every iteration logged: what the step held and where its time went.
 
-    python scripts/engine_steps.py STEPS.jsonl [--cpu-clock] -- run --trace T --system adaserve ... --out PREFIX
+    python scripts/engine_steps.py STEPS.jsonl [--cpu-clock] [--sync-debug] -- run --trace T --system adaserve ... --out PREFIX
 
 Runs the ``adaserve`` command given after ``--`` in this process, with the engine's executor and the
 serving loop wrapped (nothing else changes), and writes one JSON object per iteration to
@@ -11,6 +11,14 @@ the target step (``execute``) and of the forward inside it. The forward is the m
 as ``adaserve profile`` times its step tables; the rest of the iteration (batch building included)
 is host work, as the profile's ``host`` table counts it. ``scripts/engine_vs_sim.py steps`` prices
 each logged step with a latency profile, to find the costs the simulator misses.
+
+On CUDA each record also holds ``forward_device_ms``: the forward's span on the GPU (CUDA events
+recorded before and after the model call, read once the step has synchronised). ``forward_ms`` is
+the host's time in the call, which on a GPU is the launch time (a CUDA graph's replay: ~0.5 ms); a
+span well above it is device work, a span equal to it a host that cannot launch faster (or waits
+inside the call). ``--sync-debug`` (CUDA): torch's sync debug mode warns on every operation that
+makes the host wait for the GPU; each record counts those of its iteration (``syncs``) and the end
+of the run prints the places in the package that waited, most frequent first.
 
 ``--cpu-clock``: the engine's clock (arrivals, every timestamp, TPOT, TTFT) is this thread's CPU
 time plus the idle time it would have waited for arrivals (skipped, not slept). On a CPU shared
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -35,15 +44,24 @@ class StepLog:
     def __init__(self, path: str):
         self.f = open(path, "w", encoding="utf-8")
         self.cur: dict = {}
+        self.events: list = []  # (start, end) CUDA events of this iteration's forwards
+        self.syncs: list[str] = []  # this iteration's sync warnings (--sync-debug)
+        self.sync_sites: Counter = Counter()
 
     def add(self, key: str, wall_s: float, cpu_s: float) -> None:
         self.cur[key + "_ms"] = self.cur.get(key + "_ms", 0.0) + 1e3 * wall_s
         self.cur[key + "_cpu_ms"] = self.cur.get(key + "_cpu_ms", 0.0) + 1e3 * cpu_s
 
     def flush(self) -> None:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.cur["forward_device_ms"] = sum(a.elapsed_time(b) for a, b in self.events)
+        if self.syncs:
+            self.cur["syncs"] = len(self.syncs)
+            self.sync_sites.update(self.syncs)
         if self.cur:
             self.f.write(json.dumps(self.cur) + "\n")
-        self.cur = {}
+        self.cur, self.events, self.syncs = {}, [], []
 
 
 def _timed(log: StepLog, key: str, fn):
@@ -101,14 +119,51 @@ class _Forward:
         return getattr(self.inner, name)
 
     def __call__(self, batch, cache):
-        return _timed(self.log, "forward", self.inner)(batch, cache)
+        if cache.device.type != "cuda":
+            return _timed(self.log, "forward", self.inner)(batch, cache)
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = _timed(self.log, "forward", self.inner)(batch, cache)
+        end.record()
+        self.log.events.append((start, end))
+        return out
+
+
+def sync_site(message: str, stack) -> str:
+    """The innermost frame of the package (else of any file) that made the host wait."""
+    frames = [f for f in stack if "adaserve" in f.filename and "engine_steps" not in f.filename] or list(stack)
+    f = frames[-1]
+    return f"{f.filename.split('adaserve/', 1)[-1]}:{f.lineno} {f.name}: {message.splitlines()[0][:80]}"
+
+
+def catch_syncs(log: StepLog) -> None:
+    """torch's sync debug mode on, its warnings counted per iteration (not printed)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            log.syncs.append(sync_site(str(message), traceback.extract_stack()[:-1]))
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    previous = warnings.showwarning
+    warnings.simplefilter("always")
+    warnings.showwarning = show
 
 
 def main(argv: list[str]) -> int:
-    if "--" not in argv or argv.index("--") not in (1, 2) or (argv.index("--") == 2 and argv[1] != "--cpu-clock"):
+    flags = argv[1:argv.index("--")] if "--" in argv else None
+    if not argv or flags is None or not set(flags) <= {"--cpu-clock", "--sync-debug"}:
         print(__doc__, file=sys.stderr)
         return 2
-    use_cpu_clock = argv.index("--") == 2
+    use_cpu_clock, sync_debug = "--cpu-clock" in flags, "--sync-debug" in flags
     from adaserve import iteration
     from adaserve.cli import main as cli_main
     from adaserve.runtime import replay as replay_mod
@@ -120,6 +175,8 @@ def main(argv: list[str]) -> int:
         instrument(ex, log)
         if use_cpu_clock:
             cpu_clock(ex)
+        if sync_debug and ex.cache.device.type == "cuda":
+            catch_syncs(log)
         return original_replay(cfg, ex, requests)
 
     def step(self):
@@ -134,6 +191,10 @@ def main(argv: list[str]) -> int:
         return cli_main(argv[argv.index("--") + 1:])
     finally:
         log.f.close()
+        if log.sync_sites:
+            print(f"host waits for the GPU (--sync-debug), {sum(log.sync_sites.values())} in all:", file=sys.stderr)
+            for site, n in log.sync_sites.most_common(15):
+                print(f"  {n:6d}  {site}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@
 # e.g. "1 0.25" adds every system with arrivals 4x denser, as run-<system>-x0.25), SKIP (steps to
 # leave out, of: tests floor runs bench host; e.g. SKIP="tests bench host" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
-# default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times).
+# default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times),
+# SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
+# where the host waited for the GPU; its timings are not comparable).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
 # 20 s (docs/engine.md, "GPU check").
 set -uo pipefail
@@ -176,6 +178,11 @@ if wanted runs; then
         "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
     done
   done
+  if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed
+    step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug -- \
+      run --trace "$trace" --system adaserve --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
+      --max-requests 10 --ignore-eos --no-progress "${RUN_SIZE[@]}" "${with_profile[@]}" --out "$WORK/diag-adaserve"
+  fi
 fi
 
 # 4. bench engine on each of BENCH_SHAPES, then (step "host") the first shape's host work

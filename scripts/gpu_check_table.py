@@ -109,9 +109,17 @@ def iteration_cells(steps: Path) -> list[tuple[str, str]]:
     prefill = [r["iteration_ms"] for r in recs if r.get("prefill")]
     every = [r["iteration_ms"] for r in recs if "iteration_ms" in r]
     med = lambda xs: _num(statistics.median(xs), 2) + f" ({len(xs)})" if xs else ""  # noqa: E731
-    return [("median ms per decode-only iteration (count)", med(decode)),
-            ("median ms per iteration with a prefill chunk (count)", med(prefill)),
-            ("median ms per iteration (count)", med(every))]
+    cells = [("median ms per decode-only iteration (count)", med(decode)),
+             ("median ms per iteration with a prefill chunk (count)", med(prefill)),
+             ("median ms per iteration (count)", med(every))]
+    # CUDA: the forward's host time (its launches) against its span on the GPU (scripts/engine_steps.py)
+    for label, keep in (("decode-only", lambda r: r.get("decode") and not r.get("prefill")),
+                        ("with a prefill chunk", lambda r: r.get("prefill"))):
+        both = [(r["forward_ms"], r["forward_device_ms"]) for r in recs if keep(r) and "forward_device_ms" in r]
+        if both:
+            cells.append((f"median forward ms, host / GPU span, iterations {label}",
+                          f"{statistics.median(h for h, _ in both):.2f} / {statistics.median(d for _, d in both):.2f}"))
+    return cells
 
 
 SIM_MEASURES = (("attainment", "SLO attainment % (engine / simulated)", 100, 1),

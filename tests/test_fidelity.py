@@ -490,6 +490,13 @@ def test_engine_steps_logs_every_iteration_with_the_decoding_requests(tmp_path):
     assert len(recs) == loop.stats.iterations and decoding
     assert all(len(r["rids"]) == len(r["decode"]) and set(r["rids"]) <= {7, 9} for r in decoding)
     assert all(r["forward_ms"] > 0 for r in recs) and any("speculate_ms" in r for r in decoding)
+    assert not any("forward_device_ms" in r or "syncs" in r for r in recs)  # CUDA only
+
+    # --sync-debug: a wait's place is the innermost frame of the package; bad flags print the usage
+    import traceback
+    site = mod.sync_site("called a synchronizing CUDA operation\nmore", traceback.extract_stack())
+    assert "test_fidelity.py:" in site and site.endswith(": called a synchronizing CUDA operation")
+    assert mod.main(["x.jsonl", "--fast", "--", "run"]) == 2 and mod.main(["x.jsonl", "run"]) == 2
 
 
 COMPILED = {"max_tokens": 4, "keys": {"tokens": [0, 1000, 2000], "ms": [0.0, 2.0, 5.0]}}

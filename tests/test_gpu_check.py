@@ -225,6 +225,9 @@ def test_dry_run_time_scales_and_skipping_the_host_step():
         assert f"--record-acceptance /w/run-{system}-x0.25.acc.jsonl" in r
     assert all("--time-scale 1 " in r and "-x" not in r.split("--out ")[1] for r in runs[:3])
     assert not any("--only host" in x or "weight_floor" in x for x in lines)
+    assert not any("--sync-debug" in x for x in lines)
+    [diag] = [x for x in dry_run(SYNC_DEBUG="1") if "--sync-debug" in x]  # opt-in, after the runs
+    assert "--system adaserve" in diag and "--max-requests 10" in diag and "run-" not in diag
     assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-on.json") for x in lines)
     # the host step alone still has its checkpoint
     lines = dry_run(SKIP="tests floor runs bench")
@@ -284,7 +287,8 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
     assert "| adaserve run adaserve, 40 requests: warm-up s (graphs captured ahead) | 7.8 (378) |" in lines
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
-    steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms} for ms in (3.0, 3.5, 4.0)]
+    steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms, "forward_ms": 0.5, "forward_device_ms": 2.0}
+             for ms in (3.0, 3.5, 4.0)]
     steps += [{"decode": [[10, 1]], "prefill": [[64, 0]], "iteration_ms": 60.0},
               {"prefill": [[8, 0]], "iteration_ms": 9.0}]
     (tmp_path / "run-adaserve.steps.jsonl").write_text("\n".join(json.dumps(x) for x in steps) + "\n")
@@ -299,6 +303,9 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: median ms per decode-only iteration (count) | 3.50 (3) |" in lines
     assert "| adaserve run adaserve, 40 requests: median ms per iteration with a prefill chunk (count) | 34.50 (2) |" \
         in lines
+    assert "| adaserve run adaserve, 40 requests: median forward ms, host / GPU span, iterations decode-only | " \
+           "0.50 / 2.00 |" in lines
+    assert not any("GPU span, iterations with a prefill chunk" in x for x in lines)  # none logged
     assert "| measure | llama-3.2-1b graphs on |" in lines and not any("8b" in x for x in lines)
     scaled = json.loads(json.dumps(run))
     scaled["meta"]["time_scale"] = 0.25
