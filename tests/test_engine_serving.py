@@ -5,6 +5,7 @@ model (whose logits tests/test_engine_model.py checks against transformers)."""
 
 import copy
 import json
+from types import SimpleNamespace
 import math
 
 import numpy as np
@@ -508,3 +509,32 @@ def test_recorder_marks_ngram_misses(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == [
         {"rid": 1, "category": "chat", "pos": 3, "probs": [0.0], "rank": -1},
         {"rid": 1, "category": "chat", "pos": 4, "probs": [0.5, 0.25], "rank": 1}]
+
+
+def test_recorder_holds_records_until_idle_and_keeps_their_order(tmp_path, monkeypatch):
+    """Lines are formatted off the iteration's path: when the engine waits for an arrival, at
+    close, or once ``FLUSH_AT`` records are held; always in the order recorded."""
+    from adaserve.engine import recorder as recorder_mod
+
+    path = tmp_path / "acc.jsonl"
+    monkeypatch.setattr(recorder_mod, "FLUSH_AT", 300)
+    with AcceptanceRecorder(path) as rec:
+        for pos in range(1, 100):
+            rec.record_tree(2, "coding", pos, pos % 5)
+            rec.record(2, "coding", pos, np.array([0.9, 0.0]), np.array([pos, -1]), produced=pos)
+        assert len(rec._held) == 198 and path.read_text() == ""  # under the cap: nothing written
+        for pos in range(100, 200):
+            rec.record_tree(2, "coding", pos, pos % 5)
+            rec.record(2, "coding", pos, [0.9], [pos], produced=pos)
+        assert len(rec._held) == 98  # the 300th record wrote the 300 held
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["pos"] for x in lines] == [pos for pos in range(1, 200) for _ in (0, 1)]
+    assert rec.records == 199 and all(x["rank"] == 0 and x["probs"] == [0.9] for x in lines if "rank" in x)
+    # the executor writes them when it waits idle for an arrival
+    rec2 = AcceptanceRecorder(tmp_path / "idle.jsonl")
+    ex = SimpleNamespace(recorder=rec2, now=lambda: 0.0)
+    rec2.record_tree(1, "chat", 1, 3)
+    TorchExecutor.wait_until(ex, 1.0)
+    assert rec2._held == [] and rec2.records == 0
+    rec2.close()
+    assert json.loads((tmp_path / "idle.jsonl").read_text()) == {"rid": 1, "category": "chat", "pos": 1, "tree": 3}

@@ -249,6 +249,8 @@ class TorchExecutor:
         return (time.perf_counter() - self._t0) * 1e3
 
     def wait_until(self, t_ms: float) -> None:
+        if self.recorder is not None and t_ms > self.now():  # idle: write the held acceptance records
+            self.recorder.flush()
         delay = (t_ms - self.now()) / 1e3
         if delay > 0:
             time.sleep(delay)
@@ -395,8 +397,7 @@ class TorchExecutor:
         out, bounds = kept.out.tolist(), kept.bounds.tolist()
         tokens = [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if self.recorder is not None:  # before the tokens are appended: it reads the output positions
-            for i in range(len(seqs)):
-                self._record(decode[i], seqs[i], trees.tree(i), kept.walk(i)[0], tokens[i], forest)
+            self._record(decode, seqs, trees, kept, forest)
         for seq, t in zip(seqs, tokens):
             seq.ids.extend(t)
         ids = [s.seq_id for s in seqs]
@@ -471,13 +472,22 @@ class TorchExecutor:
             return greedy_walk(tree.tokens, tree.parents, self._seeded(seq, logits[rows.start:rows.stop], depth))
         return stochastic_walk(tree.tokens, tree.parents, lambda j: self._probs(logits[rows[j]], o), self.rng)
 
-    def _record(self, r: Request, seq: SeqState, tree: Tree, path: list[int], out: list[int],
+    def _record(self, decode: list[Request], seqs: list[SeqState], trees: TreeBatch, kept: Walks,
                 forest: CandidateForest) -> None:
+        """Every committed token whose tree node the drafter had expanded: that node's draft
+        proposals beside the token the target produced (one ``record_batch`` per step)."""
         extra = forest.extra
-        if "expanded" not in extra:
+        if "expanded" not in extra or not len(kept.path):
             return
-        for j, node in enumerate(path):
-            g = int(tree.nodes[node])
-            if extra["expanded"][g]:
-                self.recorder.record(r.rid, r.category, seq.num_output + j, extra["next_probs"][g],
-                                     extra["next_tokens"][g], out[j])
+        owner = np.repeat(np.arange(len(seqs)), np.diff(kept.bounds))
+        node = trees.nodes[trees.offsets[owner] + kept.path]  # global forest index of each path node
+        keep = np.asarray(extra["expanded"], bool)[node]
+        if not keep.any():
+            return
+        at = np.arange(len(node)) - kept.bounds[owner]  # place along the request's committed path
+        first = np.array([s.num_output for s in seqs], np.int64)
+        owner, node = owner[keep], node[keep]
+        who = owner.tolist()
+        self.recorder.record_batch([decode[k].rid for k in who], [decode[k].category for k in who],
+                                   first[owner] + at[keep], extra["next_probs"][node], extra["next_tokens"][node],
+                                   kept.out[keep])
