@@ -1,6 +1,6 @@
 """`adaserve run` with every iteration logged: what the step held and where its time went.
 
-    python scripts/engine_steps.py STEPS.jsonl [--cpu-clock] [--sync-debug] -- run --trace T --system adaserve ... --out PREFIX
+    python scripts/engine_steps.py STEPS.jsonl [--cpu-clock] [--sync-debug] [--trace-prefill N] -- run ...
 
 Runs the ``adaserve`` command given after ``--`` in this process, with the engine's executor and the
 serving loop wrapped (nothing else changes), and writes one JSON object per iteration to
@@ -18,7 +18,11 @@ the host's time in the call, which on a GPU is the launch time (a CUDA graph's r
 span well above it is device work, a span equal to it a host that cannot launch faster (or waits
 inside the call). ``--sync-debug`` (CUDA): torch's sync debug mode warns on every operation that
 makes the host wait for the GPU; each record counts those of its iteration (``syncs``) and the end
-of the run prints the places in the package that waited, most frequent first.
+of the run prints the places in the package that waited, most frequent first. ``--trace-prefill N``:
+the first N iterations begun with a prompt waiting (so, mostly, holding a prefill chunk) run under
+``torch.profiler`` (CPU, and CUDA where it runs), marked ``"traced": true`` in their records (their
+times include the profiler's); the end of the run prints their operators by self time, host and
+device. Both diagnose (a run's prefill steps cost twice the profile's on an H200); neither times.
 
 ``--cpu-clock``: the engine's clock (arrivals, every timestamp, TPOT, TTFT) is this thread's CPU
 time plus the idle time it would have waited for arrivals (skipped, not slept). On a CPU shared
@@ -158,12 +162,40 @@ def catch_syncs(log: StepLog) -> None:
     warnings.showwarning = show
 
 
+def profiled(ex):
+    """A ``torch.profiler`` context for one iteration: CPU, and CUDA when the engine runs there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ex.cache.device.type == "cuda"
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+
+def print_traces(traces: list) -> None:
+    """Operators of the traced iterations by self time: host, then device (where traced)."""
+    for i, prof in enumerate(traces):
+        avg = prof.key_averages()
+        print(f"traced iteration {i + 1} of {len(traces)} (a prompt waiting): operators by self CPU time",
+              file=sys.stderr)
+        print(avg.table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+        if any(getattr(e, "self_device_time_total", 0) for e in avg):
+            print(avg.table(sort_by="self_device_time_total", row_limit=12), file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     flags = argv[1:argv.index("--")] if "--" in argv else None
+    trace_prefill = 0
+    if flags and "--trace-prefill" in flags:
+        i = flags.index("--trace-prefill")
+        value = flags[i + 1] if i + 1 < len(flags) else ""
+        if not value.isdigit():
+            print(f"engine_steps: --trace-prefill needs a count, got {value!r}", file=sys.stderr)
+            return 2
+        trace_prefill, flags = int(value), flags[:i] + flags[i + 2:]
     if not argv or flags is None or not set(flags) <= {"--cpu-clock", "--sync-debug"}:
         print(__doc__, file=sys.stderr)
         return 2
     use_cpu_clock, sync_debug = "--cpu-clock" in flags, "--sync-debug" in flags
+    traces: list = []
     from adaserve import iteration
     from adaserve.cli import main as cli_main
     from adaserve.runtime import replay as replay_mod
@@ -180,9 +212,17 @@ def main(argv: list[str]) -> int:
         return original_replay(cfg, ex, requests)
 
     def step(self):
+        traced = bool(self.waiting) and len(traces) < trace_prefill
+        prof = profiled(self.executor) if traced else None
         t0, c0 = time.perf_counter(), time.thread_time()
         log.cur["t_ms"] = self.executor.now()
-        original_step(self)
+        if prof is None:
+            original_step(self)
+        else:
+            with prof:
+                original_step(self)
+            traces.append(prof)
+            log.cur["traced"] = True
         log.add("iteration", time.perf_counter() - t0, time.thread_time() - c0)
         log.flush()
 
@@ -191,6 +231,8 @@ def main(argv: list[str]) -> int:
         return cli_main(argv[argv.index("--") + 1:])
     finally:
         log.f.close()
+        if traces:
+            print_traces(traces)
         if log.sync_sites:
             print(f"host waits for the GPU (--sync-debug), {sum(log.sync_sites.values())} in all:", file=sys.stderr)
             for site, n in log.sync_sites.most_common(15):

@@ -37,7 +37,8 @@
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
 # default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times),
 # SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
-# where the host waited for the GPU; its timings are not comparable).
+# where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
+# operator; its timings are not comparable).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
 # 20 s (docs/engine.md, "GPU check").
 set -uo pipefail
@@ -179,7 +180,8 @@ if wanted runs; then
     done
   done
   if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed
-    step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug -- \
+    step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug \
+      --trace-prefill 3 -- \
       run --trace "$trace" --system adaserve --model "$WORK/ckpt-$first" --device "$DEVICE" --drafter ngram \
       --max-requests 10 --ignore-eos --no-progress "${RUN_SIZE[@]}" "${with_profile[@]}" --out "$WORK/diag-adaserve"
   fi

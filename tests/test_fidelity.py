@@ -497,6 +497,19 @@ def test_engine_steps_logs_every_iteration_with_the_decoding_requests(tmp_path):
     site = mod.sync_site("called a synchronizing CUDA operation\nmore", traceback.extract_stack())
     assert "test_fidelity.py:" in site and site.endswith(": called a synchronizing CUDA operation")
     assert mod.main(["x.jsonl", "--fast", "--", "run"]) == 2 and mod.main(["x.jsonl", "run"]) == 2
+    assert mod.main(["x.jsonl", "--trace-prefill", "many", "--", "run"]) == 2
+    # --trace-prefill: one iteration under the profiler, its operators printed at the end
+    log2 = mod.StepLog(str(tmp_path / "traced.jsonl"))
+    prof = mod.profiled(ex)
+    with prof:
+        torch.ones(3).sum()
+    log2.f.close()
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        mod.print_traces([prof])
+    assert "traced iteration 1 of 1" in err.getvalue() and "aten::" in err.getvalue()
 
 
 COMPILED = {"max_tokens": 4, "keys": {"tokens": [0, 1000, 2000], "ms": [0.0, 2.0, 5.0]}}

@@ -228,6 +228,7 @@ def test_dry_run_time_scales_and_skipping_the_host_step():
     assert not any("--sync-debug" in x for x in lines)
     [diag] = [x for x in dry_run(SYNC_DEBUG="1") if "--sync-debug" in x]  # opt-in, after the runs
     assert "--system adaserve" in diag and "--max-requests 10" in diag and "run-" not in diag
+    assert "--trace-prefill 3" in diag
     assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-on.json") for x in lines)
     # the host step alone still has its checkpoint
     lines = dry_run(SKIP="tests floor runs bench")
