@@ -251,11 +251,21 @@ class GraphRunner:
         return [Bucket(b, q, n) for q in queries for b in request_buckets(lim.max_requests)
                 for n in block_buckets(lim.max_blocks) if b * q <= lim.max_tokens]
 
+    def _workspace_need(self, bucket: Bucket) -> int:
+        """Elements of the K/V gather workspace a bucket's graph uses (K and V of every block)."""
+        return 2 * bucket.requests * bucket.blocks * self.cache.k[0, 0].numel()
+
     def capture_ahead(self, queries: tuple[int, ...] = QUERY_BUCKETS, budget_s: float = CAPTURE_BUDGET_S) -> int:
         """Capture the buckets of ``queries`` not captured yet, before serving, until ``max_graphs``,
         ``budget_s`` seconds or a failed capture (e.g. out of memory: the rest wait for their first
-        use); the number captured."""
+        use); the number captured. The gather workspace is first grown to the largest bucket's, so
+        that every graph shares one (grown bucket by bucket, each size would stay alive with the
+        graphs captured on it: up to twice the largest)."""
         t0, n = time.perf_counter(), 0
+        todo = [b for b in self.buckets(queries) if b not in self.graphs]
+        if todo:
+            with torch.inference_mode():
+                self.cache.workspace(max(self._workspace_need(b) for b in todo))
         for bucket in self.buckets(queries):
             if len(self.graphs) >= self.max_graphs or time.perf_counter() - t0 > budget_s:
                 break
@@ -319,12 +329,12 @@ class GraphRunner:
             self.graphs[bucket] = EAGER
             return EAGER
         static = self._static_batch(bucket)
-        need = bucket.requests * bucket.blocks * self.cache.k[0, 0].numel()
+        need = self._workspace_need(bucket)
         try:
             with torch.inference_mode():
                 # the workspace the graph gathers K/V into must outlive it: an eager step may later
                 # replace the cache's workspace with a larger one
-                keep = [self.cache.workspace(2 * need)]
+                keep = [self.cache.workspace(need)]
                 self._fill(static, bucket, None, None)
                 replay, hidden = self.capture(lambda: self.model.hidden(static, self.cache))
         except Exception as e:  # noqa: BLE001 - any capture failure: this bucket stays eager
