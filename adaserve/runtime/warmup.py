@@ -2,15 +2,15 @@
 
 Why: the host kernels (``core/jit.py``) compile on their first call, or load from numba's disk cache,
 and each policy, drafter and sampling mode calls its own. Measured on an H200 (docs/engine.md, "GPU
-results (H200), 2026-11-27"): in the first ``adaserve_plus`` run on a fresh machine one iteration
+results (H200, second visit)"): in the first ``adaserve_plus`` run on a fresh machine one iteration
 took 5.9 s, its scheduling kernels compiling in the middle of the run, and eight coding requests
 missed their SLO for it. ``warm_serving`` runs the same policy, drafter kind and sampling mode on a
 separate executor (its own small KV pool and drafter state, no CUDA graphs, no acceptance recorder)
 over a few short requests, so the real executor, its cache and its statistics are untouched.
 
 It covers the paths a short run takes: prefill, drafting, selection, verification, commit,
-finishing. A path it does not reach (e.g. preemption when the KV pool fills) can still compile
-mid-run, once per machine: numba caches it on disk.
+finishing. A path it does not reach (e.g. a request refused because the KV pool is full) can still
+compile mid-run, once per machine: numba caches it on disk.
 """
 
 from __future__ import annotations
@@ -70,9 +70,14 @@ def warm_serving(eng: Engine, system: str) -> WarmUp:
     requests = [Request(rid=i, arrival_ms=0.0, input_len=PROMPT, max_new_tokens=NEW_TOKENS, slo_ratio=ratio,
                         slo_ms=slo_ms(ratio, eng.baseline_ms), category=category)
                 for i, (category, ratio) in enumerate(SLO_RATIOS.items())]
-    speculated = []
+    speculated: list[bool] = []
     draft = ex.speculate
-    ex.speculate = lambda reqs, shape: speculated.append(shape.speculative) or draft(reqs, shape)
+
+    def noting(reqs, shape):  # which query sizes to capture graphs for: did the policy draft?
+        speculated.append(shape.speculative)
+        return draft(reqs, shape)
+
+    ex.speculate = noting
     loop = ServingLoop(make_policy(system, model.config.family), ex, requests[:1])
     with torch.inference_mode():
         for i in range(MAX_ITERATIONS):
