@@ -36,7 +36,10 @@
 # leave out, of: tests floor runs bench host; e.g. SKIP="tests bench host" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
 # default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times),
-# SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
+# CYCLES (cycle lengths, e.g. "8,16,32,64,128": the runs again on a checkpoint of the first shape whose
+# greedy output runs around cycles of the vocabulary, random_checkpoint --cycles, where the n-gram
+# drafter finds what random weights never offer; same shapes, so the same profile; as
+# run-<system>-cycles), SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
 # operator; its timings are not comparable).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
@@ -59,6 +62,11 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 RUN_REQUESTS=${RUN_REQUESTS:-40}
 SYSTEMS=${SYSTEMS:-vllm adaserve adaserve_plus}
 RUN_SCALES=${RUN_SCALES:-1}
+CYCLES=${CYCLES:-}
+if [[ -n $CYCLES && ! $CYCLES =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]]; then
+  echo "gpu-check: CYCLES must be positive cycle lengths separated by commas (e.g. 8,16,32,64,128), got '$CYCLES'" >&2
+  exit 2
+fi
 SKIP=${SKIP:-}
 for s in $SKIP; do
   case $s in tests|floor|runs|bench|host) ;;
@@ -167,16 +175,24 @@ if wanted runs; then
   step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
   with_profile=()
   if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
-  for scale in $RUN_SCALES; do
-    for system in $SYSTEMS; do
-      name=run-$system
-      [[ $scale == 1 ]] || name=$name-x$scale
-      # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out of
-      # the per-iteration cost (wall time / iterations would count them)
-      step "run $system $first x$scale" - "$PY" scripts/engine_steps.py "$WORK/$name.steps.jsonl" -- \
-        run --trace "$trace" --system "$system" --model "$WORK/ckpt-$first" --time-scale "$scale" \
-        --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
-        "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
+  models=("$first")
+  if [[ -n $CYCLES ]]; then
+    step "checkpoint $first cycles" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" \
+      --cycles "$CYCLES" --out "$WORK/ckpt-$first-cycles"
+    models+=("$first-cycles")
+  fi
+  for model in "${models[@]}"; do
+    for scale in $RUN_SCALES; do
+      for system in $SYSTEMS; do
+        name=run-$system${model#"$first"}
+        [[ $scale == 1 ]] || name=$name-x$scale
+        # through engine_steps.py: every iteration's time is logged, so idle waits for arrivals stay out
+        # of the per-iteration cost (wall time / iterations would count them)
+        step "run $system $model x$scale" - "$PY" scripts/engine_steps.py "$WORK/$name.steps.jsonl" -- \
+          run --trace "$trace" --system "$system" --model "$WORK/ckpt-$model" --time-scale "$scale" \
+          --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+          "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
+      done
     done
   done
   if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed

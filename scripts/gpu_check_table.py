@@ -1,7 +1,8 @@
 """The table at the end of scripts/gpu-check.sh: one Markdown table from the JSON results in a work
 folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
 ``run-<system>.json`` from ``adaserve run``, ``run-<system>-x<time scale>.json`` for arrivals at
-another time scale, each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
+another time scale, ``run-<system>-cycles[-x<scale>].json`` on the cycling checkpoint (a column of
+its own), each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
 empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
 their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
 (``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
-RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-x(?P<scale>[0-9.]+))?\.json")
+RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-cycles)?(?:-x(?P<scale>[0-9.]+))?\.json")
 
 
 def _load(path: Path) -> dict | list | None:
@@ -93,7 +94,10 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         if warm:
             out.append((f"{what}: warm-up s (graphs captured ahead)", col,
                         f"{warm['serving_s'] + warm['graphs_s']:.1f} ({warm['graphs']})"))
-        out.extend((f"{what}: {m}", col, cell) for m, cell in simulated_cells(f, f.parent / f"profile-{shape}.json"))
+        # the profile the run was given (a cycling checkpoint shares its shape's), else its shape's
+        given = f.parent / Path(meta.get("profile") or "").name
+        profile = given if given.is_file() else f.parent / f"profile-{shape}.json"
+        out.extend((f"{what}: {m}", col, cell) for m, cell in simulated_cells(f, profile))
     return out
 
 
