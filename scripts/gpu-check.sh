@@ -36,10 +36,12 @@
 # leave out, of: tests floor runs bench host; e.g. SKIP="tests bench host" for the serving runs alone), BENCH_GRAPHS (CUDA graphs settings of the
 # benchmark, default "on"; "on off" adds eager benchmarks), PYTEST_K (the pytest -k filter on CUDA,
 # default "not weight_bandwidth": the 1B and 8B profile tests, whose steps the floor step times),
-# CYCLES (cycle lengths, e.g. "8,16,32,64,128": the runs again on a checkpoint of the first shape whose
-# greedy output runs around cycles of the vocabulary, random_checkpoint --cycles, where the n-gram
-# drafter finds what random weights never offer; same shapes, so the same profile; as
-# run-<system>-cycles), SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
+# CYCLES (cycle lengths, e.g. "32": the runs again on a checkpoint of the first shape whose greedy
+# output runs around cycles of the vocabulary, random_checkpoint --cycles, where the n-gram drafter
+# finds what random weights never offer; same shapes, so the same profile; as run-<system>-cycles.
+# The trace's prompts all end with '.', so every request enters that token's cycle: with 32 and
+# 64-token outputs AdaServe committed 1.75 tokens per step on the tiny shape, 2.9 with 16),
+# SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
 # operator; its timings are not comparable).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
