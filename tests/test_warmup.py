@@ -44,6 +44,26 @@ def test_warm_up_captures_the_graph_buckets_of_the_policy(system, queries):
     assert system in warm.describe(system) and f"captured {warm.graphs} CUDA graphs" in warm.describe(system)
 
 
+def test_warm_up_fits_a_short_max_model_len():
+    """A 48-token prompt would be refused under ``--max-model-len 40``: the throwaway prompts shrink
+    to fit, so the warm-up still serves (and compiles) rather than being refused."""
+    eng = build_engine(EngineConfig("tiny-llama", profile="llama-3.1-70b", max_num_seqs=2, max_model_len=40,
+                                    threads=1), progress=False)
+    seen = []
+    real = eng.executor.__class__.execute
+
+    def counting(self, prefill, decode, *rest):
+        seen.append((len(prefill), len(decode)))
+        return real(self, prefill, decode, *rest)
+
+    eng.executor.__class__.execute = counting
+    try:
+        warm_serving(eng, "adaserve")
+    finally:
+        eng.executor.__class__.execute = real
+    assert any(d for _, d in seen) and any(p for p, _ in seen)  # prompts prefilled, tokens decoded
+
+
 # In a fresh process (numba dispatchers start with no compiled signature, even when its disk cache
 # holds them): count every dispatcher's signatures right before the real requests are served and
 # right after. A signature added during serving is a kernel compiled (or loaded) mid-run.

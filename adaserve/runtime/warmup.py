@@ -35,7 +35,7 @@ from .build import Engine, make_drafter
 # one request of each category the traces carry (SLO ratios as in a trace: a multiple of the
 # baseline, or minus an absolute SLO in ms), so category-keyed state and tight and loose SLOs are met
 SLO_RATIOS = {"coding": 1.2, "chat": -50.0, "summarization": -150.0}
-PROMPT = 48  # tokens: a 16-token pattern repeated
+PROMPT = 48  # tokens: a 16-token pattern repeated (at most half of --max-model-len)
 NEW_TOKENS = 16
 LATE_AFTER = 3  # iterations of the first request alone; the others then prefill beside its decoding
 MAX_ITERATIONS = 300
@@ -61,13 +61,14 @@ def warm_serving(eng: Engine, system: str) -> WarmUp:
     policy did not speculate in the warm-up: vLLM and Sarathi never do)."""
     t0 = time.perf_counter()
     model, n = eng.model, len(SLO_RATIOS)
-    per_seq = -(-(PROMPT + NEW_TOKENS + 128) // BLOCK_SIZE) + 2
+    prompt = max(1, min(PROMPT, eng.profile.limits.max_seq_len // 2))  # within --max-model-len
+    per_seq = -(-(prompt + NEW_TOKENS + 128) // BLOCK_SIZE) + 2
     blocks = n * per_seq + eng.profile.limits.max_batch_requests
     ex = TorchExecutor(model, eng.profile, _drafter(eng, blocks), num_blocks=blocks,
                        temperature=eng.executor.default_options.temperature, ignore_eos=True)
     pattern = np.random.default_rng(0).integers(3, model.config.vocab_size, (n, 16))
-    ex.set_prompts({i: np.tile(pattern[i], PROMPT // 16).tolist() for i in range(n)})
-    requests = [Request(rid=i, arrival_ms=0.0, input_len=PROMPT, max_new_tokens=NEW_TOKENS, slo_ratio=ratio,
+    ex.set_prompts({i: np.resize(pattern[i], prompt).tolist() for i in range(n)})
+    requests = [Request(rid=i, arrival_ms=0.0, input_len=prompt, max_new_tokens=NEW_TOKENS, slo_ratio=ratio,
                         slo_ms=slo_ms(ratio, eng.baseline_ms), category=category)
                 for i, (category, ratio) in enumerate(SLO_RATIOS.items())]
     speculated: list[bool] = []
