@@ -33,9 +33,9 @@ on the real logits rows only (one GEMM: inside the graph each bucket would hold 
 Graphs are captured on padding-only inputs (so a capture never touches real KV) into one shared
 memory pool; at most ``max_graphs`` of them. ``capture_ahead`` captures every bucket within the
 limits before serving (``adaserve run`` and ``serve`` call it in their warm-up, with the query sizes
-their policy uses): a capture costs about 25 ms on an H200 (1B shape), and captured lazily, the first
+their policy uses): a capture costs about 20-25 ms on an H200 (1B shape), and captured lazily, the first
 time a bucket is needed, each one stalled every running request (an AdaServe run of 40 requests met
-36-45 of them, docs/engine.md). A bucket beyond the start-up budget is captured on first use. A failed
+36-43 of them, docs/engine.md). A bucket beyond the start-up budget is captured on first use. A failed
 capture is logged once and that bucket runs eagerly from then on.
 
 Tests on the CPU replace the CUDA capture by ``eager_capture`` (the same padded buffers, run
@@ -266,11 +266,9 @@ class GraphRunner:
         if todo:
             with torch.inference_mode():
                 self.cache.workspace(max(self._workspace_need(b) for b in todo))
-        for bucket in self.buckets(queries):
+        for bucket in todo:
             if len(self.graphs) >= self.max_graphs or time.perf_counter() - t0 > budget_s:
                 break
-            if bucket in self.graphs:
-                continue
             if self._capture(bucket) is EAGER:
                 break
             n += 1

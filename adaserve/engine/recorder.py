@@ -23,9 +23,9 @@ path; the simulator's replay grows its trees from them and pads each to this siz
 
 The serving loop only keeps the records (a step's committed positions in one ``record_batch``): formatting
 each line in the loop (~5 us) made an AdaServe iteration that records 0.02-0.04 ms slower at 2
-requests and 0.1-0.4 ms at 16 (tiny model, this VM, two alternating runs of 200 iterations), serving time
+requests and 0.2-0.4 ms at 16 (tiny model, this VM, two alternating runs of 200 iterations), serving time
 that a run recording acceptance (every run of ``scripts/gpu-check.sh``) charged to the speculative
-systems alone; now 0.00-0.02 and 0.03-0.06 ms. The lines are written when the engine waits idle for
+systems alone; now at most 0.02 and 0.03-0.06 ms. The lines are written when the engine waits idle for
 an arrival (``flush``, from ``TorchExecutor.wait_until``), at ``close``, and by the loop itself once
 ``FLUSH_AT`` records are held (an overloaded run never idles: about 0.5 s per 100,000 records, ~400
 requests of 256 tokens). A writer thread was tried first: competing with the loop for the GIL, it
@@ -44,64 +44,56 @@ import numpy as np
 FLUSH_AT = 100_000  # records held before the serving loop writes them itself
 
 
-def _values(xs) -> list:
-    return xs.tolist() if isinstance(xs, np.ndarray) else list(xs)
-
-
 class AcceptanceRecorder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
         self.records = 0
-        self._held: list[tuple] = []
+        self._held: list[tuple] = []  # record_tree's (rid, category, pos, nodes) and record_batch's batches
+        self._held_records = 0
 
     def record(self, rid: int, category: str, pos: int, probs, tokens, produced: int) -> None:
         """``probs``/``tokens``: the draft's top next tokens (descending; pads have token -1)."""
-        self._hold((int(rid), category, int(pos), _values(probs), _values(tokens), int(produced)))
-        self.records += 1
+        self.record_batch([rid], [category], [pos], [probs], [tokens], [produced])
 
     def record_batch(self, rids: list[int], categories: list[str], pos, probs, tokens, produced) -> None:
         """``record`` of many positions at once: per entry its request, category, position, the
         rows of ``probs``/``tokens`` (copied: the caller's arrays may change) and the produced token."""
         self._hold((list(rids), list(categories), np.asarray(pos).tolist(), np.array(probs), np.array(tokens),
-                    np.asarray(produced).tolist()))
+                    np.asarray(produced).tolist()), len(rids))
         self.records += len(rids)
 
     def record_tree(self, rid: int, category: str, pos: int, nodes: int) -> None:
         """The drafter grew ``nodes`` non-root nodes for request ``rid`` at output length ``pos``."""
-        self._hold((int(rid), category, int(pos), int(nodes)))
+        self._hold((int(rid), category, int(pos), int(nodes)), 1)
 
-    def _hold(self, item: tuple) -> None:
+    def _hold(self, item: tuple, records: int) -> None:
         self._held.append(item)
-        if len(self._held) >= FLUSH_AT:
+        self._held_records += records
+        if self._held_records >= FLUSH_AT:
             self.flush()
 
     @staticmethod
-    def line(item: tuple) -> str:
-        """The JSON line of one held record."""
+    def _lines(item: tuple):
+        """The JSON lines of one held item."""
         if len(item) == 4:
             rid, category, pos, nodes = item
-            return json.dumps({"rid": rid, "category": category, "pos": pos, "tree": nodes})
-        rid, category, pos, probs, tokens, produced = item
-        kept = [(float(p), int(t)) for p, t in zip(probs, tokens) if t >= 0 and p > 0] or [(0.0, -1)]
-        rank = next((k for k, (_, t) in enumerate(kept) if t == produced and t >= 0), -1)
-        return json.dumps({"rid": rid, "category": category, "pos": pos,
-                           "probs": [round(p, 6) for p, _ in kept], "rank": rank})
+            yield json.dumps({"rid": rid, "category": category, "pos": pos, "tree": nodes})
+            return
+        rids, categories, pos, probs, tokens, produced = item
+        for k, rid in enumerate(rids):
+            kept = [(p, t) for p, t in zip(probs[k].tolist(), tokens[k].tolist()) if t >= 0 and p > 0] or [(0.0, -1)]
+            rank = next((j for j, (_, t) in enumerate(kept) if t == produced[k] and t >= 0), -1)
+            yield json.dumps({"rid": int(rid), "category": categories[k], "pos": int(pos[k]),
+                              "probs": [round(float(p), 6) for p, _ in kept], "rank": rank})
 
     def flush(self) -> None:
         """Write the held records."""
         if self._held and self._file is not None:
             self._file.write("".join(line + "\n" for item in self._held for line in self._lines(item)))
             self._held.clear()
-
-    def _lines(self, item: tuple):
-        if isinstance(item[0], list):  # a batch (``record_batch``)
-            rids, categories, pos, probs, tokens, produced = item
-            for k, rid in enumerate(rids):
-                yield self.line((rid, categories[k], pos[k], probs[k].tolist(), tokens[k].tolist(), produced[k]))
-        else:
-            yield self.line(item)
+            self._held_records = 0
 
     def close(self) -> None:
         if self._file is not None:
