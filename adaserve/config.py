@@ -63,8 +63,8 @@ class EngineConfig:
                                      "torchrun (WORLD_SIZE=N) joins them; rank 0 schedules and drafts "
                                      "(docs/engine.md, \"Tensor parallelism\")", "--tensor-parallel-size",
                                      default=1, type=int)
-    cuda_graphs: bool | None = _opt("replay decode and tree-verification steps as CUDA graphs, captured per "
-                                    "bucket of requests, tree size and context (default: on with --device "
+    cuda_graphs: bool | None = _opt("replay decode, tree-verification and prefill steps as CUDA graphs, captured "
+                                    "per bucket of requests, query rows and context (default: on with --device "
                                     "cuda; CUDA only)", "--cuda-graphs", action=argparse.BooleanOptionalAction)
 
     # ---- derived ------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         out.append((f"{what}: tokens per request-step", col, _num(s.get("mean_generated_tokens_per_step"))))
         out.extend((f"{what}: {m}", col, cell) for m, cell in iteration_cells(f.with_suffix(".steps.jsonl")))
         if graphs:
+            split = f", {graphs['split_steps']} as one graph per attention call" if "split_steps" in graphs else ""
             out.append((f"{what}: steps replayed as graphs", col,
-                        f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}"))
+                        f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}{split}"))
         warm = meta.get("warmup")
         if warm:
             out.append((f"{what}: warm-up s (graphs captured ahead)", col,

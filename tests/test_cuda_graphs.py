@@ -13,7 +13,7 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.engine import BatchBuilder, NgramDrafter, TorchExecutor, tiny_random_model
 from adaserve.engine.cuda_graphs import (Bucket, BucketLimits, GraphRunner, block_buckets, cache_with_scratch_block,
-                                         eager_capture, graphable_group, padded_rows, request_buckets, round_up)
+                                         eager_capture, graph_groups, padded_rows, request_buckets, round_up)
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from engine_util import plain_greedy
@@ -37,7 +37,8 @@ def test_buckets():
     assert lim.choose(9, 5, 17) is None  # 12 x 8 rows > 64 tokens
     assert lim.choose(7, 5, 17) == Bucket(8, 8, 32)
     assert lim.choose(17, 1, 1) is None  # more requests than the largest bucket
-    assert lim.choose(1, 33, 1) is None  # a tree past the query buckets
+    assert lim.choose(1, 33, 1) == Bucket(1, 64, 4)  # a tree of its own, or a prefill chunk
+    assert lim.choose(1, 65, 1) is None  # a chunk of more rows than the limit
     assert lim.choose(1, 1, 41) is None  # a context past the largest bucket
     assert lim.choose(16, 1, 40) == Bucket(16, 1, 40)
     with pytest.raises(ValueError):
@@ -119,7 +120,7 @@ def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees)
             c.truncate(i, c.length(i))
     ref2 = model(tree_step(eager_cache, trees, seed=7), eager_cache)
     got2 = runner(tree_step(graph_cache, trees, seed=7))
-    assert runner.stats == {"graph_steps": 2, "eager_steps": 0, "captured": 1, "failed": 0}
+    assert runner.stats == {"graph_steps": 2, "split_steps": 0, "eager_steps": 0, "captured": 1, "failed": 0}
     torch.testing.assert_close(got2, ref2, atol=ATOL, rtol=0)
 
 
@@ -133,23 +134,71 @@ def test_scratch_block_is_never_allocated(model):
         GraphRunner(model, cache, 2, BucketLimits(2, 4))  # a block the allocator hands out
 
 
-def test_prefill_and_large_shapes_run_eagerly(model):
+def prefill_step(cache, chunks, trees=(), seed=5):
+    """A batch of prefill chunks (``chunks``: new sequence id -> length) and then one tree per
+    existing sequence 0, 1, ... (``trees``: parents)."""
+    rng = np.random.default_rng(seed)
+    b = BatchBuilder(cache, split_padding=False)
+    for seq_id, n in chunks.items():
+        b.add_prefill(seq_id, rng.integers(3, 256, n).tolist())
+    for i, parents in enumerate(trees):
+        b.add_tree(i, rng.integers(3, 256, len(parents)).tolist(), parents)
+    return b.build()
+
+
+def assert_same_step(model, runner, graph_cache, eager_cache, make):
+    """``runner`` on the batch ``make(cache)`` gives the eager forward's logits and K/V."""
+    torch.testing.assert_close(runner(make(graph_cache)), model(make(eager_cache), eager_cache), atol=ATOL, rtol=0)
+    real = slice(0, graph_cache.alloc.num_blocks)  # the scratch block aside
+    for new, eager in ((graph_cache.k, eager_cache.k), (graph_cache.v, eager_cache.v)):
+        torch.testing.assert_close(new[:, real], eager[:, real], atol=ATOL, rtol=0)
+
+
+def test_prefill_chunks_replay_graphs(model):
+    graph_cache, scratch = fresh(model)
+    eager_cache, _ = fresh(model)
+    runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 40}))  # one chunk
+    assert list(runner.graphs) == [Bucket(1, 64, 4)]
+    # its next chunk attends to the first: a longer context, and a short tail beside a decode row
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 50}))
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 7}, [[-1]]))
+    assert runner.stats == {"graph_steps": 3, "split_steps": 0, "eager_steps": 0, "captured": 3, "failed": 0}
+
+
+def test_a_step_of_several_groups_runs_one_graph_per_group(model):
+    graph_cache, scratch = fresh(model)
+    eager_cache, _ = fresh(model)
+    runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
+    batch = prefill_step(graph_cache, {9: 40}, TREES)  # a chunk of its own beside three trees
+    assert len(batch.groups) == 2 and [len(g.entry_index) for g in batch.groups] == [1, 3]
+    assert runner.bucket_for(batch) is None  # no one bucket: a bucket per group
+    assert [p[0] for p in runner.plan(batch)] == [Bucket(1, 64, 4), Bucket(4, 8, 8)]
+    graph_cache.free(9)  # undo the batch above, built only to look at
+    for i in range(3):
+        graph_cache.truncate(i, graph_cache.length(i))
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 40}, TREES))
+    assert runner.stats == {"graph_steps": 1, "split_steps": 1, "eager_steps": 0, "captured": 2, "failed": 0}
+
+
+def test_steps_beyond_the_graphs_run_eagerly(model):
     cache, scratch = fresh(model)
-    runner = GraphRunner(model, cache, scratch, BucketLimits(2, 16, 64), capture=eager_capture)
-    b = BatchBuilder(cache)
-    b.add_prefill(9, list(range(3, 12)))
-    b.add_decode(0, 5)
-    batch = b.build()
-    assert graphable_group(batch) is None and runner.bucket_for(batch) is None
     ref_cache, _ = fresh(model)
-    rb = BatchBuilder(ref_cache)
-    rb.add_prefill(9, list(range(3, 12)))
-    rb.add_decode(0, 5)
-    torch.testing.assert_close(runner(batch), model(rb.build(), ref_cache), atol=0, rtol=0)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(2, 16, 64), capture=eager_capture, max_parts=2)
+    many = lambda c: prefill_step(c, {9: 33, 10: 34}, [[-1], [-1]])  # noqa: E731 - three groups > 2
+    assert graph_groups(many(fresh(model)[0]), max_parts=2) is None
+    assert_same_step(model, runner, cache, ref_cache, many)
+    long = lambda c: prefill_step(c, {11: 65})  # noqa: E731 - more rows than the largest bucket
+    assert runner.bucket_for(long(fresh(model)[0])) is None
     big = tree_step(cache, [[-1], [-1], [-1]])  # 3 requests > 2
     assert runner.bucket_for(big) is None
     runner(big)
-    assert runner.stats == {"graph_steps": 0, "eager_steps": 2, "captured": 0, "failed": 0}
+    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "eager_steps": 2, "captured": 0, "failed": 0}
+    worker = copy.copy(many(fresh(model)[0]))  # a tensor-parallel worker's batch: groups without their entries
+    worker.groups = [copy.copy(g) for g in worker.groups]
+    for g in worker.groups:
+        g.entry_index = None
+    assert graph_groups(worker) is None
 
 
 def test_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(model, caplog):
@@ -172,7 +221,7 @@ def test_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(model, caplog
                     c.truncate(i, c.length(i))
     assert len(calls) == 1
     assert sum("capture failed" in r.message for r in caplog.records) == 1
-    assert runner.stats == {"graph_steps": 0, "eager_steps": 2, "captured": 0, "failed": 1}
+    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "eager_steps": 2, "captured": 0, "failed": 1}
 
 
 def test_max_graphs(model):
@@ -182,7 +231,7 @@ def test_max_graphs(model):
     for i in range(3):
         cache.truncate(i, cache.length(i))
     runner(tree_step(cache, TREES))  # another bucket: past the maximum, eager
-    assert runner.stats == {"graph_steps": 1, "eager_steps": 1, "captured": 1, "failed": 0}
+    assert runner.stats == {"graph_steps": 1, "split_steps": 0, "eager_steps": 1, "captured": 1, "failed": 0}
 
 
 # ---- the executor with graphs on (the padded path, eager capture on the CPU) ---------------------
@@ -195,8 +244,9 @@ def tiny_profile():
         "draft": {"tokens": [0, 128], "ms": [0.2, 1.0]}})
 
 
+@pytest.mark.parametrize("max_parts", [3, 1], ids=["split", "unsplit"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
-def test_executor_with_graphs_is_lossless(model, system):
+def test_executor_with_graphs_is_lossless(model, system, max_parts):
     rng = np.random.default_rng(0)
     prompts, reqs = {}, []
     for i in range(6):
@@ -206,11 +256,17 @@ def test_executor_with_graphs_is_lossless(model, system):
                             slo_ms=3.0, category="coding"))
     ex = TorchExecutor(model, tiny_profile(), NgramDrafter(), cuda_graphs=True, ignore_eos=True)
     assert ex.graphs is not None and ex.graphs.capture is eager_capture  # the CPU stand-in
+    ex.graphs.max_parts = max_parts
     ex.set_prompts(prompts)
     ServingLoop(make_policy(system, "tiny"), ex, copy.deepcopy(reqs)).run()
     for r in reqs:
         assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], 12)
-    assert ex.graphs.stats["graph_steps"] > 0 and ex.graphs.stats["eager_steps"] > 0  # decode / prefill
+    stats = ex.graphs.stats
+    assert stats["graph_steps"] > 0
+    if max_parts > 1:  # prefill chunks beside other rows replay one graph per group
+        assert stats["split_steps"] > 0 and stats["eager_steps"] == 0, stats
+    else:
+        assert stats["split_steps"] == 0 and stats["eager_steps"] > 0, stats
     assert ex.cache.alloc.free_blocks == ex.num_blocks  # every real block released, scratch never handed out
 
 
@@ -221,7 +277,7 @@ def test_buckets_ahead_cover_every_bucket_choose_can_return(model):
     runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
     every = runner.buckets()
     assert len(every) == len(set(every)) and all(b.rows <= 64 for b in every)
-    chosen = {runner.limits.choose(r, q, n) for r in range(1, 9) for q in range(1, 33) for n in range(1, 17)}
+    chosen = {runner.limits.choose(r, q, n) for r in range(1, 9) for q in range(1, 66) for n in range(1, 17)}
     assert set(every) == chosen - {None}
     assert [b.queries for b in runner.buckets((1,))] == [1] * 12  # 4 request x 3 context buckets
     assert every[:12] == runner.buckets((1,))  # plain decode steps first
@@ -267,7 +323,7 @@ def test_capture_ahead_stops_at_a_failed_capture(model):
 
 # ---- the profiler times what the engine runs (issue 12/14: graphed steps on a GPU) ---------------
 
-def test_profiler_bench_with_graphs_replays_decode_and_tree_steps(model):
+def test_profiler_bench_with_graphs_replays_decode_tree_and_prefill_steps(model):
     from adaserve.runtime.profiler import StepBench
 
     limits = tiny_profile().limits
@@ -277,8 +333,10 @@ def test_profiler_bench_with_graphs_replays_decode_and_tree_steps(model):
     assert bench.step_ms(2, 8, 64, repeat=2) > 0  # two 4-node chains: graphed
     graphed = bench.runner.stats["graph_steps"]
     assert graphed == 6 and bench.runner.stats["captured"] == 2  # warm-up + 2 timed calls per point
-    bench.prefill_ms(32, repeat=2)  # a prefill chunk stays eager
-    assert bench.runner.stats["graph_steps"] == graphed and bench.runner.stats["eager_steps"] >= 2
+    bench.prefill_ms(32, repeat=2)  # a prefill chunk: graphed too (64 query rows)
+    assert bench.runner.stats["graph_steps"] == graphed + 3 and bench.runner.stats["captured"] == 3
+    bench.prefill_ms(129, repeat=2)  # more rows than the profile's 128-token batches: eager
+    assert bench.runner.stats["eager_steps"] == 3
     plain = StepBench(model, 1024)
     assert plain.runner is None and plain.cache.alloc.num_blocks == plain.cache.k.shape[1]
 

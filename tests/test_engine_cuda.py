@@ -350,6 +350,34 @@ def test_cuda_graph_replays_match_eager():
     assert runner.stats["graph_steps"] == 2 * len(shapes)
 
 
+def test_cuda_graph_prefill_and_split_steps_match_eager():
+    """Prefill chunks replay graphs, and a step of a chunk beside trees replays one graph per
+    attention group (a real capture): the eager logits, step after step."""
+    from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner
+
+    model, (eager, graphed), scratch = _graph_setup()
+    runner = GraphRunner(model, graphed, scratch, BucketLimits(8, 32, 128))
+    trees = [[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2], [-1, 0]]
+
+    def step(cache, chunk, seed, with_trees):
+        b = BatchBuilder(cache, split_padding=False)
+        b.add_prefill(9, tokens(chunk, seed=seed))
+        for i, parents in enumerate(trees if with_trees else []):
+            b.add_tree(i, tokens(len(parents), seed=seed + i), parents)
+        return b.build()
+
+    for seed, (chunk, with_trees) in enumerate([(100, False), (40, True), (60, True), (90, False)]):
+        ref = model(step(eager, chunk, seed, with_trees), eager)
+        got = runner(step(graphed, chunk, seed, with_trees))
+        sync()
+        torch.testing.assert_close(got, ref, atol=TOL_FP32, rtol=0)
+        for c in (eager, graphed):
+            for i in range(len(trees)):
+                c.truncate(i, c.length(i))
+    assert runner.stats["failed"] == 0 and runner.stats["eager_steps"] == 0, runner.stats
+    assert runner.stats["graph_steps"] == 4 and runner.stats["split_steps"] == 2, runner.stats
+
+
 @pytest.mark.parametrize("ahead", [False, True], ids=["lazy", "captured-ahead"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
 def test_greedy_serving_with_cuda_graphs_is_lossless(system, ahead):

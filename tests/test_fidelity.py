@@ -15,7 +15,7 @@ from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim import executor as sim_executor
 from adaserve.sim.acceptance import acceptance_for
 from adaserve.sim.compare import engine_vs_sim, records_of_result, tpot_error
-from adaserve.sim.executor import SimExecutor, engine_step_ms, shared_attention_ms
+from adaserve.sim.executor import SimExecutor, engine_step_ms, graph_parts_fit, shared_attention_ms
 
 
 def engine_profile(**extra) -> LatencyProfile:
@@ -108,6 +108,27 @@ def test_engine_step_parts():
     # a short chunk: priced from the prefill table too (one logits row), its attention in the padded call
     short = float(p.verify_ms(22, 0)) + float(p.prefill_ms(16, 0)) - float(p.verify_ms(16, 0))
     assert engine_step_ms(p, [(16, 0)], trees) == pytest.approx(short + shared_attention_ms(p, trees + [(0, 16)]))
+
+
+def test_a_graphed_engine_step_of_several_calls_is_priced_as_one_forward_per_call():
+    """With CUDA graphs the engine runs a chunk beside decoding rows as one graphed forward per
+    attention call (engine/cuda_graphs.py): the sum of those, not one forward."""
+    plain, graphed = engine_profile(), engine_profile(measured_with={"device": "cuda", "cuda_graphs": True})
+    trees = [(300, 4), (50, 2)]
+    alone = float(graphed.verify_ms(6, 0)) + shared_attention_ms(graphed, trees)
+    assert engine_step_ms(graphed, [], trees) == pytest.approx(alone)  # one call: as before
+    assert engine_step_ms(graphed, [(256, 500)], []) == pytest.approx(float(graphed.prefill_ms(256, 500)))
+    assert engine_step_ms(graphed, [(256, 500)], trees) == pytest.approx(float(graphed.prefill_ms(256, 500)) + alone)
+    assert engine_step_ms(graphed, [(256, 500), (40, 0)], trees) == pytest.approx(
+        float(graphed.prefill_ms(256, 500)) + float(graphed.prefill_ms(40, 0)) + alone)
+    short = engine_step_ms(plain, [(16, 0)], trees)  # a short chunk rides in the shared call
+    assert engine_step_ms(graphed, [(256, 500), (16, 0)], trees) == pytest.approx(
+        float(graphed.prefill_ms(256, 500)) + short)
+    # beyond the graphs: one eager forward, priced as without graphs
+    for chunks, tr in (([(600, 0)], trees), ([(256, 0)] * 3, trees), ([(256, 0)], [(10, 1)] * 600)):
+        assert not graph_parts_fit(chunks, tr)
+        assert engine_step_ms(graphed, chunks, tr) == pytest.approx(engine_step_ms(plain, chunks, tr))
+    assert engine_step_ms(plain, [(256, 500)], trees) < engine_step_ms(graphed, [(256, 500)], trees)
 
 
 def test_a_step_costs_at_least_each_of_its_parts():

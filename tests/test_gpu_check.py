@@ -361,7 +361,7 @@ def test_table_from_results(tmp_path):
     (tmp_path / "bench-llama-3.2-1b-graphs-on.json").write_text(json.dumps(bench))
     run = {"summary": {"registered": 40, "slo_attainment_pct": 87.5, "mean_generated_tokens_per_step": 1.4},
            "meta": {"system": "adaserve", "model": "/w/ckpt-llama-3.2-1b", "iterations": 200, "wall_s": 4.0,
-                    "cuda_graphs": {"graph_steps": 150, "eager_steps": 50, "captured": 9, "failed": 0},
+                    "cuda_graphs": {"graph_steps": 150, "split_steps": 20, "eager_steps": 50, "captured": 9, "failed": 0},
                     "warmup": {"serving_s": 0.25, "graphs": 378, "graphs_s": 7.5}}}
     (tmp_path / "run-adaserve.json").write_text(json.dumps(run))
     text = gpu_check_table.table(tmp_path)
@@ -372,7 +372,7 @@ def test_table_from_results(tmp_path):
     assert "| host work per iteration, 64 req ms | 2.500 |" in lines
     assert "| host work per iteration, 64 req, forward replayed ms | 1.250 |" in lines
     assert "| adaserve run adaserve, 40 requests: wall ms per iteration | 20.0 (200 iterations) |" in lines
-    assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200 |" in lines
+    assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200, 20 as one graph per attention call |" in lines
     assert "| adaserve run adaserve, 40 requests: warm-up s (graphs captured ahead) | 7.8 (378) |" in lines
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
     steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms, "forward_ms": 0.5, "forward_device_ms": 2.0}

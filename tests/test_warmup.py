@@ -11,6 +11,7 @@ import pytest
 
 from adaserve.config import EngineConfig
 from adaserve.core import jit
+from adaserve.engine.cuda_graphs import CHUNK_QUERY_BUCKETS
 from adaserve.runtime.build import build_engine
 from adaserve.runtime.warmup import warm_serving
 
@@ -39,8 +40,10 @@ def test_warm_up_captures_the_graph_buckets_of_the_policy(system, queries):
     eng.executor = TorchExecutor(eng.model, eng.profile, eng.executor.drafter, cuda_graphs=True, ignore_eos=True)
     warm = warm_serving(eng, system)
     runner = eng.executor.graphs
-    assert warm.graphs == len(runner.graphs) == len(runner.buckets(tuple(sorted(queries)))) > 0
-    assert {b.queries for b in runner.graphs} == queries
+    queries = tuple(sorted(queries)) + CHUNK_QUERY_BUCKETS  # every policy prefills
+    assert warm.graphs == len(runner.graphs) == len(runner.buckets(queries)) > 0
+    assert {b.queries for b in runner.graphs} == {b.queries for b in runner.buckets(queries)}
+    assert {64, 128} <= {b.queries for b in runner.graphs}  # prefill chunks (the limits allow 128 rows here)
     assert system in warm.describe(system) and f"captured {warm.graphs} CUDA graphs" in warm.describe(system)
 
 

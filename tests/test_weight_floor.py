@@ -30,7 +30,8 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
         assert all(steps[label] > 0 for label, *_ in weight_floor.STEPS)
     assert r["steps"]["graphs on"]["graphed steps"] > 0  # the padded path ran
     assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default is back after the cuDNN rows
-    assert len(r["prefill"]) == 3 and all(ms > 0 for ms in r["prefill"].values())
+    assert len(r["prefill"]) == 5 and all(ms > 0 for ms in r["prefill"].values())
+    assert sum(label.endswith("graphed") for label in r["prefill"]) == 2  # as the engine with graphs runs them
     assert r["kernels"][0]["name"] == "(all)" and len(r["kernels"]) > 3
     assert r["kernels"][0]["ms_per_step"] >= max(k["ms_per_step"] for k in r["kernels"][1:])
     assert any("mm" in k["name"] or "linear" in k["name"] for k in r["kernels"][1:])  # the GEMMs are there
@@ -38,7 +39,7 @@ def test_cli_measures_every_step_against_the_floor(tmp_path, capsys):
                               "decode, cuDNN attention allowed", "decode, GQA unfolded"}
     assert all(v in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") for v in r["sdpa"].values())
     text = capsys.readouterr().out
-    assert text.count("| llama-tiny |") == 1 + 3 * len(weight_floor.STEPS) + 3
+    assert text.count("| llama-tiny |") == 1 + 3 * len(weight_floor.STEPS) + 5
     assert "kernels by time" in text and "SDPA picks" in text
 
 

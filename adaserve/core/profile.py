@@ -223,6 +223,12 @@ class LatencyProfile:
         return float(table(max(requests, 1))) if table is not None else 0.0
 
     @property
+    def graphed(self) -> bool:
+        """Measured with CUDA graphs: the engine runs a step of several attention calls as one
+        graphed forward per call (engine/cuda_graphs.py), and the simulator prices it so."""
+        return bool(self.measured_with.get("cuda_graphs"))
+
+    @property
     def ngram_drafter(self) -> bool:
         """Measured with the n-gram drafter: no draft model (no draft prefill; drafting is priced
         per iteration from the ``host`` table's ``draft`` row)."""

@@ -99,6 +99,7 @@ class AttnGroup:
     mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] bool, True = may attend
     num_queries: int  # Q
     all_rows: bool = False  # rows == arange(T): skip the gather / scatter
+    entry_index: np.ndarray | None = None  # host: the batch entries in the group, in row order
 
 
 @dataclass
@@ -390,14 +391,14 @@ class BatchBuilder:
         par = _joined(self._par)
         solo = np.flatnonzero(num_new >= self.solo_threshold)
         shared = np.flatnonzero(num_new < self.solo_threshold)
-        groups = [self._group(cols[:, i:i + 1], par, device) for i in solo.tolist()]
+        groups = [self._group(cols[:, i:i + 1], par, device, solo[k:k + 1]) for k, i in enumerate(solo.tolist())]
         if len(shared):
             parts = [shared]
             if self.split_padding and len(shared) > 1 and torch.device(device).type == "cpu":
                 bs = self.alloc.block_size
                 keys = -(-cols[4, shared] // bs) * bs
                 parts = [shared[p] for p in padding_groups(keys, num_new[shared], *self.group_costs)]
-            groups += [self._group(cols[:, p] if len(p) < cols.shape[1] else cols, par, device) for p in parts]
+            groups += [self._group(cols[:, p] if len(p) < cols.shape[1] else cols, par, device, p) for p in parts]
         if len(groups) == 1:
             groups[0].all_rows = True
         return FlatBatch(as_long(self._tokens), as_long(self._positions), as_long(self._slots),
@@ -408,8 +409,8 @@ class BatchBuilder:
         """The entries added so far, in batch order."""
         return Entries(list(self._parts), self._n_entries)
 
-    def _group(self, cols: np.ndarray, par: np.ndarray, device) -> AttnGroup:
-        """One padded attention call over the entries whose ``_cols`` are ``cols`` ([7, B]): every
+    def _group(self, cols: np.ndarray, par: np.ndarray, device, entry_index: np.ndarray) -> AttnGroup:
+        """One padded attention call over the entries ``entry_index``, whose ``_cols`` are ``cols`` ([7, B]): every
         query row sees its sequence's committed context; a chain's rows see the chain up to
         themselves, a tree's rows their ancestors; padded rows see key 0 only. The mask is built by
         ``_group_mask_kernel`` (compiled) or array operations; the block tables are one gather from
@@ -427,7 +428,8 @@ class BatchBuilder:
             tables[np.arange(nblk) >= np.minimum(nblk_each, alloc.nblocks[rows])[:, None]] = 0
             mask, rows, pad = _group_mask_arrays(ctx, nnew, start, par, par_start, par_len, q, nblk * bs)
         return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
-                         torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q)
+                         torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q,
+                         entry_index=entry_index)
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:

@@ -1,15 +1,21 @@
-"""CUDA graphs for decode and tree-verification steps.
+"""CUDA graphs for the engine's steps: decode, tree verification and prefill chunks.
 
-Why: on a GPU a decode or verification step of a small batch is bound by kernel launches, not by
-the GPU (issue 12: a 1B-shaped decode step took 10.2 ms against a 0.83 ms weight-read floor, and
-verifying 256 tokens cost about the same as 1). A CUDA graph replays all of a forward's kernels
-with one launch.
+Why: on a GPU a step of a small model is bound by kernel launches, not by the GPU (issue 12: a
+1B-shaped decode step took 10.2 ms against a 0.83 ms weight-read floor, and verifying 256 tokens
+cost about the same as 1; on an H200 a prefill step of a ~250-token prompt took 12.7-19.4 ms in a
+serving run, eager, against a graphed decode step of 2.1 ms). A CUDA graph replays all of a
+forward's kernels with one launch.
 
-**Which steps.** A step is graphable when all its tokens form one attention group
-(``batch.py``): decode tokens and trees of fewer than ``SOLO_QUERY_THRESHOLD`` nodes, no prefill
-chunk. Its attention is then one SDPA call: queries ``[B, Q]``, keys gathered from ``B`` block
-tables of ``nblk`` blocks, a dense boolean mask ``[B, 1, Q, nblk * block_size]``. Prefill chunks,
-larger trees and shapes beyond the largest bucket run eagerly.
+**Which steps.** Each attention group of a step (``batch.py``: decode tokens and trees of fewer
+than ``SOLO_QUERY_THRESHOLD`` nodes share one; a prefill chunk or a larger tree has its own) is
+one SDPA call: queries ``[B, Q]``, keys gathered from ``B`` block tables of ``nblk`` blocks, a
+dense boolean mask ``[B, 1, Q, nblk * block_size]``. A step of one group replays that group's
+graph. A step of several groups (a prefill chunk beside decoding rows) runs as one graphed
+forward per group, at most ``MAX_GRAPH_PARTS`` of them, one after the other, when every group has a
+bucket: the groups are different sequences, and every operation but attention acts row by row, so
+the parts compute what the whole step would; they read the weights once each, which on a
+launch-bound GPU costs less than one eager forward. Steps beyond that (more groups, chunks of more
+than ``MAX_GRAPH_TOKENS`` padded rows, contexts past the largest bucket) run eagerly.
 
 **Static layout.** A graph replays fixed kernels on fixed addresses, so each of the three sizes is
 rounded up to a bucket ``(requests B', queries per request Q', context blocks NB')`` and the inputs
@@ -39,7 +45,8 @@ time a bucket is needed, each one stalled every running request (an AdaServe run
 capture is logged once and that bucket runs eagerly from then on.
 
 Tests on the CPU replace the CUDA capture by ``eager_capture`` (the same padded buffers, run
-eagerly at replay), which checks the layout, the padding and the bucket choice without a GPU.
+eagerly at replay), which checks the layout, the padding, the split and the bucket choice without
+a GPU.
 """
 
 from __future__ import annotations
@@ -52,16 +59,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batch import DECODE, TREE, AttnGroup, FlatBatch
+from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS
+
+from .batch import AttnGroup, Entry, FlatBatch
 from .kv_cache import BlockAllocator, KVCache
 from .model import Transformer
 
 log = logging.getLogger("adaserve.engine")
 
-QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)  # nodes per tree; trees of >= 32 nodes get their own SDPA call anyway
+QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)  # nodes per tree (and short prompt tails beside them)
+CHUNK_QUERY_BUCKETS = (64, 128, 256, 512)  # groups of their own: prefill chunks, trees of >= 32 nodes
+ALL_QUERY_BUCKETS = QUERY_BUCKETS + CHUNK_QUERY_BUCKETS
 MIN_CONTEXT_BLOCKS = 4
-MAX_GRAPH_TOKENS = 512  # padded rows per graph (B' * Q')
-MAX_GRAPHS = 512  # every bucket of the default limits (378 with 64 requests and 2k-token sequences)
+MAX_GRAPHS = 512  # every bucket of the default limits (406 with 64 requests and 2k-token sequences)
 CAPTURE_BUDGET_S = 60.0  # start-up captures stop after this long; the rest are captured on first use
 
 Replay = Callable[[], None]
@@ -123,23 +133,32 @@ class BucketLimits:
             raise ValueError(f"bucket limits must be positive: {self}")
 
     def choose(self, requests: int, queries: int, blocks: int) -> Bucket | None:
-        """The bucket of a step with these sizes, None when one of them is beyond the buckets."""
+        """The bucket of a step with these sizes, None when one of them is beyond the buckets (a
+        group of more than ``QUERY_BUCKETS[-1]`` queries is one sequence's: a chunk or a large tree)."""
         b = round_up(requests, request_buckets(self.max_requests))
-        q = round_up(queries, QUERY_BUCKETS)
+        q = round_up(queries, ALL_QUERY_BUCKETS)
         n = round_up(blocks, block_buckets(self.max_blocks))
-        if b is None or q is None or n is None or b * q > self.max_tokens:
+        if b is None or q is None or n is None or b * q > self.max_tokens or (q > QUERY_BUCKETS[-1] and b > 1):
             return None
         return Bucket(b, q, n)
 
 
-def graphable_group(batch: FlatBatch) -> AttnGroup | None:
-    """The batch's one attention group when the step can replay a graph (decode tokens and small
-    trees only), else None."""
-    if len(batch.groups) != 1 or not batch.groups[0].all_rows:
+def graph_groups(batch: FlatBatch, max_parts: int = MAX_GRAPH_PARTS) -> list[AttnGroup] | None:
+    """The step's attention groups, each to run as a graphed forward of its own, or None when it
+    has more than ``max_parts`` of them (or groups whose entries are unknown: a tensor-parallel
+    worker's batch)."""
+    groups = batch.groups
+    if len(groups) == 1 and groups[0].all_rows:
+        return groups
+    if not 1 < len(groups) <= max_parts or any(g.entry_index is None for g in groups):
         return None
-    if any(e.kind not in (DECODE, TREE) for e in batch.entries):
-        return None
-    return batch.groups[0]
+    return groups
+
+
+def group_entries(batch: FlatBatch, group: AttnGroup) -> list[Entry]:
+    """The entries of one of the batch's groups, in the group's row order."""
+    entries = batch.entries
+    return list(entries) if group.all_rows else [entries[i] for i in group.entry_index.tolist()]
 
 
 def padded_rows(num_new: np.ndarray, queries: int) -> np.ndarray:
@@ -214,16 +233,16 @@ class GraphRunner:
     graph of their bucket, the others run eagerly."""
 
     def __init__(self, model: Transformer, cache: KVCache, scratch_block: int, limits: BucketLimits, *,
-                 capture: Capture | None = None, max_graphs: int = MAX_GRAPHS):
+                 capture: Capture | None = None, max_graphs: int = MAX_GRAPHS, max_parts: int = MAX_GRAPH_PARTS):
         if not cache.alloc.num_blocks <= scratch_block < cache.k.shape[1]:
             raise ValueError(f"scratch block {scratch_block} must be a block of the KV storage that the allocator "
                              f"never hands out (it has {cache.alloc.num_blocks})")
         self.model, self.cache, self.scratch, self.limits = model, cache, scratch_block, limits
         self.capture = capture if capture is not None else (
             CudaCapture() if cache.device.type == "cuda" else eager_capture)
-        self.max_graphs = max_graphs
+        self.max_graphs, self.max_parts = max_graphs, max_parts
         self.graphs: dict[Bucket, _Graph | object] = {}
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
+        self.stats = {"graph_steps": 0, "split_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
         self._buffers = self._allocate()
 
     def _allocate(self) -> dict[str, torch.Tensor]:
@@ -238,24 +257,38 @@ class GraphRunner:
                     "mask": torch.zeros(rows * lim.max_blocks * self.cache.block_size, dtype=torch.bool, device=dev)}
 
     # ---- choosing --------------------------------------------------------------------------
-    def bucket_for(self, batch: FlatBatch) -> Bucket | None:
-        g = graphable_group(batch)
-        if g is None:
+    def plan(self, batch: FlatBatch) -> list[tuple[Bucket, AttnGroup, list[Entry]]] | None:
+        """Every attention group of the step with its bucket and entries, None when the step runs
+        eagerly (too many groups, or a group beyond the buckets)."""
+        groups = graph_groups(batch, self.max_parts)
+        if groups is None:
             return None
-        return self.limits.choose(len(batch.entries), g.num_queries, int(g.block_tables.shape[1]))
+        out = []
+        for g in groups:
+            entries = group_entries(batch, g)
+            bucket = self.limits.choose(len(entries), g.num_queries, int(g.block_tables.shape[1]))
+            if bucket is None:
+                return None
+            out.append((bucket, g, entries))
+        return out
 
-    def buckets(self, queries: tuple[int, ...] = QUERY_BUCKETS) -> list[Bucket]:
+    def bucket_for(self, batch: FlatBatch) -> Bucket | None:
+        """The bucket of a step of one attention group (None otherwise)."""
+        plan = self.plan(batch)
+        return plan[0][0] if plan is not None and len(plan) == 1 else None
+
+    def buckets(self, queries: tuple[int, ...] = ALL_QUERY_BUCKETS) -> list[Bucket]:
         """Every bucket within the limits whose query size is in ``queries``: by query size (plain
         decode steps first), then requests, then context."""
         lim = self.limits
         return [Bucket(b, q, n) for q in queries for b in request_buckets(lim.max_requests)
-                for n in block_buckets(lim.max_blocks) if b * q <= lim.max_tokens]
+                for n in block_buckets(lim.max_blocks) if b * q <= lim.max_tokens and (q <= QUERY_BUCKETS[-1] or b == 1)]
 
     def _workspace_need(self, bucket: Bucket) -> int:
         """Elements of the K/V gather workspace a bucket's graph uses (K and V of every block)."""
         return 2 * bucket.requests * bucket.blocks * self.cache.k[0, 0].numel()
 
-    def capture_ahead(self, queries: tuple[int, ...] = QUERY_BUCKETS, budget_s: float = CAPTURE_BUDGET_S) -> int:
+    def capture_ahead(self, queries: tuple[int, ...] = ALL_QUERY_BUCKETS, budget_s: float = CAPTURE_BUDGET_S) -> int:
         """Capture the buckets of ``queries`` not captured yet, before serving, until ``max_graphs``,
         ``budget_s`` seconds or a failed capture (e.g. out of memory: the rest wait for their first
         use); the number captured. The gather workspace is first grown to the largest bucket's, so
@@ -276,20 +309,41 @@ class GraphRunner:
 
     # ---- running ---------------------------------------------------------------------------
     def __call__(self, batch: FlatBatch) -> torch.Tensor:
-        bucket = self.bucket_for(batch)
-        graph = self.graphs.get(bucket) if bucket is not None else EAGER
-        if graph is None:
-            graph = self._capture(bucket)
-        if graph is EAGER:
+        plan = self.plan(batch)
+        graphs = [] if plan is None else [self._graph(bucket) for bucket, _, _ in plan]
+        if plan is None or any(g is EAGER for g in graphs):
             self.stats["eager_steps"] += 1
             return self.model(batch, self.cache)
+        self.stats["graph_steps"] += 1
         with torch.inference_mode():
-            rows = torch.from_numpy(padded_rows([e.num_new for e in batch.entries], bucket.queries))
-            rows = rows.to(self.cache.device, non_blocking=True)
-            self._fill(graph.batch, bucket, batch, rows)
-            graph.replay()
-            self.stats["graph_steps"] += 1
-            return self.model.head(graph.hidden[rows[batch.logits_rows]])
+            if len(plan) == 1:  # one group over every row: the graph's rows are the batch's
+                rows = self._replay(graphs[0], plan[0][0], batch.token_ids, batch.positions, batch.slot_mapping,
+                                    plan[0][1], plan[0][2])
+                return self.model.head(graphs[0].hidden[rows[batch.logits_rows]])
+            self.stats["split_steps"] += 1
+            hidden = None
+            for graph, (bucket, group, entries) in zip(graphs, plan):
+                r = group.rows
+                rows = self._replay(graph, bucket, batch.token_ids[r], batch.positions[r], batch.slot_mapping[r],
+                                    group, entries)
+                if hidden is None:
+                    hidden = graph.hidden.new_empty(batch.num_tokens, graph.hidden.shape[1])
+                hidden[r] = graph.hidden[rows]  # copied out before the next replay reuses the pool
+            return self.model.head(hidden[batch.logits_rows])
+
+    def _graph(self, bucket: Bucket):
+        graph = self.graphs.get(bucket)
+        return self._capture(bucket) if graph is None else graph
+
+    def _replay(self, graph: _Graph, bucket: Bucket, token_ids: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor, group: AttnGroup, entries: list[Entry]) -> torch.Tensor:
+        """Fill the graph's inputs with one group's rows (in the group's order) and replay it; the
+        padded row of each of those rows."""
+        rows = torch.from_numpy(padded_rows([e.num_new for e in entries], bucket.queries))
+        rows = rows.to(self.cache.device, non_blocking=True)
+        self._fill(graph.batch, (token_ids, positions, slots, group, rows))
+        graph.replay()
+        return rows
 
     def _static_batch(self, bucket: Bucket) -> FlatBatch:
         buf, n = self._buffers, bucket.rows
@@ -301,8 +355,9 @@ class GraphRunner:
         return FlatBatch(buf["token_ids"][:n], buf["positions"][:n], buf["slot_mapping"][:n], index, index,
                          [], [group])
 
-    def _fill(self, static: FlatBatch, bucket: Bucket, batch: FlatBatch | None, rows: torch.Tensor | None) -> None:
-        """Copy ``batch`` into the static buffers (None: padding only), padding every other row."""
+    def _fill(self, static: FlatBatch, real: tuple | None) -> None:
+        """Copy one group's rows ``(token_ids, positions, slots, group, padded rows)`` into the
+        static buffers (None: padding only), padding every other row."""
         g = static.groups[0]
         static.token_ids.zero_()
         static.positions.zero_()
@@ -310,15 +365,15 @@ class GraphRunner:
         g.block_tables.fill_(self.scratch)
         g.mask.zero_()
         g.mask[:, :, :, 0] = True  # padded rows attend to key 0 (a real row's own mask is copied over it)
-        if batch is None:
+        if real is None:
             return
-        real = batch.groups[0]
-        b, q = real.block_tables.shape[0], real.num_queries
-        static.token_ids.index_copy_(0, rows, batch.token_ids)
-        static.positions.index_copy_(0, rows, batch.positions)
-        static.slot_mapping.index_copy_(0, rows, batch.slot_mapping)
-        g.block_tables[:b, : real.block_tables.shape[1]].copy_(real.block_tables)
-        g.mask[:b, :, :q, : real.mask.shape[-1]].copy_(real.mask)
+        token_ids, positions, slots, group, rows = real
+        b, q = group.block_tables.shape[0], group.num_queries
+        static.token_ids.index_copy_(0, rows, token_ids)
+        static.positions.index_copy_(0, rows, positions)
+        static.slot_mapping.index_copy_(0, rows, slots)
+        g.block_tables[:b, : group.block_tables.shape[1]].copy_(group.block_tables)
+        g.mask[:b, :, :q, : group.mask.shape[-1]].copy_(group.mask)
 
     def _capture(self, bucket: Bucket):
         if len(self.graphs) >= self.max_graphs:
@@ -333,7 +388,7 @@ class GraphRunner:
                 # the workspace the graph gathers K/V into must outlive it: an eager step may later
                 # replace the cache's workspace with a larger one
                 keep = [self.cache.workspace(need)]
-                self._fill(static, bucket, None, None)
+                self._fill(static, None)
                 replay, hidden = self.capture(lambda: self.model.hidden(static, self.cache))
         except Exception as e:  # noqa: BLE001 - any capture failure: this bucket stays eager
             log.warning("CUDA graph capture failed for %s (%s: %s); this bucket runs eagerly",

@@ -24,7 +24,7 @@ import torch
 from adaserve.core.request import Request
 from adaserve.core.slo import slo_ms
 from adaserve.engine.drafters import RECORD_K, Drafter, Filler, NgramDrafter
-from adaserve.engine.cuda_graphs import QUERY_BUCKETS
+from adaserve.engine.cuda_graphs import CHUNK_QUERY_BUCKETS, QUERY_BUCKETS
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.iteration import ServingLoop
@@ -98,7 +98,7 @@ def warm_serving(eng: Engine, system: str) -> WarmUp:
         return WarmUp(serving_s)
     t1 = time.perf_counter()
     with torch.inference_mode():
-        captured = graphs.capture_ahead(QUERY_BUCKETS if any(speculated) else (1,))
+        captured = graphs.capture_ahead((QUERY_BUCKETS if any(speculated) else (1,)) + CHUNK_QUERY_BUCKETS)
     return WarmUp(serving_s, captured, time.perf_counter() - t1)
 
 

@@ -33,6 +33,7 @@ import time
 import torch
 
 from adaserve.core.profile import Limits
+from adaserve.engine.cuda_graphs import CHUNK_QUERY_BUCKETS, MAX_GRAPH_TOKENS
 from adaserve.engine.config import ModelConfig
 from adaserve.engine.model import GQA_FOLD_ENV, Transformer, fold_gqa, folded_attention_bias
 
@@ -131,15 +132,24 @@ def gqa_folded(on: bool):
             os.environ[GQA_FOLD_ENV] = before
 
 
-def prefill_times(model: Transformer, repeat: int = 5) -> dict[str, float]:
+def prefill_times(model: Transformer, graphs: bool = False, repeat: int = 5) -> dict[str, float]:
     """ms of a ``WARM_PREFILL``-token prefill (median, one length repeated), and the median over
-    ``COLD_LENGTHS`` of one call per new length, with cuDNN attention allowed and kept out."""
-    bench = StepBench(model, max(max(v) for v in COLD_LENGTHS.values()) + 64)
+    ``COLD_LENGTHS`` of one call per new length, with cuDNN attention allowed and kept out; with
+    ``graphs``, both again as the engine with CUDA graphs runs them (labels ending in "graphed"):
+    every chunk bucket captured first, then lengths of up to ``MAX_GRAPH_TOKENS`` tokens."""
+    max_tokens = max(max(v) for v in COLD_LENGTHS.values()) + 64
+    bench = StepBench(model, max_tokens)
     out = {f"prefill {WARM_PREFILL} tokens, same length repeated": bench.prefill_ms(WARM_PREFILL, repeat)}
     for cudnn, lengths in COLD_LENGTHS.items():
         with cudnn_attention(cudnn == "on"):
             times = [bench.prefill_once_ms(n) for n in lengths]
         out[f"prefill, a new length each call, cuDNN attention {cudnn}"] = statistics.median(times)
+    if graphs:
+        bench = StepBench(model, max_tokens, graphs=GRAPH_LIMITS)
+        bench.runner.capture_ahead(CHUNK_QUERY_BUCKETS)
+        out[f"prefill {WARM_PREFILL} tokens, same length repeated, graphed"] = bench.prefill_ms(WARM_PREFILL, repeat)
+        times = [bench.prefill_once_ms(n) for n in COLD_LENGTHS["off"] if n <= MAX_GRAPH_TOKENS]
+        out["prefill, a new length each call, graphed"] = statistics.median(times)
     return out
 
 
@@ -203,7 +213,7 @@ def measure_shape(shape: str, device: str, graph_modes: list[bool], nbytes: int 
         if fold_gqa(model.lm_head.weight.device):  # against the unfolded call (cuDNN's, the only fused
             with gqa_folded(False), cudnn_attention(True):  # kernel that takes enable_gqa with a mask)
                 result["steps"]["graphs on, GQA unfolded, cuDNN attention allowed"] = step_times(model, True)
-    result["prefill"] = prefill_times(model)
+    result["prefill"] = prefill_times(model, graphs=True in graph_modes)
     try:  # the profiler needs CUPTI on a GPU, which a sandboxed machine may lack: keep the rest
         result["kernels"] = kernel_breakdown(model)
     except Exception as e:  # noqa: BLE001
@@ -234,7 +244,9 @@ def table(results: list[dict]) -> str:
                 lines.append(f"| {r['shape']} | {label} | {mode.removeprefix('graphs ')} | {ms:.3f} | "
                              f"{ms / r['floor_ms']:.2f} | {ms / one:.2f} |")
         for label, ms in r.get("prefill", {}).items():
-            lines.append(f"| {r['shape']} | {label} | off | {ms:.3f} | {ms / r['floor_ms']:.2f} | |")
+            mode = "on" if label.endswith("graphed") else "off"
+            lines.append(f"| {r['shape']} | {label.removesuffix(', graphed')} | {mode} | {ms:.3f} | "
+                         f"{ms / r['floor_ms']:.2f} | |")
     for r in results:
         if r.get("sdpa"):
             lines.append("")

@@ -17,6 +17,11 @@ BLOCK_SIZE = 16
 # Batch entries with this many new tokens get an attention call of their own; smaller ones share one
 # call padded to the longest (engine/batch.py), and the simulator prices steps the same way.
 SOLO_QUERY_THRESHOLD = 32
+# With CUDA graphs a step of several such calls (a prefill chunk beside decoding rows) runs as one
+# graphed forward per call, when it has at most MAX_GRAPH_PARTS of them and each fits a graph of
+# MAX_GRAPH_TOKENS padded rows (engine/cuda_graphs.py); the simulator prices it as those forwards.
+MAX_GRAPH_PARTS = 3
+MAX_GRAPH_TOKENS = 512
 
 
 def kv_reservation(r: Request, max_seq_len: int) -> int:

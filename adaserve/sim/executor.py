@@ -12,7 +12,7 @@ import numpy as np
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
-from adaserve.scheduling.admission import BLOCK_SIZE, SOLO_QUERY_THRESHOLD
+from adaserve.scheduling.admission import BLOCK_SIZE, MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, SOLO_QUERY_THRESHOLD
 from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
@@ -66,6 +66,8 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     tree_tokens = sum(n for _, n in trees)
     if latency.compiled_keys is not None and 0 < sum(c for c, _ in chunks) + tree_tokens <= latency.compiled_tokens:
         return compiled_step_ms(latency, chunks, trees)
+    if latency.graphed and graph_parts_fit(chunks, trees):
+        return split_step_ms(latency, chunks, trees)
     ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
     parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
     shared = list(trees)
@@ -76,6 +78,32 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
         if c < SOLO_QUERY_THRESHOLD:
             shared.append((p, c))
     return max([ms, *parts]) + shared_attention_ms(latency, shared)
+
+
+def graph_parts_fit(chunks: list[tuple[int, int]], trees: list[tuple[int, int]]) -> bool:
+    """Whether the engine with CUDA graphs runs this step as one graphed forward per attention call
+    (engine/cuda_graphs.py): 2 to ``MAX_GRAPH_PARTS`` calls (each chunk of ``SOLO_QUERY_THRESHOLD``
+    tokens or more is one, the rest share one), each of at most ``MAX_GRAPH_TOKENS`` padded rows
+    (rows padded to a power of two per request; the engine also rounds the requests up, which this
+    leaves out)."""
+    shared = [n for _, n in trees] + [c for c, _ in chunks if c < SOLO_QUERY_THRESHOLD]
+    solo = [c for c, _ in chunks if c >= SOLO_QUERY_THRESHOLD]
+    if not 1 < len(solo) + bool(shared) <= MAX_GRAPH_PARTS:
+        return False
+    pow2 = lambda n: 1 << (int(n) - 1).bit_length()  # noqa: E731
+    return all(pow2(c) <= MAX_GRAPH_TOKENS for c in solo) and (
+        not shared or len(shared) * pow2(max(shared)) <= MAX_GRAPH_TOKENS)
+
+
+def split_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]], trees: list[tuple[int, int]]) -> float:
+    """A step run as one forward per attention call (``graph_parts_fit``): each long chunk from
+    the prefill table at its prefilled length, the shared call's tokens (trees, short chunks) as
+    a step of their own, each forward reading the weights again."""
+    short = [(c, p) for c, p in chunks if c < SOLO_QUERY_THRESHOLD]
+    ms = sum(float(latency.prefill_ms(c, p)) for c, p in chunks if c >= SOLO_QUERY_THRESHOLD)
+    if trees or short:
+        ms += engine_step_ms(latency, short, trees)  # one call: priced as a step of its own
+    return ms
 
 
 def compiled_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
