@@ -15,7 +15,7 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -68,19 +68,24 @@ class LoopStats:
 
 
 class ServingLoop:
-    """Drives a policy and an executor. Offline (``run``): every request is known up front.
-    Online (a server): ``submit`` and ``cancel`` between calls of ``run_once``, all from the one
-    thread that owns the loop; ``on_commit(request, ids)`` fires after a request gains tokens (``ids``:
-    their token ids, or ``[None] * n`` from an executor without ids, the simulator) and
-    ``on_finish(request)`` when it leaves the system (finished, rejected or cancelled)."""
+    """Drives a policy and an executor. Offline (``run``): every request is known up front, as a
+    list (``requests``, kept) or as ``arrivals``, an iterator in arrival order that the loop reads
+    as the clock reaches each request (a long simulation then never holds the requests that have
+    not arrived or have left). Online (a server): ``submit`` and ``cancel`` between calls of
+    ``run_once``, all from the one thread that owns the loop; ``on_commit(request, ids)`` fires after
+    a request gains tokens (``ids``: their token ids, or ``[None] * n`` from an executor without ids,
+    the simulator) and ``on_finish(request)`` when it leaves the system (finished, rejected or
+    cancelled)."""
 
     def __init__(self, policy: Policy, executor: Executor, requests: list[Request] | None = None,
                  on_finish: Callable[[Request], None] | None = None,
-                 on_commit: Callable[[Request, list], None] | None = None):
+                 on_commit: Callable[[Request, list], None] | None = None,
+                 arrivals: Iterable[Request] | None = None):
         self.policy = policy
         self.executor = executor
         self.requests = sorted(requests or [], key=lambda r: (r.arrival_ms, r.rid))
         self.pending = deque(self.requests)
+        self._arrivals = None if arrivals is None else iter(arrivals)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.kv_reserved = 0
@@ -89,9 +94,23 @@ class ServingLoop:
         self.on_commit = on_commit
 
     # -- arrivals and bookkeeping -------------------------------------------------------------
+    def _read_arrivals(self, now: float) -> None:
+        """Move from ``arrivals`` into ``pending`` every request arrived by ``now`` and the next one
+        (what ``run`` waits for)."""
+        while self._arrivals is not None and not (self.pending and self.pending[-1].arrival_ms > now):
+            r = next(self._arrivals, None)
+            if r is None:
+                self._arrivals = None
+            elif self.pending and (r.arrival_ms, r.rid) < (self.pending[-1].arrival_ms, self.pending[-1].rid):
+                raise ValueError(f"arrivals out of order: request {r.rid} at {r.arrival_ms} ms after request "
+                                 f"{self.pending[-1].rid} at {self.pending[-1].arrival_ms} ms")
+            else:
+                self.pending.append(r)
+
     def admit_arrivals(self) -> None:
         now = self.executor.now()
         max_seq = self.executor.latency.limits.max_seq_len
+        self._read_arrivals(now)
         while self.pending and self.pending[0].arrival_ms <= now:
             r = self.pending.popleft()
             if r.input_len + 1 > max_seq or kv_reservation(r, max_seq) > self.executor.kv_capacity_tokens:
@@ -103,7 +122,7 @@ class ServingLoop:
 
     @property
     def busy(self) -> bool:
-        return bool(self.pending or self.waiting or self.running)
+        return bool(self.pending or self.waiting or self.running or self._arrivals is not None)
 
     def view(self) -> IterationView:
         return IterationView(self.executor.now(), self.waiting, self.running, self.executor.latency,
@@ -247,7 +266,7 @@ class ServingLoop:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> list[Request]:
-        """Serve every request; returns them all (finished or rejected)."""
+        """Serve every request; returns those given as ``requests`` (finished or rejected)."""
         while self.busy:
             if not self.run_once() and self.pending:
                 self.executor.wait_until(self.pending[0].arrival_ms)

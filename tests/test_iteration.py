@@ -3,6 +3,8 @@ its overhead breakdown."""
 
 import time
 
+import pytest
+
 from adaserve.core.metrics import OVERHEAD_COMPONENTS
 from adaserve.core.request import Phase, Request
 from adaserve.iteration import ServingLoop
@@ -119,3 +121,36 @@ def test_simulated_overhead_fills_every_component():
         pass
     o = loop.stats.overhead_ms
     assert all(o[k] > 0 for k in OVERHEAD_COMPONENTS), o
+
+
+def test_arrivals_read_lazily_serve_as_a_list_does():
+    """``arrivals``: an iterator the loop reads as the clock reaches each request; the same run as
+    the list, and no request is read long before it arrives."""
+    def reqs():
+        return [request(i, arrival=250.0 * (i // 2), out=8) for i in range(8)]
+
+    ex = Recording(get_profile("llama-3.1-70b"), LLAMA_ACCEPTANCE, seed=0)
+    listed = reqs()
+    ServingLoop(make_policy("adaserve", "llama"), ex, listed).run()
+    ex2 = Recording(get_profile("llama-3.1-70b"), LLAMA_ACCEPTANCE, seed=0)
+    read_at = {}
+
+    def source():
+        for r in reqs():
+            read_at[r.rid] = ex2.now()
+            yield r
+
+    done = []
+    loop = ServingLoop(make_policy("adaserve", "llama"), ex2, on_finish=done.append, arrivals=source())
+    assert loop.run() == [] and not loop.busy
+    lazily = sorted(done, key=lambda r: r.rid)
+    assert [(r.finish_ms, r.generated) for r in lazily] == [(r.finish_ms, r.generated) for r in listed]
+    # each request read at most one arrival early (the one the loop waits for)
+    assert all(read_at[i] >= 250.0 * (i // 2 - 1) for i in read_at)
+
+
+def test_arrivals_out_of_order_are_refused():
+    ex = Recording(get_profile("llama-3.1-70b"), LLAMA_ACCEPTANCE, seed=0)
+    loop = ServingLoop(make_policy("vllm", "llama"), ex, arrivals=[request(0, 500.0), request(1, 100.0)])
+    with pytest.raises(ValueError, match="out of order: request 1 at 100.0 ms after request 0 at 500.0 ms"):
+        loop.run()

@@ -12,6 +12,7 @@ import pytest
 from adaserve.core import metrics, results, slo
 from adaserve.core.metrics import overhead_breakdown, serving_time_ms, summarize, tpot_ms, ttft_ms
 from adaserve.core.request import Phase, Request
+from adaserve.core.tally import Tally
 from adaserve.core.results import (load_result, read_stats_block, result_complete, stats_block,
                                    write_results)
 
@@ -113,13 +114,24 @@ def test_per_request_latencies():
 
 # ------------------------------------------------------------------------------ the summary
 
-def test_all_itls_are_every_request_s_itls_in_order():
+def test_the_tally_keeps_every_finished_request_s_itls():
     reqs = [make(0, "chat", 1.2, arrival=0, token_times=[1.0, 3.0, 3.0, 7.5]),
             make(1, "chat", 1.2, arrival=0, token_times=[]), make(2, "chat", 1.2, arrival=0, token_times=[4.0]),
-            make(3, "chat", 1.2, arrival=0, token_times=[2.0, 2.5, 9.0])]
-    got = metrics._all_itls(reqs)
-    assert got.dtype == float and got.tolist() == [g for r in reqs for g in metrics.itls_ms(r)] == [2.0, 4.5, 0.5, 6.5]
-    assert metrics._all_itls([]).tolist() == []
+            make(3, "chat", 1.2, arrival=0, token_times=[2.0, 2.5, 9.0]),
+            make(4, "chat", 1.2, arrival=0, token_times=[1.0, 8.0], phase=Phase.DECODING)]  # unfinished: left out
+    values, counts = Tally.of(reqs).itls.distinct()
+    assert values.tolist() == [0.5, 2.0, 4.5, 6.5] and counts.tolist() == [1, 1, 1, 1]
+    assert Tally.of([]).itls.count == 0
+
+
+def test_a_tally_filled_as_requests_finish_gives_the_same_summary():
+    """The simulator adds requests in the order they finish; the summary is the list's."""
+    reqs = workload()
+    tally = Tally()
+    for r in (reqs[3], reqs[1], reqs[4], reqs[0], reqs[2]):
+        tally.add(r)
+    kw = dict(committed_tokens=COMMITTED, request_steps=STEPS, overhead_ms=OVERHEAD_MS)
+    assert summarize(tally, **kw) == summarize(reqs, **kw)
 
 
 def test_serving_time_is_last_finish_minus_first_admission():

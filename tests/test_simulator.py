@@ -15,7 +15,7 @@ from adaserve.core.trace import TraceRecord, load_trace, prepare_records
 from adaserve.scheduling.policies import SYSTEMS
 from adaserve.scheduling.speculation import LLAMA_SPEC, QWEN_SPEC
 from adaserve.sim import run as run_module
-from adaserve.sim.run import simulate_file, simulate_records
+from adaserve.sim.run import load_sim_records, simulate_file, simulate_records
 
 
 @pytest.fixture
@@ -188,9 +188,52 @@ def test_simulation_keeps_no_prompt_text(tmp_path, linear_profile):
     from adaserve.core.trace import save_trace
     trace = tmp_path / "t.json"
     save_trace(trace, [replace(r, prompt=r.prompt * 1000) for r in TINY])
+    records = load_sim_records(trace)
+    assert [r.prompt for r in records] == ["", ""] and records[0].input_length == TINY[0].input_length
     res = simulate_file(trace, "vllm", linear_profile, None)
-    assert [r.prompt for r in res.requests] == ["", ""]
-    assert res.summary["completed"] == 2
+    assert res.requests is None and res.spool is None  # a file's simulation keeps no requests
+    assert res.summary["completed"] == res.registered == 2
+
+
+def test_a_simulated_file_streams_its_requests(tmp_path, linear_profile):
+    """``simulate_file`` makes each request when it arrives and keeps only its tally and record:
+    the same summary and records as simulating the records in memory, and no request object
+    outlives its run (weak references all dead after the loop)."""
+    import gc
+    import json
+    import weakref
+
+    from adaserve.core.request import Request
+    from adaserve.core.trace import save_trace, to_requests
+    from adaserve.sim import run as sim_run
+
+    trace = tmp_path / "t.json"
+    records = [replace(r, emission_time_ms=r.emission_time_ms + 7.0 * i) for i, r in enumerate(TINY * 20)]
+    save_trace(trace, records)
+    made = []
+    real = sim_run.to_request
+
+    def tracked(*a, **kw) -> Request:
+        r = real(*a, **kw)
+        made.append(weakref.ref(r))
+        return r
+
+    sim_run.to_request = tracked
+    try:
+        res = simulate_file(trace, "adaserve", linear_profile, tmp_path / "out")
+    finally:
+        sim_run.to_request = real
+    gc.collect()
+    assert len(made) == len(records) and all(ref() is None for ref in made)
+    mem = simulate_records(records, "adaserve", linear_profile)
+    measured = ("overhead",)  # the measured CPU time of the selection and the loop
+    assert {k: v for k, v in res.summary.items() if k not in measured} == \
+        {k: v for k, v in mem.summary.items() if k not in measured}
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert [r["rid"] for r in doc["requests"]] == list(range(len(records)))
+    from adaserve.core.metrics import request_record
+    assert doc["requests"] == [json.loads(json.dumps(request_record(r))) for r in mem.requests]
+    assert [r.rid for r in mem.requests] == [r.rid for r in to_requests(records, 1.0)]
 
 
 @pytest.mark.parametrize("family,spec", [(None, LLAMA_SPEC), ("qwen2", QWEN_SPEC)])

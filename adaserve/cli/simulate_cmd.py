@@ -54,9 +54,9 @@ def _run(args: argparse.Namespace) -> int:
     s = result.summary
     keys = ("slo_attainment", "goodput", "mean_generated_tokens_per_step", "throughput_tokens_per_sec")
     line = {k: s.get(k) for k in keys}
-    line.update(system=args.system, requests=len(result.requests), iterations=result.iterations,
+    line.update(system=args.system, requests=result.registered, iterations=result.iterations,
                 wall_s=round(result.wall_s, 3),
-                simulated_requests_per_s=round(len(result.requests) / max(result.wall_s, 1e-9), 1))
+                simulated_requests_per_s=round(result.registered / max(result.wall_s, 1e-9), 1))
     if args.out:
         line["out"] = args.out
     print(json.dumps(line))

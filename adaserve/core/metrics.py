@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from adaserve.core.request import Phase, Request
+from adaserve.core.request import Phase, Request, itl_gaps, itls_ms, tpot_ms, ttft_ms  # noqa: F401 - see below
+from adaserve.core.tally import FINISHED, OTHER, REJECTED, Tally, ValueCounts
 from adaserve.core.trace import category_sort_key
 
 # Figure 15's breakdown of an iteration (how the serving loop measures each: adaserve/iteration.py)
@@ -31,43 +32,8 @@ OVERHEAD_COMPONENTS = ("speculation", "verification", "scheduling", "prefill", "
 
 
 # --------------------------------------------------------------------------- per-request values
-
-def ttft_ms(r: Request) -> float | None:
-    """Time to first token: first token − arrival (queueing and prefill included)."""
-    return None if r.first_token_ms is None else r.first_token_ms - r.arrival_ms
-
-
-def tpot_ms(r: Request) -> float | None:
-    """Time per output token after the first: (finish − first token) / (generated − 1)."""
-    if r.finish_ms is None or r.first_token_ms is None or r.generated <= 1:
-        return None
-    return (r.finish_ms - r.first_token_ms) / (r.generated - 1)
-
-
-def itls_ms(r: Request) -> list[float]:
-    """Inter-token latencies as a streaming client sees them: the gaps between consecutive commits.
-    Tokens committed in the same step share a timestamp and arrive as one chunk, so zero gaps are
-    not latencies (vLLM's ``bench serve`` also measures ITL per streamed chunk)."""
-    return _itls(r).tolist()
-
-
-def _itls(r: Request) -> np.ndarray:
-    gaps = np.diff(np.asarray(r.token_times_ms, dtype=float))
-    return gaps[gaps > 0]
-
-
-def _all_itls(requests: Sequence[Request]) -> np.ndarray:
-    """``itls_ms`` of every request, concatenated in request order, in one float64 array filled
-    request by request (a list of Python floats, or of per-request arrays, would take several
-    times the memory at ~50 gaps a request)."""
-    out = np.empty(sum(max(len(r.token_times_ms) - 1, 0) for r in requests))
-    at = 0
-    for r in requests:
-        gaps = _itls(r)
-        out[at:at + len(gaps)] = gaps
-        at += len(gaps)
-    return out[:at]
-
+# ttft_ms, tpot_ms, itls_ms and itl_gaps are defined beside the request (core/request.py), which the
+# tally (core/tally.py) reads too; they are this module's as well.
 
 def request_record(r: Request) -> dict[str, Any]:
     """One request's JSON record (``slo_ms`` is None for best effort)."""
@@ -86,9 +52,11 @@ def request_record(r: Request) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ aggregates
 
-def distribution(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of the non-None values."""
-    a = np.asarray([v for v in values if v is not None], dtype=float)
+def distribution(values: Iterable[float | None] | np.ndarray) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of the known values (None and
+    NaN are unknown)."""
+    a = values if isinstance(values, np.ndarray) else np.asarray([v for v in values if v is not None], dtype=float)
+    a = a[~np.isnan(a)]
     if a.size == 0:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
     return {"count": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
@@ -97,11 +65,7 @@ def distribution(values: Iterable[float | None]) -> dict[str, float | int | None
 
 def serving_time_ms(requests: Sequence[Request]) -> float:
     """Last finish among completed requests − first admission among all requests (0 if none)."""
-    admitted = [r.admitted_ms for r in requests if r.admitted_ms is not None]
-    finished = [r.finish_ms for r in requests if r.phase == Phase.FINISHED and r.finish_ms is not None]
-    if not admitted or not finished:
-        return 0.0
-    return float(max(max(finished) - min(admitted), 0.0))
+    return Tally.of(requests).serving_time_ms()
 
 
 def _per_second(amount: float, time_ms: float) -> float | None:
@@ -112,26 +76,33 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def _group_metrics(group: Sequence[Request], time_ms: float) -> dict[str, Any]:
-    """Counts, attainment, goodput and latency distributions of one group of requests."""
-    done = [r for r in group if r.phase == Phase.FINISHED]
-    attained = [r for r in done if r.attained]
-    frac = _ratio(len(attained), len(done))
-    ttft_ok = sum(r.ttft_attained for r in done)
-    joint = sum(r.ttft_attained and r.attained for r in done)
-    return {"registered": len(group), "completed": len(done),
-            "rejected": sum(r.phase == Phase.REJECTED for r in group),
-            "attained": len(attained), "slo_attainment": frac,
+def _known(values: np.ndarray) -> np.ndarray:
+    return values[~np.isnan(values)]
+
+
+def _group_metrics(c: Mapping[str, np.ndarray], rows: np.ndarray | slice, time_ms: float) -> dict[str, Any]:
+    """Counts, attainment, goodput and latency distributions of the requests ``rows`` of the
+    tally's columns ``c``."""
+    phase = c["phase"][rows]
+    done = phase == FINISHED
+    attained = done & (c["attained"][rows] == 1)
+    ttft_ok = done & (c["ttft_ok"][rows] == 1)
+    generated = c["generated"][rows]
+    n_done, n_att = int(done.sum()), int(attained.sum())
+    frac = _ratio(n_att, n_done)
+    tokens, att_tokens = int(generated[done].sum()), int(generated[attained].sum())
+    return {"registered": len(phase), "completed": n_done, "rejected": int((phase == REJECTED).sum()),
+            "attained": n_att, "slo_attainment": frac,
             "slo_attainment_pct": None if frac is None else 100.0 * frac,
-            "ttft_attained": ttft_ok, "ttft_attainment": _ratio(ttft_ok, len(done)),
-            "joint_attained": joint, "joint_attainment": _ratio(joint, len(done)),
-            "total_tokens": sum(r.generated for r in done),
-            "attained_tokens": sum(r.generated for r in attained),
-            "goodput": _per_second(sum(r.generated for r in attained), time_ms),
-            "throughput_tokens_per_sec": _per_second(sum(r.generated for r in done), time_ms),
-            "ttft_ms": distribution(ttft_ms(r) for r in done),
-            "tpot_ms": distribution(tpot_ms(r) for r in done),
-            "decode_latency_ms": distribution(r.decode_latency_ms for r in done)}
+            "ttft_attained": int(ttft_ok.sum()), "ttft_attainment": _ratio(int(ttft_ok.sum()), n_done),
+            "joint_attained": int((ttft_ok & attained).sum()),
+            "joint_attainment": _ratio(int((ttft_ok & attained).sum()), n_done),
+            "total_tokens": tokens, "attained_tokens": att_tokens,
+            "goodput": _per_second(att_tokens, time_ms),
+            "throughput_tokens_per_sec": _per_second(tokens, time_ms),
+            "ttft_ms": distribution(c["ttft"][rows][done]),
+            "tpot_ms": distribution(c["tpot"][rows][done]),
+            "decode_latency_ms": distribution(c["decode"][rows][done])}
 
 
 def overhead_breakdown(overhead_ms: Mapping[str, float]) -> dict[str, Any]:
@@ -148,60 +119,56 @@ def overhead_breakdown(overhead_ms: Mapping[str, float]) -> dict[str, Any]:
             "share": {k: _ratio(v, total) for k, v in ms.items()}}
 
 
-def _rejections(requests: Sequence[Request]) -> dict[str, Any]:
-    rejected = [r for r in requests if r.phase == Phase.REJECTED]
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        reasons[r.finish_reason or "unknown"] = reasons.get(r.finish_reason or "unknown", 0) + 1
-    return {"rejected": len(rejected), "rejected_reasons": reasons,
-            "rejected_requests": [{"rid": r.rid, "category": r.category,
-                                   "reason": r.finish_reason or "unknown"} for r in rejected]}
-
-
-def vllm_fields(requests: Sequence[Request], duration_s: float) -> dict[str, Any]:
+def vllm_fields(c: Mapping[str, np.ndarray], itls: ValueCounts, duration_s: float) -> dict[str, Any]:
     """The fields of vLLM's ``bench serve`` result JSON, computed as vLLM does (population std,
-    0 for an empty list) over the completed requests, with our serving time as ``duration``."""
-    done = [r for r in requests if r.phase == Phase.FINISHED]
-    n_in = sum(r.input_len for r in done)
-    n_out = sum(r.generated for r in done)
+    0 for an empty list) over the completed requests (the tally's columns ``c`` and their
+    inter-token latencies), with our serving time as ``duration``."""
+    done = c["phase"] == FINISHED
+    n_in, n_out = int(c["input_len"][done].sum()), int(c["generated"][done].sum())
     rate = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
-    out: dict[str, Any] = {"duration": duration_s, "completed": len(done),
+    out: dict[str, Any] = {"duration": duration_s, "completed": int(done.sum()),
                            "total_input_tokens": n_in, "total_output_tokens": n_out,
-                           "request_throughput": rate(len(done)), "output_throughput": rate(n_out),
+                           "request_throughput": rate(int(done.sum())), "output_throughput": rate(n_out),
                            "total_token_throughput": rate(n_in + n_out)}
-    known = lambda xs: np.asarray([x for x in xs if x is not None], dtype=float)  # noqa: E731
-    series = {"ttft": known(map(ttft_ms, done)), "tpot": known(map(tpot_ms, done)), "itl": _all_itls(done)}
-    for name, a in series.items():
+    for name, a in (("ttft", _known(c["ttft"][done])), ("tpot", _known(c["tpot"][done]))):
         a = a if a.size else np.zeros(1)
         out[f"mean_{name}_ms"] = float(a.mean())
         out[f"median_{name}_ms"] = float(np.median(a))
         out[f"std_{name}_ms"] = float(a.std())
         out[f"p99_{name}_ms"] = float(np.percentile(a, 99))
+    empty = itls.count == 0
+    out["mean_itl_ms"] = 0.0 if empty else itls.mean()
+    out["median_itl_ms"] = 0.0 if empty else itls.median()
+    out["std_itl_ms"] = 0.0 if empty else itls.std()
+    out["p99_itl_ms"] = 0.0 if empty else itls.percentile(99)
     return out
 
 
-def summarize(requests: Sequence[Request], *, committed_tokens: int, request_steps: int,
+def summarize(requests: Iterable[Request] | Tally, *, committed_tokens: int, request_steps: int,
               overhead_ms: Mapping[str, float] | None = None,
               registered: int | None = None) -> dict[str, Any]:
-    """All metrics of a run (docs/definitions.md §3). ``registered`` defaults to
-    ``len(requests)``; requests neither finished nor rejected (a run cut short) are counted as
-    ``unfinished``."""
-    time_ms = serving_time_ms(requests)
-    overall = _group_metrics(requests, time_ms)
-    by_cat: dict[str, list[Request]] = {}
-    for r in requests:
-        by_cat.setdefault(r.category, []).append(r)
-    summary: dict[str, Any] = {
+    """All metrics of a run (docs/definitions.md §3), from its requests or from the ``Tally`` they
+    were added to as they left the system. ``registered`` defaults to the number of requests;
+    requests neither finished nor rejected (a run cut short) are counted as ``unfinished``."""
+    tally = requests if isinstance(requests, Tally) else Tally.of(requests)
+    c = tally.columns()
+    time_ms = tally.serving_time_ms()
+    names = {i: name for name, i in tally.categories.items()}
+    by_cat = {names[i]: np.flatnonzero(c["cat"] == i) for i in np.unique(c["cat"]).tolist()}
+    reasons: dict[str, int] = {}
+    rejected = sorted(tally.rejected, key=lambda x: x["rid"])
+    for x in rejected:
+        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+    return {
         "total_time_ms": time_ms,
-        **overall,
-        "registered": len(requests) if registered is None else registered,
-        "unfinished": sum(r.phase not in (Phase.FINISHED, Phase.REJECTED) for r in requests),
-        **_rejections(requests),
+        **_group_metrics(c, slice(None), time_ms),
+        "registered": len(tally) if registered is None else registered,
+        "unfinished": int((c["phase"] == OTHER).sum()),
+        "rejected": len(rejected), "rejected_reasons": reasons, "rejected_requests": rejected,
         "committed_tokens": committed_tokens, "request_steps": request_steps,
         "mean_generated_tokens_per_step": _ratio(committed_tokens, request_steps),
-        "per_category": {c: _group_metrics(g, time_ms) for c, g in
+        "per_category": {cat: _group_metrics(c, rows, time_ms) for cat, rows in
                          sorted(by_cat.items(), key=lambda kv: category_sort_key(kv[0]))},
         "overhead": None if overhead_ms is None else overhead_breakdown(overhead_ms),
-        "vllm": vllm_fields(requests, time_ms / 1000.0),
+        "vllm": vllm_fields(c, tally.itls, time_ms / 1000.0),
     }
-    return summary

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 #: TTFT SLO (ms) of a request that gives none, by category (docs/adaserve_plus.md); other
 #: categories get ``DEFAULT_TTFT_SLO_MS``, best-effort requests none.
 TTFT_SLO_MS_BY_CATEGORY = {"coding": 1000.0, "chat": 1000.0, "summarization": 4000.0}
@@ -90,3 +92,30 @@ class Request:
         if lat is None:
             return False
         return lat <= self.slo_ms * self.generated
+
+
+# ---- per-request latencies (docs/definitions.md §3; core/metrics.py aggregates them) -------------
+
+def ttft_ms(r: Request) -> float | None:
+    """Time to first token: first token − arrival (queueing and prefill included)."""
+    return None if r.first_token_ms is None else r.first_token_ms - r.arrival_ms
+
+
+def tpot_ms(r: Request) -> float | None:
+    """Time per output token after the first: (finish − first token) / (generated − 1)."""
+    if r.finish_ms is None or r.first_token_ms is None or r.generated <= 1:
+        return None
+    return (r.finish_ms - r.first_token_ms) / (r.generated - 1)
+
+
+def itls_ms(r: Request) -> list[float]:
+    """Inter-token latencies as a streaming client sees them: the gaps between consecutive commits.
+    Tokens committed in the same step share a timestamp and arrive as one chunk, so zero gaps are
+    not latencies (vLLM's ``bench serve`` also measures ITL per streamed chunk)."""
+    return itl_gaps(r).tolist()
+
+
+def itl_gaps(r: Request) -> np.ndarray:
+    """``itls_ms`` as an array."""
+    gaps = np.diff(np.asarray(r.token_times_ms, dtype=float))
+    return gaps[gaps > 0]

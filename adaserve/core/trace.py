@@ -12,6 +12,7 @@ import os
 import re
 import reprlib
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,7 +65,8 @@ class TraceRecord:
 
 
 # what ``load_trace`` applies to each valid record as it is read: (index, record) -> record to keep
-RecordHook = Callable[[int, TraceRecord], TraceRecord]
+# (None: keep nothing, the hook took what it needs)
+RecordHook = Callable[[int, TraceRecord], TraceRecord | None]
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -189,7 +191,8 @@ def _valid_records(items: Iterable[Any], path: str | os.PathLike, each: RecordHo
             prev = (float(t), i)
         if rec is not None:
             rec = rec if each is None else each(i, rec)
-            records.append(rec if keep_prompts else replace(rec, prompt=""))
+            if rec is not None:
+                records.append(rec if keep_prompts else replace(rec, prompt=""))
     if i < 0:
         raise TraceError(path, ["contains no records"])
     if problems:
@@ -330,13 +333,17 @@ def prepare_records(records: Sequence[TraceRecord], *, baseline_ms: float, scale
     """The records as a run replays them: the first ``max_requests``, arrivals times
     ``time_scale``, output lengths capped at ``output_len_cap`` and, with ``scale_slos``, absolute
     SLOs hardware-scaled (``slo.hardware_scaled``). Categories keep the names of the unscaled SLOs."""
-    out = []
-    for r in records[:max_requests]:
-        ratio = slo.hardware_scaled(r.slo_ratio, baseline_ms) if scale_slos else r.slo_ratio
-        out.append(replace(r, emission_time_ms=r.emission_time_ms * time_scale,
-                           output_length=min(r.output_length, output_len_cap or r.output_length),
-                           slo_ratio=ratio, category=slo.category_of(r.slo_ratio, r.category)))
-    return out
+    return [prepare_record(r, baseline_ms=baseline_ms, scale_slos=scale_slos, time_scale=time_scale,
+                           output_len_cap=output_len_cap) for r in records[:max_requests]]
+
+
+def prepare_record(r: TraceRecord, *, baseline_ms: float, scale_slos: bool = False, time_scale: float = 1.0,
+                   output_len_cap: int | None = None) -> TraceRecord:
+    """One record of ``prepare_records``."""
+    ratio = slo.hardware_scaled(r.slo_ratio, baseline_ms) if scale_slos else r.slo_ratio
+    return replace(r, emission_time_ms=r.emission_time_ms * time_scale,
+                   output_length=min(r.output_length, output_len_cap or r.output_length),
+                   slo_ratio=ratio, category=slo.category_of(r.slo_ratio, r.category))
 
 
 def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
@@ -345,15 +352,67 @@ def to_requests(records: Sequence[TraceRecord], baseline_ms: float, *,
     (engines re-tokenize the prompts: the fig14 trace's field is a character count)."""
     if input_lengths is not None and len(input_lengths) != len(records):
         raise ValueError(f"input_lengths has {len(input_lengths)} entries for {len(records)} records")
-    out = []
-    for i, rec in enumerate(records):
-        n_in = rec.input_length if input_lengths is None else int(input_lengths[i])
-        out.append(Request(rid=i, arrival_ms=rec.emission_time_ms, input_len=n_in,
-                           max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
-                           slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
-                           category=sys.intern(slo.category_of(rec.slo_ratio, rec.category)), prompt=rec.prompt,
-                           slo_ttft_ms=rec.slo_ttft_ms))
-    return out
+    return [to_request(i, rec, baseline_ms, None if input_lengths is None else int(input_lengths[i]))
+            for i, rec in enumerate(records)]
+
+
+def to_request(rid: int, rec: TraceRecord, baseline_ms: float, input_len: int | None = None) -> Request:
+    """The request of one record (``to_requests``)."""
+    return Request(rid=rid, arrival_ms=rec.emission_time_ms,
+                   input_len=rec.input_length if input_len is None else input_len,
+                   max_new_tokens=rec.output_length, slo_ratio=rec.slo_ratio,
+                   slo_ms=slo.slo_ms(rec.slo_ratio, baseline_ms),
+                   category=sys.intern(slo.category_of(rec.slo_ratio, rec.category)), prompt=rec.prompt,
+                   slo_ttft_ms=rec.slo_ttft_ms)
+
+
+class CompactRecords(Sequence[TraceRecord]):
+    """Records without prompts, kept as typed arrays (about 40 bytes a record instead of a
+    ``TraceRecord``'s few hundred): what a long simulation holds of its trace. Indexing gives the
+    record back (prompt "")."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._time, self._ratio, self._ttft = array("d"), array("d"), array("d")
+        self._input, self._output, self._cat = array("q"), array("q"), array("h")
+        self._categories: dict[str | None, int] = {}
+        self._names: list[str | None] = []
+
+    @classmethod
+    def of(cls, records: Iterable[TraceRecord]) -> CompactRecords:
+        out = cls()
+        for r in records:
+            out.append(r)
+        return out
+
+    def append(self, r: TraceRecord) -> None:
+        self._time.append(r.emission_time_ms)
+        self._ratio.append(r.slo_ratio)
+        self._ttft.append(math.nan if r.slo_ttft_ms is None else r.slo_ttft_ms)
+        self._input.append(r.input_length)
+        self._output.append(r.output_length)
+        cat = self._categories.get(r.category)
+        if cat is None:
+            cat = self._categories[r.category] = len(self._names)
+            self._names.append(r.category)
+        self._cat.append(cat)
+
+    def __len__(self) -> int:
+        return len(self._time)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ttft = self._ttft[i]
+        return TraceRecord(self._time[i], self._input[i], self._output[i], "", self._ratio[i],
+                           self._names[self._cat[i]], None if math.isnan(ttft) else ttft)
+
+    def arrival_order(self) -> np.ndarray:
+        """Indices by emission time, ties by index."""
+        times = np.frombuffer(self._time, np.float64) if len(self) else np.zeros(0)
+        return np.lexsort((np.arange(len(self)), times))
 
 
 # ----------------------------------------------------------------------------------- statistics

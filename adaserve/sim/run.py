@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +12,9 @@ from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress as progress_bar
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
-from adaserve.core.results import write_results
-from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
+from adaserve.core.results import RecordSpool, write_results
+from adaserve.core.tally import Tally
+from adaserve.core.trace import CompactRecords, TraceRecord, load_trace, prepare_record, to_request
 from adaserve.iteration import ServingLoop
 from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
@@ -26,45 +27,66 @@ from adaserve.workload.tokens import InputLengthCheck
 @dataclass
 class SimResult:
     summary: dict
-    requests: list[Request]
+    requests: list[Request] | None  # by rid, when kept (``simulate_records``)
     wall_s: float
     iterations: int
+    registered: int = 0
+    spool: RecordSpool | None = None  # the request records, when spooled (``simulate_file``)
 
 
-def simulate_records(records: list[TraceRecord], system: str, profile_name: str, *, seed: int = 0,
+def simulate_records(records: Sequence[TraceRecord], system: str, profile_name: str, *, seed: int = 0,
                      baseline_ms: float | None = None, scale_slos: bool = False,
                      acceptance=None, progress: bool = False,
                      policy_options: dict | None = None, pricing: str = "per-engine") -> SimResult:
     """Simulate ``records``; the profile's ``family`` picks the speculation constants and, unless
     ``acceptance`` is given, the calibrated acceptance model. ``system`` is priced on the engine
-    the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile)."""
+    the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile).
+    The finished requests are kept (``SimResult.requests``)."""
     profile = system_profile(profile_name, system, pricing)
-    requests = _prepared_requests(records, profile, baseline_ms, scale_slos)
-    return _simulate(requests, system, profile, seed, acceptance, progress, policy_options)
+    return _simulate(CompactRecords.of(records), system, profile, seed, acceptance, progress, policy_options,
+                     baseline_ms=baseline_ms, scale_slos=scale_slos, keep=True)
 
 
-def _prepared_requests(records: list[TraceRecord], profile: LatencyProfile, baseline_ms: float | None,
-                       scale_slos: bool) -> list[Request]:
-    baseline = baseline_ms or profile.decode_baseline_ms
-    return to_requests(prepare_records(records, baseline_ms=baseline, scale_slos=scale_slos), baseline)
+def _arrivals(records: CompactRecords, baseline_ms: float, scale_slos: bool) -> Iterator[Request]:
+    """The records' requests (rid = index) in arrival order, each made when the loop reads it."""
+    for i in records.arrival_order().tolist():
+        rec = prepare_record(records[i], baseline_ms=baseline_ms, scale_slos=scale_slos)
+        yield to_request(i, rec, baseline_ms)
 
 
-def _simulate(requests: list[Request], system: str, profile: LatencyProfile, seed: int, acceptance,
-              progress: bool, policy_options: dict | None) -> SimResult:
+def _simulate(records: CompactRecords, system: str, profile: LatencyProfile, seed: int, acceptance,
+              progress: bool, policy_options: dict | None, *, baseline_ms: float | None, scale_slos: bool,
+              keep: bool = False, spool: bool = False) -> SimResult:
+    """The simulation loop. Each request is made when it arrives and tallied when it leaves
+    (``core/tally.py``); with ``keep`` the requests are also kept, with ``spool`` their records
+    written to a ``RecordSpool``: memory grows by about a hundred bytes per request without either."""
     policy = make_policy(system, profile.family, **(policy_options or {}))
     executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed,
                            draft_prefill=policy.drafts)
-    bar = progress_bar(len(requests), f"{system} on {profile.name}", "req", enabled=progress,
-                       leave=False)
-    loop = ServingLoop(policy, executor, requests, on_finish=lambda r: bar.update())
+    n = len(records)
+    bar = progress_bar(n, f"{system} on {profile.name}", "req", enabled=progress, leave=False)
+    tally, kept = Tally(), []
+    records_out = RecordSpool(n) if spool else None
+
+    def finished(r: Request) -> None:
+        tally.add(r)
+        if records_out is not None:
+            records_out.add(r)
+        if keep:
+            kept.append(r)
+        bar.update()
+
+    baseline = baseline_ms or profile.decode_baseline_ms
+    loop = ServingLoop(policy, executor, on_finish=finished, arrivals=_arrivals(records, baseline, scale_slos))
     start = time.perf_counter()
     loop.run()
     wall = time.perf_counter() - start
     bar.close()
-    summary = summarize(requests, committed_tokens=loop.stats.committed_tokens,
+    summary = summarize(tally, committed_tokens=loop.stats.committed_tokens,
                         request_steps=loop.stats.request_steps, overhead_ms=loop.stats.overhead_ms,
-                        registered=len(requests))
-    return SimResult(summary, requests, wall, loop.stats.iterations)
+                        registered=n)
+    requests = sorted(kept, key=lambda r: r.rid) if keep else None
+    return SimResult(summary, requests, wall, loop.stats.iterations, n, records_out)
 
 
 def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | Path | None, *,
@@ -78,14 +100,13 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     ``warn`` (default: stderr) and, with ``fix_input_lengths``, given the prompt's token count."""
     warn = warn or _stderr_warning
     profile = system_profile(profile_name, system, pricing)
-    # the records become requests in one call, so that nothing holds them during the run
-    requests = _prepared_requests(load_sim_records(trace, fix_input_lengths, warn), profile, baseline_ms,
-                                  scale_slos)
+    records = load_sim_records(trace, fix_input_lengths, warn)
     stale = split_calls_missing(profile)
     if stale:
         warn(stale)
     model = RecordedAcceptance.load(acceptance) if acceptance else None
-    result = _simulate(requests, system, profile, seed, model, progress, policy_options)
+    result = _simulate(records, system, profile, seed, model, progress, policy_options, baseline_ms=baseline_ms,
+                       scale_slos=scale_slos, spool=out is not None)
     if out is not None:
         meta = {"backend": "sim", "sim_model": SIM_MODEL, "system": system, "trace": str(trace), "profile": profile.name,
                 "profile_source": profile.source, "hardware": profile.hardware, "seed": seed,
@@ -98,17 +119,26 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
                         "scheduling overhead is measured CPU time of the selection code, other "
                         "overhead that of the serving loop's own bookkeeping"}
-        write_results(out, result.summary, result.requests, meta)
+        write_results(out, result.summary, result.spool, meta)
+        result.spool.close()
     return result
 
 
 def load_sim_records(trace: str | Path, fix_input_lengths: bool = False,
-                     warn: Callable[[str], None] = lambda message: None) -> list[TraceRecord]:
+                     warn: Callable[[str], None] = lambda message: None) -> CompactRecords:
     """The trace's records without their prompts (the simulator needs lengths and times only):
-    each prompt is checked against its record's ``input_length`` as it is read, then dropped,
-    so memory grows by a few hundred bytes per record, not by the file's size."""
+    each prompt is checked against its record's ``input_length`` as it is read, then dropped, and
+    the record kept as a row of typed arrays, so memory grows by about 40 bytes per record, not
+    by the file's size."""
     check = InputLengthCheck(fix=fix_input_lengths)
-    records = load_trace(trace, keep_prompts=False, each=check)
+    records = CompactRecords()
+
+    def keep(i: int, rec: TraceRecord) -> None:
+        if i == 0:  # the loader may read the file a second time (to name what is wrong with it)
+            records.clear()
+        records.append(check(i, rec))
+
+    load_trace(trace, keep_prompts=False, each=keep)
     warning = check.warning(str(trace))
     if warning:
         warn(warning)
