@@ -43,7 +43,9 @@
 # 64-token outputs AdaServe committed 1.75 tokens per step on the tiny shape, 2.9 with 16),
 # SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
-# operator; its timings are not comparable).
+# operator; its timings are not comparable). The engine's own settings pass through, e.g.
+# ADASERVE_GRAPH_PARTS=1 (no step split into one graphed forward per attention group; the profile
+# records it, so the simulator prices the same way).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
 # 20 s (docs/engine.md, "GPU check").
 set -uo pipefail

@@ -13,7 +13,8 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.engine import BatchBuilder, NgramDrafter, TorchExecutor, tiny_random_model
 from adaserve.engine.cuda_graphs import (Bucket, BucketLimits, GraphRunner, block_buckets, cache_with_scratch_block,
-                                         eager_capture, graph_groups, padded_rows, request_buckets, round_up)
+                                         eager_capture, graph_groups, graph_parts_setting, padded_rows, request_buckets,
+                                         round_up)
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import make_policy
 from engine_util import plain_greedy
@@ -179,6 +180,21 @@ def test_a_step_of_several_groups_runs_one_graph_per_group(model):
         graph_cache.truncate(i, graph_cache.length(i))
     assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 40}, TREES))
     assert runner.stats == {"graph_steps": 1, "split_steps": 1, "eager_steps": 0, "captured": 2, "failed": 0}
+
+
+def test_graph_parts_setting(model, monkeypatch):
+    from adaserve.core.errors import UserError
+
+    monkeypatch.delenv("ADASERVE_GRAPH_PARTS", raising=False)
+    assert graph_parts_setting() == 3
+    monkeypatch.setenv("ADASERVE_GRAPH_PARTS", "1")
+    cache, scratch = fresh(model)
+    runner = GraphRunner(model, cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
+    assert runner.max_parts == 1 and runner.plan(prefill_step(fresh(model)[0], {9: 40}, TREES)) is None
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("ADASERVE_GRAPH_PARTS", bad)
+        with pytest.raises(UserError, match="ADASERVE_GRAPH_PARTS"):
+            graph_parts_setting()
 
 
 def test_steps_beyond_the_graphs_run_eagerly(model):

@@ -129,6 +129,9 @@ def test_a_graphed_engine_step_of_several_calls_is_priced_as_one_forward_per_cal
         assert not graph_parts_fit(chunks, tr)
         assert engine_step_ms(graphed, chunks, tr) == pytest.approx(engine_step_ms(plain, chunks, tr))
     assert engine_step_ms(plain, [(256, 500)], trees) < engine_step_ms(graphed, [(256, 500)], trees)
+    # an engine that never splits a step (ADASERVE_GRAPH_PARTS=1, recorded in the profile)
+    unsplit = engine_profile(measured_with={"device": "cuda", "cuda_graphs": True, "graph_parts": 1})
+    assert engine_step_ms(unsplit, [(256, 500)], trees) == pytest.approx(engine_step_ms(plain, [(256, 500)], trees))
 
 
 def test_a_step_costs_at_least_each_of_its_parts():

@@ -52,6 +52,7 @@ a GPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adaserve.core.errors import UserError
 from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS
 
 from .batch import AttnGroup, Entry, FlatBatch
@@ -78,6 +80,23 @@ Replay = Callable[[], None]
 # capture(fn) -> (replay, output): ``fn`` runs the forward on the static buffers and returns its
 # output tensor; ``replay()`` recomputes that output in place
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Replay, torch.Tensor]]
+
+
+GRAPH_PARTS_ENV = "ADASERVE_GRAPH_PARTS"
+
+
+def graph_parts_setting() -> int:
+    """``ADASERVE_GRAPH_PARTS``: the most graphed forwards one step may run as (one per attention
+    group; 1: a step of several groups runs eagerly, as before prefill chunks were graphed);
+    unset: ``MAX_GRAPH_PARTS``. Each part reads the weights again: on a bigger model than the
+    launch-bound ones measured, fewer parts may pay (the GPU check can compare)."""
+    value = os.environ.get(GRAPH_PARTS_ENV, "").strip()
+    if not value:
+        return MAX_GRAPH_PARTS
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{GRAPH_PARTS_ENV}={value!r}: use a whole number >= 1 (1: never split a step; "
+                        f"unset: {MAX_GRAPH_PARTS})")
+    return int(value)
 
 
 # ---- buckets --------------------------------------------------------------------------------
@@ -233,14 +252,15 @@ class GraphRunner:
     graph of their bucket, the others run eagerly."""
 
     def __init__(self, model: Transformer, cache: KVCache, scratch_block: int, limits: BucketLimits, *,
-                 capture: Capture | None = None, max_graphs: int = MAX_GRAPHS, max_parts: int = MAX_GRAPH_PARTS):
+                 capture: Capture | None = None, max_graphs: int = MAX_GRAPHS, max_parts: int | None = None):
         if not cache.alloc.num_blocks <= scratch_block < cache.k.shape[1]:
             raise ValueError(f"scratch block {scratch_block} must be a block of the KV storage that the allocator "
                              f"never hands out (it has {cache.alloc.num_blocks})")
         self.model, self.cache, self.scratch, self.limits = model, cache, scratch_block, limits
         self.capture = capture if capture is not None else (
             CudaCapture() if cache.device.type == "cuda" else eager_capture)
-        self.max_graphs, self.max_parts = max_graphs, max_parts
+        self.max_graphs = max_graphs
+        self.max_parts = graph_parts_setting() if max_parts is None else max_parts
         self.graphs: dict[Bucket, _Graph | object] = {}
         self.stats = {"graph_steps": 0, "split_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
         self._buffers = self._allocate()

@@ -65,7 +65,7 @@ from adaserve.scheduling.plan import SpecShape
 
 from adaserve.core.progress import progress as progress_bar
 from adaserve.engine.batch import BatchBuilder
-from adaserve.engine.cuda_graphs import cache_with_scratch_block, make_graph_runner
+from adaserve.engine.cuda_graphs import cache_with_scratch_block, graph_parts_setting, make_graph_runner
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer, cpu_decode_limit, linear_kernel
@@ -446,13 +446,16 @@ def cpu_name() -> str:
 
 def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
     """What a measured profile depends on besides the model: checked when a profile is reused.
-    ``cuda_graphs`` is recorded on CUDA only (on the CPU the engine never captures graphs)."""
+    ``cuda_graphs`` is recorded on CUDA only (on the CPU the engine never captures graphs), and
+    with graphs the most graphed forwards a step may run as (``ADASERVE_GRAPH_PARTS``), which the
+    simulator prices steps by."""
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
             "torch": torch.__version__, "linear": linear_kernel(w),
             "tensor_parallel": getattr(model, "world_size", 1),
-            "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None}
+            "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None,
+            "graph_parts": graph_parts_setting() if cuda_graphs and w.device.type == "cuda" else None}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
