@@ -395,3 +395,5 @@ def test_greedy_serving_with_cuda_graphs_is_lossless(system, ahead):
     if ahead:
         assert stats["captured"] == captured, stats  # no capture while serving
     assert ex.cache.alloc.free_blocks == ex.num_blocks
+    if ex.cache.device.type == "cuda":  # the steps' arrays went in pinned one-copy transfers (engine/staging.py)
+        assert ex.cache.staging.copies > 0

@@ -212,6 +212,7 @@ class BatchBuilder:
         the longest keys and queries would cost more than another call (``padding_groups``)."""
         self.alloc = cache.alloc if isinstance(cache, KVCache) else cache
         self.device = cache.device if isinstance(cache, KVCache) else torch.device("cpu")  # build()'s default
+        self.staging = cache.staging if isinstance(cache, KVCache) else None
         self.solo_threshold = solo_threshold
         self.split_padding = split_padding
         config = cache.config if isinstance(cache, KVCache) else None
@@ -380,41 +381,48 @@ class BatchBuilder:
     # ---- building ----------------------------------------------------------------------------
 
     def build(self, device: str | torch.device | None = None) -> FlatBatch:
-        """The batch's tensors on ``device`` (default: the KV cache's device)."""
+        """The batch's tensors on ``device`` (default: the KV cache's device), sent in one copy
+        (``staging.py``) when the cache's own device is that device and not the CPU."""
         if not self._n_entries:
             raise ValueError("empty batch")
-        device = self.device if device is None else device
-        as_long = lambda xs: torch.from_numpy(_joined(xs)).to(device)  # noqa: E731
+        device = torch.device(self.device if device is None else device)
         cols = np.array(self._cols, np.int64)
         num_new = cols[2]
-        seq_index = np.repeat(np.arange(self._n_entries), num_new)
         par = _joined(self._par)
         solo = np.flatnonzero(num_new >= self.solo_threshold)
         shared = np.flatnonzero(num_new < self.solo_threshold)
-        groups = [self._group(cols[:, i:i + 1], par, device, solo[k:k + 1]) for k, i in enumerate(solo.tolist())]
+        members = [solo[k:k + 1] for k in range(len(solo))]
         if len(shared):
             parts = [shared]
-            if self.split_padding and len(shared) > 1 and torch.device(device).type == "cpu":
+            if self.split_padding and len(shared) > 1 and device.type == "cpu":
                 bs = self.alloc.block_size
                 keys = -(-cols[4, shared] // bs) * bs
                 parts = [shared[p] for p in padding_groups(keys, num_new[shared], *self.group_costs)]
-            groups += [self._group(cols[:, p] if len(p) < cols.shape[1] else cols, par, device, p) for p in parts]
-        if len(groups) == 1:
-            groups[0].all_rows = True
-        return FlatBatch(as_long(self._tokens), as_long(self._positions), as_long(self._slots),
-                         torch.from_numpy(seq_index).to(device), as_long(self._logits_rows), self.entries, groups)
+            members += parts
+        groups = [self._group_arrays(cols[:, p] if len(p) < cols.shape[1] else cols, par) for p in members]
+        arrays = [_joined(self._tokens), _joined(self._positions), _joined(self._slots),
+                  np.repeat(np.arange(self._n_entries), num_new), _joined(self._logits_rows)]
+        for g in groups:
+            arrays += g[:4]
+        staging = self.staging if self.staging is not None and self.staging.device == device else None
+        tensors = staging.to_device(arrays) if staging is not None else [torch.from_numpy(a).to(device) for a in arrays]
+        attn = [AttnGroup(*tensors[5 + 4 * i: 9 + 4 * i], g[4], entry_index=p)
+                for i, (g, p) in enumerate(zip(groups, members))]
+        if len(attn) == 1:
+            attn[0].all_rows = True
+        return FlatBatch(*tensors[:5], self.entries, attn)
 
     @property
     def entries(self) -> Entries:
         """The entries added so far, in batch order."""
         return Entries(list(self._parts), self._n_entries)
 
-    def _group(self, cols: np.ndarray, par: np.ndarray, device, entry_index: np.ndarray) -> AttnGroup:
-        """One padded attention call over the entries ``entry_index``, whose ``_cols`` are ``cols`` ([7, B]): every
-        query row sees its sequence's committed context; a chain's rows see the chain up to
-        themselves, a tree's rows their ancestors; padded rows see key 0 only. The mask is built by
-        ``_group_mask_kernel`` (compiled) or array operations; the block tables are one gather from
-        the allocator's table."""
+    def _group_arrays(self, cols: np.ndarray, par: np.ndarray) -> tuple:
+        """One padded attention call over the entries whose ``_cols`` are ``cols`` ([7, B]): its
+        rows, padded positions, block tables, mask and query count. Every query row sees its
+        sequence's committed context; a chain's rows see the chain up to themselves, a tree's rows
+        their ancestors; padded rows see key 0 only. The mask is built by ``_group_mask_kernel``
+        (compiled) or array operations; the block tables are one gather from the allocator's table."""
         alloc = self.alloc
         bs = alloc.block_size
         if jit.enabled():
@@ -427,9 +435,7 @@ class BatchBuilder:
             tables = alloc.tables[rows[:, None], np.arange(nblk)]
             tables[np.arange(nblk) >= np.minimum(nblk_each, alloc.nblocks[rows])[:, None]] = 0
             mask, rows, pad = _group_mask_arrays(ctx, nnew, start, par, par_start, par_len, q, nblk * bs)
-        return AttnGroup(torch.from_numpy(rows).to(device), torch.from_numpy(pad).to(device),
-                         torch.from_numpy(tables).to(device), torch.from_numpy(mask).to(device), q,
-                         entry_index=entry_index)
+        return rows, pad, tables, mask, int(q)
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:

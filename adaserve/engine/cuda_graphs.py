@@ -336,16 +336,17 @@ class GraphRunner:
             return self.model(batch, self.cache)
         self.stats["graph_steps"] += 1
         with torch.inference_mode():
+            # the padded row of every real row, per part, sent to the device in one copy
+            padded = self.cache.staging.to_device([padded_rows([e.num_new for e in entries], bucket.queries)
+                                                   for bucket, _, entries in plan])
             if len(plan) == 1:  # one group over every row: the graph's rows are the batch's
-                rows = self._replay(graphs[0], plan[0][0], batch.token_ids, batch.positions, batch.slot_mapping,
-                                    plan[0][1], plan[0][2])
-                return self.model.head(graphs[0].hidden[rows[batch.logits_rows]])
+                self._replay(graphs[0], batch.token_ids, batch.positions, batch.slot_mapping, plan[0][1], padded[0])
+                return self.model.head(graphs[0].hidden[padded[0][batch.logits_rows]])
             self.stats["split_steps"] += 1
             hidden = None
-            for graph, (bucket, group, entries) in zip(graphs, plan):
+            for graph, (_, group, _), rows in zip(graphs, plan, padded):
                 r = group.rows
-                rows = self._replay(graph, bucket, batch.token_ids[r], batch.positions[r], batch.slot_mapping[r],
-                                    group, entries)
+                self._replay(graph, batch.token_ids[r], batch.positions[r], batch.slot_mapping[r], group, rows)
                 if hidden is None:
                     hidden = graph.hidden.new_empty(batch.num_tokens, graph.hidden.shape[1])
                 hidden[r] = graph.hidden[rows]  # copied out before the next replay reuses the pool
@@ -355,15 +356,12 @@ class GraphRunner:
         graph = self.graphs.get(bucket)
         return self._capture(bucket) if graph is None else graph
 
-    def _replay(self, graph: _Graph, bucket: Bucket, token_ids: torch.Tensor, positions: torch.Tensor,
-                slots: torch.Tensor, group: AttnGroup, entries: list[Entry]) -> torch.Tensor:
-        """Fill the graph's inputs with one group's rows (in the group's order) and replay it; the
-        padded row of each of those rows."""
-        rows = torch.from_numpy(padded_rows([e.num_new for e in entries], bucket.queries))
-        rows = rows.to(self.cache.device, non_blocking=True)
+    def _replay(self, graph: _Graph, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                group: AttnGroup, rows: torch.Tensor) -> None:
+        """Fill the graph's inputs with one group's rows (in the group's order; ``rows``: the
+        padded row of each) and replay it."""
         self._fill(graph.batch, (token_ids, positions, slots, group, rows))
         graph.replay()
-        return rows
 
     def _static_batch(self, bucket: Bucket) -> FlatBatch:
         buf, n = self._buffers, bucket.rows

@@ -19,6 +19,7 @@ from adaserve.core import jit
 from adaserve.scheduling.admission import BLOCK_SIZE
 
 from .config import ModelConfig
+from .staging import Staging
 
 __all__ = ["BLOCK_SIZE", "BlockAllocator", "KVCache", "OutOfBlocks"]
 
@@ -262,6 +263,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._workspace = torch.empty(0, dtype=dtype, device=device)
+        self.staging = Staging(self.k.device)  # the steps' host arrays to the device (one copy on a GPU)
 
     def workspace(self, numel: int) -> torch.Tensor:
         """A reused scratch buffer of at least ``numel`` elements (the model gathers K/V blocks into it)."""
@@ -328,7 +330,7 @@ class KVCache:
                     raise ValueError(f"path must hold distinct non-negative node indices, got {path}")
                 raise IndexError(f"node {max(path)} of {name!r} was never reserved")
             if len(src):
-                self.move_slots(torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device))
+                self.move_slots(*self.staging.to_device([src, dst]))
         a.truncate_rows(rows, bases + lens)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
