@@ -608,3 +608,10 @@ def test_compiled_key_points_and_table(monkeypatch):
     monkeypatch.setenv(model_mod.CPU_DECODE_ENV, "0")
     assert g.for_model(m).compiled_keys == [] and profiler.compiled_keys_table(points, g, m) is None
     assert g.for_model(m).tokens == g.tokens
+    # with CUDA graphs: points on both sides of the largest graph, where steps turn eager
+    big_limits = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
+    big = profiler.Grid.for_limits(big_limits)
+    graphed = big.for_model(m, profiler.graph_rows(big_limits))
+    assert 513 not in big.tokens and {512, 513} <= set(graphed.tokens) and {512, 513} <= set(graphed.prefill)
+    small = g.for_model(m, profiler.graph_rows(lim))  # 256-token batches: graphs of 256 rows
+    assert small.tokens == g.tokens and {256, 257} <= set(small.prefill)

@@ -2,7 +2,7 @@
 
 Why: a simulation of a long trace must not keep every ``Request`` (with one commit time per step)
 until the end. A ``Tally`` takes each request as it leaves the system and keeps a few numbers per
-request in typed arrays (about 80 bytes), and the inter-token latencies as distinct values with
+request in typed arrays (about 55 bytes), and the inter-token latencies as distinct values with
 their counts (``ValueCounts``): all the requests of a step share its gap, so there are about as
 many distinct gaps as iterations, not as tokens. A run that holds its requests anyway (the engine,
 the HTTP benchmark) tallies them at the end (``Tally.of``): one summary code path for both.

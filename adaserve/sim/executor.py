@@ -66,7 +66,8 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     tree_tokens = sum(n for _, n in trees)
     if latency.compiled_keys is not None and 0 < sum(c for c, _ in chunks) + tree_tokens <= latency.compiled_tokens:
         return compiled_step_ms(latency, chunks, trees)
-    if latency.graphed and graph_parts_fit(chunks, trees, latency.measured_with.get("graph_parts") or MAX_GRAPH_PARTS):
+    if latency.graphed and graph_parts_fit(chunks, trees, latency.measured_with.get("graph_parts") or MAX_GRAPH_PARTS,
+                                           min(latency.limits.max_batch_tokens, MAX_GRAPH_TOKENS)):
         return split_step_ms(latency, chunks, trees)
     ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
     parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
@@ -81,20 +82,19 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
 
 
 def graph_parts_fit(chunks: list[tuple[int, int]], trees: list[tuple[int, int]],
-                    max_parts: int = MAX_GRAPH_PARTS) -> bool:
+                    max_parts: int = MAX_GRAPH_PARTS, max_rows: int = MAX_GRAPH_TOKENS) -> bool:
     """Whether the engine with CUDA graphs runs this step as one graphed forward per attention call
     (engine/cuda_graphs.py): 2 to ``max_parts`` calls (the profile's ``measured_with.graph_parts``;
-    each chunk of ``SOLO_QUERY_THRESHOLD``
-    tokens or more is one, the rest share one), each of at most ``MAX_GRAPH_TOKENS`` padded rows
-    (rows padded to a power of two per request; the engine also rounds the requests up, which this
-    leaves out)."""
+    each chunk of ``SOLO_QUERY_THRESHOLD`` tokens or more is one, the rest share one), each of at
+    most ``max_rows`` padded rows (the engine's graphs hold ``MAX_GRAPH_TOKENS``, or its batch token
+    limit if smaller; rows are padded to a power of two per request, and the engine also rounds the
+    number of requests up, which this leaves out)."""
     shared = [n for _, n in trees] + [c for c, _ in chunks if c < SOLO_QUERY_THRESHOLD]
     solo = [c for c, _ in chunks if c >= SOLO_QUERY_THRESHOLD]
     if not 1 < len(solo) + bool(shared) <= max_parts:
         return False
     pow2 = lambda n: 1 << (int(n) - 1).bit_length()  # noqa: E731
-    return all(pow2(c) <= MAX_GRAPH_TOKENS for c in solo) and (
-        not shared or len(shared) * pow2(max(shared)) <= MAX_GRAPH_TOKENS)
+    return all(pow2(c) <= max_rows for c in solo) and (not shared or len(shared) * pow2(max(shared)) <= max_rows)
 
 
 def split_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]], trees: list[tuple[int, int]]) -> float:
