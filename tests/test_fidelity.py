@@ -125,7 +125,7 @@ def test_a_graphed_engine_step_of_several_calls_is_priced_as_one_forward_per_cal
     assert engine_step_ms(graphed, [(256, 500), (16, 0)], trees) == pytest.approx(
         float(graphed.prefill_ms(256, 500)) + short)
     # beyond the graphs: one eager forward, priced as without graphs
-    for chunks, tr in (([(600, 0)], trees), ([(256, 0)] * 3, trees), ([(256, 0)], [(10, 1)] * 600)):
+    for chunks, tr in (([(1100, 0)], trees), ([(256, 0)] * 3, trees), ([(256, 0)], [(10, 1)] * 1100)):
         assert not graph_parts_fit(chunks, tr)
         assert engine_step_ms(graphed, chunks, tr) == pytest.approx(engine_step_ms(plain, chunks, tr))
     assert engine_step_ms(plain, [(256, 500)], trees) < engine_step_ms(graphed, [(256, 500)], trees)
@@ -609,9 +609,9 @@ def test_compiled_key_points_and_table(monkeypatch):
     assert g.for_model(m).compiled_keys == [] and profiler.compiled_keys_table(points, g, m) is None
     assert g.for_model(m).tokens == g.tokens
     # with CUDA graphs: points on both sides of the largest graph, where steps turn eager
-    big_limits = Limits(max_batch_requests=64, max_batch_tokens=1024, prefill_chunk=1024, max_seq_len=2048)
+    big_limits = Limits(max_batch_requests=64, max_batch_tokens=2048, prefill_chunk=1024, max_seq_len=2048)
     big = profiler.Grid.for_limits(big_limits)
     graphed = big.for_model(m, profiler.graph_rows(big_limits))
-    assert 513 not in big.tokens and {512, 513} <= set(graphed.tokens) and {512, 513} <= set(graphed.prefill)
+    assert 1025 not in big.tokens and {1024, 1025} <= set(graphed.tokens) and {1024, 1025} <= set(graphed.prefill)
     small = g.for_model(m, profiler.graph_rows(lim))  # 256-token batches: graphs of 256 rows
     assert small.tokens == g.tokens and {256, 257} <= set(small.prefill)

@@ -70,10 +70,10 @@ from .model import Transformer
 log = logging.getLogger("adaserve.engine")
 
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)  # nodes per tree (and short prompt tails beside them)
-CHUNK_QUERY_BUCKETS = (64, 128, 256, 512)  # groups of their own: prefill chunks, trees of >= 32 nodes
+CHUNK_QUERY_BUCKETS = (64, 128, 256, 512, 1024)  # groups of their own: prefill chunks, trees of >= 32 nodes
 ALL_QUERY_BUCKETS = QUERY_BUCKETS + CHUNK_QUERY_BUCKETS
 MIN_CONTEXT_BLOCKS = 4
-MAX_GRAPHS = 512  # every bucket of the default limits (406 with 64 requests and 2k-token sequences)
+MAX_GRAPHS = 512  # every bucket of the default limits (441 with 64 requests and 2k-token sequences)
 CAPTURE_BUDGET_S = 60.0  # start-up captures stop after this long; the rest are captured on first use
 
 Replay = Callable[[], None]

@@ -203,7 +203,7 @@ class StepBench:
 
     ``graphs``: the steps run as the engine runs them with CUDA graphs on (engine/cuda_graphs.py),
     with buckets sized by these limits: a step replays the graph of its bucket (decode tokens,
-    trees and prefill chunks of up to 512 tokens), captured during the point's warm-up call; longer
+    trees and prefill chunks of up to 1,024 tokens), captured during the point's warm-up call; longer
     chunks stay eager. On a GPU a
     graphed step costs a fraction of an eager one (issue 12: a 1B-shaped decode step 2.3 ms against
     8.2 ms on an H200), so a profile of an engine with graphs on must time graphs too."""

@@ -21,7 +21,7 @@ SOLO_QUERY_THRESHOLD = 32
 # graphed forward per call, when it has at most MAX_GRAPH_PARTS of them and each fits a graph of
 # MAX_GRAPH_TOKENS padded rows (engine/cuda_graphs.py); the simulator prices it as those forwards.
 MAX_GRAPH_PARTS = 3
-MAX_GRAPH_TOKENS = 512
+MAX_GRAPH_TOKENS = 1024
 
 
 def kv_reservation(r: Request, max_seq_len: int) -> int:
