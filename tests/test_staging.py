@@ -35,6 +35,12 @@ def test_arrays_come_back_equal_from_one_copy():
     assert staging.copies == 2 * RING + 1
 
 
+def test_which_devices_a_staging_serves():
+    staging = Staging(torch.device("cuda", 1), force=True)  # nothing is allocated until a copy
+    assert staging.serves(torch.device("cuda", 1)) and staging.serves(torch.device("cuda"))
+    assert not staging.serves(torch.device("cuda", 0)) and not staging.serves(torch.device("cpu"))
+
+
 def test_on_the_cpu_nothing_is_copied():
     staging = Staging("cpu")
     a = np.arange(5)

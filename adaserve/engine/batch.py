@@ -404,7 +404,7 @@ class BatchBuilder:
                   np.repeat(np.arange(self._n_entries), num_new), _joined(self._logits_rows)]
         for g in groups:
             arrays += g[:4]
-        staging = self.staging if self.staging is not None and self.staging.device == device else None
+        staging = self.staging if self.staging is not None and self.staging.serves(device) else None
         tensors = staging.to_device(arrays) if staging is not None else [torch.from_numpy(a).to(device) for a in arrays]
         attn = [AttnGroup(*tensors[5 + 4 * i: 9 + 4 * i], g[4], entry_index=p)
                 for i, (g, p) in enumerate(zip(groups, members))]

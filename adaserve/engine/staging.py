@@ -39,6 +39,10 @@ class Staging:
         self._turn = 0
         self.copies = 0
 
+    def serves(self, device: torch.device) -> bool:
+        """Whether tensors for ``device`` can come from here ("cuda" names the current device)."""
+        return device.type == self.device.type and device.index in (None, self.device.index)
+
     def to_device(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         if not self.packs:
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
