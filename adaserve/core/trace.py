@@ -371,21 +371,16 @@ class CompactRecords(Sequence[TraceRecord]):
     ``TraceRecord``'s few hundred): what a long simulation holds of its trace. Indexing gives the
     record back (prompt "")."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: Iterable[TraceRecord] = ()) -> None:
         self.clear()
+        for r in records:
+            self.append(r)
 
     def clear(self) -> None:
         self._time, self._ratio, self._ttft = array("d"), array("d"), array("d")
         self._input, self._output, self._cat = array("q"), array("q"), array("h")
         self._categories: dict[str | None, int] = {}
         self._names: list[str | None] = []
-
-    @classmethod
-    def of(cls, records: Iterable[TraceRecord]) -> CompactRecords:
-        out = cls()
-        for r in records:
-            out.append(r)
-        return out
 
     def append(self, r: TraceRecord) -> None:
         self._time.append(r.emission_time_ms)

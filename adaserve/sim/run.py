@@ -43,7 +43,7 @@ def simulate_records(records: Sequence[TraceRecord], system: str, profile_name: 
     the paper ran it on (``system_profile``; ``pricing="shared"``: all on the named profile).
     The finished requests are kept (``SimResult.requests``)."""
     profile = system_profile(profile_name, system, pricing)
-    return _simulate(CompactRecords.of(records), system, profile, seed, acceptance, progress, policy_options,
+    return _simulate(CompactRecords(records), system, profile, seed, acceptance, progress, policy_options,
                      baseline_ms=baseline_ms, scale_slos=scale_slos, keep=True)
 
 
