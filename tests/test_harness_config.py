@@ -242,6 +242,28 @@ def test_ordinary_environment_gives_no_warning(tmp_path):
         assert settings_from_env(e, "llama", env).warnings == []
 
 
+def test_every_adaserve_variable_the_source_reads_is_listed_and_never_warned_about(tmp_path):
+    """``core/environment.py`` lists every ADASERVE_* name the code, scripts and tests mention
+    (besides the exps/ system switches); the harness takes none of them for a misspelling, and the
+    README's table documents each."""
+    import re
+
+    from adaserve.core.environment import VARIABLES
+    from adaserve.harness.sweep import SWITCHES
+
+    named: set[str] = set()
+    for folder in ("adaserve", "scripts", "exps", "docker", "tests", ".ci"):
+        for f in (ROOT / folder).rglob("*"):
+            if f.is_file() and f.suffix in (".py", ".sh", "") and "__pycache__" not in f.parts:
+                named |= set(re.findall(r"\bADASERVE_[A-Z][A-Z_]*\b", f.read_text(errors="replace")))
+    named -= {"ADASERVE_RESULTS"}  # the misspelling the test above plants
+    assert named - set(SWITCHES) == set(VARIABLES)
+    env = {"RESULTS_DIR": str(tmp_path), "JOBS": "1", "ADASERVE": "ON", **dict.fromkeys(VARIABLES, "1")}
+    assert settings_from_env("fig10", "llama", env).warnings == []
+    readme = (ROOT / "README.md").read_text()
+    assert [v for v in VARIABLES if f"| `{v}` |" not in readme] == []
+
+
 def test_the_warning_reaches_the_user(tmp_path):
     env = {**os.environ, **env_for(tmp_path, tiny_traces(tmp_path, "fluc")), "RPS_MAXX": "3"}
     p = subprocess.run([str(ROOT / "exps/fig14/run_llama_fluc.sh")], capture_output=True,

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaserve.core.environment import VARIABLES as ENVIRONMENT_VARIABLES
 from adaserve.core.errors import UserError
 from adaserve.harness.figures import EXPERIMENTS, Experiment, experiment_of
 from adaserve.harness.record import file_sha256
@@ -39,10 +40,8 @@ OVERHEAD_SWITCHES = {f"{m.upper()}_OVERHEAD": m for m in MODELS}
 COMMON_VARIABLES = ("OUTPUT_LENGTH", "BACKEND", "TRACE_DIR", "RESULTS_DIR", "JOBS", "SEED",
                     "MODEL", "DRAFT", "DRAFTER", "PROFILE", "ENDPOINT", "BASELINE_MS", "EXTRA_ARGS",
                     "PRICING")
-#: ADASERVE_* variables read elsewhere (the scripts, the progress bar, caches, the test suite)
-OTHER_ADASERVE_VARIABLES = ("ADASERVE_BIN", "ADASERVE_PROGRESS", "ADASERVE_CACHE",
-                            "ADASERVE_CACHE_DIR", "ADASERVE_PROFILE_CACHE", "ADASERVE_PREPACK",
-                            "ADASERVE_TRACES", "ADASERVE_CUDA_TEST_DEVICE")
+#: ADASERVE_* variables read elsewhere (the engine, the scripts, caches, the test suite)
+OTHER_ADASERVE_VARIABLES = tuple(ENVIRONMENT_VARIABLES)
 
 
 @dataclass(frozen=True)
