@@ -182,6 +182,22 @@ def test_a_step_of_several_groups_runs_one_graph_per_group(model):
     assert runner.stats == {"graph_steps": 1, "split_steps": 1, "eager_steps": 0, "captured": 2, "failed": 0}
 
 
+def test_a_split_step_with_a_part_that_cannot_be_captured_runs_eagerly(model):
+    """A part's failed capture makes the whole step eager (never half graphed, half eager)."""
+    graph_cache, scratch = fresh(model)
+    eager_cache, _ = fresh(model)
+
+    def chunks_fail(fn):  # the chunk bucket's capture fails, the trees' one works
+        out = eager_capture(fn)
+        if out[1].shape[0] == 64:
+            raise RuntimeError("out of memory")
+        return out
+
+    runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=chunks_fail)
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 40}, TREES))
+    assert runner.stats["eager_steps"] == 1 and runner.stats["graph_steps"] == 0 and runner.stats["failed"] == 1
+
+
 def test_graph_parts_setting(model, monkeypatch):
     from adaserve.core.errors import UserError
 
