@@ -43,7 +43,9 @@
 # 64-token outputs AdaServe committed 1.75 tokens per step on the tiny shape, 2.9 with 16),
 # SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
-# operator; its timings are not comparable). The engine's own settings pass through, e.g.
+# operator; its timings are not comparable), SPLIT_AB (1, on CUDA: one more adaserve run, of the
+# last model at the first scale, with ADASERVE_GRAPH_PARTS=1: the same run without steps split
+# into one graphed forward per attention group, as run-adaserve...-parts1). The engine's own settings pass through, e.g.
 # ADASERVE_GRAPH_PARTS=1 (no step split into one graphed forward per attention group; the profile
 # records it, so the simulator prices the same way).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
@@ -199,6 +201,16 @@ if wanted runs; then
       done
     done
   done
+  if [[ ${SPLIT_AB:-0} == 1 && $DEVICE == cuda* ]]; then  # the same adaserve run without split steps
+    model=${models[-1]} scale=${RUN_SCALES%% *}
+    name=run-adaserve${model#"$first"}-parts1
+    [[ $scale == 1 ]] || name=$name-x$scale
+    step "run adaserve $model x$scale, ADASERVE_GRAPH_PARTS=1" - env ADASERVE_GRAPH_PARTS=1 \
+      "$PY" scripts/engine_steps.py "$WORK/$name.steps.jsonl" -- \
+      run --trace "$trace" --system adaserve --model "$WORK/ckpt-$model" --time-scale "$scale" \
+      --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
+      "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
+  fi
   if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed
     step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug \
       --trace-prefill 3 -- \

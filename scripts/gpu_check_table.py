@@ -2,7 +2,7 @@
 folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --json``,
 ``run-<system>.json`` from ``adaserve run``, ``run-<system>-x<time scale>.json`` for arrivals at
 another time scale, ``run-<system>-cycles[-x<scale>].json`` on the cycling checkpoint (a column of
-its own), each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
+its own), ``run-adaserve[-cycles]-parts1[-x<scale>].json`` without split steps (SPLIT_AB), each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
 empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
 their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
 (``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
-RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-cycles)?(?:-x(?P<scale>[0-9.]+))?\.json")
+RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-cycles)?(?:-parts1)?(?:-x(?P<scale>[0-9.]+))?\.json")
 
 
 def _load(path: Path) -> dict | list | None:
@@ -80,6 +80,8 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         shape = Path(meta["model"]).name.removeprefix("ckpt-")
         col = f"{shape} graphs {'on' if graphs else 'off'}"
         what = f"adaserve run {meta['system']}, {s.get('registered')} requests"
+        if graphs and meta.get("graph_parts") == 1:  # SPLIT_AB's run: no step split into graphed parts
+            what += ", graph parts 1"
         if meta.get("time_scale", 1) != 1:
             what += f", time scale {meta['time_scale']:g}"
         out.append((f"{what}: SLO attainment %", col, _num(s.get("slo_attainment_pct"), 1)))

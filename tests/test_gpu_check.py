@@ -324,6 +324,13 @@ def test_dry_run_with_cycles_runs_every_system_again_on_a_cycling_checkpoint():
     p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "CYCLES": "8,,16"})
     assert p.returncode == 2 and "CYCLES must be positive cycle lengths" in p.stderr
+    # SPLIT_AB: the last model's adaserve run again at the first scale, without split steps
+    lines = dry_run(CYCLES="32", RUN_SCALES="0.25 1", SPLIT_AB="1", SKIP="tests floor bench host")
+    [ab] = [x for x in lines if "ADASERVE_GRAPH_PARTS=1" in x]
+    assert ab.startswith("env ADASERVE_GRAPH_PARTS=1 ") and "--system adaserve" in ab
+    assert "--model /w/ckpt-llama-3.2-1b-cycles" in ab and "--time-scale 0.25" in ab
+    assert "--out /w/run-adaserve-cycles-parts1-x0.25" in ab
+    assert not any("GRAPH_PARTS" in x for x in dry_run(SKIP="tests floor bench host"))
 
 
 def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
@@ -364,6 +371,10 @@ def test_table_from_results(tmp_path):
                     "cuda_graphs": {"graph_steps": 150, "split_steps": 20, "eager_steps": 50, "captured": 9, "failed": 0},
                     "warmup": {"serving_s": 0.25, "graphs": 378, "graphs_s": 7.5}}}
     (tmp_path / "run-adaserve.json").write_text(json.dumps(run))
+    unsplit = json.loads(json.dumps(run))
+    unsplit["meta"]["graph_parts"] = 1
+    unsplit["summary"]["slo_attainment_pct"] = 80.0
+    (tmp_path / "run-adaserve-parts1.json").write_text(json.dumps(unsplit))
     text = gpu_check_table.table(tmp_path)
     lines = text.splitlines()
     assert lines[0] == "| measure | llama-3.2-1b graphs on |"
@@ -374,6 +385,7 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: wall ms per iteration | 20.0 (200 iterations) |" in lines
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200, 20 as one graph per attention call |" in lines
     assert "| adaserve run adaserve, 40 requests: warm-up s (graphs captured ahead) | 7.8 (378) |" in lines
+    assert "| adaserve run adaserve, 40 requests, graph parts 1: SLO attainment % | 80.0 |" in lines
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
     steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms, "forward_ms": 0.5, "forward_device_ms": 2.0}
              for ms in (3.0, 3.5, 4.0)]

@@ -129,6 +129,7 @@ def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float, warm: 
             "seed": cfg.seed, "dtype": ec.dtype_name, "device": ec.device,
             "tensor_parallel": ec.tensor_parallel_size,
             "cuda_graphs": dict(ex.graphs.stats) if ex.graphs is not None else None,
+            "graph_parts": ex.graphs.max_parts if ex.graphs is not None else None,
             "threads": torch.get_num_threads(), "limits": asdict(profile.limits),
             "iterations": loop.stats.iterations, "wall_s": round(wall, 3),
             "warmup": {k: round(v, 3) for k, v in asdict(warm).items()},
