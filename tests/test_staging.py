@@ -41,6 +41,36 @@ def test_which_devices_a_staging_serves():
     assert not staging.serves(torch.device("cuda", 0)) and not staging.serves(torch.device("cpu"))
 
 
+def test_staging_off_copies_each_array_and_a_bad_value_is_refused(monkeypatch):
+    from adaserve.core.errors import UserError
+
+    monkeypatch.setenv("ADASERVE_STAGING", "0")
+    staging = Staging(torch.device("cuda", 0))  # nothing touches the GPU until a copy
+    assert not staging.packs
+    monkeypatch.setenv("ADASERVE_STAGING", "yes")
+    with pytest.raises(UserError, match="ADASERVE_STAGING='yes'"):
+        Staging("cpu")
+
+
+def test_without_pinned_memory_the_copy_goes_from_pageable_memory(monkeypatch, caplog):
+    """A container's locked-memory limit can refuse pinned buffers: one warning, then pageable ones."""
+    staging = Staging("cpu", force=True)
+    staging._pin = True  # as on a GPU
+    real = torch.empty
+
+    def no_pinning(*a, pin_memory=False, **kw):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc failed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    with caplog.at_level("WARNING", logger="adaserve.engine"):
+        for seed in range(3):
+            got = staging.to_device(arrays(seed))
+            assert all(np.array_equal(t.numpy(), a) for a, t in zip(arrays(seed), got))
+    assert not staging._pin and sum("pinned host memory unavailable" in r.message for r in caplog.records) == 1
+
+
 def test_on_the_cpu_nothing_is_copied():
     staging = Staging("cpu")
     a = np.arange(5)

@@ -4,6 +4,10 @@ read nowhere); the README's table lists these; ``tests/test_harness_config.py`` 
 name the source mentions. The ``exps/`` system switches (``ADASERVE=ON``, ``ADASERVE_PLUS=ON``, ...)
 are the harness's own and live in the system registry."""
 
+import os
+
+from adaserve.core.errors import UserError
+
 VARIABLES: dict[str, str] = {
     "ADASERVE_CACHE": "the cache folder: measured profiles, kernel choices, converted models, fetched traces "
                       "(default $XDG_CACHE_HOME/adaserve, else ~/.cache/adaserve)",
@@ -19,6 +23,7 @@ VARIABLES: dict[str, str] = {
     "ADASERVE_CUDNN_SDPA": "1: attention may use cuDNN's kernels (default: kept out; they plan per shape)",
     "ADASERVE_GRAPH_PARTS": "N: a step runs as at most N CUDA-graphed forwards, one per attention group "
                             "(default 3; 1: a step of several groups runs eagerly)",
+    "ADASERVE_STAGING": "0: a step's arrays go to the GPU one copy each, not packed into one pinned copy",
     "ADASERVE_TP_TIMEOUT": "seconds a tensor-parallel collective may take before the run ends (default 20)",
     "ADASERVE_TRACES": "tests: a folder holding the artifact's traces to test on; none: the generated ones only",
     "ADASERVE_BIN": "the adaserve command the exps/ scripts run (default .venv/bin/adaserve)",
@@ -26,3 +31,14 @@ VARIABLES: dict[str, str] = {
     "ADASERVE_CONTAINER": "docker/ scripts: the container name (default adaserve)",
     "ADASERVE_CUDA_TEST_DEVICE": "tests: the device tests/test_engine_cuda.py runs on (cpu: a dry run of it)",
 }
+
+
+def env_switch(name: str, on: str, off: str, unset: str) -> bool | None:
+    """A 0/1 environment switch: True for 1, False for 0, None when unset, empty or ``auto``; any
+    other value is refused with what each setting means (``on``, ``off``, ``unset``)."""
+    value = os.environ.get(name, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise UserError(f"{name}={value!r}: use 1 ({on}), 0 ({off}) or leave it unset ({unset})")
+    return value == "1"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaserve.core import jit
+from adaserve.core.environment import env_switch
 from adaserve.core.errors import UserError
 
 from . import cpu_decode
@@ -65,17 +66,6 @@ def prepack_supported(dtype: torch.dtype = torch.float32) -> bool:
         return True
     except (RuntimeError, AttributeError):
         return False
-
-
-def env_switch(name: str, on: str, off: str, unset: str) -> bool | None:
-    """A 0/1 environment switch: True for 1, False for 0, None when unset, empty or ``auto``; any
-    other value is refused with what each setting means (``on``, ``off``, ``unset``)."""
-    value = os.environ.get(name, "").strip()
-    if value in ("", "auto"):
-        return None
-    if value not in ("0", "1"):
-        raise UserError(f"{name}={value!r}: use 1 ({on}), 0 ({off}) or leave it unset ({unset})")
-    return value == "1"
 
 
 def prepack_forced() -> bool | None:

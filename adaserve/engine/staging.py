@@ -10,14 +10,22 @@ tensors are views of the one device buffer (issue 12: host work per iteration on
 Host buffers are reused round-robin; before one is overwritten the copy that read it last must be
 done (a CUDA event), which in practice it long is. On the CPU nothing is copied (``to_device``
 returns zero-copy tensors), unless ``Staging(..., force=True)`` packs anyway (tests).
+``ADASERVE_STAGING=0`` copies each array by itself, as before; where pinned memory cannot be had
+(a container's locked-memory limit), the buffers are pageable, with a warning, and still one copy.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from adaserve.core.environment import env_switch
+
+log = logging.getLogger("adaserve.engine")
+STAGING_ENV = "ADASERVE_STAGING"
 
 ALIGN = 16  # bytes: every array starts at a multiple, so views of any dtype are aligned
 RING = 4  # host buffers in turn
@@ -32,7 +40,8 @@ class Staging:
 
     def __init__(self, device: str | torch.device, force: bool = False):
         self.device = torch.device(device)
-        self.packs = force or self.device.type != "cpu"
+        setting = env_switch(STAGING_ENV, "one packed copy per step", "one copy per array", "packed on a GPU")
+        self.packs = force or (self.device.type != "cpu" and setting is not False)
         self._pin = self.device.type == "cuda"
         self._host = [torch.empty(0, dtype=torch.uint8) for _ in range(RING)]
         self._done: list = [None] * RING
@@ -44,8 +53,8 @@ class Staging:
         return device.type == self.device.type and device.index in (None, self.device.index)
 
     def to_device(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        if not self.packs:
-            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        if not self.packs:  # one copy per array (none on the CPU)
+            return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
         arrays = [np.ascontiguousarray(a) for a in arrays]
         offsets, total = [], 0
         for a in arrays:
@@ -74,5 +83,14 @@ class Staging:
             self._done[self._turn] = None
         if self._host[self._turn].numel() < nbytes:
             size = max(nbytes, 2 * self._host[self._turn].numel(), 1 << 16)
-            self._host[self._turn] = torch.empty(size, dtype=torch.uint8, pin_memory=self._pin)
+            self._host[self._turn] = self._allocate(size)
         return self._host[self._turn]
+
+    def _allocate(self, size: int) -> torch.Tensor:
+        if self._pin:
+            try:
+                return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as e:  # e.g. the locked-memory limit of a container
+                log.warning("pinned host memory unavailable (%s); the step's copies go from pageable memory", e)
+                self._pin = False
+        return torch.empty(size, dtype=torch.uint8)
