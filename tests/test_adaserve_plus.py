@@ -287,6 +287,28 @@ def test_ttft_deadlines_order_prefills():
     assert [r.rid for r, _ in plan.prefill][:2] == [1, 0]
 
 
+def test_started_prompts_go_on_when_a_new_one_due_sooner_has_no_slot():
+    """Every batch slot held by started prompts and a new prompt due sooner ordered first: it
+    waits for a slot, and the started prompts go on being prefilled. (Admission used to stop at
+    the first prompt it could not admit: nothing was prefilled, nothing running, and the run
+    stalled: "planned an empty iteration with 147 waiting and 0 running" on a CPU profile with 16
+    slots.)"""
+    now = 5_000.0
+    slots = LLAMA.limits.max_batch_requests
+    started = []
+    for i in range(slots):
+        r = waiting(i, 1_000.0, input_len=4_000, ttft=30_000.0)  # long prompts, due at 31 s
+        r.admitted_ms, r.prefilled = 1_100.0, 64
+        started.append(r)
+    new = waiting(99, 4_900.0)  # a chat prompt, due at 5.9 s
+    view = view_of([], [*started, new], now=now)
+    order = [r.rid for r in _deadline_view(view).waiting]
+    assert order.index(99) < order.index(0)  # the new prompt is due sooner: first in line
+    plan = make_policy("adaserve_plus", "llama").plan(view)
+    assert plan.prefill and 99 not in {r.rid for r, _ in plan.prefill}  # no slot for it yet
+    assert {r.rid for r, _ in plan.prefill} <= set(range(slots))
+
+
 def test_ttft_deadline_widens_the_prefill_room():
     """A long prompt due soon gets more prefill room than the decode slack alone allows."""
     policy = make_policy("adaserve_plus", "llama")

@@ -129,6 +129,9 @@ def test_no_kernel_compiles_while_serving(tmp_path, system, profile, request):
     if profile == "measured":
         profile = request.getfixturevalue("measured_profile")
     assert compiled_during_serving(tmp_path, True, system, profile) == {}
-    if system == "adaserve_plus" and profile == "llama-3.1-70b":
-        # the check can fail: without the warm-up the same run compiles (or loads) its kernels mid-run
+    if system == "adaserve" and profile == "llama-3.1-70b":
+        # the check can fail: without the warm-up the same run compiles (or loads) its kernels mid-run.
+        # adaserve selects with its compiled kernels in every iteration; adaserve_plus decides from
+        # predicted against real times whether to draft at all, so on a loaded machine a short run of
+        # it may call no kernel (the likely cause of one failure, seen with another suite running beside)
         assert compiled_during_serving(tmp_path, False, system, profile)

@@ -44,16 +44,25 @@ def _admit(view: IterationView, r: Request, slots: int, kv_free: int) -> tuple[b
 
 
 def chunked_prefill(view: IterationView, token_room: int, n_decoding: int) -> list[tuple[Request, int]]:
-    """FIFO chunks of at most ``prefill_chunk`` tokens per request, ``token_room`` in total."""
+    """Chunks of at most ``prefill_chunk`` tokens per request, ``token_room`` in total, in the view's
+    order of waiting prompts. A prompt that cannot be admitted (no slot or KV memory for it) stops
+    admission: no later prompt overtakes it. Prompts admitted before go on: they hold their slot
+    and memory already. (In arrival order they all come first; an order by TTFT deadline,
+    ``adaserve_plus``, can put a new prompt before started ones, and with every slot held by
+    started prompts nothing was prefilled and nothing could ever be: the run stalled.)"""
     out: list[tuple[Request, int]] = []
     slots = _free_slots(view, n_decoding)
     kv_free = view.kv_free_tokens
+    blocked = False
     for r in view.waiting:
         if token_room <= 0:
             break
+        if blocked and r.admitted_ms is None:
+            continue
         ok, slots, kv_free = _admit(view, r, slots, kv_free)
         if not ok:
-            break  # FIFO: do not let later requests overtake one that waits for memory
+            blocked = True
+            continue
         chunk = min(r.remaining_prefill, token_room, view.limits.prefill_chunk)
         out.append((r, chunk))
         token_room -= chunk
