@@ -302,3 +302,39 @@ def test_compare_table_names_the_best_baseline_and_the_violation_ratio(fig89_sma
     assert compare.fewer_violations(0, 0) == "neither leaves a request unattained"
     assert compare.fewer_violations(0, 3) == "AdaServe leaves none unattained, the baseline 3"
     assert compare.fewer_violations(70, 0) == "the baseline leaves none unattained, AdaServe 70"
+
+
+# ---- no policy stalls: every request leaves, whatever the load and the limits ----------------------
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from adaserve.scheduling.policies import SYSTEMS  # noqa: E402
+
+_records = st.lists(st.tuples(st.floats(0, 2_000), st.integers(1, 700), st.integers(1, 40),
+                              st.sampled_from([1.2, 1.5, 3.0, -40.0, 1000.0]),
+                              st.one_of(st.none(), st.floats(50, 5_000))),
+                    min_size=1, max_size=24)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_records, slots=st.integers(1, 4), tokens=st.sampled_from([32, 64, 256]),
+       chunk=st.sampled_from([16, 64, 128]))
+@example(rows=[(0.0, 1, 1, 1.2, None)] * 3 + [(0.0, 33, 1, 1.2, 50.0)], slots=1, tokens=32, chunk=16)  # found by
+# hypothesis: adaserve_plus's stall (a started prompt in the one slot, a new one due sooner before it)
+def test_every_request_leaves_under_tight_limits(tmp_path_factory, system, rows, slots, tokens, chunk):
+    """Bursts of prompts longer than the batch, few slots, prompts past the sequence limit, TTFT
+    SLOs: each system finishes or rejects every request (a policy that plans an empty iteration
+    while prompts wait stops the run with an error; adaserve_plus once did, with every slot held
+    by started prompts behind a new one due sooner)."""
+    path = tmp_path_factory.mktemp("tight") / "p.json"
+    path.write_text(json.dumps({
+        "name": "tight", "baseline_ms": 11.0,
+        "limits": {"max_batch_requests": slots, "max_batch_tokens": tokens, "prefill_chunk": min(chunk, tokens),
+                   "max_seq_len": 640},
+        "verify": {"tokens": [0, 1000], "ms": [10, 1010]}, "draft": {"tokens": [0, 1000], "ms": [0.5, 50]}}))
+    records = sorted((TraceRecord(t, n_in, n_out, "", ratio, slo_ttft_ms=ttft)
+                      for t, n_in, n_out, ratio, ttft in rows), key=lambda r: r.emission_time_ms)
+    s = simulate_records(records, system, str(path)).summary
+    assert s["completed"] + s["rejected"] == len(records) and s["unfinished"] == 0
