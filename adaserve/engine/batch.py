@@ -426,6 +426,9 @@ class BatchBuilder:
         alloc = self.alloc
         bs = alloc.block_size
         if jit.enabled():
+            # one memory layout, so one compiled signature: a group's columns picked from the batch's
+            # are Fortran-ordered, and a layout the warm-up did not meet compiled mid-run
+            cols = np.ascontiguousarray(cols)
             tables, mask, rows, pad, q = _group_kernel(cols, par, alloc.tables, alloc.nblocks, bs)
         else:
             rows, ctx, nnew, start, key_len, par_start, par_len = cols
