@@ -308,3 +308,25 @@ def test_enabled_follows_the_environment_at_every_call(monkeypatch):
             jit.enabled()
     monkeypatch.delenv(jit.ENV)
     assert jit.enabled() is (jit._numba() is not None)
+
+
+@pytest.mark.skipif(not jit.enabled(), reason="numba is not importable or ADASERVE_NUMBA=0")
+def test_every_attention_group_reaches_the_compiled_kernel_in_one_layout():
+    """Whole batches, solo groups and a shared call the CPU splits by padding cost: the group kernel
+    sees C-ordered columns every time, so a warm-up compiles the one signature a run needs (a
+    group's columns picked from the batch's are Fortran-ordered and once compiled mid-run)."""
+    from adaserve.engine.batch import _group_kernel
+
+    cache = KVCache(CONFIG, num_blocks=400, block_size=4)
+    b = BatchBuilder(cache)
+    contexts = [3, 5, 200, 7, 260, 4]  # short and long contexts: the shared call is split
+    for s, n in enumerate(contexts):
+        b.add_prefill(s, list(range(3, 3 + n)))
+    b.build()
+    b = BatchBuilder(cache)
+    b.add_prefill(90, list(range(3, 43)))  # a chunk of its own
+    for s in range(len(contexts)):
+        b.add_decode(s, 7)
+    batch = b.build()
+    assert len(batch.groups) >= 3 and any(len(g.entry_index) > 1 for g in batch.groups[1:])
+    assert {sig[0].layout for sig in _group_kernel.signatures} == {"C"}
