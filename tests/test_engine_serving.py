@@ -538,3 +538,37 @@ def test_recorder_holds_records_until_idle_and_keeps_their_order(tmp_path, monke
     assert rec2._held == [] and rec2.records == 0
     rec2.close()
     assert json.loads((tmp_path / "idle.jsonl").read_text()) == {"rid": 1, "category": "chat", "pos": 1, "tree": 3}
+
+
+# ---- tight limits: every request leaves, and what finishes is lossless --------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(system=st.sampled_from(SYSTEMS), slots=st.integers(1, 4), tokens=st.sampled_from([32, 64, 128]),
+       chunk=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_tight_limits_lose_no_request_and_stay_lossless(system, slots, tokens, chunk, seed):
+    """Few batch slots, small batches and chunks, prompts past the sequence limit, tight TTFT SLOs,
+    staggered arrivals: every request finishes or is rejected, and each finished one's output is
+    plain greedy decoding's (the simulator's version of this check found adaserve_plus stalling)."""
+    model = tiny_random_model("llama", seed=1)
+    rng = np.random.default_rng(seed)
+    prompts, reqs = {}, []
+    for i in range(int(rng.integers(1, 7))):
+        length = int(rng.integers(1, 270))  # past 256 tokens: rejected
+        prompts[i] = (rng.integers(3, 256, 5).tolist() * 60)[:length]
+        reqs.append(Request(rid=i, arrival_ms=float(rng.integers(0, 20)), input_len=length,
+                            max_new_tokens=int(rng.integers(1, 10)), slo_ratio=1.5, slo_ms=3.0, category="coding",
+                            slo_ttft_ms=float(rng.choice([5.0, 1000.0]))))
+    ex = TorchExecutor(model, tiny_profile(max_batch_requests=slots, max_batch_tokens=tokens,
+                                           prefill_chunk=min(chunk, tokens)), NgramDrafter(), ignore_eos=True)
+    ex.set_prompts(prompts)
+    done = ServingLoop(make_policy(system, "tiny"), ex, copy.deepcopy(reqs)).run()
+    assert {r.phase for r in done} <= {Phase.FINISHED, Phase.REJECTED}
+    for r in done:
+        if r.phase == Phase.FINISHED:
+            assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], r.generated)
+        else:
+            assert r.finish_reason == "prompt_too_long" and r.input_len + 1 > 256
