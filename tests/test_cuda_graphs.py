@@ -229,7 +229,7 @@ def test_steps_beyond_the_graphs_run_eagerly(model):
     worker = copy.copy(many(fresh(model)[0]))  # a tensor-parallel worker's batch: groups without their entries
     worker.groups = [copy.copy(g) for g in worker.groups]
     for g in worker.groups:
-        g.entry_index = None
+        g.entry_index = g.num_new = None
     assert graph_groups(worker) is None
 
 

@@ -10,6 +10,7 @@ import pytest
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits, Table
 from adaserve.core.request import Request
+from adaserve.scheduling.admission import graph_rows
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim import executor as sim_executor
@@ -611,7 +612,7 @@ def test_compiled_key_points_and_table(monkeypatch):
     # with CUDA graphs: points on both sides of the largest graph, where steps turn eager
     big_limits = Limits(max_batch_requests=64, max_batch_tokens=2048, prefill_chunk=1024, max_seq_len=2048)
     big = profiler.Grid.for_limits(big_limits)
-    graphed = big.for_model(m, profiler.graph_rows(big_limits))
+    graphed = big.for_model(m, graph_rows(big_limits.max_batch_tokens))
     assert 1025 not in big.tokens and {1024, 1025} <= set(graphed.tokens) and {1024, 1025} <= set(graphed.prefill)
-    small = g.for_model(m, profiler.graph_rows(lim))  # 256-token batches: graphs of 256 rows
+    small = g.for_model(m, graph_rows(lim.max_batch_tokens))  # 256-token batches: graphs of 256 rows
     assert small.tokens == g.tokens and {256, 257} <= set(small.prefill)

@@ -52,11 +52,10 @@ def request_record(r: Request) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ aggregates
 
-def distribution(values: Iterable[float | None] | np.ndarray) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of the known values (None and
-    NaN are unknown)."""
-    a = values if isinstance(values, np.ndarray) else np.asarray([v for v in values if v is not None], dtype=float)
-    a = a[~np.isnan(a)]
+def distribution(values: np.ndarray) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of the known values (NaN:
+    unknown)."""
+    a = _known(values)
     if a.size == 0:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
     return {"count": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
@@ -89,14 +88,14 @@ def _group_metrics(c: Mapping[str, np.ndarray], rows: np.ndarray | slice, time_m
     ttft_ok = done & (c["ttft_ok"][rows] == 1)
     generated = c["generated"][rows]
     n_done, n_att = int(done.sum()), int(attained.sum())
+    n_ttft, n_joint = int(ttft_ok.sum()), int((ttft_ok & attained).sum())
     frac = _ratio(n_att, n_done)
     tokens, att_tokens = int(generated[done].sum()), int(generated[attained].sum())
     return {"registered": len(phase), "completed": n_done, "rejected": int((phase == REJECTED).sum()),
             "attained": n_att, "slo_attainment": frac,
             "slo_attainment_pct": None if frac is None else 100.0 * frac,
-            "ttft_attained": int(ttft_ok.sum()), "ttft_attainment": _ratio(int(ttft_ok.sum()), n_done),
-            "joint_attained": int((ttft_ok & attained).sum()),
-            "joint_attainment": _ratio(int((ttft_ok & attained).sum()), n_done),
+            "ttft_attained": n_ttft, "ttft_attainment": _ratio(n_ttft, n_done),
+            "joint_attained": n_joint, "joint_attainment": _ratio(n_joint, n_done),
             "total_tokens": tokens, "attained_tokens": att_tokens,
             "goodput": _per_second(att_tokens, time_ms),
             "throughput_tokens_per_sec": _per_second(tokens, time_ms),

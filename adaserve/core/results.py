@@ -134,9 +134,6 @@ class RecordSpool:
                 self._file.seek(at)
                 yield self._file.read(n).decode()
 
-    def records(self) -> Iterator[dict[str, Any]]:
-        return (json.loads(t) for t in self.texts())
-
     def close(self) -> None:
         self._file.close()
 

@@ -366,7 +366,7 @@ def to_request(rid: int, rec: TraceRecord, baseline_ms: float, input_len: int | 
                    slo_ttft_ms=rec.slo_ttft_ms)
 
 
-class CompactRecords(Sequence[TraceRecord]):
+class CompactRecords:
     """Records without prompts, kept as typed arrays (about 40 bytes a record instead of a
     ``TraceRecord``'s few hundred): what a long simulation holds of its trace. Indexing gives the
     record back (prompt "")."""
@@ -397,9 +397,7 @@ class CompactRecords(Sequence[TraceRecord]):
     def __len__(self) -> int:
         return len(self._time)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> TraceRecord:
         ttft = self._ttft[i]
         return TraceRecord(self._time[i], self._input[i], self._output[i], "", self._ratio[i],
                            self._names[self._cat[i]], None if math.isnan(ttft) else ttft)
@@ -407,7 +405,7 @@ class CompactRecords(Sequence[TraceRecord]):
     def arrival_order(self) -> np.ndarray:
         """Indices by emission time, ties by index."""
         times = np.frombuffer(self._time, np.float64) if len(self) else np.zeros(0)
-        return np.lexsort((np.arange(len(self)), times))
+        return np.argsort(times, kind="stable")
 
 
 # ----------------------------------------------------------------------------------- statistics

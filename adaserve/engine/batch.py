@@ -53,8 +53,8 @@ class Entry:
 
 class Entries(Sequence[Entry]):
     """A batch's entries in order, the ``Entry`` objects of ``add_trees`` made on first access
-    (the forward reads the batch's arrays; only CUDA-graph bucketing and tests read entries, so a
-    CPU step does not pay one object per tree). ``parts``: entries and ``(seq_ids, base, first,
+    (the forward and CUDA-graph bucketing read the batch's arrays; only tests read entries, so a
+    step does not pay one object per tree). ``parts``: entries and ``(seq_ids, base, first,
     first_logit, parents, offsets)`` tuples of whole ``add_trees`` calls."""
 
     def __init__(self, parts: list, n: int):
@@ -100,6 +100,7 @@ class AttnGroup:
     num_queries: int  # Q
     all_rows: bool = False  # rows == arange(T): skip the gather / scatter
     entry_index: np.ndarray | None = None  # host: the batch entries in the group, in row order
+    num_new: np.ndarray | None = None  # host: their new tokens (what CUDA-graph bucketing reads)
 
 
 @dataclass
@@ -399,14 +400,16 @@ class BatchBuilder:
                 keys = -(-cols[4, shared] // bs) * bs
                 parts = [shared[p] for p in padding_groups(keys, num_new[shared], *self.group_costs)]
             members += parts
-        groups = [self._group_arrays(cols[:, p] if len(p) < cols.shape[1] else cols, par) for p in members]
+        # a group of every entry keeps the batch's order (padding_groups may hand them back permuted)
+        members = [p if len(p) < self._n_entries else np.arange(self._n_entries) for p in members]
+        groups = [self._group_arrays(cols[:, p] if len(p) < self._n_entries else cols, par) for p in members]
         arrays = [_joined(self._tokens), _joined(self._positions), _joined(self._slots),
                   np.repeat(np.arange(self._n_entries), num_new), _joined(self._logits_rows)]
         for g in groups:
             arrays += g[:4]
         staging = self.staging if self.staging is not None and self.staging.serves(device) else None
         tensors = staging.to_device(arrays) if staging is not None else [torch.from_numpy(a).to(device) for a in arrays]
-        attn = [AttnGroup(*tensors[5 + 4 * i: 9 + 4 * i], g[4], entry_index=p)
+        attn = [AttnGroup(*tensors[5 + 4 * i: 9 + 4 * i], g[4], entry_index=p, num_new=num_new[p])
                 for i, (g, p) in enumerate(zip(groups, members))]
         if len(attn) == 1:
             attn[0].all_rows = True

@@ -61,9 +61,9 @@ import numpy as np
 import torch
 
 from adaserve.core.errors import UserError
-from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS
+from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, graph_rows
 
-from .batch import AttnGroup, Entry, FlatBatch
+from .batch import AttnGroup, FlatBatch
 from .kv_cache import BlockAllocator, KVCache
 from .model import Transformer
 
@@ -167,17 +167,11 @@ def graph_groups(batch: FlatBatch, max_parts: int = MAX_GRAPH_PARTS) -> list[Att
     has more than ``max_parts`` of them (or groups whose entries are unknown: a tensor-parallel
     worker's batch)."""
     groups = batch.groups
-    if len(groups) == 1 and groups[0].all_rows:
-        return groups
-    if not 1 < len(groups) <= max_parts or any(g.entry_index is None for g in groups):
+    if not 0 < len(groups) <= max_parts or any(g.num_new is None for g in groups):
+        return None
+    if len(groups) == 1 and not groups[0].all_rows:
         return None
     return groups
-
-
-def group_entries(batch: FlatBatch, group: AttnGroup) -> list[Entry]:
-    """The entries of one of the batch's groups, in the group's row order."""
-    entries = batch.entries
-    return list(entries) if group.all_rows else [entries[i] for i in group.entry_index.tolist()]
 
 
 def padded_rows(num_new: np.ndarray, queries: int) -> np.ndarray:
@@ -277,19 +271,18 @@ class GraphRunner:
                     "mask": torch.zeros(rows * lim.max_blocks * self.cache.block_size, dtype=torch.bool, device=dev)}
 
     # ---- choosing --------------------------------------------------------------------------
-    def plan(self, batch: FlatBatch) -> list[tuple[Bucket, AttnGroup, list[Entry]]] | None:
-        """Every attention group of the step with its bucket and entries, None when the step runs
-        eagerly (too many groups, or a group beyond the buckets)."""
+    def plan(self, batch: FlatBatch) -> list[tuple[Bucket, AttnGroup]] | None:
+        """Every attention group of the step with its bucket, None when the step runs eagerly (too
+        many groups, or a group beyond the buckets)."""
         groups = graph_groups(batch, self.max_parts)
         if groups is None:
             return None
         out = []
         for g in groups:
-            entries = group_entries(batch, g)
-            bucket = self.limits.choose(len(entries), g.num_queries, int(g.block_tables.shape[1]))
+            bucket = self.limits.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1]))
             if bucket is None:
                 return None
-            out.append((bucket, g, entries))
+            out.append((bucket, g))
         return out
 
     def bucket_for(self, batch: FlatBatch) -> Bucket | None:
@@ -330,21 +323,20 @@ class GraphRunner:
     # ---- running ---------------------------------------------------------------------------
     def __call__(self, batch: FlatBatch) -> torch.Tensor:
         plan = self.plan(batch)
-        graphs = [] if plan is None else [self._graph(bucket) for bucket, _, _ in plan]
+        graphs = [] if plan is None else [self._graph(bucket) for bucket, _ in plan]
         if plan is None or any(g is EAGER for g in graphs):
             self.stats["eager_steps"] += 1
             return self.model(batch, self.cache)
         self.stats["graph_steps"] += 1
         with torch.inference_mode():
             # the padded row of every real row, per part, sent to the device in one copy
-            padded = self.cache.staging.to_device([padded_rows([e.num_new for e in entries], bucket.queries)
-                                                   for bucket, _, entries in plan])
+            padded = self.cache.staging.to_device([padded_rows(g.num_new, bucket.queries) for bucket, g in plan])
             if len(plan) == 1:  # one group over every row: the graph's rows are the batch's
                 self._replay(graphs[0], batch.token_ids, batch.positions, batch.slot_mapping, plan[0][1], padded[0])
                 return self.model.head(graphs[0].hidden[padded[0][batch.logits_rows]])
             self.stats["split_steps"] += 1
             hidden = None
-            for graph, (_, group, _), rows in zip(graphs, plan, padded):
+            for graph, (_, group), rows in zip(graphs, plan, padded):
                 r = group.rows
                 self._replay(graph, batch.token_ids[r], batch.positions[r], batch.slot_mapping[r], group, rows)
                 if hidden is None:
@@ -444,5 +436,5 @@ def make_graph_runner(model: Transformer, cache: KVCache, scratch_block: int, ma
     from adaserve.scheduling.admission import SPEC_HEADROOM
 
     max_blocks = cache.alloc.blocks_for(max_seq_len + SPEC_HEADROOM) + 1
-    limits = BucketLimits(max_requests, max_blocks, min(max_tokens, MAX_GRAPH_TOKENS))
+    limits = BucketLimits(max_requests, max_blocks, graph_rows(max_tokens))
     return GraphRunner(model, cache, scratch_block, limits, **kw)

@@ -16,6 +16,7 @@ returns zero-copy tensors), unless ``Staging(..., force=True)`` packs anyway (te
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ ALIGN = 16  # bytes: every array starts at a multiple, so views of any dtype are
 RING = 4  # host buffers in turn
 
 
+@functools.cache
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 

@@ -60,12 +60,13 @@ import torch
 
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits, Table
+from adaserve.scheduling.admission import graph_rows
 from adaserve.scheduling.attention_calls import cpu_call_costs
 from adaserve.scheduling.plan import SpecShape
 
 from adaserve.core.progress import progress as progress_bar
 from adaserve.engine.batch import BatchBuilder
-from adaserve.engine.cuda_graphs import MAX_GRAPH_TOKENS, cache_with_scratch_block, graph_parts_setting, make_graph_runner
+from adaserve.engine.cuda_graphs import cache_with_scratch_block, graph_parts_setting, make_graph_runner
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer, cpu_decode_limit, linear_kernel
@@ -122,9 +123,9 @@ class Grid:
         run compiled layers, and then with verify points on both sides of that limit. A step of
         one token more runs the operator path, at a cost well above the compiled one (SmolLM2: 4
         tokens 45.9 ms, 6 tokens 71.0 ms), so a table interpolating across the limit priced the
-        5-token steps of vLLM-Spec(4) ~20% low. With CUDA graphs of up to ``graph_rows`` rows
-        (``graph_rows``), verify and prefill points on both sides of that size: one token more
-        runs eagerly, several times slower on a launch-bound GPU."""
+        5-token steps of vLLM-Spec(4) ~20% low. With CUDA graphs of up to ``graph_rows`` rows,
+        verify and prefill points on both sides of that size: one token more runs eagerly,
+        several times slower on a launch-bound GPU."""
         grid = self
         if graph_rows:
             graph_edge = (graph_rows, graph_rows + 1)
@@ -141,11 +142,6 @@ class Grid:
         """Measured points (``measure`` yields one label per point)."""
         return (1 + len(self.tokens) + len(self.contexts) + len(self.prefill) + len(self.draft)
                 + len(self.prefill_contexts) + len(self.queries) + 3 * len(self.host) + len(self.compiled_keys))
-
-
-def graph_rows(limits: Limits) -> int:
-    """The most rows a CUDA graph of an engine with these limits holds (``make_graph_runner``)."""
-    return min(limits.max_batch_tokens, MAX_GRAPH_TOKENS)
 
 
 def _upto(points, top: int) -> list[int]:
@@ -558,7 +554,7 @@ def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
     if passes < 1:
         raise UserError(f"--passes must be >= 1, got {passes}")
     samples: dict[str, list[float]] = {}
-    grid = grid.for_model(model, graph_rows(limits) if cuda_graphs else None)
+    grid = grid.for_model(model, graph_rows(limits.max_batch_tokens) if cuda_graphs else None)
     with progress_bar(passes * grid.size, f"profiling {name}", "pt", enabled=progress) as bar:
         for _ in range(passes):
             for label, ms in measure(model, limits, grid, draft, cuda_graphs):
@@ -587,7 +583,7 @@ def quick_profile(name: str, model: Transformer, limits: Limits, draft: Transfor
     max guarantees that the scheduler never sees more tokens as cheaper."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    grid = Grid.for_limits(limits, repeat=1, quick=True).for_model(model, graph_rows(limits) if cuda_graphs else None)
+    grid = Grid.for_limits(limits, repeat=1, quick=True).for_model(model, graph_rows(limits.max_batch_tokens) if cuda_graphs else None)
     total = passes * grid.size
     best: dict[str, float] = {}
     with progress_bar(total, f"profiling {name} (quick)", "pt", enabled=progress) as bar:

@@ -24,6 +24,11 @@ MAX_GRAPH_PARTS = 3
 MAX_GRAPH_TOKENS = 1024
 
 
+def graph_rows(max_batch_tokens: int) -> int:
+    """The most padded rows one CUDA graph of an engine with this batch token limit holds."""
+    return min(max_batch_tokens, MAX_GRAPH_TOKENS)
+
+
 def kv_reservation(r: Request, max_seq_len: int) -> int:
     return min(r.input_len + r.max_new_tokens, max_seq_len) + SPEC_HEADROOM
 

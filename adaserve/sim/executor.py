@@ -12,7 +12,8 @@ import numpy as np
 from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
-from adaserve.scheduling.admission import BLOCK_SIZE, MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, SOLO_QUERY_THRESHOLD
+from adaserve.scheduling.admission import (BLOCK_SIZE, MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, SOLO_QUERY_THRESHOLD,
+                                           graph_rows)
 from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
@@ -67,7 +68,7 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     if latency.compiled_keys is not None and 0 < sum(c for c, _ in chunks) + tree_tokens <= latency.compiled_tokens:
         return compiled_step_ms(latency, chunks, trees)
     if latency.graphed and graph_parts_fit(chunks, trees, latency.measured_with.get("graph_parts") or MAX_GRAPH_PARTS,
-                                           min(latency.limits.max_batch_tokens, MAX_GRAPH_TOKENS)):
+                                           graph_rows(latency.limits.max_batch_tokens)):
         return split_step_ms(latency, chunks, trees)
     ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
     parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
