@@ -22,8 +22,9 @@
 #      with BENCH_GRAPHS="on off") (synthetic text prompts: the offline prompt pool is a wheel such
 #      machines lack); transformers' generate as the peer on the 1B shape; then, step "host", on the
 #      first shape the host work per iteration (bench engine --only host: 16 and 64 requests,
-#      1k-token prompts, D=8 W=3 trees). Last, so that a check cut short by its caller's time limit
-#      has the serving runs already
+#      1k-token prompts, D=8 W=3 trees) and the host cost of a verification batch's attention masks,
+#      dense against windows (scripts/bench_mask_build.py: 64 trees over 1k-8k-token contexts). Last,
+#      so that a check cut short by its caller's time limit has the serving runs already
 #   5. one table of the results (scripts/gpu_check_table.py), also written to $WORK/table.md, with each
 #      run simulated from the profile and its recorded acceptance beside the engine's numbers (issue 14)
 #
@@ -45,7 +46,9 @@
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
 # operator; its timings are not comparable), SPLIT_AB (1, on CUDA: one more adaserve run, of the
 # last model at the first scale, with ADASERVE_GRAPH_PARTS=1: the same run without steps split
-# into one graphed forward per attention group, as run-adaserve...-parts1). The engine's own settings pass through, e.g.
+# into one graphed forward per attention group, as run-adaserve...-parts1), MASK_AB (1, on CUDA: the
+# same with ADASERVE_DEVICE_MASK=0, dense attention masks built on the host and copied instead of
+# windows spelled out on the GPU, as run-adaserve...-densemask). The engine's own settings pass through, e.g.
 # ADASERVE_GRAPH_PARTS=1 (no step split into one graphed forward per attention group; the profile
 # records it, so the simulator prices the same way).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
@@ -90,6 +93,7 @@ if [[ $DEVICE == cpu ]]; then
   GRAPHS=(off)                 # CUDA graphs exist on CUDA only
   BENCH_SIZE=(--batches "1,4" --context 32 --steps 3 --prompt-len 16 --new-tokens 8 --repeat 1)
   HOST_SIZE=(--batches 4 --context 64 --depth 3 --width 2 --steps 3)
+  MASK_SIZE=(--requests 4 --contexts 64 --depth 3 --width 2 --rounds 3)
   RUN_SIZE=(--output-len-cap 8 --max-num-seqs 8)
   PROFILE_SIZE=(--quick --max-model-len 512)
   TESTS=(-k graph)             # the CUDA tests run on the CPU too, slowly: the CUDA-graph ones only
@@ -99,6 +103,7 @@ elif [[ $DEVICE == cuda* ]]; then
   read -ra GRAPHS <<< "${BENCH_GRAPHS:-on}"   # eager steps: the floor table's "off" rows
   BENCH_SIZE=(--batches "1,16" --steps 8 --prompt-len 64 --new-tokens 32 --repeat 1)
   HOST_SIZE=(--batches "16,64")   # the host-work breakdown's defaults: 1k-token prompts, D=8 W=3 trees
+  MASK_SIZE=(--contexts "1024,4096,8192" --rounds 20)   # 64 trees of D=8 W=3
   RUN_SIZE=(--output-len-cap 64)
   PROFILE_SIZE=()
   TESTS=(-k "${PYTEST_K:-not weight_bandwidth}")   # the big shapes' steps: the weight-floor step measures them
@@ -201,16 +206,19 @@ if wanted runs; then
       done
     done
   done
-  if [[ ${SPLIT_AB:-0} == 1 && $DEVICE == cuda* ]]; then  # the same adaserve run without split steps
-    model=${models[-1]} scale=${RUN_SCALES%% *}
-    name=run-adaserve${model#"$first"}-parts1
+  # ab_run SUFFIX VAR=VALUE: the adaserve run of the last model at the first scale again, with one setting
+  ab_run() {
+    local model=${models[-1]} scale=${RUN_SCALES%% *} name
+    name=run-adaserve${model#"$first"}-$1
     [[ $scale == 1 ]] || name=$name-x$scale
-    step "run adaserve $model x$scale, ADASERVE_GRAPH_PARTS=1" - env ADASERVE_GRAPH_PARTS=1 \
+    step "run adaserve $model x$scale, $2" - env "$2" \
       "$PY" scripts/engine_steps.py "$WORK/$name.steps.jsonl" -- \
       run --trace "$trace" --system adaserve --model "$WORK/ckpt-$model" --time-scale "$scale" \
       --device "$DEVICE" --drafter ngram --max-requests "$RUN_REQUESTS" --ignore-eos --no-progress \
       "${RUN_SIZE[@]}" "${with_profile[@]}" --record-acceptance "$WORK/$name.acc.jsonl" --out "$WORK/$name"
-  fi
+  }
+  [[ ${SPLIT_AB:-0} == 1 && $DEVICE == cuda* ]] && ab_run parts1 ADASERVE_GRAPH_PARTS=1     # no split steps
+  [[ ${MASK_AB:-0} == 1 && $DEVICE == cuda* ]] && ab_run densemask ADASERVE_DEVICE_MASK=0   # dense host masks
   if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed
     step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug \
       --trace-prefill 3 -- \
@@ -241,6 +249,7 @@ if wanted bench || wanted host; then
       step "bench host $shape" "$WORK/bench-$shape-host-graphs-${GRAPHS[0]}.json" "${ADASERVE[@]}" bench engine \
         --model "$ckpt" --device "$DEVICE" --"$( [[ ${GRAPHS[0]} == on ]] && echo cuda-graphs || echo no-cuda-graphs)" \
         --only host "${HOST_SIZE[@]}" --json
+      step "mask build" "$WORK/mask-build.md" "$PY" scripts/bench_mask_build.py --device "$DEVICE" "${MASK_SIZE[@]}"
     fi
   done
 fi

@@ -77,6 +77,16 @@ def model():
     return tiny_random_model("llama", seed=3)
 
 
+@pytest.fixture(params=["dense", "windowed"])
+def masks(request, monkeypatch):
+    """Both mask layouts of the static buffers: the dense mask (the CPU's, ``ADASERVE_DEVICE_MASK=0``
+    on a GPU) and its window, spelled out inside the graph (a GPU's default)."""
+    from adaserve.engine.batch import DEVICE_MASK_ENV
+
+    monkeypatch.setenv(DEVICE_MASK_ENV, "1" if request.param == "windowed" else "0")
+    return request.param
+
+
 def fresh(model, num_blocks=40):
     cache, scratch = cache_with_scratch_block(model, num_blocks, 16)
     setup_sequences(model, cache, [37, 5, 70])
@@ -87,7 +97,7 @@ TREES = [[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2]]  # 6, 1, 4 nodes: queries buc
 
 
 @pytest.mark.parametrize("trees", [TREES, [[-1], [-1], [-1]]], ids=["trees", "decode"])
-def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees):
+def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees, masks):
     eager_cache, scratch = fresh(model)
     graph_cache, _ = fresh(model)
     before = graph_cache.k.clone(), graph_cache.v.clone()
@@ -97,6 +107,7 @@ def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees)
     batch = tree_step(graph_cache, trees)
     bucket = runner.bucket_for(batch)
     assert bucket.requests == 4 and bucket.rows > batch.num_tokens  # padded requests and rows exist
+    assert (batch.groups[0].window is not None) == (masks == "windowed")
     got = runner(batch)
     assert runner.stats["graph_steps"] == 1 and runner.stats["captured"] == 1
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
@@ -155,7 +166,7 @@ def assert_same_step(model, runner, graph_cache, eager_cache, make):
         torch.testing.assert_close(new[:, real], eager[:, real], atol=ATOL, rtol=0)
 
 
-def test_prefill_chunks_replay_graphs(model):
+def test_prefill_chunks_replay_graphs(model, masks):
     graph_cache, scratch = fresh(model)
     eager_cache, _ = fresh(model)
     runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
@@ -167,7 +178,7 @@ def test_prefill_chunks_replay_graphs(model):
     assert runner.stats == {"graph_steps": 3, "split_steps": 0, "eager_steps": 0, "captured": 3, "failed": 0}
 
 
-def test_a_step_of_several_groups_runs_one_graph_per_group(model):
+def test_a_step_of_several_groups_runs_one_graph_per_group(model, masks):
     graph_cache, scratch = fresh(model)
     eager_cache, _ = fresh(model)
     runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 64), capture=eager_capture)
@@ -278,7 +289,7 @@ def tiny_profile():
 
 @pytest.mark.parametrize("max_parts", [3, 1], ids=["split", "unsplit"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
-def test_executor_with_graphs_is_lossless(model, system, max_parts):
+def test_executor_with_graphs_is_lossless(model, system, max_parts, masks):
     rng = np.random.default_rng(0)
     prompts, reqs = {}, []
     for i in range(6):

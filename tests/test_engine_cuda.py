@@ -321,7 +321,14 @@ def _tree_batch(cache, trees, seed):
     return b.build()
 
 
-def test_cuda_graph_replays_match_eager():
+@pytest.fixture(params=["1", "0"], ids=["mask-windows", "dense-masks"])
+def masks(request, monkeypatch):
+    """Attention masks sent as windows spelled out on the device (a GPU's default) and dense."""
+    monkeypatch.setenv("ADASERVE_DEVICE_MASK", request.param)
+    return request.param
+
+
+def test_cuda_graph_replays_match_eager(masks):
     """Captured graphs (a real CUDA capture on the GPU) give the eager logits, step after step,
     also after an eager step has replaced the cache's gather workspace by a larger one."""
     from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner
@@ -350,7 +357,7 @@ def test_cuda_graph_replays_match_eager():
     assert runner.stats["graph_steps"] == 2 * len(shapes)
 
 
-def test_cuda_graph_prefill_and_split_steps_match_eager():
+def test_cuda_graph_prefill_and_split_steps_match_eager(masks):
     """Prefill chunks replay graphs, and a step of a chunk beside trees replays one graph per
     attention group (a real capture): the eager logits, step after step."""
     from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner

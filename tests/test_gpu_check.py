@@ -303,7 +303,9 @@ def test_dry_run_time_scales_and_skipping_the_host_step():
     assert any(x.endswith("> /w/bench-llama-3.2-1b-graphs-on.json") for x in lines)
     # the host step alone still has its checkpoint
     lines = dry_run(SKIP="tests floor runs bench")
-    assert len(lines) == 3 and "random_checkpoint --shape llama-3.2-1b" in lines[0] and "--only host" in lines[1]
+    assert len(lines) == 4 and "random_checkpoint --shape llama-3.2-1b" in lines[0] and "--only host" in lines[1]
+    assert lines[2] == "python3 scripts/bench_mask_build.py --device cuda --contexts 1024,4096,8192 --rounds 20 " \
+                       "> /w/mask-build.md"
     for bad in ("0", "-1", "fast", "1e3"):
         p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
                            env={**os.environ, "RUN_SCALES": f"1 {bad}"})
@@ -331,6 +333,12 @@ def test_dry_run_with_cycles_runs_every_system_again_on_a_cycling_checkpoint():
     assert "--model /w/ckpt-llama-3.2-1b-cycles" in ab and "--time-scale 0.25" in ab
     assert "--out /w/run-adaserve-cycles-parts1-x0.25" in ab
     assert not any("GRAPH_PARTS" in x for x in dry_run(SKIP="tests floor bench host"))
+    # MASK_AB: the same with dense masks built on the host
+    lines = dry_run(MASK_AB="1", SKIP="tests floor bench host")
+    [ab] = [x for x in lines if "ADASERVE_DEVICE_MASK" in x]
+    assert ab.startswith("env ADASERVE_DEVICE_MASK=0 ") and "--system adaserve" in ab
+    assert "--out /w/run-adaserve-densemask " in ab + " "
+    assert not any("DEVICE_MASK" in x for x in dry_run(SKIP="tests floor bench host"))
 
 
 def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
@@ -375,6 +383,11 @@ def test_table_from_results(tmp_path):
     unsplit["meta"]["graph_parts"] = 1
     unsplit["summary"]["slo_attainment_pct"] = 80.0
     (tmp_path / "run-adaserve-parts1.json").write_text(json.dumps(unsplit))
+    dense = json.loads(json.dumps(run))
+    dense["meta"] |= {"mask_windows": False, "device": "cuda"}
+    dense["summary"]["slo_attainment_pct"] = 85.0
+    (tmp_path / "run-adaserve-densemask.json").write_text(json.dumps(dense))
+    (tmp_path / "mask-build.md").write_text("| device | requests x tree nodes |\n|---|---|\n| cuda | 64 x 25 |\n")
     text = gpu_check_table.table(tmp_path)
     lines = text.splitlines()
     assert lines[0] == "| measure | llama-3.2-1b graphs on |"
@@ -386,6 +399,8 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: steps replayed as graphs | 150/200, 20 as one graph per attention call |" in lines
     assert "| adaserve run adaserve, 40 requests: warm-up s (graphs captured ahead) | 7.8 (378) |" in lines
     assert "| adaserve run adaserve, 40 requests, graph parts 1: SLO attainment % | 80.0 |" in lines
+    assert "| adaserve run adaserve, 40 requests, dense masks: SLO attainment % | 85.0 |" in lines
+    assert lines[-3:] == ["| device | requests x tree nodes |", "|---|---|", "| cuda | 64 x 25 |"]  # the mask benchmark
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
     steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms, "forward_ms": 0.5, "forward_device_ms": 2.0}
              for ms in (3.0, 3.5, 4.0)]

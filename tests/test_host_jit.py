@@ -33,17 +33,22 @@ CONFIG = tiny_random_model("llama").config
 
 
 @contextmanager
-def compiled(on: bool):
-    """``ADASERVE_NUMBA`` set for the block (hypothesis examples cannot use ``monkeypatch``)."""
-    old = os.environ.get(jit.ENV)
-    os.environ[jit.ENV] = "1" if on else "0"
+def switch(name: str, on: bool):
+    """The 0/1 environment switch ``name`` set for the block (hypothesis examples cannot use ``monkeypatch``)."""
+    old = os.environ.get(name)
+    os.environ[name] = "1" if on else "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ[jit.ENV]
+            del os.environ[name]
         else:
-            os.environ[jit.ENV] = old
+            os.environ[name] = old
+
+
+def compiled(on: bool):
+    """``ADASERVE_NUMBA`` set for the block."""
+    return switch(jit.ENV, on)
 
 
 def both(fn, *args, **kwargs):
@@ -232,6 +237,54 @@ def test_batches_compiled_equal_numpy_and_the_per_entry_masks(seed):
     assert ga.rows.tolist() == rows and ga.pad_index.tolist() == pad
 
 
+def batch_with_cached_tree(seed: int):
+    """``batch_with_trees`` plus a tree that grows over two forwards (the draft model's beam: its
+    first nodes written by an earlier batch, ``num_cached``)."""
+    rng = np.random.default_rng(seed)
+    b, cache = batch_with_trees(seed)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, int(rng.integers(2, 9)))]
+    tokens = rng.integers(0, 50, len(parents)).tolist()
+    cached = int(rng.integers(1, len(parents)))
+    first = BatchBuilder(cache)
+    first.add_prefill(70, rng.integers(0, 50, int(rng.integers(1, 30))).tolist())
+    first.build()
+    first = BatchBuilder(cache)
+    first.add_tree(70, tokens[:cached], parents[:cached])
+    first.build()
+    b.add_tree(70, tokens, parents, num_cached=cached)
+    return b
+
+
+def windowed(on: bool):
+    """``ADASERVE_DEVICE_MASK`` set for the block."""
+    from adaserve.engine.batch import DEVICE_MASK_ENV
+
+    return switch(DEVICE_MASK_ENV, on)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1))
+def test_windowed_masks_spell_out_the_dense_masks(seed):
+    """A group's mask sent as its window (what a GPU step sends) and spelled out on the device is
+    the dense mask, compiled and with numpy, for chains, trees and a tree grown over two forwards,
+    in one group or split by the CPU's padding cost."""
+    def build(window: bool, split: bool):
+        b = batch_with_cached_tree(seed)
+        b.split_padding = split
+        with windowed(window):
+            return b.build()
+    for split in (False, True):
+        (dense, _), (win, win_np) = both(build, False, split), both(build, True, split)
+        assert len(dense.groups) == len(win.groups) == len(win_np.groups)
+        for gd, gw, gn in zip(dense.groups, win.groups, win_np.groups):
+            assert gd.window is None and gw.mask is None and gn.mask is None
+            for name in ("prefix", "start", "local"):
+                assert torch.equal(getattr(gw.window, name), getattr(gn.window, name)), name
+            for name in ("rows", "pad_index", "block_tables"):
+                assert torch.equal(getattr(gd, name), getattr(gw, name)), name
+            assert torch.equal(gw.attention_mask(4), gd.mask)
+
+
 def test_bad_tree_parents_are_refused_alike():
     cache = KVCache(CONFIG, num_blocks=20, block_size=4)
     errors = []
@@ -311,12 +364,16 @@ def test_enabled_follows_the_environment_at_every_call(monkeypatch):
 
 
 @pytest.mark.skipif(not jit.enabled(), reason="numba is not importable or ADASERVE_NUMBA=0")
-def test_every_attention_group_reaches_the_compiled_kernel_in_one_layout():
-    """Whole batches, solo groups and a shared call the CPU splits by padding cost: the group kernel
-    sees C-ordered columns every time, so a warm-up compiles the one signature a run needs (a
-    group's columns picked from the batch's are Fortran-ordered and once compiled mid-run)."""
-    from adaserve.engine.batch import _group_kernel
+@pytest.mark.parametrize("windowed", ["0", "1"])
+def test_every_attention_group_reaches_the_compiled_kernels_in_one_layout(monkeypatch, windowed):
+    """Whole batches, solo groups and a shared call the CPU splits by padding cost, with dense and
+    windowed masks: the group kernels see C-ordered arrays every time, so a warm-up compiles the one
+    signature a run needs (a group's columns picked from the batch's are Fortran-ordered and once
+    compiled mid-run)."""
+    from adaserve.engine.batch import (DEVICE_MASK_ENV, _group_mask_kernel, _group_tables_kernel,
+                                       _group_window_kernel)
 
+    monkeypatch.setenv(DEVICE_MASK_ENV, windowed)
     cache = KVCache(CONFIG, num_blocks=400, block_size=4)
     b = BatchBuilder(cache)
     contexts = [3, 5, 200, 7, 260, 4]  # short and long contexts: the shared call is split
@@ -329,4 +386,8 @@ def test_every_attention_group_reaches_the_compiled_kernel_in_one_layout():
         b.add_decode(s, 7)
     batch = b.build()
     assert len(batch.groups) >= 3 and any(len(g.entry_index) > 1 for g in batch.groups[1:])
-    assert {sig[0].layout for sig in _group_kernel.signatures} == {"C"}
+    assert all((g.window is not None) == (windowed == "1") for g in batch.groups)
+    mask_kernel = _group_window_kernel if windowed == "1" else _group_mask_kernel
+    for kernel in (_group_tables_kernel, mask_kernel):
+        layouts = {t.layout for sig in kernel.signatures for t in sig if hasattr(t, "layout")}
+        assert layouts == {"C"}, kernel

@@ -142,6 +142,7 @@ def kill_a_worker_mid_run(tp: TPModel) -> None:
 
 def test_qwen2_biases_two_ranks_and_a_hung_worker(monkeypatch):
     monkeypatch.setenv("ADASERVE_TP_TIMEOUT", "2")  # read when the group starts
+    monkeypatch.setenv("ADASERVE_DEVICE_MASK", "1")  # the batches carry mask windows, as on a GPU
     tp = start("tiny-qwen2", 2)
     try:
         assert tp.model.layers[0].self_attn.q_proj.bias.shape == (32,)  # 2 of 4 heads x 16

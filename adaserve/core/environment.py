@@ -23,6 +23,8 @@ VARIABLES: dict[str, str] = {
     "ADASERVE_CUDNN_SDPA": "1: attention may use cuDNN's kernels (default: kept out; they plan per shape)",
     "ADASERVE_GRAPH_PARTS": "N: a step runs as at most N CUDA-graphed forwards, one per attention group "
                             "(default 3; 1: a step of several groups runs eagerly)",
+    "ADASERVE_DEVICE_MASK": "0: attention masks built dense on the host and copied, not sent as windows spelled out "
+                            "on the GPU; 1: windows on the CPU too (default: windows off the CPU)",
     "ADASERVE_STAGING": "0: a step's arrays go to the GPU one copy each, not packed into one pinned copy",
     "ADASERVE_TP_TIMEOUT": "seconds a tensor-parallel collective may take before the run ends (default 20)",
     "ADASERVE_TRACES": "tests: a folder holding the artifact's traces to test on; none: the generated ones only",

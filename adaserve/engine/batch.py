@@ -22,12 +22,25 @@ import numpy as np
 import torch
 
 from adaserve.core import jit
+from adaserve.core.environment import env_switch
 from adaserve.scheduling.admission import SOLO_QUERY_THRESHOLD
 from adaserve.scheduling.attention_calls import cpu_call_costs, padding_groups
 
 from .kv_cache import BlockAllocator, KVCache
 
 PREFILL, DECODE, TREE = "prefill", "decode", "tree"
+DEVICE_MASK_ENV = "ADASERVE_DEVICE_MASK"
+
+
+def window_masks(device: torch.device) -> bool:
+    """Whether batches for ``device`` carry their attention masks as a ``MaskWindow`` (expanded on the
+    device) rather than dense: off the CPU unless ``ADASERVE_DEVICE_MASK=0``; ``=1`` on the CPU too
+    (tests). Why: a dense mask is [requests, queries, keys] bytes written on the host and copied to
+    the device every step (1.8 MB for 64 trees of 25 nodes over 1,100 keys, growing with the
+    context); its window is [requests, queries, tree size] and a length per row."""
+    setting = env_switch(DEVICE_MASK_ENV, "masks expanded on the device, CPU too", "dense masks built on the host",
+                         "expanded on the device off the CPU")
+    return device.type != "cpu" if setting is None else setting
 
 
 @dataclass
@@ -90,17 +103,45 @@ def _tree_entries(seq_ids, base, first, first_logit, parents, offsets) -> list[E
 
 
 @dataclass
+class MaskWindow:
+    """A group's attention mask in parts: query row ``r`` of entry ``b`` sees key ``k`` iff ``k <
+    prefix[b, r]`` (its committed context; 1 for a padded row: key 0 only) or ``local[b, r, k -
+    start[b]]`` (its tree's or chain's keys, which start after the entry's context). ``dense``
+    spells it out, on the tensors' device."""
+
+    prefix: torch.Tensor  # [B, Q] int64
+    start: torch.Tensor  # [B] int64
+    local: torch.Tensor  # [B, Q, W] bool
+
+    def dense(self, keys: int) -> torch.Tensor:
+        """The mask ``[B, 1, Q, keys]`` (a few elementwise operations; inside a CUDA graph when captured)."""
+        b, q, w = self.local.shape
+        k = torch.arange(keys, device=self.local.device)
+        rel = k - self.start[:, None]  # [B, keys]: the key's place in the entry's window
+        inside = (rel >= 0) & (rel < w)
+        seen = self.local.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(b, q, keys))
+        return ((k < self.prefix[:, :, None]) | (seen & inside[:, None, :]))[:, None]
+
+
+@dataclass
 class AttnGroup:
     """Entries attended in one padded SDPA call: queries ``[B, Q]``, keys ``[B, blocks * block_size]``."""
 
     rows: torch.Tensor  # [Tg] flat rows of the group's tokens
     pad_index: torch.Tensor  # [Tg] where each row sits in the padded [B * Q] query layout
     block_tables: torch.Tensor  # [B, max_blocks]
-    mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] bool, True = may attend
+    mask: torch.Tensor | None  # [B, 1, Q, max_blocks * block_size] bool, True = may attend; None: ``window``
     num_queries: int  # Q
     all_rows: bool = False  # rows == arange(T): skip the gather / scatter
     entry_index: np.ndarray | None = None  # host: the batch entries in the group, in row order
     num_new: np.ndarray | None = None  # host: their new tokens (what CUDA-graph bucketing reads)
+    window: MaskWindow | None = None  # the mask in parts, when ``mask`` is None (``window_masks``)
+
+    def attention_mask(self, block_size: int) -> torch.Tensor:
+        """The dense boolean mask ``[B, 1, Q, keys]``, spelled out from ``window`` if need be."""
+        if self.mask is not None:
+            return self.mask
+        return self.window.dense(self.block_tables.shape[1] * block_size)
 
 
 @dataclass
@@ -402,15 +443,22 @@ class BatchBuilder:
             members += parts
         # a group of every entry keeps the batch's order (padding_groups may hand them back permuted)
         members = [p if len(p) < self._n_entries else np.arange(self._n_entries) for p in members]
-        groups = [self._group_arrays(cols[:, p] if len(p) < self._n_entries else cols, par) for p in members]
+        windowed = window_masks(device)
+        groups = [self._group_arrays(cols[:, p] if len(p) < self._n_entries else cols, par, windowed)
+                  for p in members]
         arrays = [_joined(self._tokens), _joined(self._positions), _joined(self._slots),
                   np.repeat(np.arange(self._n_entries), num_new), _joined(self._logits_rows)]
         for g in groups:
-            arrays += g[:4]
+            arrays += [*g[:3], *g[4]]
         staging = self.staging if self.staging is not None and self.staging.serves(device) else None
         tensors = staging.to_device(arrays) if staging is not None else [torch.from_numpy(a).to(device) for a in arrays]
-        attn = [AttnGroup(*tensors[5 + 4 * i: 9 + 4 * i], g[4], entry_index=p, num_new=num_new[p])
-                for i, (g, p) in enumerate(zip(groups, members))]
+        attn, at = [], 5
+        for g, p in zip(groups, members):
+            rows, pad, tables, *mask = tensors[at:at + 3 + len(g[4])]
+            at += 3 + len(g[4])
+            window = MaskWindow(*mask) if windowed else None
+            attn.append(AttnGroup(rows, pad, tables, None if windowed else mask[0], g[3],
+                                  entry_index=p, num_new=num_new[p], window=window))
         if len(attn) == 1:
             attn[0].all_rows = True
         return FlatBatch(*tensors[:5], self.entries, attn)
@@ -420,11 +468,12 @@ class BatchBuilder:
         """The entries added so far, in batch order."""
         return Entries(list(self._parts), self._n_entries)
 
-    def _group_arrays(self, cols: np.ndarray, par: np.ndarray) -> tuple:
+    def _group_arrays(self, cols: np.ndarray, par: np.ndarray, windowed: bool) -> tuple:
         """One padded attention call over the entries whose ``_cols`` are ``cols`` ([7, B]): its
-        rows, padded positions, block tables, mask and query count. Every query row sees its
-        sequence's committed context; a chain's rows see the chain up to themselves, a tree's rows
-        their ancestors; padded rows see key 0 only. The mask is built by ``_group_mask_kernel``
+        rows, padded positions, block tables, query count and mask (``[mask]``, or with ``windowed``
+        its ``MaskWindow`` arrays). Every query row sees its sequence's committed context; a
+        chain's rows see the chain up to themselves, a tree's rows their ancestors; padded rows see
+        key 0 only. The mask is built by ``_group_mask_kernel`` / ``_group_window_kernel``
         (compiled) or array operations; the block tables are one gather from the allocator's table."""
         alloc = self.alloc
         bs = alloc.block_size
@@ -432,16 +481,24 @@ class BatchBuilder:
             # one memory layout, so one compiled signature: a group's columns picked from the batch's
             # are Fortran-ordered, and a layout the warm-up did not meet compiled mid-run
             cols = np.ascontiguousarray(cols)
-            tables, mask, rows, pad, q = _group_kernel(cols, par, alloc.tables, alloc.nblocks, bs)
-        else:
-            rows, ctx, nnew, start, key_len, par_start, par_len = cols
-            q = int(nnew.max())
-            nblk_each = -(-key_len // bs)
-            nblk = int(nblk_each.max())
-            tables = alloc.tables[rows[:, None], np.arange(nblk)]
-            tables[np.arange(nblk) >= np.minimum(nblk_each, alloc.nblocks[rows])[:, None]] = 0
-            mask, rows, pad = _group_mask_arrays(ctx, nnew, start, par, par_start, par_len, q, nblk * bs)
-        return rows, pad, tables, mask, int(q)
+            tables, q = _group_tables_kernel(cols, alloc.tables, alloc.nblocks, bs)
+            ctx, nnew, start, par_start, par_len = cols[1], cols[2], cols[3], cols[5], cols[6]
+            if windowed:
+                prefix, local, rows, pad = _group_window_kernel(ctx, nnew, start, par, par_start, par_len, q)
+                return rows, pad, tables, q, [prefix, ctx.copy(), local]
+            mask, rows, pad = _group_mask_kernel(ctx, nnew, start, par, par_start, par_len, q, tables.shape[1] * bs)
+            return rows, pad, tables, q, [mask]
+        rows, ctx, nnew, start, key_len, par_start, par_len = cols
+        q = int(nnew.max())
+        nblk_each = -(-key_len // bs)
+        nblk = int(nblk_each.max())
+        tables = alloc.tables[rows[:, None], np.arange(nblk)]
+        tables[np.arange(nblk) >= np.minimum(nblk_each, alloc.nblocks[rows])[:, None]] = 0
+        prefix, local, rows, pad = _group_window_arrays(ctx, nnew, start, par, par_start, par_len, q)
+        if windowed:
+            return rows, pad, tables, q, [prefix, ctx.copy(), local]
+        window = MaskWindow(*(torch.from_numpy(a) for a in (prefix, ctx, local)))
+        return rows, pad, tables, q, [window.dense(nblk * bs).numpy()]
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:
@@ -452,9 +509,9 @@ def _joined(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 @jit.njit
-def _group_kernel(cols, par, all_tables, nblocks, bs):
-    """``BatchBuilder._group`` compiled: the group's block tables (each entry's allocator row up
-    to its keys' blocks, zeros after), mask, rows, padded positions and query count."""
+def _group_tables_kernel(cols, all_tables, nblocks, bs):
+    """The group's block tables (each entry's allocator row up to its keys' blocks, zeros after)
+    and query count."""
     rows, nnew, key_len = cols[0], cols[2], cols[4]
     q, nblk = 0, 0
     for i in range(len(rows)):
@@ -464,51 +521,78 @@ def _group_kernel(cols, par, all_tables, nblocks, bs):
     for i in range(len(rows)):
         for j in range(min(-(-key_len[i] // bs), nblocks[rows[i]])):
             tables[i, j] = all_tables[rows[i], j]
-    mask, flat_rows, pad = _group_mask_kernel(cols[1], nnew, cols[3], par, cols[5], cols[6], q, nblk * bs)
-    return tables, mask, flat_rows, pad, q
+    return tables, q
 
 
-def _group_mask_arrays(ctx: np.ndarray, nnew: np.ndarray, start: np.ndarray, tree_parents: np.ndarray,
-                       tree_start: np.ndarray, tree_len: np.ndarray, q: int,
-                       width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The group's mask ``[B, 1, Q, width]``, rows and padded positions with array operations
-    over all entries (tree rows: ``ancestor_pairs``); entry ``i``'s whole tree has parents
+def _group_window_arrays(ctx: np.ndarray, nnew: np.ndarray, start: np.ndarray, tree_parents: np.ndarray,
+                         tree_start: np.ndarray, tree_len: np.ndarray,
+                         q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The group's ``MaskWindow`` arrays but its starts (the contexts ``ctx``): ``prefix`` [B, Q],
+    ``local`` [B, Q, W], and its rows and padded positions, with array operations over all entries
+    (tree rows: ``ancestor_pairs``); entry ``i``'s whole tree has parents
     ``tree_parents[tree_start[i]:][:tree_len[i]]`` (length 0: a causal chain)."""
     b = len(ctx)
+    w = int(np.max(np.where(tree_len > 0, tree_len, nnew)))
     qi = np.arange(q)[None, :, None]
-    kj = np.arange(width)[None, None, :]
-    c = ctx[:, None, None]
+    kj = np.arange(w)[None, None, :]
     valid = qi < nnew[:, None, None]
-    mask = (kj < c) & valid  # every real row sees its context: the one full-size operation
+    local = np.zeros((b, q, w), bool)
     chain = np.flatnonzero(tree_len == 0)
-    if len(chain):  # a chain's rows also see its own tokens up to themselves
-        cc = c[chain]
-        mask[chain] |= valid[chain] & (kj >= cc) & (kj - cc <= qi)
-    mask[:, :, 0] |= ~valid[:, :, 0]  # padded query rows attend somewhere (avoids NaN); output dropped
+    local[chain] = valid[chain] & (kj <= qi)  # a chain's rows see its tokens up to themselves
     trees = np.flatnonzero(tree_len > 0).tolist()
     if trees:
         par = [tree_parents[tree_start[i]:tree_start[i] + tree_len[i]] for i in trees]
         sizes = np.fromiter((len(p) for p in par), np.int64, len(par))
         off = np.zeros(len(par) + 1, np.int64)
         np.cumsum(sizes, out=off[1:])
-        local = np.arange(off[-1]) - np.repeat(off[:-1], sizes)
+        node_of = np.arange(off[-1]) - np.repeat(off[:-1], sizes)
         parents = np.concatenate(par)
         glob = np.where(parents >= 0, parents + np.repeat(off[:-1], sizes), -1)
         node, anc = ancestor_pairs(glob)
         owner = np.repeat(np.asarray(trees, np.int64), sizes)[node]
         cached = (sizes - nnew[trees])[np.repeat(np.arange(len(par)), sizes)][node]  # nodes not computed now
-        row = local[node] - cached
+        row = node_of[node] - cached
         keep = row >= 0
-        mask[owner[keep], row[keep], ctx[owner[keep]] + local[anc[keep]]] = True
+        local[owner[keep], row[keep], node_of[anc[keep]]] = True
+    prefix = np.where(valid[:, :, 0], ctx[:, None], 1)  # padded query rows see key 0 (no NaN); output dropped
     j = np.arange(int(nnew.sum())) - np.repeat(np.cumsum(nnew) - nnew, nnew)  # row within its entry
     rows = np.repeat(start, nnew) + j
     pad = np.repeat(np.arange(b) * q, nnew) + j
-    return mask[:, None], rows, pad
+    return prefix, local, rows, pad
+
+
+@jit.njit
+def _group_window_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q):
+    """``_group_window_arrays`` compiled."""
+    b = len(ctx)
+    w = 0
+    for i in range(b):
+        w = max(w, tree_len[i] if tree_len[i] > 0 else nnew[i])
+    prefix = np.ones((b, q), np.int64)
+    local = np.zeros((b, q, w), np.bool_)
+    rows = np.empty(nnew.sum(), np.int64)
+    pad = np.empty(nnew.sum(), np.int64)
+    at = 0
+    for i in range(b):
+        lo, cached = tree_start[i], tree_len[i] - nnew[i]
+        for r in range(nnew[i]):
+            prefix[i, r] = ctx[i]
+            if tree_len[i] == 0:
+                local[i, r, :r + 1] = True
+            else:
+                j = cached + r
+                while j >= 0:
+                    local[i, r, j] = True
+                    j = tree_parents[lo + j]
+            rows[at], pad[at] = start[i] + r, i * q + r
+            at += 1
+    return prefix, local, rows, pad
 
 
 @jit.njit
 def _group_mask_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q, width):
-    """``_group_mask_arrays`` compiled; entry ``i``'s whole tree has parents
+    """The group's dense mask ``[B, 1, Q, width]`` (``MaskWindow.dense`` of ``_group_window_kernel``'s
+    window, written directly) and its rows and padded positions; entry ``i``'s whole tree has parents
     ``tree_parents[tree_start[i]:][:tree_len[i]]`` (none: a chain), its last ``nnew[i]`` nodes are the rows."""
     b = len(ctx)
     mask = np.empty((b, 1, q, width), np.bool_)  # every element is written below (no zeroing pass)

@@ -23,9 +23,12 @@ are copied into static buffers of that shape:
 
 - flat rows: token ``j`` of request ``i`` sits at row ``i * Q' + j`` of ``[B' * Q']`` (token ids,
   positions, KV slots);
-- block tables ``[B', NB']`` and mask ``[B', 1, Q', NB' * block_size]``: the real ones in the
-  top-left corner. The KV gather is thus padded to the bucket's context (powers of two of
-  blocks), and the extra keys are masked out;
+- block tables ``[B', NB']`` and the mask's window (``batch.MaskWindow``: context lengths
+  ``[B', Q']``, window starts ``[B']``, the trees' and chains' own keys ``[B', Q', Q']``), the
+  real ones in the top-left corner, spelled out to ``[B', 1, Q', NB' * block_size]`` inside the
+  graph (with ``ADASERVE_DEVICE_MASK=0``, the dense mask itself is the buffer). The KV gather is
+  thus padded to the bucket's context (powers of two of blocks), and the extra keys are masked
+  out;
 - padded rows (rows ``j >= num_new`` of a request, and whole padded requests) hold token 0 at
   position 0, write their K/V to the **scratch block** (one block of KV storage that the allocator
   never hands out, ``cache_with_scratch_block``) and attend to key 0 only, so they never write a
@@ -63,7 +66,7 @@ import torch
 from adaserve.core.errors import UserError
 from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, graph_rows
 
-from .batch import AttnGroup, FlatBatch
+from .batch import AttnGroup, FlatBatch, MaskWindow, window_masks
 from .kv_cache import BlockAllocator, KVCache
 from .model import Transformer
 
@@ -255,6 +258,7 @@ class GraphRunner:
             CudaCapture() if cache.device.type == "cuda" else eager_capture)
         self.max_graphs = max_graphs
         self.max_parts = graph_parts_setting() if max_parts is None else max_parts
+        self.windowed = window_masks(cache.device)  # the batches' masks come as windows (batch.py)
         self.graphs: dict[Bucket, _Graph | object] = {}
         self.stats = {"graph_steps": 0, "split_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
         self._buffers = self._allocate()
@@ -265,10 +269,16 @@ class GraphRunner:
         rows = lim.max_tokens
         long = dict(dtype=torch.long, device=dev)
         with torch.inference_mode():
-            return {"token_ids": torch.zeros(rows, **long), "positions": torch.zeros(rows, **long),
-                    "slot_mapping": torch.zeros(rows, **long), "index": torch.arange(rows, **long),
-                    "block_tables": torch.zeros(lim.max_requests * lim.max_blocks, **long),
-                    "mask": torch.zeros(rows * lim.max_blocks * self.cache.block_size, dtype=torch.bool, device=dev)}
+            buffers = {"token_ids": torch.zeros(rows, **long), "positions": torch.zeros(rows, **long),
+                       "slot_mapping": torch.zeros(rows, **long), "index": torch.arange(rows, **long),
+                       "block_tables": torch.zeros(lim.max_requests * lim.max_blocks, **long)}
+            if self.windowed:  # a window is at most as wide as the bucket's queries
+                most = max(q for q in ALL_QUERY_BUCKETS if q <= rows)
+                buffers |= {"prefix": torch.zeros(rows, **long), "start": torch.zeros(lim.max_requests, **long),
+                            "local": torch.zeros(rows * most, dtype=torch.bool, device=dev)}
+            else:
+                buffers["mask"] = torch.zeros(rows * lim.max_blocks * self.cache.block_size, dtype=torch.bool, device=dev)
+            return buffers
 
     # ---- choosing --------------------------------------------------------------------------
     def plan(self, batch: FlatBatch) -> list[tuple[Bucket, AttnGroup]] | None:
@@ -280,8 +290,10 @@ class GraphRunner:
         out = []
         for g in groups:
             bucket = self.limits.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1]))
-            if bucket is None:
+            if bucket is None or (g.window is not None) != self.windowed:
                 return None
+            if g.window is not None and g.window.local.shape[-1] > bucket.queries:
+                return None  # a tree grown over several forwards (the draft model's): wider than its rows
             out.append((bucket, g))
         return out
 
@@ -360,8 +372,13 @@ class GraphRunner:
         bs = self.cache.block_size
         index = buf["index"][:n]
         tables = buf["block_tables"][: bucket.requests * bucket.blocks].view(bucket.requests, bucket.blocks)
-        mask = buf["mask"][: n * bucket.blocks * bs].view(bucket.requests, 1, bucket.queries, bucket.blocks * bs)
-        group = AttnGroup(index, index, tables, mask, bucket.queries, all_rows=True)
+        b, q = bucket.requests, bucket.queries
+        if self.windowed:  # spelled out inside the graph (MaskWindow.dense)
+            window = MaskWindow(buf["prefix"][:n].view(b, q), buf["start"][:b], buf["local"][: n * q].view(b, q, q))
+            group = AttnGroup(index, index, tables, None, q, all_rows=True, window=window)
+        else:
+            mask = buf["mask"][: n * bucket.blocks * bs].view(b, 1, q, bucket.blocks * bs)
+            group = AttnGroup(index, index, tables, mask, q, all_rows=True)
         return FlatBatch(buf["token_ids"][:n], buf["positions"][:n], buf["slot_mapping"][:n], index, index,
                          [], [group])
 
@@ -373,8 +390,14 @@ class GraphRunner:
         static.positions.zero_()
         static.slot_mapping.fill_(self.scratch * self.cache.block_size)
         g.block_tables.fill_(self.scratch)
-        g.mask.zero_()
-        g.mask[:, :, :, 0] = True  # padded rows attend to key 0 (a real row's own mask is copied over it)
+        w = g.window
+        if w is not None:  # padded rows attend to key 0 only (no NaN)
+            w.prefix.fill_(1)
+            w.start.zero_()
+            w.local.zero_()
+        else:
+            g.mask.zero_()
+            g.mask[:, :, :, 0] = True  # padded rows attend to key 0 (a real row's own mask is copied over it)
         if real is None:
             return
         token_ids, positions, slots, group, rows = real
@@ -383,7 +406,13 @@ class GraphRunner:
         static.positions.index_copy_(0, rows, positions)
         static.slot_mapping.index_copy_(0, rows, slots)
         g.block_tables[:b, : group.block_tables.shape[1]].copy_(group.block_tables)
-        g.mask[:b, :, :q, : group.mask.shape[-1]].copy_(group.mask)
+        if w is not None:
+            real_w = group.window
+            w.prefix[:b, :q].copy_(real_w.prefix)
+            w.start[:b].copy_(real_w.start)
+            w.local[:b, :q, : real_w.local.shape[-1]].copy_(real_w.local)
+        else:
+            g.mask[:b, :, :q, : group.mask.shape[-1]].copy_(group.mask)
 
     def _capture(self, bucket: Bucket):
         if len(self.graphs) >= self.max_graphs:

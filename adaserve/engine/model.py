@@ -146,12 +146,12 @@ def cpu_decode_limit(weight: torch.Tensor) -> int:
 def fused_cpu_decode(model: "Transformer", batch: FlatBatch, cache: KVCache) -> bool:
     """Whether ``model.hidden`` runs ``batch`` with ``cpu_decode``: at most ``cpu_decode_limit``
     tokens (any mix of decodes, chunks and trees: each row attends where its mask says), an fp32
-    CPU cache, boolean masks, no tensor parallelism."""
+    CPU cache, dense boolean masks, no tensor parallelism."""
     if batch.token_ids.shape[0] > cpu_decode_limit(model.lm_head.weight):
         return False
     if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
         return False
-    if any(g.mask.dtype != torch.bool for g in batch.groups):
+    if any(g.mask is None or g.mask.dtype != torch.bool for g in batch.groups):
         return False
     return type(model.model.layers[0].self_attn.o_proj) is Linear  # a sharded layer all-reduces
 
@@ -490,7 +490,7 @@ class Transformer(nn.Module):
         block_numel = cache.k[0, 0].numel()
         need = max(g.block_tables.numel() for g in batch.groups) * block_numel
         workspace = cache.workspace(2 * need).view(2, need).unbind(0)
-        masks = [g.mask for g in batch.groups]
+        masks = [g.attention_mask(cache.block_size) for g in batch.groups]
         attn = self.model.layers[0].self_attn
         if attn.num_heads > attn.num_kv_heads and fold_gqa(x.device):
             masks = [folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype) for m in masks]

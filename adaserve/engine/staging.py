@@ -1,7 +1,7 @@
 """A step's host arrays copied to the GPU in one transfer from pinned memory.
 
 Why: every step sends the batch's index arrays and attention masks to the device (``batch.py``:
-five arrays, four more per attention group; the commit's K/V slot lists; the graph runner's row
+five arrays, four to six more per attention group; the commit's K/V slot lists; the graph runner's row
 map). Each ``torch.from_numpy(a).to("cuda")`` from pageable memory is a synchronous copy through
 the driver's bounce buffer, tens of microseconds each and slower per byte than a pinned copy. Here
 the arrays are packed into one pinned host buffer and sent with one asynchronous copy; the device

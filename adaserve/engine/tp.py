@@ -52,7 +52,7 @@ from torch import nn
 
 from adaserve.core.errors import UserError
 
-from .batch import AttnGroup, FlatBatch
+from .batch import AttnGroup, FlatBatch, MaskWindow
 from .kv_cache import BLOCK_SIZE, KVCache
 from .model import Linear, Transformer
 
@@ -140,20 +140,26 @@ def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transf
 # ---- commands: rank 0 -> workers ------------------------------------------------------------------
 
 def batch_tensors(batch: FlatBatch) -> tuple[list, list[torch.Tensor]]:
-    """What a worker's forward reads of a batch: per group (queries, all_rows), and the tensors."""
+    """What a worker's forward reads of a batch: per group (queries, all_rows, windowed), and the
+    tensors (per group: rows, padded rows, block tables, then the dense mask or its window's three)."""
     tensors = [batch.token_ids, batch.positions, batch.slot_mapping]
     groups = []
     for g in batch.groups:
-        tensors += [g.rows, g.pad_index, g.block_tables, g.mask]
-        groups.append((g.num_queries, g.all_rows))
+        w = g.window
+        tensors += [g.rows, g.pad_index, g.block_tables] + ([g.mask] if w is None else [w.prefix, w.start, w.local])
+        groups.append((g.num_queries, g.all_rows, w is not None))
     return groups, tensors
 
 
 def batch_from(groups: Sequence, tensors: Sequence[torch.Tensor]) -> FlatBatch:
     """The inverse of ``batch_tensors`` (no entries, seq_index or logits rows: workers run no head)."""
     token_ids, positions, slots = tensors[:3]
-    attn = [AttnGroup(*tensors[3 + 4 * i: 7 + 4 * i], num_queries=q, all_rows=all_rows)
-            for i, (q, all_rows) in enumerate(groups)]
+    attn, at = [], 3
+    for q, all_rows, windowed in groups:
+        rows, pad, tables, *mask = tensors[at:at + (6 if windowed else 4)]
+        at += len(mask) + 3
+        attn.append(AttnGroup(rows, pad, tables, None if windowed else mask[0], num_queries=q, all_rows=all_rows,
+                              window=MaskWindow(*mask) if windowed else None))
     empty = token_ids[:0]
     return FlatBatch(token_ids, positions, slots, empty, empty, [], attn)
 

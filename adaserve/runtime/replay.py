@@ -20,6 +20,7 @@ from adaserve.core.metrics import summarize
 from adaserve.core.progress import progress as progress_bar
 from adaserve.core.request import Request
 from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
+from adaserve.engine.batch import window_masks
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.recorder import AcceptanceRecorder
 from adaserve.iteration import ServingLoop
@@ -130,6 +131,7 @@ def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float, warm: 
             "tensor_parallel": ec.tensor_parallel_size,
             "cuda_graphs": dict(ex.graphs.stats) if ex.graphs is not None else None,
             "graph_parts": ex.graphs.max_parts if ex.graphs is not None else None,
+            "mask_windows": window_masks(ex.cache.device),
             "threads": torch.get_num_threads(), "limits": asdict(profile.limits),
             "iterations": loop.stats.iterations, "wall_s": round(wall, 3),
             "warmup": {k: round(v, 3) for k, v in asdict(warm).items()},
