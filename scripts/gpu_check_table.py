@@ -94,6 +94,8 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
         out.extend((f"{what}: {m}", col, cell) for m, cell in iteration_cells(f.with_suffix(".steps.jsonl")))
         if graphs:
             split = f", {graphs['split_steps']} as one graph per attention call" if "split_steps" in graphs else ""
+            if graphs.get("packed_steps"):
+                split += f" ({graphs['packed_steps']} with the shared call in packs)"
             out.append((f"{what}: steps replayed as graphs", col,
                         f"{graphs['graph_steps']}/{graphs['graph_steps'] + graphs['eager_steps']}{split}"))
         warm = meta.get("warmup")

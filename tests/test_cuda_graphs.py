@@ -132,7 +132,7 @@ def test_runner_logits_equal_eager_and_padding_writes_only_scratch(model, trees,
             c.truncate(i, c.length(i))
     ref2 = model(tree_step(eager_cache, trees, seed=7), eager_cache)
     got2 = runner(tree_step(graph_cache, trees, seed=7))
-    assert runner.stats == {"graph_steps": 2, "split_steps": 0, "eager_steps": 0, "captured": 1, "failed": 0}
+    assert runner.stats == {"graph_steps": 2, "split_steps": 0, "packed_steps": 0, "eager_steps": 0, "captured": 1, "failed": 0}
     torch.testing.assert_close(got2, ref2, atol=ATOL, rtol=0)
 
 
@@ -175,7 +175,7 @@ def test_prefill_chunks_replay_graphs(model, masks):
     # its next chunk attends to the first: a longer context, and a short tail beside a decode row
     assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 50}))
     assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 7}, [[-1]]))
-    assert runner.stats == {"graph_steps": 3, "split_steps": 0, "eager_steps": 0, "captured": 3, "failed": 0}
+    assert runner.stats == {"graph_steps": 3, "split_steps": 0, "packed_steps": 0, "eager_steps": 0, "captured": 3, "failed": 0}
 
 
 def test_a_step_of_several_groups_runs_one_graph_per_group(model, masks):
@@ -190,7 +190,35 @@ def test_a_step_of_several_groups_runs_one_graph_per_group(model, masks):
     for i in range(3):
         graph_cache.truncate(i, graph_cache.length(i))
     assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {9: 40}, TREES))
-    assert runner.stats == {"graph_steps": 1, "split_steps": 1, "eager_steps": 0, "captured": 2, "failed": 0}
+    assert runner.stats == {"graph_steps": 1, "split_steps": 1, "packed_steps": 0, "eager_steps": 0, "captured": 2, "failed": 0}
+
+
+def test_a_shared_call_larger_than_a_graph_runs_as_packs(model, masks):
+    """Trees whose padded rows exceed one graph (6 requests x 8 rows > 32) replay one graph per
+    pack (``graph_packs``: largest trees together), with the eager forward's logits and K/V."""
+    graph_cache, scratch = fresh(model, 60)
+    eager_cache, _ = fresh(model, 60)
+    for c in (graph_cache, eager_cache):
+        setup_sequences(model, c, [9, 12, 15])  # sequences 3-5 beside 0-2
+    trees = TREES + [[-1, 0, 1, 1, 0], [-1], [-1, 0]]  # 6, 1, 4, 5, 1, 2 nodes
+    runner = GraphRunner(model, graph_cache, scratch, BucketLimits(8, 16, 32), capture=eager_capture)
+    batch = prefill_step(graph_cache, {}, trees)
+    assert len(batch.groups) == 1 and runner.bucket_for(batch) is None
+    parts = runner.plan(batch)
+    assert [b for b, _ in parts] == [Bucket(4, 8, 8), Bucket(2, 1, 8)]  # the 6, 4, 5, 2 nodes; the 1, 1
+    assert [g.entry_index.tolist() for _, g in parts] == [[0, 2, 3, 5], [1, 4]]
+    prefill_step(eager_cache, {}, trees)  # the same allocations on both caches (their K/V are compared)
+    for c in (graph_cache, eager_cache):
+        for i in range(len(trees)):
+            c.truncate(i, c.length(i))
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {}, trees))
+    assert runner.stats == {"graph_steps": 1, "split_steps": 1, "packed_steps": 1, "eager_steps": 0, "captured": 2, "failed": 0}
+    runner.max_parts = 1  # two packs are more parts than allowed: eager
+    for c in (graph_cache, eager_cache):
+        for i in range(len(trees)):
+            c.truncate(i, c.length(i))
+    assert_same_step(model, runner, graph_cache, eager_cache, lambda c: prefill_step(c, {}, trees, seed=9))
+    assert runner.stats["eager_steps"] == 1
 
 
 def test_a_split_step_with_a_part_that_cannot_be_captured_runs_eagerly(model):
@@ -233,10 +261,13 @@ def test_steps_beyond_the_graphs_run_eagerly(model):
     assert_same_step(model, runner, cache, ref_cache, many)
     long = lambda c: prefill_step(c, {11: 65})  # noqa: E731 - more rows than the largest bucket
     assert runner.bucket_for(long(fresh(model)[0])) is None
-    big = tree_step(cache, [[-1], [-1], [-1]])  # 3 requests > 2
-    assert runner.bucket_for(big) is None
+    big = tree_step(cache, [[-1]] * 5)  # 5 requests > 2: packs of 2, 2 and 1 are more than 2 parts
+    assert runner.bucket_for(big) is None and runner.plan(big) is None
     runner(big)
-    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "eager_steps": 2, "captured": 0, "failed": 0}
+    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "packed_steps": 0, "eager_steps": 2, "captured": 0, "failed": 0}
+    for i in range(5):
+        cache.truncate(i, cache.length(i))
+    assert [b for b, _ in runner.plan(tree_step(cache, [[-1]] * 3))] == [Bucket(2, 1, 8), Bucket(1, 1, 8)]
     worker = copy.copy(many(fresh(model)[0]))  # a tensor-parallel worker's batch: groups without their entries
     worker.groups = [copy.copy(g) for g in worker.groups]
     for g in worker.groups:
@@ -264,7 +295,7 @@ def test_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(model, caplog
                     c.truncate(i, c.length(i))
     assert len(calls) == 1
     assert sum("capture failed" in r.message for r in caplog.records) == 1
-    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "eager_steps": 2, "captured": 0, "failed": 1}
+    assert runner.stats == {"graph_steps": 0, "split_steps": 0, "packed_steps": 0, "eager_steps": 2, "captured": 0, "failed": 1}
 
 
 def test_max_graphs(model):
@@ -274,7 +305,7 @@ def test_max_graphs(model):
     for i in range(3):
         cache.truncate(i, cache.length(i))
     runner(tree_step(cache, TREES))  # another bucket: past the maximum, eager
-    assert runner.stats == {"graph_steps": 1, "split_steps": 0, "eager_steps": 1, "captured": 1, "failed": 0}
+    assert runner.stats == {"graph_steps": 1, "split_steps": 0, "packed_steps": 0, "eager_steps": 1, "captured": 1, "failed": 0}
 
 
 # ---- the executor with graphs on (the padded path, eager capture on the CPU) ---------------------
@@ -287,16 +318,21 @@ def tiny_profile():
         "draft": {"tokens": [0, 128], "ms": [0.2, 1.0]}})
 
 
+def repetitive_requests(seed: int, motif: int, longest: int, new: int) -> tuple[dict, list[Request]]:
+    """Six prompts repeating a random motif (the n-gram drafter finds them), 8 to ``longest`` tokens."""
+    rng = np.random.default_rng(seed)
+    prompts, reqs = {}, []
+    for i in range(6):
+        prompts[i] = (rng.integers(3, 256, motif).tolist() * 10)[: int(rng.integers(8, longest))]
+        reqs.append(Request(rid=i, arrival_ms=0.0, input_len=len(prompts[i]), max_new_tokens=new, slo_ratio=1.5,
+                            slo_ms=3.0, category="coding"))
+    return prompts, reqs
+
+
 @pytest.mark.parametrize("max_parts", [3, 1], ids=["split", "unsplit"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
 def test_executor_with_graphs_is_lossless(model, system, max_parts, masks):
-    rng = np.random.default_rng(0)
-    prompts, reqs = {}, []
-    for i in range(6):
-        motif = rng.integers(3, 256, 5).tolist()
-        prompts[i] = (motif * 10)[: int(rng.integers(8, 40))]
-        reqs.append(Request(rid=i, arrival_ms=0.0, input_len=len(prompts[i]), max_new_tokens=12, slo_ratio=1.5,
-                            slo_ms=3.0, category="coding"))
+    prompts, reqs = repetitive_requests(0, 5, 40, 12)
     ex = TorchExecutor(model, tiny_profile(), NgramDrafter(), cuda_graphs=True, ignore_eos=True)
     assert ex.graphs is not None and ex.graphs.capture is eager_capture  # the CPU stand-in
     ex.graphs.max_parts = max_parts
@@ -311,6 +347,20 @@ def test_executor_with_graphs_is_lossless(model, system, max_parts, masks):
     else:
         assert stats["split_steps"] == 0 and stats["eager_steps"] > 0, stats
     assert ex.cache.alloc.free_blocks == ex.num_blocks  # every real block released, scratch never handed out
+
+
+def test_executor_with_trees_packed_into_small_graphs_is_lossless(model, masks):
+    """Graphs of 16 rows: AdaServe's trees of six requests do not fit one, so their shared call runs
+    as packs (``graph_packs``), still the plain greedy outputs."""
+    prompts, reqs = repetitive_requests(1, 4, 30, 16)
+    ex = TorchExecutor(model, tiny_profile(), NgramDrafter(), cuda_graphs=True, ignore_eos=True)
+    lim = ex.graphs.limits
+    ex.graphs.limits = BucketLimits(lim.max_requests, lim.max_blocks, 16)
+    ex.set_prompts(prompts)
+    ServingLoop(make_policy("adaserve", "tiny"), ex, copy.deepcopy(reqs)).run()
+    for r in reqs:
+        assert ex.outputs[r.rid] == plain_greedy(model, prompts[r.rid], 16)
+    assert ex.graphs.stats["packed_steps"] > 0, ex.graphs.stats
 
 
 # ---- capturing ahead (adaserve run / serve warm up with it) ----------------------------------------

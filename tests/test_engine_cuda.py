@@ -321,6 +321,18 @@ def _tree_batch(cache, trees, seed):
     return b.build()
 
 
+def _same_logits(model, runner, eager, graphed, make, seqs: int) -> None:
+    """``runner`` on ``make(graphed)`` gives the eager logits of ``make(eager)``; then both caches'
+    first ``seqs`` sequences drop the step's tentative KV."""
+    ref = model(make(eager), eager)
+    got = runner(make(graphed))
+    sync()
+    torch.testing.assert_close(got, ref, atol=TOL_FP32, rtol=0)
+    for c in (eager, graphed):
+        for i in range(seqs):
+            c.truncate(i, c.length(i))
+
+
 @pytest.fixture(params=["1", "0"], ids=["mask-windows", "dense-masks"])
 def masks(request, monkeypatch):
     """Attention masks sent as windows spelled out on the device (a GPU's default) and dense."""
@@ -346,13 +358,7 @@ def test_cuda_graph_replays_match_eager(masks):
                 for i in (0, 1, 2, 3, 9):
                     b.add_decode(i, 5)
                 model(b.build(), c)
-        ref = model(_tree_batch(eager, trees, step), eager)
-        got = runner(_tree_batch(graphed, trees, step))
-        sync()
-        torch.testing.assert_close(got, ref, atol=TOL_FP32, rtol=0)
-        for c in (eager, graphed):
-            for i in range(len(trees)):
-                c.truncate(i, c.length(i))
+        _same_logits(model, runner, eager, graphed, lambda c: _tree_batch(c, trees, step), len(trees))
     assert runner.stats["failed"] == 0 and runner.stats["captured"] == len(shapes)
     assert runner.stats["graph_steps"] == 2 * len(shapes)
 
@@ -374,15 +380,23 @@ def test_cuda_graph_prefill_and_split_steps_match_eager(masks):
         return b.build()
 
     for seed, (chunk, with_trees) in enumerate([(100, False), (40, True), (60, True), (90, False)]):
-        ref = model(step(eager, chunk, seed, with_trees), eager)
-        got = runner(step(graphed, chunk, seed, with_trees))
-        sync()
-        torch.testing.assert_close(got, ref, atol=TOL_FP32, rtol=0)
-        for c in (eager, graphed):
-            for i in range(len(trees)):
-                c.truncate(i, c.length(i))
+        _same_logits(model, runner, eager, graphed, lambda c: step(c, chunk, seed, with_trees), len(trees))
     assert runner.stats["failed"] == 0 and runner.stats["eager_steps"] == 0, runner.stats
     assert runner.stats["graph_steps"] == 4 and runner.stats["split_steps"] == 2, runner.stats
+
+
+def test_cuda_graph_packs_of_a_shared_call_match_eager(masks):
+    """Trees with more padded rows than one graph (graphs of 16 rows here) replay one graph per
+    pack (a real capture): the eager logits, step after step."""
+    from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner
+
+    model, (eager, graphed), scratch = _graph_setup()
+    runner = GraphRunner(model, graphed, scratch, BucketLimits(8, 32, 16))
+    shapes = [[[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2], [-1, 0]], [[-1, 0, 1], [-1, 0], [-1, 0], [-1]]]
+    for step, trees in enumerate(shapes * 2):
+        _same_logits(model, runner, eager, graphed, lambda c: _tree_batch(c, trees, step), len(trees))
+    assert runner.stats["failed"] == 0 and runner.stats["eager_steps"] == 0, runner.stats
+    assert runner.stats["packed_steps"] == 2, runner.stats  # the first shape (4 x 8 rows); the second fits (4 x 4)
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["lazy", "captured-ahead"])

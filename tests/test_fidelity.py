@@ -16,7 +16,7 @@ from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim import executor as sim_executor
 from adaserve.sim.acceptance import acceptance_for
 from adaserve.sim.compare import engine_vs_sim, records_of_result, tpot_error
-from adaserve.sim.executor import SimExecutor, engine_step_ms, graph_parts_fit, shared_attention_ms
+from adaserve.sim.executor import SimExecutor, engine_step_ms, graph_parts, shared_attention_ms
 
 
 def engine_profile(**extra) -> LatencyProfile:
@@ -127,9 +127,15 @@ def test_a_graphed_engine_step_of_several_calls_is_priced_as_one_forward_per_cal
         float(graphed.prefill_ms(256, 500)) + short)
     # beyond the graphs: one eager forward, priced as without graphs
     for chunks, tr in (([(1100, 0)], trees), ([(256, 0)] * 3, trees), ([(256, 0)], [(10, 1)] * 1100)):
-        assert not graph_parts_fit(chunks, tr)
+        assert graph_parts(chunks, tr) is None
         assert engine_step_ms(graphed, chunks, tr) == pytest.approx(engine_step_ms(plain, chunks, tr))
     assert engine_step_ms(plain, [(256, 500)], trees) < engine_step_ms(graphed, [(256, 500)], trees)
+    # trees with more padded rows than one graph: the graph runner's packs, a forward each
+    big = [(100, 25)] * 30 + [(100, 3)] * 12  # 42 x 32 rows: 32 trees of 25 nodes, then the 12 small ones
+    solo, packs = graph_parts([], big, max_rows=1024, max_requests=64)
+    assert solo == [] and [len(t) for _, t in packs] == [30 + 2, 10]
+    assert engine_step_ms(graphed, [], big) == pytest.approx(
+        engine_step_ms(plain, [], big[:30] + big[30:32]) + engine_step_ms(plain, [], big[32:]))
     # an engine that never splits a step (ADASERVE_GRAPH_PARTS=1, recorded in the profile)
     unsplit = engine_profile(measured_with={"device": "cuda", "cuda_graphs": True, "graph_parts": 1})
     assert engine_step_ms(unsplit, [(256, 500)], trees) == pytest.approx(engine_step_ms(plain, [(256, 500)], trees))

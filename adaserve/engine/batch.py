@@ -135,6 +135,7 @@ class AttnGroup:
     all_rows: bool = False  # rows == arange(T): skip the gather / scatter
     entry_index: np.ndarray | None = None  # host: the batch entries in the group, in row order
     num_new: np.ndarray | None = None  # host: their new tokens (what CUDA-graph bucketing reads)
+    window_len: np.ndarray | None = None  # host: their keys after the context (a tree grown earlier: > num_new)
     window: MaskWindow | None = None  # the mask in parts, when ``mask`` is None (``window_masks``)
 
     def attention_mask(self, block_size: int) -> torch.Tensor:
@@ -444,6 +445,7 @@ class BatchBuilder:
         # a group of every entry keeps the batch's order (padding_groups may hand them back permuted)
         members = [p if len(p) < self._n_entries else np.arange(self._n_entries) for p in members]
         windowed = window_masks(device)
+        window_len = np.where(cols[6] > 0, cols[6], num_new)
         groups = [self._group_arrays(cols[:, p] if len(p) < self._n_entries else cols, par, windowed)
                   for p in members]
         arrays = [_joined(self._tokens), _joined(self._positions), _joined(self._slots),
@@ -458,7 +460,7 @@ class BatchBuilder:
             at += 3 + len(g[4])
             window = MaskWindow(*mask) if windowed else None
             attn.append(AttnGroup(rows, pad, tables, None if windowed else mask[0], g[3],
-                                  entry_index=p, num_new=num_new[p], window=window))
+                                  entry_index=p, num_new=num_new[p], window=window, window_len=window_len[p]))
         if len(attn) == 1:
             attn[0].all_rows = True
         return FlatBatch(*tensors[:5], self.entries, attn)

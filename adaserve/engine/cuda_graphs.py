@@ -65,6 +65,7 @@ import torch
 
 from adaserve.core.errors import UserError
 from adaserve.scheduling.admission import MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, graph_rows
+from adaserve.scheduling.graph_shapes import graph_packs, request_buckets, round_up
 
 from .batch import AttnGroup, FlatBatch, MaskWindow, window_masks
 from .kv_cache import BlockAllocator, KVCache
@@ -104,18 +105,6 @@ def graph_parts_setting() -> int:
 
 # ---- buckets --------------------------------------------------------------------------------
 
-def request_buckets(max_requests: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, 12, 16, 24, 32, 48, 64, ... (powers of two and 1.5x them: at most a third of
-    the rows are padding), ending with ``max_requests`` itself."""
-    out, p = [], 1
-    while p < max_requests:
-        out.append(p)
-        if p >= 8 and p * 3 // 2 < max_requests:
-            out.append(p * 3 // 2)
-        p *= 2
-    return tuple(out) + (max_requests,)
-
-
 def block_buckets(max_blocks: int) -> tuple[int, ...]:
     """Powers of two of KV blocks from ``MIN_CONTEXT_BLOCKS``, ending with ``max_blocks``."""
     out, p = [], MIN_CONTEXT_BLOCKS
@@ -123,14 +112,6 @@ def block_buckets(max_blocks: int) -> tuple[int, ...]:
         out.append(p)
         p *= 2
     return tuple(out) + (max_blocks,)
-
-
-def round_up(value: int, buckets: tuple[int, ...]) -> int | None:
-    """The smallest bucket >= ``value``, None when ``value`` is beyond the largest."""
-    for b in buckets:
-        if b >= value:
-            return b
-    return None
 
 
 @dataclass(frozen=True)
@@ -177,13 +158,46 @@ def graph_groups(batch: FlatBatch, max_parts: int = MAX_GRAPH_PARTS) -> list[Att
     return groups
 
 
+def pack_groups(g: AttnGroup, packs: list[np.ndarray], staging) -> list[AttnGroup]:
+    """``g``'s entries ``packs[k]`` (indices into the group, in order) as groups of their own: their
+    rows, block tables and masks gathered on the device (index arrays sent in one copy), their
+    queries cut to the pack's largest entry (its mask window too: a pack's windows are no wider
+    than its rows, which ``GraphRunner.plan`` checks)."""
+    starts = np.cumsum(g.num_new) - g.num_new
+    host = []
+    for p in packs:
+        nn = g.num_new[p]
+        host += [np.asarray(p, np.int64), np.repeat(starts[p], nn) + padded_within(nn), padded_rows(nn, int(nn.max()))]
+    index = staging.to_device(host)
+    out = []
+    for k, p in enumerate(packs):
+        entries, rows, pad = index[3 * k: 3 * k + 3]
+        q = int(g.num_new[p].max())
+        w = int(g.window_len[p].max()) if g.window_len is not None else q
+        window = mask = None
+        if g.window is not None:
+            window = MaskWindow(g.window.prefix[entries][:, :q], g.window.start[entries],
+                                g.window.local[entries][:, :q, :w])
+        else:
+            mask = g.mask[entries][:, :, :q]
+        out.append(AttnGroup(g.rows[rows], pad, g.block_tables[entries], mask, q,
+                             entry_index=g.entry_index[p] if g.entry_index is not None else None,
+                             num_new=g.num_new[p], window=window, window_len=g.window_len[p]
+                             if g.window_len is not None else None))
+    return out
+
+
+def padded_within(num_new: np.ndarray) -> np.ndarray:
+    """Each token's place within its entry (0, 1, ... per entry)."""
+    num_new = np.asarray(num_new, dtype=np.int64)
+    return np.arange(int(num_new.sum())) - np.repeat(np.cumsum(num_new) - num_new, num_new)
+
+
 def padded_rows(num_new: np.ndarray, queries: int) -> np.ndarray:
     """Row of every real token in the padded ``[B' * Q']`` layout: token ``j`` of request ``i`` ->
     ``i * queries + j`` (tokens in the flat batch's order: request by request)."""
     num_new = np.asarray(num_new, dtype=np.int64)
-    starts = np.repeat(np.cumsum(num_new) - num_new, num_new)
-    within = np.arange(int(num_new.sum())) - starts
-    return np.repeat(np.arange(len(num_new)) * queries, num_new) + within
+    return np.repeat(np.arange(len(num_new)) * queries, num_new) + padded_within(num_new)
 
 
 # ---- the scratch block ------------------------------------------------------------------------
@@ -260,7 +274,7 @@ class GraphRunner:
         self.max_parts = graph_parts_setting() if max_parts is None else max_parts
         self.windowed = window_masks(cache.device)  # the batches' masks come as windows (batch.py)
         self.graphs: dict[Bucket, _Graph | object] = {}
-        self.stats = {"graph_steps": 0, "split_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
+        self.stats = {"graph_steps": 0, "split_steps": 0, "packed_steps": 0, "eager_steps": 0, "captured": 0, "failed": 0}
         self._buffers = self._allocate()
 
     def _allocate(self) -> dict[str, torch.Tensor]:
@@ -289,13 +303,25 @@ class GraphRunner:
             return None
         out = []
         for g in groups:
-            bucket = self.limits.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1]))
-            if bucket is None or (g.window is not None) != self.windowed:
+            if (g.window is not None) != self.windowed:
                 return None
-            if g.window is not None and g.window.local.shape[-1] > bucket.queries:
-                return None  # a tree grown over several forwards (the draft model's): wider than its rows
-            out.append((bucket, g))
-        return out
+            for part in self._packs(g):
+                bucket = self.limits.choose(len(part.num_new), part.num_queries, int(part.block_tables.shape[1]))
+                if bucket is None or (part.window_len is not None and part.window_len.max() > bucket.queries):
+                    return None  # a tree grown over several forwards (the draft model's): wider than its rows
+                out.append((bucket, part))
+        return out if len(out) <= self.max_parts else None
+
+    def _packs(self, g: AttnGroup) -> list[AttnGroup]:
+        """The group, or for a shared call with more padded rows than one graph holds, its packs
+        (``graph_packs``: each a group of its own, gathered on the device)."""
+        lim = self.limits
+        if len(g.num_new) == 1 or lim.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1])) is not None:
+            return [g]
+        packs = graph_packs(g.num_new, lim.max_tokens, lim.max_requests)
+        if packs is None or len(packs) == 1 or len(packs) > self.max_parts:
+            return [g]  # no bucket: the caller runs the step eagerly
+        return pack_groups(g, packs, self.cache.staging)
 
     def bucket_for(self, batch: FlatBatch) -> Bucket | None:
         """The bucket of a step of one attention group (None otherwise)."""
@@ -347,6 +373,8 @@ class GraphRunner:
                 self._replay(graphs[0], batch.token_ids, batch.positions, batch.slot_mapping, plan[0][1], padded[0])
                 return self.model.head(graphs[0].hidden[padded[0][batch.logits_rows]])
             self.stats["split_steps"] += 1
+            if len(plan) > len(batch.groups):  # a shared call cut into packs
+                self.stats["packed_steps"] += 1
             hidden = None
             for graph, (_, group), rows in zip(graphs, plan, padded):
                 r = group.rows

@@ -15,6 +15,7 @@ from adaserve.iteration import StepOutput
 from adaserve.scheduling.admission import (BLOCK_SIZE, MAX_GRAPH_PARTS, MAX_GRAPH_TOKENS, SOLO_QUERY_THRESHOLD,
                                            graph_rows)
 from adaserve.scheduling.attention_calls import padding_groups
+from adaserve.scheduling.graph_shapes import graph_packs, query_rows
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 from adaserve.sim.acceptance import accepted_lengths
@@ -67,9 +68,11 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     tree_tokens = sum(n for _, n in trees)
     if latency.compiled_keys is not None and 0 < sum(c for c, _ in chunks) + tree_tokens <= latency.compiled_tokens:
         return compiled_step_ms(latency, chunks, trees)
-    if latency.graphed and graph_parts_fit(chunks, trees, latency.measured_with.get("graph_parts") or MAX_GRAPH_PARTS,
-                                           graph_rows(latency.limits.max_batch_tokens)):
-        return split_step_ms(latency, chunks, trees)
+    if latency.graphed:
+        parts = graph_parts(chunks, trees, latency.measured_with.get("graph_parts") or MAX_GRAPH_PARTS,
+                            graph_rows(latency.limits.max_batch_tokens), latency.limits.max_batch_requests)
+        if parts is not None:
+            return split_step_ms(latency, *parts)
     ms = float(latency.verify_ms(sum(c for c, _ in chunks) + tree_tokens, 0.0))
     parts = [float(latency.verify_ms(tree_tokens, 0.0))] if trees else []
     shared = list(trees)
@@ -82,30 +85,40 @@ def engine_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]],
     return max([ms, *parts]) + shared_attention_ms(latency, shared)
 
 
-def graph_parts_fit(chunks: list[tuple[int, int]], trees: list[tuple[int, int]],
-                    max_parts: int = MAX_GRAPH_PARTS, max_rows: int = MAX_GRAPH_TOKENS) -> bool:
-    """Whether the engine with CUDA graphs runs this step as one graphed forward per attention call
-    (engine/cuda_graphs.py): 2 to ``max_parts`` calls (the profile's ``measured_with.graph_parts``;
-    each chunk of ``SOLO_QUERY_THRESHOLD`` tokens or more is one, the rest share one), each of at
-    most ``max_rows`` padded rows (the engine's graphs hold ``MAX_GRAPH_TOKENS``, or its batch token
-    limit if smaller; rows are padded to a power of two per request, and the engine also rounds the
-    number of requests up, which this leaves out)."""
-    shared = [n for _, n in trees] + [c for c, _ in chunks if c < SOLO_QUERY_THRESHOLD]
-    solo = [c for c, _ in chunks if c >= SOLO_QUERY_THRESHOLD]
-    if not 1 < len(solo) + bool(shared) <= max_parts:
-        return False
-    pow2 = lambda n: 1 << (int(n) - 1).bit_length()  # noqa: E731
-    return all(pow2(c) <= max_rows for c in solo) and (not shared or len(shared) * pow2(max(shared)) <= max_rows)
-
-
-def split_step_ms(latency: LatencyProfile, chunks: list[tuple[int, int]], trees: list[tuple[int, int]]) -> float:
-    """A step run as one forward per attention call (``graph_parts_fit``): each long chunk from
-    the prefill table at its prefilled length, the shared call's tokens (trees, short chunks) as
-    a step of their own, each forward reading the weights again."""
-    short = [(c, p) for c, p in chunks if c < SOLO_QUERY_THRESHOLD]
-    ms = sum(float(latency.prefill_ms(c, p)) for c, p in chunks if c >= SOLO_QUERY_THRESHOLD)
+def graph_parts(chunks: list[tuple[int, int]], trees: list[tuple[int, int]], max_parts: int = MAX_GRAPH_PARTS,
+                max_rows: int = MAX_GRAPH_TOKENS, max_requests: int = 64
+                ) -> tuple[list[tuple[int, int]], list[tuple[list, list]]] | None:
+    """How the engine with CUDA graphs runs this step as several graphed forwards (engine/cuda_graphs.py),
+    or None when it runs it as one (graphed or eager): (the chunks of ``SOLO_QUERY_THRESHOLD`` tokens
+    or more, one forward each; the shared call's packs as (short chunks, trees) each), 2 to
+    ``max_parts`` forwards in all (the profile's ``measured_with.graph_parts``). The shared call (trees
+    and shorter chunks) is one forward when it fits a graph of ``max_rows`` padded rows, else cut
+    into packs by ``graph_packs``, as the engine's graph runner cuts it."""
+    solo = [c for c in chunks if c[0] >= SOLO_QUERY_THRESHOLD]
+    short = [c for c in chunks if c[0] < SOLO_QUERY_THRESHOLD]
+    if any(query_rows(c) > max_rows for c, _ in solo):
+        return None
+    packs = []
     if trees or short:
-        ms += engine_step_ms(latency, short, trees)  # one call: priced as a step of its own
+        sizes = [n for _, n in trees] + [c for c, _ in short]
+        cut = graph_packs(sizes, max_rows, max_requests)
+        if cut is None:
+            return None
+        entries = list(trees) + short
+        packs = [([entries[i] for i in p if i >= len(trees)], [entries[i] for i in p if i < len(trees)])
+                 for p in cut]
+    if not 1 < len(solo) + len(packs) <= max_parts:
+        return None
+    return solo, packs
+
+
+def split_step_ms(latency: LatencyProfile, solo: list[tuple[int, int]], packs: list[tuple[list, list]]) -> float:
+    """A step run as one forward per attention call (``graph_parts``): each long chunk from the
+    prefill table at its prefilled length, each pack of the shared call (short chunks, trees) as a
+    step of its own, each forward reading the weights again."""
+    ms = sum(float(latency.prefill_ms(c, p)) for c, p in solo)
+    for short, trees in packs:
+        ms += engine_step_ms(latency, [(c, p) for c, p in short], trees)  # one call: priced as a step of its own
     return ms
 
 
