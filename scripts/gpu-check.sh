@@ -48,7 +48,10 @@
 # last model at the first scale, with ADASERVE_GRAPH_PARTS=1: the same run without steps split
 # into one graphed forward per attention group, as run-adaserve...-parts1), MASK_AB (1, on CUDA: the
 # same with ADASERVE_DEVICE_MASK=0, dense attention masks built on the host and copied instead of
-# windows spelled out on the GPU, as run-adaserve...-densemask). The engine's own settings pass through, e.g.
+# windows spelled out on the GPU, as run-adaserve...-densemask), PAGED_AB (1, on CUDA: the weight-floor
+# steps with graphs again and that adaserve run again with ADASERVE_PAGED_ATTENTION=1, decode and tree
+# attention read from the paged cache by a Triton kernel, as floor-paged.json and
+# run-adaserve...-paged). The engine's own settings pass through, e.g.
 # ADASERVE_GRAPH_PARTS=1 (no step split into one graphed forward per attention group; the profile
 # records it, so the simulator prices the same way).
 # On one H200 a run cut at 9 minutes had not reached the 8B benchmark; SKIP="tests bench" took 3 min
@@ -172,6 +175,10 @@ fi
 if wanted floor; then
   step "weight floor" - "$PY" -m adaserve.runtime.weight_floor --shapes "${SHAPES// /,}" --device "$DEVICE" \
     --graphs "$FLOOR_GRAPHS" --json "$WORK/floor.json"
+  if [[ ${PAGED_AB:-0} == 1 && $DEVICE == cuda* ]]; then  # the same steps with the paged attention kernel
+    step "weight floor, paged attention" - env ADASERVE_PAGED_ATTENTION=1 "$PY" -m adaserve.runtime.weight_floor \
+      --shapes "${SHAPES// /,}" --device "$DEVICE" --graphs on --json "$WORK/floor-paged.json"
+  fi
 fi
 
 # 2-3. the first shape's checkpoint and profile, then adaserve run: vllm vs adaserve vs adaserve_plus
@@ -219,6 +226,7 @@ if wanted runs; then
   }
   [[ ${SPLIT_AB:-0} == 1 && $DEVICE == cuda* ]] && ab_run parts1 ADASERVE_GRAPH_PARTS=1     # no split steps
   [[ ${MASK_AB:-0} == 1 && $DEVICE == cuda* ]] && ab_run densemask ADASERVE_DEVICE_MASK=0   # dense host masks
+  [[ ${PAGED_AB:-0} == 1 && $DEVICE == cuda* ]] && ab_run paged ADASERVE_PAGED_ATTENTION=1  # the Triton kernel
   if [[ ${SYNC_DEBUG:-0} == 1 ]]; then  # where the host waits for the GPU: counted, not timed
     step "sync sites adaserve $first" - "$PY" scripts/engine_steps.py "$WORK/diag-adaserve.steps.jsonl" --sync-debug \
       --trace-prefill 3 -- \

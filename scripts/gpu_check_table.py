@@ -3,7 +3,9 @@ folder (``bench-<shape>-graphs-<on|off>.json`` from ``adaserve bench engine --js
 ``run-<system>.json`` from ``adaserve run``, ``run-<system>-x<time scale>.json`` for arrivals at
 another time scale, ``run-<system>-cycles[-x<scale>].json`` on the cycling checkpoint (a column of
 its own), ``run-adaserve[-cycles]-parts1[-x<scale>].json`` without split steps (SPLIT_AB),
-``run-adaserve[-cycles]-densemask[-x<scale>].json`` with dense host-built masks (MASK_AB), each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
+``run-adaserve[-cycles]-densemask[-x<scale>].json`` with dense host-built masks (MASK_AB),
+``run-adaserve[-cycles]-paged[-x<scale>].json`` and ``floor-paged.json`` with the paged attention kernel
+(PAGED_AB), each with its iteration log ``.steps.jsonl`` from scripts/engine_steps.py). Missing files (a failed step) leave their cells
 empty. Where the work folder also holds the profile the runs used (``profile-<shape>.json``) and
 their recorded acceptance (``run-<system>.acc.jsonl``), each run is simulated with them
 (``adaserve.sim.compare.engine_vs_sim``, issue 14) and the simulator's numbers stand beside the
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH = re.compile(r"bench-(?P<shape>.+)-graphs-(?P<graphs>on|off)\.json")
-RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-cycles)?(?:-parts1|-densemask)?(?:-x(?P<scale>[0-9.]+))?\.json")
+RUN = re.compile(r"run-(?P<system>[a-z0-9_]+)(?:-cycles)?(?:-parts1|-densemask|-paged)?(?:-x(?P<scale>[0-9.]+))?\.json")
 
 
 def _load(path: Path) -> dict | list | None:
@@ -85,6 +87,8 @@ def run_cells(files: list[Path]) -> list[tuple[str, str, str]]:
             what += ", graph parts 1"
         if meta.get("mask_windows") is False and meta.get("device", "").startswith("cuda"):  # MASK_AB's run
             what += ", dense masks"
+        if meta.get("paged_attention"):  # PAGED_AB's run
+            what += ", paged attention"
         if meta.get("time_scale", 1) != 1:
             what += f", time scale {meta['time_scale']:g}"
         out.append((f"{what}: SLO attainment %", col, _num(s.get("slo_attainment_pct"), 1)))
@@ -168,6 +172,9 @@ def table(work: Path) -> str:
     from adaserve.runtime.weight_floor import table as floor_table
 
     head = floor_table(floor) + "\n\n" if floor else ""
+    paged = _load(work / "floor-paged.json") if (work / "floor-paged.json").is_file() else None
+    if paged:  # PAGED_AB: the same steps with the paged attention kernel
+        head += "With ADASERVE_PAGED_ATTENTION=1:\n\n" + floor_table(paged) + "\n\n"
     masks = work / "mask-build.md"  # scripts/bench_mask_build.py's own table
     tail = "\n\n" + masks.read_text().strip() if masks.is_file() and masks.stat().st_size else ""
     if not bench and not runs:

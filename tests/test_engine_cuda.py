@@ -399,6 +399,42 @@ def test_cuda_graph_packs_of_a_shared_call_match_eager(masks):
     assert runner.stats["packed_steps"] == 2, runner.stats  # the first shape (4 x 8 rows); the second fits (4 x 4)
 
 
+@pytest.mark.skipif(not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="compiled Triton needs a GPU (TRITON_INTERPRET=1 runs it interpreted on the CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_kernel_matches_gather_and_sdpa(monkeypatch, dtype):
+    """ADASERVE_PAGED_ATTENTION=1 (engine/paged_attention.py, compiled): the logits of tree steps
+    eagerly and replayed as graphs, against the gather + SDPA path of the same model and caches."""
+    pytest.importorskip("triton")
+    from adaserve.engine.cuda_graphs import BucketLimits, GraphRunner, cache_with_scratch_block
+
+    model = tiny_random_model("llama", seed=3, device=DEVICE, dtype=dtype, **SMALL)
+    caches = []
+    for _ in range(2):
+        cache, scratch = cache_with_scratch_block(model, 64, 16)
+        b = BatchBuilder(cache)
+        for i, n in enumerate((37, 5, 70, 130)):
+            b.add_prefill(i, tokens(n, seed=i))
+        model(b.build(), cache)
+        caches.append(cache)
+    plain, paged = caches
+    runner = GraphRunner(model, paged, scratch, BucketLimits(8, 32, 128))
+    shapes = [[[-1, 0, 0, 1, 1, 2], [-1], [-1, 0, 1, 2], [-1, 0]], [[-1]] * 4]
+    for step, trees in enumerate(shapes * 2):
+        monkeypatch.setenv("ADASERVE_PAGED_ATTENTION", "0")
+        want = model(_tree_batch(plain, trees, step), plain).float()
+        monkeypatch.setenv("ADASERVE_PAGED_ATTENTION", "1")
+        batch = _tree_batch(paged, trees, step)
+        got = (model(batch, paged) if step < len(shapes) else runner(batch)).float()
+        sync()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (step, err)
+        for c in caches:
+            for i in range(len(trees)):
+                c.truncate(i, c.length(i))
+    assert runner.stats["graph_steps"] == len(shapes) and runner.stats["failed"] == 0, runner.stats
+
+
 @pytest.mark.parametrize("ahead", [False, True], ids=["lazy", "captured-ahead"])
 @pytest.mark.parametrize("system", ["vllm", "adaserve"])
 def test_greedy_serving_with_cuda_graphs_is_lossless(system, ahead):

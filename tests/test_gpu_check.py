@@ -339,6 +339,13 @@ def test_dry_run_with_cycles_runs_every_system_again_on_a_cycling_checkpoint():
     assert ab.startswith("env ADASERVE_DEVICE_MASK=0 ") and "--system adaserve" in ab
     assert "--out /w/run-adaserve-densemask " in ab + " "
     assert not any("DEVICE_MASK" in x for x in dry_run(SKIP="tests floor bench host"))
+    # PAGED_AB: the floor's graphed steps and the adaserve run again with the paged attention kernel
+    lines = dry_run(PAGED_AB="1", SKIP="tests bench host")
+    [floor] = [x for x in lines if "floor-paged.json" in x]
+    assert floor.startswith("env ADASERVE_PAGED_ATTENTION=1 ") and "--graphs on " in floor + " "
+    [ab] = [x for x in lines if "PAGED_ATTENTION" in x and " run --trace " in x]
+    assert "--system adaserve" in ab and "--out /w/run-adaserve-paged " in ab + " "
+    assert not any("PAGED" in x for x in dry_run(SKIP="tests bench host"))
 
 
 def test_dry_run_on_cpu_uses_the_tiny_shape_without_graphs():
@@ -387,6 +394,10 @@ def test_table_from_results(tmp_path):
     dense["meta"] |= {"mask_windows": False, "device": "cuda"}
     dense["summary"]["slo_attainment_pct"] = 85.0
     (tmp_path / "run-adaserve-densemask.json").write_text(json.dumps(dense))
+    paged = json.loads(json.dumps(run))
+    paged["meta"]["paged_attention"] = True
+    paged["summary"]["slo_attainment_pct"] = 92.5
+    (tmp_path / "run-adaserve-paged.json").write_text(json.dumps(paged))
     (tmp_path / "mask-build.md").write_text("| device | requests x tree nodes |\n|---|---|\n| cuda | 64 x 25 |\n")
     text = gpu_check_table.table(tmp_path)
     lines = text.splitlines()
@@ -400,6 +411,7 @@ def test_table_from_results(tmp_path):
     assert "| adaserve run adaserve, 40 requests: warm-up s (graphs captured ahead) | 7.8 (378) |" in lines
     assert "| adaserve run adaserve, 40 requests, graph parts 1: SLO attainment % | 80.0 |" in lines
     assert "| adaserve run adaserve, 40 requests, dense masks: SLO attainment % | 85.0 |" in lines
+    assert "| adaserve run adaserve, 40 requests, paged attention: SLO attainment % | 92.5 |" in lines
     assert lines[-3:] == ["| device | requests x tree nodes |", "|---|---|", "| cuda | 64 x 25 |"]  # the mask benchmark
     # the iteration log (scripts/engine_steps.py): decode-only and prefill iterations apart
     steps = [{"decode": [[10, 1]], "prefill": [], "iteration_ms": ms, "forward_ms": 0.5, "forward_device_ms": 2.0}
@@ -414,6 +426,13 @@ def test_table_from_results(tmp_path):
     (tmp_path / "floor.json").write_text(json.dumps(floor))
     lines = gpu_check_table.table(tmp_path).splitlines()
     assert lines[0] == "| shape | step | graphs | ms | x floor | x 1-token step |"
+    assert not any("PAGED" in x for x in lines)
+    (tmp_path / "floor-paged.json").write_text(json.dumps(floor))
+    lines = gpu_check_table.table(tmp_path).splitlines()
+    assert "With ADASERVE_PAGED_ATTENTION=1:" in lines
+    assert lines.count("| shape | step | graphs | ms | x floor | x 1-token step |") == 2
+    (tmp_path / "floor-paged.json").unlink()
+    lines = gpu_check_table.table(tmp_path).splitlines()
     assert "| llama-3.2-1b | decode 1 seq x 1 token | on | 2.000 | 3.33 | 1.00 |" in lines
     assert "| adaserve run adaserve, 40 requests: median ms per decode-only iteration (count) | 3.50 (3) |" in lines
     assert "| adaserve run adaserve, 40 requests: median ms per iteration with a prefill chunk (count) | 34.50 (2) |" \

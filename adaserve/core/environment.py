@@ -25,6 +25,8 @@ VARIABLES: dict[str, str] = {
                             "(default 3; 1: a step of several groups runs eagerly)",
     "ADASERVE_DEVICE_MASK": "0: attention masks built dense on the host and copied, not sent as windows spelled out "
                             "on the GPU; 1: windows on the CPU too (default: windows off the CPU)",
+    "ADASERVE_PAGED_ATTENTION": "1: decode and tree attention read the paged KV cache with a Triton kernel "
+                                "(CUDA; default off: not yet measured on a GPU)",
     "ADASERVE_STAGING": "0: a step's arrays go to the GPU one copy each, not packed into one pinned copy",
     "ADASERVE_TP_TIMEOUT": "seconds a tensor-parallel collective may take before the run ends (default 20)",
     "ADASERVE_TRACES": "tests: a folder holding the artifact's traces to test on; none: the generated ones only",

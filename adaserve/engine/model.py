@@ -19,11 +19,13 @@ from torch import nn
 from adaserve.core import jit
 from adaserve.core.environment import env_switch
 from adaserve.core.errors import UserError
+from adaserve.scheduling.admission import SOLO_QUERY_THRESHOLD
 
 from . import cpu_decode
 from .batch import FlatBatch
 from .config import ModelConfig
 from .kv_cache import BLOCK_SIZE, KVCache
+from .paged_attention import paged_attention, paged_attention_enabled
 
 
 # CPU linears through oneDNN with prepacked weights (``torch.ops.mkldnn._reorder_linear_weight`` +
@@ -349,6 +351,11 @@ class Attention(nn.Module):
             qg = q if g.all_rows else q[g.rows]
             if b * nq != qg.shape[0]:  # pad to [B * Q]
                 qg = qg.new_zeros(b * nq, self.num_heads, self.head_dim).index_copy_(0, g.pad_index, qg)
+            if mask is None:  # read from the paged cache through the mask window (paged_attention.py)
+                w = g.window
+                og = paged_attention(qg, k_cache, v_cache, g.block_tables, w.prefix, w.start, w.local)
+                out = self._scatter(out, og, g, b * nq)
+                continue
             kg = gather_blocks(k_cache, g.block_tables, workspace[0])  # [B, kv_heads, S, head_dim]
             vg = gather_blocks(v_cache, g.block_tables, workspace[1])
             if mask.dtype == torch.bool:
@@ -359,14 +366,18 @@ class Attention(nn.Module):
                 qg = qg.view(b, nq, kv, grp, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, kv, grp * nq, -1)
                 og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).unflatten(2, (grp, nq))
                 og = og.permute(0, 3, 1, 2, 4)  # [B, Q, kv, G, head_dim]: heads back in order
-            og = og.reshape(b * nq, self.num_heads, self.head_dim)
-            if b * nq != len(g.rows):
-                og = og[g.pad_index]
-            if g.all_rows:
-                out = og
-            else:
-                out[g.rows] = og
+            out = self._scatter(out, og.reshape(b * nq, self.num_heads, self.head_dim), g, b * nq)
         return self.o_proj(out.reshape(t, -1))
+
+    @staticmethod
+    def _scatter(out: torch.Tensor, og: torch.Tensor, g, padded: int) -> torch.Tensor:
+        """A group's attention output ``og`` [padded rows, heads, head_dim] into the step's rows."""
+        if padded != len(g.rows):
+            og = og[g.pad_index]
+        if g.all_rows:
+            return og
+        out[g.rows] = og
+        return out
 
 
 class MLP(nn.Module):
@@ -490,10 +501,14 @@ class Transformer(nn.Module):
         block_numel = cache.k[0, 0].numel()
         need = max(g.block_tables.numel() for g in batch.groups) * block_numel
         workspace = cache.workspace(2 * need).view(2, need).unbind(0)
-        masks = [g.attention_mask(cache.block_size) for g in batch.groups]
+        # None: the group's attention reads the paged cache itself (paged_attention.py)
+        paged = paged_attention_enabled(x.device)
+        masks = [None if paged and g.window is not None and g.num_queries < SOLO_QUERY_THRESHOLD
+                 else g.attention_mask(cache.block_size) for g in batch.groups]
         attn = self.model.layers[0].self_attn
         if attn.num_heads > attn.num_kv_heads and fold_gqa(x.device):
-            masks = [folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype) for m in masks]
+            masks = [None if m is None else folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype)
+                     for m in masks]
         for layer, k, v in zip(self.model.layers, cache.k.unbind(0), cache.v.unbind(0)):
             x = layer(x, cos, sin, batch, k, v, workspace, masks)
         return x

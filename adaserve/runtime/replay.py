@@ -22,6 +22,7 @@ from adaserve.core.request import Request
 from adaserve.core.trace import TraceRecord, load_trace, prepare_records, to_requests
 from adaserve.engine.batch import window_masks
 from adaserve.engine.executor import TorchExecutor
+from adaserve.engine.paged_attention import paged_attention_enabled
 from adaserve.engine.recorder import AcceptanceRecorder
 from adaserve.iteration import ServingLoop
 from adaserve.scheduling.policies import SYSTEMS, make_policy
@@ -132,6 +133,7 @@ def run_meta(cfg: RunConfig, eng: Engine, loop: ServingLoop, wall: float, warm: 
             "cuda_graphs": dict(ex.graphs.stats) if ex.graphs is not None else None,
             "graph_parts": ex.graphs.max_parts if ex.graphs is not None else None,
             "mask_windows": window_masks(ex.cache.device),
+            "paged_attention": paged_attention_enabled(ex.cache.device),
             "threads": torch.get_num_threads(), "limits": asdict(profile.limits),
             "iterations": loop.stats.iterations, "wall_s": round(wall, 3),
             "warmup": {k: round(v, 3) for k, v in asdict(warm).items()},

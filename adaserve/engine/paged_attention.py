@@ -1,0 +1,78 @@
+"""Tree attention read straight from the paged KV cache: one Triton kernel per shared attention call.
+
+Why: the operator path (``model.Attention.forward``) gathers every request's K/V blocks into a
+contiguous buffer in each layer (``gather_blocks``: reads and writes all of it, padded to the
+graph bucket's context), folds the query heads and runs SDPA over the copy with a dense mask
+spelled out per key. For decode and tree steps that is three passes over the K/V where attention
+needs one, and about six kernels per layer where this is one. This kernel reads each request's
+blocks through its block table and the mask from its ``MaskWindow`` (context length per query row,
+the tree's own keys as bits), with an online softmax in fp32 (flash-attention style).
+
+Grid: (requests, KV heads); a program holds the ``G * Q`` query rows of one request and KV head
+(G query heads per KV head, Q rows per request) and walks the request's keys one KV block at a
+time, up to the end of its window (its context plus its tree). Used for attention groups whose
+requests have fewer than ``SOLO_QUERY_THRESHOLD`` new tokens each (decodes, trees, short prompt
+tails); prefill chunks keep SDPA.
+
+Off unless ``ADASERVE_PAGED_ATTENTION=1`` (needs Triton and a CUDA device, or
+``TRITON_INTERPRET=1`` on the CPU, as the tests run it): not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from adaserve.core.environment import env_switch
+
+PAGED_ENV = "ADASERVE_PAGED_ATTENTION"
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def paged_attention_enabled(device: torch.device) -> bool:
+    """``ADASERVE_PAGED_ATTENTION=1`` and Triton importable, on CUDA (or the CPU under Triton's
+    interpreter)."""
+    if not env_switch(PAGED_ENV, "shared attention calls read the paged cache with a Triton kernel",
+                      "gather + SDPA", "gather + SDPA"):
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return _triton() is not None and (device.type == "cuda" or interpreted)
+
+
+@functools.cache
+def _kernel():
+    from .paged_attention_kernel import paged_tree_attention
+
+    return paged_tree_attention
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                    prefix: torch.Tensor, start: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Attention of the padded queries ``q`` [B * Q, H, D] over the keys each row's mask window
+    shows (``batch.MaskWindow``: ``prefix`` [B, Q], ``start`` [B], ``local`` [B, Q, W]), read from
+    the layer's caches ``[blocks, block_size, KV, D]`` through ``tables`` [B, NB]: [B * Q, H, D]."""
+    triton, _ = _triton()
+    b, qn = prefix.shape
+    h, dim = q.shape[1], q.shape[2]
+    bs, kv = k_cache.shape[1], k_cache.shape[2]
+    group = h // kv
+    out = torch.empty_like(q)
+    block_m = max(16, triton.next_power_of_2(group * qn))
+    _kernel()[(b, kv)](q.contiguous(), k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
+                       start.contiguous(), local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2],
+                       tables.shape[1], H=h, KV=kv, G=group, D=dim, BS=bs, BLOCK_M=block_m,
+                       EVERY_BLOCK=tables.shape[1] if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+                       IEEE=q.dtype == torch.float32)
+    return out
