@@ -115,7 +115,7 @@ from adaserve.engine.paged_attention_kernel import paged_tree_attention
 for dt, ieee in (("*bf16", False), ("*fp32", True)):
     sig = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, out_ptr=dt, tables_ptr="*i64", prefix_ptr="*i64", start_ptr="*i64",
                local_ptr="*i1", scale="fp32", Q="i32", W="i32", NB="i32")
-    consts = dict(H=32, KV=8, G=4, D=64, BS=16, BLOCK_M=128, EVERY_BLOCK=0, IEEE=ieee)
+    consts = dict(H=32, KV=8, G=4, D=64, BS=16, BLOCK_M=128, BLOCK_N=64, EVERY_TILE=0, IEEE=ieee)
     sig.update((k, "constexpr") for k in consts)
     kernel = triton.compile(ASTSource(fn=paged_tree_attention, signature=sig, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32))

@@ -9,10 +9,10 @@ blocks through its block table and the mask from its ``MaskWindow`` (context len
 the tree's own keys as bits), with an online softmax in fp32 (flash-attention style).
 
 Grid: (requests, KV heads); a program holds the ``G * Q`` query rows of one request and KV head
-(G query heads per KV head, Q rows per request) and walks the request's keys one KV block at a
-time, up to the end of its window (its context plus its tree). Used for attention groups whose
-requests have fewer than ``SOLO_QUERY_THRESHOLD`` new tokens each (decodes, trees, short prompt
-tails); prefill chunks keep SDPA.
+(G query heads per KV head, Q rows per request) and walks the request's keys ``KEY_TILE`` at a
+time (several KV blocks, each found in the block table), up to the end of its window (its context
+plus its tree). Used for attention groups whose requests have fewer than ``SOLO_QUERY_THRESHOLD``
+new tokens each (decodes, trees, short prompt tails); prefill chunks keep SDPA.
 
 Off unless ``ADASERVE_PAGED_ATTENTION=1`` (needs Triton and a CUDA device, or
 ``TRITON_INTERPRET=1`` on the CPU, as the tests run it): not yet measured on a GPU.
@@ -29,6 +29,7 @@ import torch
 from adaserve.core.environment import env_switch
 
 PAGED_ENV = "ADASERVE_PAGED_ATTENTION"
+KEY_TILE = 64  # keys per iteration of the kernel (4 KV blocks of 16)
 
 
 @functools.cache
@@ -68,11 +69,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     h, dim = q.shape[1], q.shape[2]
     bs, kv = k_cache.shape[1], k_cache.shape[2]
     group = h // kv
+    q = q.contiguous()
     out = torch.empty_like(q)
     block_m = max(16, triton.next_power_of_2(group * qn))
-    _kernel()[(b, kv)](q.contiguous(), k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
+    block_n = max(bs, KEY_TILE)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then every tile: a constant loop bound
+    _kernel()[(b, kv)](q, k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
                        start.contiguous(), local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2],
-                       tables.shape[1], H=h, KV=kv, G=group, D=dim, BS=bs, BLOCK_M=block_m,
-                       EVERY_BLOCK=tables.shape[1] if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+                       tables.shape[1], H=h, KV=kv, G=group, D=dim, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
+                       EVERY_TILE=-(-tables.shape[1] * bs // block_n) if interpreted else 0,
                        IEEE=q.dtype == torch.float32)
     return out

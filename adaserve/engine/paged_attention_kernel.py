@@ -6,24 +6,27 @@ import triton.language as tl
 
 
 @triton.jit
-def block_step(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix, start, m_i, l_i, acc,
-               scale, Q, W, NB, KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
-    """One KV block of the request's keys into the online softmax (m_i, l_i, acc)."""
-    n = tl.arange(0, BS)
+def key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix, start, m_i, l_i, acc,
+             scale, Q, W, NB, KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+             IEEE: tl.constexpr):
+    """Keys ``t * BLOCK_N ...`` of the request (``BLOCK_N / BS`` KV blocks) into the online softmax
+    (m_i, l_i, acc)."""
+    n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    block = tl.load(tables_ptr + b * NB + t)
-    slot = (block * BS + n) * KV + h
-    k = tl.load(k_ptr + slot[:, None] * D + d[None, :])
-    v = tl.load(v_ptr + slot[:, None] * D + d[None, :])
+    key = t * BLOCK_N + n
+    in_table = key < NB * BS
+    block = tl.load(tables_ptr + b * NB + key // BS, mask=in_table, other=0)
+    slot = (block * BS + key % BS) * KV + h
+    k = tl.load(k_ptr + slot[:, None] * D + d[None, :], mask=in_table[:, None], other=0.0)
+    v = tl.load(v_ptr + slot[:, None] * D + d[None, :], mask=in_table[:, None], other=0.0)
     if IEEE:  # fp32 inputs: full precision, not tf32 (the fp32 tests compare at 1e-4)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BS]
     else:
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    key = t * BS + n
     rel = key[None, :] - start
     inside = (rel >= 0) & (rel < W) & valid[:, None]
     bits = tl.load(local_ptr + (b * Q + r)[:, None] * W + rel, mask=inside, other=0)
-    seen = (key[None, :] < prefix[:, None]) | (bits != 0)
+    seen = ((key[None, :] < prefix[:, None]) | (bits != 0)) & in_table[None, :]
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key seen yet
@@ -36,11 +39,13 @@ def block_step(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
     return m_new, l_i, acc
 
+
 @triton.jit(do_not_specialize=["Q", "W", "NB"])  # one compiled kernel per block shape, not per size
 def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prefix_ptr, start_ptr, local_ptr,
                          scale, Q, W, NB,
                          H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                         BS: tl.constexpr, BLOCK_M: tl.constexpr, EVERY_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+                         BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVERY_TILE: tl.constexpr,
+                         IEEE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)  # query row m = g * Q + r: query head h * G + g, row r of the request
@@ -55,13 +60,13 @@ def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prefix_ptr, s
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if EVERY_BLOCK > 0:  # Triton's interpreter (the CPU tests) takes constant loop bounds only
-        for t in range(0, EVERY_BLOCK):
-            m_i, l_i, acc = block_step(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
-                                       start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, IEEE)
-    else:  # the blocks up to the end of the request's window (keys past it are never seen)
-        for t in range(0, tl.minimum(tl.cdiv(start + W, BS), NB)):
-            m_i, l_i, acc = block_step(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
-                                       start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, IEEE)
+    if EVERY_TILE > 0:  # Triton's interpreter (the CPU tests) takes constant loop bounds only
+        for t in range(0, EVERY_TILE):
+            m_i, l_i, acc = key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
+                                     start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, BLOCK_N, IEEE)
+    else:  # the tiles up to the end of the request's window (keys past it are never seen)
+        for t in range(0, tl.cdiv(tl.minimum(start + W, NB * BS), BLOCK_N)):
+            m_i, l_i, acc = key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
+                                     start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, BLOCK_N, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
