@@ -83,6 +83,17 @@ def test_paged_kernel_gives_the_gather_and_sdpa_logits(monkeypatch, model, step,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_query_rows_spread_over_several_programs(monkeypatch, model):
+    """More query rows than one program holds (``MAX_ROWS``): the same logits."""
+    from adaserve.engine import paged_attention
+
+    monkeypatch.setenv(DEVICE_MASK_ENV, "1")
+    monkeypatch.setattr(paged_attention, "MAX_ROWS", 16)
+    trees = [[-1, 0, 1, 1, 2, 0, 5, 6, 2], [-1, 0]]  # 2 query heads per KV head x 9 rows > 16
+    want = logits(model, [20, 40], trees, [], False, 3)
+    torch.testing.assert_close(logits(model, [20, 40], trees, [], True, 3), want, atol=1e-5, rtol=0)
+
+
 def test_the_switch(monkeypatch):
     for value, want in (("1", True), ("0", False), ("", False)):
         monkeypatch.setenv(PAGED_ENV, value)

@@ -8,8 +8,8 @@ needs one, and about six kernels per layer where this is one. This kernel reads 
 blocks through its block table and the mask from its ``MaskWindow`` (context length per query row,
 the tree's own keys as bits), with an online softmax in fp32 (flash-attention style).
 
-Grid: (requests, KV heads); a program holds the ``G * Q`` query rows of one request and KV head
-(G query heads per KV head, Q rows per request) and walks the request's keys ``KEY_TILE`` at a
+Grid: (requests, KV heads, row tiles); a program holds up to ``MAX_ROWS`` of the ``G * Q`` query rows
+of one request and KV head (G query heads per KV head, Q rows per request) and walks the request's keys ``KEY_TILE`` at a
 time (several KV blocks, each found in the block table), up to the end of its window (its context
 plus its tree). Used for attention groups whose requests have fewer than ``SOLO_QUERY_THRESHOLD``
 new tokens each (decodes, trees, short prompt tails); prefill chunks keep SDPA.
@@ -30,6 +30,9 @@ from adaserve.core.environment import env_switch
 
 PAGED_ENV = "ADASERVE_PAGED_ATTENTION"
 KEY_TILE = 64  # keys per iteration of the kernel (4 KV blocks of 16)
+# query rows per program: a model with many query heads per KV head and large trees spreads its
+# rows over more programs (a third grid axis) instead of holding them all in one program's registers
+MAX_ROWS = 64
 
 
 @functools.cache
@@ -71,10 +74,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = h // kv
     q = q.contiguous()
     out = torch.empty_like(q)
-    block_m = max(16, triton.next_power_of_2(group * qn))
+    block_m = min(max(16, triton.next_power_of_2(group * qn)), MAX_ROWS)
     block_n = max(bs, KEY_TILE)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then every tile: a constant loop bound
-    _kernel()[(b, kv)](q, k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
+    _kernel()[(b, kv, triton.cdiv(group * qn, block_m))](q, k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
                        start.contiguous(), local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2],
                        tables.shape[1], H=h, KV=kv, G=group, D=dim, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
                        EVERY_TILE=-(-tables.shape[1] * bs // block_n) if interpreted else 0,

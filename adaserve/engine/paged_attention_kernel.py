@@ -48,7 +48,7 @@ def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prefix_ptr, s
                          IEEE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m = tl.arange(0, BLOCK_M)  # query row m = g * Q + r: query head h * G + g, row r of the request
+    m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row m = g * Q + r: query head h * G + g, row r
     g = m // Q
     r = m % Q
     valid = m < G * Q
