@@ -83,15 +83,31 @@ def test_paged_kernel_gives_the_gather_and_sdpa_logits(monkeypatch, model, step,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_query_rows_spread_over_several_programs(monkeypatch, model):
-    """More query rows than one program holds (``MAX_ROWS``): the same logits."""
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_rows_and_keys_spread_over_several_programs(monkeypatch, model, splits):
+    """More query rows than one program holds (``MAX_ROWS``), and each request's keys in ``splits``
+    ranges combined afterwards (flash-decoding, for steps of few requests): the same logits."""
     from adaserve.engine import paged_attention
 
     monkeypatch.setenv(DEVICE_MASK_ENV, "1")
     monkeypatch.setattr(paged_attention, "MAX_ROWS", 16)
-    trees = [[-1, 0, 1, 1, 2, 0, 5, 6, 2], [-1, 0]]  # 2 query heads per KV head x 9 rows > 16
-    want = logits(model, [20, 40], trees, [], False, 3)
-    torch.testing.assert_close(logits(model, [20, 40], trees, [], True, 3), want, atol=1e-5, rtol=0)
+    monkeypatch.setattr(paged_attention, "SPLITS", splits)
+    trees = [[-1, 0, 1, 1, 2, 0, 5, 6, 2], [-1, 0], [-1]]  # 2 query heads per KV head x 9 rows > 16
+    contexts = [20, 140, 3]  # 3 key tiles of 64 for the second request; the third's fit in one
+    want = logits(model, contexts, trees, [5], False, 3)
+    torch.testing.assert_close(logits(model, contexts, trees, [5], True, 3), want, atol=1e-5, rtol=0)
+
+
+def test_key_splits_fill_the_gpu(monkeypatch):
+    from adaserve.engine import paged_attention
+
+    monkeypatch.setattr(paged_attention, "_multiprocessors", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert paged_attention.key_splits(cuda, 512, 32) == 1  # 64 requests x 8 KV heads fill 132 SMs
+    assert paged_attention.key_splits(cuda, 8, 32) == 16  # one request: 8 programs -> 16 ranges each (max)
+    assert paged_attention.key_splits(cuda, 32, 32) == 16  # 264 / 32 = 9 -> 16
+    assert paged_attention.key_splits(cuda, 32, 3) == 4  # no more ranges than key tiles (rounded up to 2^k)
+    assert paged_attention.key_splits(torch.device("cpu"), 8, 32) == 1
 
 
 def test_the_switch(monkeypatch):
@@ -123,10 +139,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from adaserve.engine.paged_attention_kernel import paged_tree_attention
-for dt, ieee in (("*bf16", False), ("*fp32", True)):
-    sig = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, out_ptr=dt, tables_ptr="*i64", prefix_ptr="*i64", start_ptr="*i64",
-               local_ptr="*i1", scale="fp32", Q="i32", W="i32", NB="i32")
-    consts = dict(H=32, KV=8, G=4, D=64, BS=16, BLOCK_M=128, BLOCK_N=64, EVERY_TILE=0, IEEE=ieee)
+for dt, ieee, splits in (("*bf16", False, 1), ("*fp32", True, 1), ("*bf16", False, 4)):
+    sig = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, out_ptr=dt if splits == 1 else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
+               tables_ptr="*i64", prefix_ptr="*i64", start_ptr="*i64", local_ptr="*i1", scale="fp32", Q="i32",
+               W="i32", NB="i32")
+    consts = dict(H=32, KV=8, G=4, D=64, BS=16, BLOCK_M=64, BLOCK_N=64, EVERY_TILE=0, SPLITS=splits, IEEE=ieee)
     sig.update((k, "constexpr") for k in consts)
     kernel = triton.compile(ASTSource(fn=paged_tree_attention, signature=sig, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32))
@@ -142,4 +159,4 @@ def test_the_kernel_compiles_for_a_hopper_gpu():
     p = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=300, cwd=root,
                        env={**env, "PYTHONPATH": str(root)})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["*bf16", "True", "*fp32", "False"], p.stdout
+    assert p.stdout.split() == ["*bf16", "True", "*fp32", "False", "*bf16", "True"], p.stdout

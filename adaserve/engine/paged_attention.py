@@ -12,7 +12,9 @@ Grid: (requests, KV heads, row tiles); a program holds up to ``MAX_ROWS`` of the
 of one request and KV head (G query heads per KV head, Q rows per request) and walks the request's keys ``KEY_TILE`` at a
 time (several KV blocks, each found in the block table), up to the end of its window (its context
 plus its tree). Used for attention groups whose requests have fewer than ``SOLO_QUERY_THRESHOLD``
-new tokens each (decodes, trees, short prompt tails); prefill chunks keep SDPA.
+new tokens each (decodes, trees, short prompt tails); prefill chunks keep SDPA. A step of few
+requests splits each request's keys over several programs as well (``key_splits``, flash-decoding),
+their partial results combined by ``combine_splits``.
 
 Off unless ``ADASERVE_PAGED_ATTENTION=1`` (needs Triton and a CUDA device, or
 ``TRITON_INTERPRET=1`` on the CPU, as the tests run it): not yet measured on a GPU.
@@ -33,6 +35,8 @@ KEY_TILE = 64  # keys per iteration of the kernel (4 KV blocks of 16)
 # query rows per program: a model with many query heads per KV head and large trees spreads its
 # rows over more programs (a third grid axis) instead of holding them all in one program's registers
 MAX_ROWS = 64
+MAX_SPLITS = 16
+SPLITS: int | None = None  # tests: key ranges per program row, whatever the device
 
 
 @functools.cache
@@ -73,13 +77,49 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     bs, kv = k_cache.shape[1], k_cache.shape[2]
     group = h // kv
     q = q.contiguous()
-    out = torch.empty_like(q)
     block_m = min(max(16, triton.next_power_of_2(group * qn)), MAX_ROWS)
     block_n = max(bs, KEY_TILE)
+    row_tiles = triton.cdiv(group * qn, block_m)
+    key_tiles = triton.cdiv(tables.shape[1] * bs, block_n)
+    splits = key_splits(q.device, b * kv * row_tiles, key_tiles)
+    if splits == 1:
+        out, m, l = torch.empty_like(q), q, q  # m, l unused
+    else:
+        out = q.new_empty(q.shape[0] * h, splits, dim, dtype=torch.float32)
+        m = q.new_empty(q.shape[0] * h, splits, dtype=torch.float32)
+        l = torch.empty_like(m)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then every tile: a constant loop bound
-    _kernel()[(b, kv, triton.cdiv(group * qn, block_m))](q, k_cache, v_cache, out, tables.contiguous(), prefix.contiguous(),
-                       start.contiguous(), local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2],
-                       tables.shape[1], H=h, KV=kv, G=group, D=dim, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-                       EVERY_TILE=-(-tables.shape[1] * bs // block_n) if interpreted else 0,
-                       IEEE=q.dtype == torch.float32)
-    return out
+    _kernel()[(b, kv, row_tiles * splits)](
+        q, k_cache, v_cache, out, m, l, tables.contiguous(), prefix.contiguous(), start.contiguous(),
+        local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2], tables.shape[1], H=h, KV=kv, G=group,
+        D=dim, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, EVERY_TILE=key_tiles if interpreted else 0,
+        SPLITS=splits, IEEE=q.dtype == torch.float32)
+    return out if splits == 1 else combine_splits(out, m, l).view(q.shape).to(q.dtype)
+
+
+def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The attention output from the key ranges' partials: ``acc`` [rows, S, D] (unnormalised),
+    running maxima ``m`` and sums ``l`` [rows, S] (a range that saw no key: -inf and 0)."""
+    top = m.max(dim=1, keepdim=True).values
+    w = torch.exp(m - top)  # every row sees key 0, in the first range: ``top`` is finite
+    return (w.unsqueeze(-1) * acc).sum(1) / (w * l).sum(1, keepdim=True)
+
+
+def key_splits(device: torch.device, programs: int, key_tiles: int) -> int:
+    """Key ranges per (request, KV head, row tile): 1 when the programs already fill the GPU, else
+    a power of two up to ``MAX_SPLITS`` that brings them to about twice its multiprocessors
+    (flash-decoding: a step of few requests over long contexts). ``SPLITS`` overrides (tests)."""
+    if SPLITS is not None:
+        return SPLITS
+    if device.type != "cuda":
+        return 1
+    target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target // 2:
+        return 1
+    want = min(-(-target // programs), key_tiles, MAX_SPLITS)
+    return 1 << (want - 1).bit_length() if want > 1 else 1
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -6,15 +6,15 @@ import triton.language as tl
 
 
 @triton.jit
-def key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix, start, m_i, l_i, acc,
+def key_tile(t, lo, hi, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix, start, m_i, l_i, acc,
              scale, Q, W, NB, KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
              IEEE: tl.constexpr):
     """Keys ``t * BLOCK_N ...`` of the request (``BLOCK_N / BS`` KV blocks) into the online softmax
-    (m_i, l_i, acc)."""
+    (m_i, l_i, acc); nothing from a tile outside this program's ``[lo, hi)``."""
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     key = t * BLOCK_N + n
-    in_table = key < NB * BS
+    in_table = (key < NB * BS) & (t >= lo) & (t < hi)
     block = tl.load(tables_ptr + b * NB + key // BS, mask=in_table, other=0)
     slot = (block * BS + key % BS) * KV + h
     k = tl.load(k_ptr + slot[:, None] * D + d[None, :], mask=in_table[:, None], other=0.0)
@@ -41,14 +41,18 @@ def key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix, 
 
 
 @triton.jit(do_not_specialize=["Q", "W", "NB"])  # one compiled kernel per block shape, not per size
-def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prefix_ptr, start_ptr, local_ptr,
+def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr, prefix_ptr, start_ptr, local_ptr,
                          scale, Q, W, NB,
                          H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                          BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVERY_TILE: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    """With ``SPLITS`` > 1 each program takes one of that many ranges of the request's key tiles and
+    writes its unnormalised partial (``out`` [rows, SPLITS, D] fp32, running max ``m`` and sum ``l``
+    [rows, SPLITS]) for ``combine_splits``; with 1, the attention output itself."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row m = g * Q + r: query head h * G + g, row r
+    split = tl.program_id(2) % SPLITS
+    m = (tl.program_id(2) // SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)  # row m = g * Q + r: head h * G + g
     g = m // Q
     r = m % Q
     valid = m < G * Q
@@ -60,13 +64,23 @@ def paged_tree_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prefix_ptr, s
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    tiles = tl.cdiv(tl.minimum(start + W, NB * BS), BLOCK_N)  # up to the end of the request's window
+    per = tl.cdiv(tiles, SPLITS)
+    lo = split * per
+    hi = tl.minimum(lo + per, tiles)
     if EVERY_TILE > 0:  # Triton's interpreter (the CPU tests) takes constant loop bounds only
         for t in range(0, EVERY_TILE):
-            m_i, l_i, acc = key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
+            m_i, l_i, acc = key_tile(t, lo, hi, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
                                      start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, BLOCK_N, IEEE)
-    else:  # the tiles up to the end of the request's window (keys past it are never seen)
-        for t in range(0, tl.cdiv(tl.minimum(start + W, NB * BS), BLOCK_N)):
-            m_i, l_i, acc = key_tile(t, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
+    else:
+        for t in range(lo, hi):
+            m_i, l_i, acc = key_tile(t, lo, hi, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, prefix,
                                      start, m_i, l_i, acc, scale, Q, W, NB, KV, D, BS, BLOCK_N, IEEE)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    else:
+        part = row * SPLITS + split
+        tl.store(out_ptr + part[:, None] * D + d[None, :], acc, mask=valid[:, None])
+        tl.store(m_ptr + part, m_i, mask=valid)
+        tl.store(l_ptr + part, l_i, mask=valid)
