@@ -192,7 +192,8 @@ def warn_if_measured_elsewhere(profile: LatencyProfile, model: Transformer, say:
     here = measured_with(model, cuda_graphs)
     then = profile.measured_with
     diff = [f"{k} {then[k]} (now {here[k]})"
-            for k in ("device", "dtype", "threads", "linear", "tensor_parallel", "cuda_graphs", "graph_parts")
+            for k in ("device", "dtype", "threads", "linear", "tensor_parallel", "cuda_graphs", "graph_parts",
+                      "paged_attention")
             if then.get(k) is not None and here.get(k) is not None and then[k] != here[k]]
     if diff:
         say(f"warning: profile {profile.name!r} was measured with {', '.join(diff)}: its latencies do not "

@@ -70,6 +70,7 @@ from adaserve.engine.cuda_graphs import cache_with_scratch_block, graph_parts_se
 from adaserve.engine.drafters import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer, cpu_decode_limit, linear_kernel
+from adaserve.engine.paged_attention import paged_attention_enabled
 from adaserve.engine.sequence import SeqState
 
 TOKEN_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -456,14 +457,16 @@ def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
     """What a measured profile depends on besides the model: checked when a profile is reused.
     ``cuda_graphs`` is recorded on CUDA only (on the CPU the engine never captures graphs), and
     with graphs the most graphed forwards a step may run as (``ADASERVE_GRAPH_PARTS``), which the
-    simulator prices steps by."""
+    simulator prices steps by; on CUDA whether decode and tree attention ran the paged kernel
+    (``ADASERVE_PAGED_ATTENTION``)."""
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
             "torch": torch.__version__, "linear": linear_kernel(w),
             "tensor_parallel": getattr(model, "world_size", 1),
             "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None,
-            "graph_parts": graph_parts_setting() if cuda_graphs and w.device.type == "cuda" else None}
+            "graph_parts": graph_parts_setting() if cuda_graphs and w.device.type == "cuda" else None,
+            "paged_attention": paged_attention_enabled(w.device) if w.device.type == "cuda" else None}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
