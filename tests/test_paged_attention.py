@@ -83,6 +83,17 @@ def test_paged_kernel_gives_the_gather_and_sdpa_logits(monkeypatch, model, step,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("heads", [(4, 4, 16), (8, 2, 32)], ids=["no-gqa", "gqa-4"])
+def test_other_head_layouts(monkeypatch, heads):
+    """One query head per KV head, and four (as Llama-3's): the same logits."""
+    h, kv, dim = heads
+    other = tiny_random_model("llama", seed=7, num_heads=h, num_kv_heads=kv, head_dim=dim)
+    monkeypatch.setenv(DEVICE_MASK_ENV, "1")
+    trees = [[-1, 0, 0, 1], [-1], [-1, 0, 1]]
+    want = logits(other, [30, 7, 90], trees, [4], False, 11)
+    torch.testing.assert_close(logits(other, [30, 7, 90], trees, [4], True, 11), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_rows_and_keys_spread_over_several_programs(monkeypatch, model, splits):
     """More query rows than one program holds (``MAX_ROWS``), and each request's keys in ``splits``
