@@ -14,7 +14,7 @@ def key_tile(t, lo, hi, q, k_ptr, v_ptr, tables_ptr, local_ptr, b, h, r, valid, 
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     key = t * BLOCK_N + n
-    in_table = (key < NB * BS) & (t >= lo) & (t < hi)
+    in_table = (key < NB * BS) & (key >= lo * BLOCK_N) & (key < hi * BLOCK_N)  # this program's tiles only
     block = tl.load(tables_ptr + b * NB + key // BS, mask=in_table, other=0)
     slot = (block * BS + key % BS) * KV + h
     k = tl.load(k_ptr + slot[:, None] * D + d[None, :], mask=in_table[:, None], other=0.0)
