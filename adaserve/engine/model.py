@@ -25,7 +25,7 @@ from . import cpu_decode
 from .batch import FlatBatch
 from .config import ModelConfig
 from .kv_cache import BLOCK_SIZE, KVCache
-from .paged_attention import paged_attention, paged_attention_enabled
+from .paged_attention import PagedCall, paged_attention_enabled, paged_call
 
 
 # CPU linears through oneDNN with prepacked weights (``torch.ops.mkldnn._reorder_linear_weight`` +
@@ -337,7 +337,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, batch: FlatBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, workspace,
                 masks: list[torch.Tensor]):
         """``masks``: per group, its boolean mask, or with query heads folded onto their KV head
-        (``fold_gqa``) the additive bias ``[B, 1, G * Q, keys]`` of ``folded_attention_bias``."""
+        (``fold_gqa``) the additive bias ``[B, 1, G * Q, keys]`` of ``folded_attention_bias``, or
+        the group's ``PagedCall`` (paged_attention.py)."""
         t, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(t, h + 2 * kv, self.head_dim)
         qk = apply_rope(qkv[:, :h + kv], cos, sin)  # q and k rotated together
@@ -351,10 +352,8 @@ class Attention(nn.Module):
             qg = q if g.all_rows else q[g.rows]
             if b * nq != qg.shape[0]:  # pad to [B * Q]
                 qg = qg.new_zeros(b * nq, self.num_heads, self.head_dim).index_copy_(0, g.pad_index, qg)
-            if mask is None:  # read from the paged cache through the mask window (paged_attention.py)
-                w = g.window
-                og = paged_attention(qg, k_cache, v_cache, g.block_tables, w.prefix, w.start, w.local)
-                out = self._scatter(out, og, g, b * nq)
+            if isinstance(mask, PagedCall):  # read from the paged cache through the mask window
+                out = self._scatter(out, mask(qg, k_cache, v_cache), g, b * nq)
                 continue
             kg = gather_blocks(k_cache, g.block_tables, workspace[0])  # [B, kv_heads, S, head_dim]
             vg = gather_blocks(v_cache, g.block_tables, workspace[1])
@@ -490,6 +489,15 @@ class Transformer(nn.Module):
     def forward(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
         return self.head(self.hidden(batch, cache)[batch.logits_rows])
 
+    def _attention_input(self, g, device: torch.device, block_size: int):
+        """A group's dense mask, or with ``ADASERVE_PAGED_ATTENTION=1`` for decodes and trees its
+        paged kernel's launch (paged_attention.py), which reads the mask window itself."""
+        if g.window is not None and g.num_queries < SOLO_QUERY_THRESHOLD and paged_attention_enabled(device):
+            a, w = self.model.layers[0].self_attn, g.window
+            return paged_call(g.block_tables, w.prefix, w.start, w.local, a.num_heads, a.num_kv_heads, a.head_dim,
+                              block_size)
+        return g.attention_mask(block_size)
+
     @torch.inference_mode()
     def hidden(self, batch: FlatBatch, cache: KVCache) -> torch.Tensor:
         """The last layer's output for every row ``[T, hidden]`` (before the final norm); the part
@@ -501,14 +509,11 @@ class Transformer(nn.Module):
         block_numel = cache.k[0, 0].numel()
         need = max(g.block_tables.numel() for g in batch.groups) * block_numel
         workspace = cache.workspace(2 * need).view(2, need).unbind(0)
-        # None: the group's attention reads the paged cache itself (paged_attention.py)
-        paged = paged_attention_enabled(x.device)
-        masks = [None if paged and g.window is not None and g.num_queries < SOLO_QUERY_THRESHOLD
-                 else g.attention_mask(cache.block_size) for g in batch.groups]
         attn = self.model.layers[0].self_attn
+        masks = [self._attention_input(g, x.device, cache.block_size) for g in batch.groups]
         if attn.num_heads > attn.num_kv_heads and fold_gqa(x.device):
-            masks = [None if m is None else folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype)
-                     for m in masks]
+            masks = [m if isinstance(m, PagedCall) else
+                     folded_attention_bias(m, attn.num_heads // attn.num_kv_heads, x.dtype) for m in masks]
         for layer, k, v in zip(self.model.layers, cache.k.unbind(0), cache.v.unbind(0)):
             x = layer(x, cos, sin, batch, k, v, workspace, masks)
         return x

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -66,35 +67,54 @@ def _kernel():
     return paged_tree_attention
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                    prefix: torch.Tensor, start: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Attention of the padded queries ``q`` [B * Q, H, D] over the keys each row's mask window
-    shows (``batch.MaskWindow``: ``prefix`` [B, Q], ``start`` [B], ``local`` [B, Q, W]), read from
-    the layer's caches ``[blocks, block_size, KV, D]`` through ``tables`` [B, NB]: [B * Q, H, D]."""
+@dataclass
+class PagedCall:
+    """One attention group's kernel launch, prepared once per forward (``paged_call``) and run in
+    every layer: the per-step arithmetic and copies stay out of the layer loop."""
+
+    tables: torch.Tensor  # [B, NB]
+    prefix: torch.Tensor  # [B, Q]
+    start: torch.Tensor  # [B]
+    local: torch.Tensor  # [B, Q, W]
+    grid: tuple[int, int, int]
+    consts: dict
+    splits: int
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of the padded queries ``q`` [B * Q, H, D] over the keys each row's mask window
+        shows, read from the layer's caches ``[blocks, block_size, KV, D]``: [B * Q, H, D]."""
+        q = q.contiguous()
+        if self.splits == 1:
+            out, m, l = torch.empty_like(q), q, q  # m, l unused
+        else:
+            rows, dim = q.shape[0] * q.shape[1], q.shape[2]
+            out = q.new_empty(rows, self.splits, dim, dtype=torch.float32)
+            m = q.new_empty(rows, self.splits, dtype=torch.float32)
+            l = torch.empty_like(m)
+        b, qn = self.prefix.shape
+        _kernel()[self.grid](q, k_cache, v_cache, out, m, l, self.tables, self.prefix, self.start, self.local,
+                             self.consts["scale"], qn, self.local.shape[2], self.tables.shape[1],
+                             **{k: v for k, v in self.consts.items() if k != "scale"}, IEEE=q.dtype == torch.float32)
+        return out if self.splits == 1 else combine_splits(out, m, l).view(q.shape).to(q.dtype)
+
+
+def paged_call(tables: torch.Tensor, prefix: torch.Tensor, start: torch.Tensor, local: torch.Tensor,
+               heads: int, kv_heads: int, head_dim: int, block_size: int) -> PagedCall:
+    """The launch of one group's attention (its block ``tables`` [B, NB] and mask window ``prefix``
+    [B, Q], ``start`` [B], ``local`` [B, Q, W], ``batch.MaskWindow``) for a model of these heads."""
     triton, _ = _triton()
     b, qn = prefix.shape
-    h, dim = q.shape[1], q.shape[2]
-    bs, kv = k_cache.shape[1], k_cache.shape[2]
-    group = h // kv
-    q = q.contiguous()
+    group = heads // kv_heads
     block_m = min(max(16, triton.next_power_of_2(group * qn)), MAX_ROWS)
-    block_n = max(bs, KEY_TILE)
+    block_n = max(block_size, KEY_TILE)
     row_tiles = triton.cdiv(group * qn, block_m)
-    key_tiles = triton.cdiv(tables.shape[1] * bs, block_n)
-    splits = key_splits(q.device, b * kv * row_tiles, key_tiles)
-    if splits == 1:
-        out, m, l = torch.empty_like(q), q, q  # m, l unused
-    else:
-        out = q.new_empty(q.shape[0] * h, splits, dim, dtype=torch.float32)
-        m = q.new_empty(q.shape[0] * h, splits, dtype=torch.float32)
-        l = torch.empty_like(m)
+    key_tiles = triton.cdiv(tables.shape[1] * block_size, block_n)
+    splits = key_splits(tables.device, b * kv_heads * row_tiles, key_tiles)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then every tile: a constant loop bound
-    _kernel()[(b, kv, row_tiles * splits)](
-        q, k_cache, v_cache, out, m, l, tables.contiguous(), prefix.contiguous(), start.contiguous(),
-        local.contiguous(), 1.0 / math.sqrt(dim), qn, local.shape[2], tables.shape[1], H=h, KV=kv, G=group,
-        D=dim, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, EVERY_TILE=key_tiles if interpreted else 0,
-        SPLITS=splits, IEEE=q.dtype == torch.float32)
-    return out if splits == 1 else combine_splits(out, m, l).view(q.shape).to(q.dtype)
+    consts = dict(scale=1.0 / math.sqrt(head_dim), H=heads, KV=kv_heads, G=group, D=head_dim, BS=block_size,
+                  BLOCK_M=block_m, BLOCK_N=block_n, EVERY_TILE=key_tiles if interpreted else 0, SPLITS=splits)
+    return PagedCall(tables.contiguous(), prefix.contiguous(), start.contiguous(), local.contiguous(),
+                     (b, kv_heads, row_tiles * splits), consts, splits)
 
 
 def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
