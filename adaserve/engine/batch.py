@@ -593,31 +593,17 @@ def _group_window_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q
 
 @jit.njit
 def _group_mask_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q, width):
-    """The group's dense mask ``[B, 1, Q, width]`` (``MaskWindow.dense`` of ``_group_window_kernel``'s
-    window, written directly) and its rows and padded positions; entry ``i``'s whole tree has parents
-    ``tree_parents[tree_start[i]:][:tree_len[i]]`` (none: a chain), its last ``nnew[i]`` nodes are the rows."""
-    b = len(ctx)
-    mask = np.empty((b, 1, q, width), np.bool_)  # every element is written below (no zeroing pass)
-    rows = np.empty(nnew.sum(), np.int64)
-    pad = np.empty(nnew.sum(), np.int64)
-    at = 0
-    for i in range(b):
-        c, lo = ctx[i], tree_start[i]
-        cached = tree_len[i] - nnew[i]
-        for r in range(nnew[i]):
+    """The group's dense mask ``[B, 1, Q, width]``: ``_group_window_kernel``'s window spelled out
+    (``MaskWindow.dense``, every byte written once), with its rows and padded positions."""
+    prefix, local, rows, pad = _group_window_kernel(ctx, nnew, start, tree_parents, tree_start, tree_len, q)
+    mask = np.empty((len(ctx), 1, q, width), np.bool_)  # every element is written below (no zeroing pass)
+    for i in range(len(ctx)):
+        c = ctx[i]
+        for r in range(q):
             row = mask[i, 0, r]
-            row[:c] = True
-            row[c:] = False
-            if tree_len[i] == 0:
-                row[c:c + r + 1] = True
-            else:
-                j = cached + r
-                while j >= 0:
+            row[:prefix[i, r]] = True
+            row[prefix[i, r]:] = False
+            for j in range(min(local.shape[2], width - c)):
+                if local[i, r, j]:
                     row[c + j] = True
-                    j = tree_parents[lo + j]
-            rows[at], pad[at] = start[i] + r, i * q + r
-            at += 1
-        for r in range(nnew[i], q):
-            mask[i, 0, r] = False
-            mask[i, 0, r, 0] = True
     return mask, rows, pad

@@ -9,7 +9,7 @@ forward's kernels with one launch.
 **Which steps.** Each attention group of a step (``batch.py``: decode tokens and trees of fewer
 than ``SOLO_QUERY_THRESHOLD`` nodes share one; a prefill chunk or a larger tree has its own) is
 one SDPA call: queries ``[B, Q]``, keys gathered from ``B`` block tables of ``nblk`` blocks, a
-dense boolean mask ``[B, 1, Q, nblk * block_size]``. A step of one group replays that group's
+boolean mask ``[B, 1, Q, nblk * block_size]`` (sent as a ``MaskWindow`` on a GPU). A step of one group replays that group's
 graph. A step of several groups (a prefill chunk beside decoding rows) runs as one graphed
 forward per group, at most ``MAX_GRAPH_PARTS`` of them, one after the other, when every group has a
 bucket: the groups are different sequences, and every operation but attention acts row by row, so
@@ -305,22 +305,25 @@ class GraphRunner:
         for g in groups:
             if (g.window is not None) != self.windowed:
                 return None
-            for part in self._packs(g):
-                bucket = self.limits.choose(len(part.num_new), part.num_queries, int(part.block_tables.shape[1]))
-                if bucket is None or (part.window_len is not None and part.window_len.max() > bucket.queries):
-                    return None  # a tree grown over several forwards (the draft model's): wider than its rows
-                out.append((bucket, part))
+            bucket = self._bucket(g)
+            parts = [(bucket, g)] if bucket is not None else [(self._bucket(p), p) for p in self._packs(g)]
+            if not parts or any(b is None or (p.window_len is not None and p.window_len.max() > b.queries)
+                                for b, p in parts):
+                return None  # beyond the buckets, or a tree grown over several forwards (the draft model's)
+            out += parts
         return out if len(out) <= self.max_parts else None
 
+    def _bucket(self, g: AttnGroup) -> Bucket | None:
+        return self.limits.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1]))
+
     def _packs(self, g: AttnGroup) -> list[AttnGroup]:
-        """The group, or for a shared call with more padded rows than one graph holds, its packs
-        (``graph_packs``: each a group of its own, gathered on the device)."""
+        """A shared call with more padded rows than one graph holds as its packs (``graph_packs``:
+        each a group of its own, gathered on the device); none when it cannot be cut into at most
+        ``max_parts`` of them."""
         lim = self.limits
-        if len(g.num_new) == 1 or lim.choose(len(g.num_new), g.num_queries, int(g.block_tables.shape[1])) is not None:
-            return [g]
-        packs = graph_packs(g.num_new, lim.max_tokens, lim.max_requests)
+        packs = graph_packs(g.num_new, lim.max_tokens, lim.max_requests) if len(g.num_new) > 1 else None
         if packs is None or len(packs) == 1 or len(packs) > self.max_parts:
-            return [g]  # no bucket: the caller runs the step eagerly
+            return []
         return pack_groups(g, packs, self.cache.staging)
 
     def bucket_for(self, batch: FlatBatch) -> Bucket | None:
