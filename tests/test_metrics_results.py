@@ -417,3 +417,27 @@ def test_read_stats_block_of_an_artifact_style_file(tmp_path):
     assert read_stats_block(path) == {"total_time_ms": "360000.5",
                                       "total_requests": "1690/1700", "goodput": "812.25"}
     assert results.STATS_LINE.match(" slo_attainment( 0.9)")
+
+
+# ------------------------------------------------------------------------- the record spool
+
+def test_the_spool_writes_records_in_rid_order_holding_only_those_behind_a_missing_rid():
+    reqs = [make(rid, "chat", 1.2, arrival=0, token_times=[1.0, 2.0]) for rid in range(6)]
+    spool = results.RecordSpool(7)  # rid 6 never leaves: left out
+    for rid, waiting in ((2, 1), (0, 1), (1, 0), (5, 1), (3, 1), (4, 0)):
+        spool.add(reqs[rid])
+        assert len(spool._waiting) == waiting, rid  # written once every lower rid is
+    with pytest.raises(ValueError, match="request 3: rids must be 0 .. 6, each spooled once"):
+        spool.add(reqs[3])
+    assert [json.loads(t)["rid"] for t in spool.texts()] == [0, 1, 2, 3, 4, 5]
+    assert [json.loads(t) for t in spool.texts()] == [json.loads(json.dumps(metrics.request_record(r))) for r in reqs]
+    spool.close()
+
+
+def test_records_left_behind_a_rid_that_never_leaves_are_written_at_the_end():
+    reqs = [make(rid, "chat", 1.2, arrival=0, token_times=[1.0]) for rid in range(4)]
+    spool = results.RecordSpool(4)
+    for rid in (3, 1, 2):  # rid 0 is cut short
+        spool.add(reqs[rid])
+    assert [json.loads(t)["rid"] for t in spool.texts()] == [1, 2, 3]
+    spool.close()

@@ -188,7 +188,7 @@ def test_simulation_keeps_no_prompt_text(tmp_path, linear_profile):
     from adaserve.core.trace import save_trace
     trace = tmp_path / "t.json"
     save_trace(trace, [replace(r, prompt=r.prompt * 1000) for r in TINY])
-    records = load_sim_records(trace)
+    records = [rec for _, rec in load_sim_records(trace).in_arrival_order()]
     assert [r.prompt for r in records] == ["", ""] and records[0].input_length == TINY[0].input_length
     res = simulate_file(trace, "vllm", linear_profile, None)
     assert res.requests is None and res.spool is None  # a file's simulation keeps no requests
@@ -234,6 +234,29 @@ def test_a_simulated_file_streams_its_requests(tmp_path, linear_profile):
     from adaserve.core.metrics import request_record
     assert doc["requests"] == [json.loads(json.dumps(request_record(r))) for r in mem.requests]
     assert [r.rid for r in mem.requests] == [r.rid for r in to_requests(records, 1.0)]
+
+
+def test_a_trace_file_is_read_again_as_the_loop_reaches_its_records(tmp_path, linear_profile):
+    """A JSON array is checked, then decoded a second time during the run (nothing kept before);
+    input lengths fixed by ``--fix-input-length`` reach the run; a file changed in between is
+    named, not simulated wrongly."""
+    from adaserve.core.trace import TraceError, save_trace
+    from adaserve.sim.run import StreamedRecords
+    from adaserve.workload.tokens import estimate_tokens
+
+    text = "Please summarize the following article about the city council meeting. " * 12
+    trace = tmp_path / "t.json"
+    save_trace(trace, [replace(r, prompt=text, input_length=len(text)) for r in TINY])  # characters
+    plain, fixed = load_sim_records(trace), load_sim_records(trace, fix_input_lengths=True)
+    assert isinstance(plain, StreamedRecords) and len(plain) == len(TINY)
+    assert [r.input_length for _, r in plain.in_arrival_order()] == [len(text)] * 2
+    assert [r.input_length for _, r in fixed.in_arrival_order()] == [estimate_tokens(text)] * 2
+    save_trace(trace, TINY[:1])
+    with pytest.raises(TraceError, match="holds 1 records, not the 2"):
+        list(plain.in_arrival_order())
+    trace.write_text('[{"emission_time_ms": 0}]')
+    with pytest.raises(TraceError, match="(?s)missing field 'input_length'.*changed after it was checked"):
+        list(plain.in_arrival_order())
 
 
 @pytest.mark.parametrize("family,spec", [(None, LLAMA_SPEC), ("qwen2", QWEN_SPEC)])

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from adaserve.core.request import Phase, Request, itl_gaps, itls_ms, tpot_ms, ttft_ms  # noqa: F401 - see below
-from adaserve.core.tally import FINISHED, OTHER, REJECTED, Tally, ValueCounts
+from adaserve.core.tally import ExactValues, Group, Tally, ValueCounts
 from adaserve.core.trace import category_sort_key
 
 # Figure 15's breakdown of an iteration (how the serving loop measures each: adaserve/iteration.py)
@@ -52,16 +52,6 @@ def request_record(r: Request) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ aggregates
 
-def distribution(values: np.ndarray) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of the known values (NaN:
-    unknown)."""
-    a = _known(values)
-    if a.size == 0:
-        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
-    return {"count": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
-
-
 def serving_time_ms(requests: Sequence[Request]) -> float:
     """Last finish among completed requests − first admission among all requests (0 if none)."""
     return Tally.of(requests).serving_time_ms()
@@ -75,33 +65,28 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def _known(values: np.ndarray) -> np.ndarray:
-    return values[~np.isnan(values)]
-
-
-def _group_metrics(c: Mapping[str, np.ndarray], rows: np.ndarray | slice, time_ms: float) -> dict[str, Any]:
-    """Counts, attainment, goodput and latency distributions of the requests ``rows`` of the
-    tally's columns ``c``."""
-    phase = c["phase"][rows]
-    done = phase == FINISHED
-    attained = done & (c["attained"][rows] == 1)
-    ttft_ok = done & (c["ttft_ok"][rows] == 1)
-    generated = c["generated"][rows]
-    n_done, n_att = int(done.sum()), int(attained.sum())
-    n_ttft, n_joint = int(ttft_ok.sum()), int((ttft_ok & attained).sum())
-    frac = _ratio(n_att, n_done)
-    tokens, att_tokens = int(generated[done].sum()), int(generated[attained].sum())
-    return {"registered": len(phase), "completed": n_done, "rejected": int((phase == REJECTED).sum()),
-            "attained": n_att, "slo_attainment": frac,
+def _group_metrics(g: Group, time_ms: float) -> dict[str, Any]:
+    """Counts, attainment, goodput and latency distributions of the requests of ``g``."""
+    frac = _ratio(g.attained, g.completed)
+    return {"registered": g.registered, "completed": g.completed, "rejected": g.rejected,
+            "attained": g.attained, "slo_attainment": frac,
             "slo_attainment_pct": None if frac is None else 100.0 * frac,
-            "ttft_attained": n_ttft, "ttft_attainment": _ratio(n_ttft, n_done),
-            "joint_attained": n_joint, "joint_attainment": _ratio(n_joint, n_done),
-            "total_tokens": tokens, "attained_tokens": att_tokens,
-            "goodput": _per_second(att_tokens, time_ms),
-            "throughput_tokens_per_sec": _per_second(tokens, time_ms),
-            "ttft_ms": distribution(c["ttft"][rows][done]),
-            "tpot_ms": distribution(c["tpot"][rows][done]),
-            "decode_latency_ms": distribution(c["decode"][rows][done])}
+            "ttft_attained": g.ttft_attained, "ttft_attainment": _ratio(g.ttft_attained, g.completed),
+            "joint_attained": g.joint_attained, "joint_attainment": _ratio(g.joint_attained, g.completed),
+            "total_tokens": g.total_tokens, "attained_tokens": g.attained_tokens,
+            "goodput": _per_second(g.attained_tokens, time_ms),
+            "throughput_tokens_per_sec": _per_second(g.total_tokens, time_ms),
+            "ttft_ms": distribution(g.ttft.stats()),
+            "tpot_ms": distribution(g.tpot.stats()),
+            "decode_latency_ms": distribution(g.decode.stats())}
+
+
+def distribution(s: ValueCounts | ExactValues) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99 (linear-interpolated percentiles) of a sample's values."""
+    if s.count == 0:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
+    return {"count": s.count, "mean": s.mean(), "p50": s.percentile(50), "p90": s.percentile(90),
+            "p99": s.percentile(99)}
 
 
 def overhead_breakdown(overhead_ms: Mapping[str, float]) -> dict[str, Any]:
@@ -118,28 +103,22 @@ def overhead_breakdown(overhead_ms: Mapping[str, float]) -> dict[str, Any]:
             "share": {k: _ratio(v, total) for k, v in ms.items()}}
 
 
-def vllm_fields(c: Mapping[str, np.ndarray], itls: ValueCounts, duration_s: float) -> dict[str, Any]:
+def vllm_fields(overall: Group, itls: ValueCounts, duration_s: float) -> dict[str, Any]:
     """The fields of vLLM's ``bench serve`` result JSON, computed as vLLM does (population std,
-    0 for an empty list) over the completed requests (the tally's columns ``c`` and their
-    inter-token latencies), with our serving time as ``duration``."""
-    done = c["phase"] == FINISHED
-    n_in, n_out = int(c["input_len"][done].sum()), int(c["generated"][done].sum())
+    0 for an empty list) over the completed requests (``overall``) and their inter-token
+    latencies, with our serving time as ``duration``."""
+    n_in, n_out = overall.input_tokens, overall.total_tokens
     rate = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
-    out: dict[str, Any] = {"duration": duration_s, "completed": int(done.sum()),
+    out: dict[str, Any] = {"duration": duration_s, "completed": overall.completed,
                            "total_input_tokens": n_in, "total_output_tokens": n_out,
-                           "request_throughput": rate(int(done.sum())), "output_throughput": rate(n_out),
+                           "request_throughput": rate(overall.completed), "output_throughput": rate(n_out),
                            "total_token_throughput": rate(n_in + n_out)}
-    for name, a in (("ttft", _known(c["ttft"][done])), ("tpot", _known(c["tpot"][done]))):
-        a = a if a.size else np.zeros(1)
-        out[f"mean_{name}_ms"] = float(a.mean())
-        out[f"median_{name}_ms"] = float(np.median(a))
-        out[f"std_{name}_ms"] = float(a.std())
-        out[f"p99_{name}_ms"] = float(np.percentile(a, 99))
-    empty = itls.count == 0
-    out["mean_itl_ms"] = 0.0 if empty else itls.mean()
-    out["median_itl_ms"] = 0.0 if empty else itls.median()
-    out["std_itl_ms"] = 0.0 if empty else itls.std()
-    out["p99_itl_ms"] = 0.0 if empty else itls.percentile(99)
+    for name, s in (("ttft", overall.ttft.stats()), ("tpot", overall.tpot.stats()), ("itl", itls)):
+        s = s if s.count else ExactValues(np.zeros(1))
+        out[f"mean_{name}_ms"] = s.mean()
+        out[f"median_{name}_ms"] = s.median()
+        out[f"std_{name}_ms"] = s.std()
+        out[f"p99_{name}_ms"] = s.percentile(99)
     return out
 
 
@@ -150,24 +129,23 @@ def summarize(requests: Iterable[Request] | Tally, *, committed_tokens: int, req
     were added to as they left the system. ``registered`` defaults to the number of requests;
     requests neither finished nor rejected (a run cut short) are counted as ``unfinished``."""
     tally = requests if isinstance(requests, Tally) else Tally.of(requests)
-    c = tally.columns()
     time_ms = tally.serving_time_ms()
-    names = {i: name for name, i in tally.categories.items()}
-    by_cat = {names[i]: np.flatnonzero(c["cat"] == i) for i in np.unique(c["cat"]).tolist()}
+    overall = tally.overall()
     reasons: dict[str, int] = {}
-    rejected = sorted(tally.rejected, key=lambda x: x["rid"])
+    rejected = tally.rejected()
     for x in rejected:
         reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
     return {
         "total_time_ms": time_ms,
-        **_group_metrics(c, slice(None), time_ms),
+        **_group_metrics(overall, time_ms),
         "registered": len(tally) if registered is None else registered,
-        "unfinished": int((c["phase"] == OTHER).sum()),
+        "unfinished": overall.unfinished,
         "rejected": len(rejected), "rejected_reasons": reasons, "rejected_requests": rejected,
         "committed_tokens": committed_tokens, "request_steps": request_steps,
         "mean_generated_tokens_per_step": _ratio(committed_tokens, request_steps),
-        "per_category": {cat: _group_metrics(c, rows, time_ms) for cat, rows in
-                         sorted(by_cat.items(), key=lambda kv: category_sort_key(kv[0]))},
+        "per_category": {cat: _group_metrics(g, time_ms) for cat, g in
+                         sorted(tally.groups.items(), key=lambda kv: category_sort_key(kv[0]))},
         "overhead": None if overhead_ms is None else overhead_breakdown(overhead_ms),
-        "vllm": vllm_fields(c, tally.itls, time_ms / 1000.0),
+        "exact_latency_stats": overall.exact and tally.itls.exact,
+        "vllm": vllm_fields(overall, tally.itls, time_ms / 1000.0),
     }

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import tempfile
-from array import array
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -109,30 +108,37 @@ def _dump_record(r: Request) -> str:
 
 
 class RecordSpool:
-    """Request records (``request_record``, as JSON text) written to a temporary file as the
-    requests leave the system and read back in rid order: a long simulation keeps 12 bytes per
-    request for them instead of the requests. Rids must be ``0 .. n - 1``."""
+    """Request records (``request_record``, as JSON text) written to a temporary file in rid order
+    as the requests leave the system: a record waits in memory only until every lower rid has left
+    (about as many records as requests are in flight), so a long simulation keeps nothing per
+    request for its result file. Rids must be ``0 .. n - 1``, each added once; rids never added
+    are left out."""
 
     def __init__(self, n: int):
         self._file = tempfile.TemporaryFile()
-        self._offset = array("q", [-1]) * n
-        self._length = array("i", [0]) * n
-        self._end = 0
+        self._n = n
+        self._next = 0  # every lower rid is written
+        self._waiting: dict[int, bytes] = {}
 
     def add(self, r: Request) -> None:
-        if not 0 <= r.rid < len(self._offset) or self._offset[r.rid] >= 0:
-            raise ValueError(f"request {r.rid}: rids must be 0 .. {len(self._offset) - 1}, each spooled once")
-        data = _dump_record(r).encode()
-        self._file.write(data)  # appended: the file is read only once every record is in
-        self._offset[r.rid], self._length[r.rid] = self._end, len(data)
-        self._end += len(data)
+        if not self._next <= r.rid < self._n or r.rid in self._waiting:
+            raise ValueError(f"request {r.rid}: rids must be 0 .. {self._n - 1}, each spooled once")
+        self._waiting[r.rid] = _dump_record(r).encode()
+        while self._next in self._waiting:
+            self._write(self._waiting.pop(self._next))
+            self._next += 1
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data + b"\n")  # a JSON record holds no raw newline
 
     def texts(self) -> Iterator[str]:
         """Every spooled record's JSON text, by rid."""
-        for at, n in zip(self._offset, self._length):
-            if at >= 0:
-                self._file.seek(at)
-                yield self._file.read(n).decode()
+        for rid in sorted(self._waiting):  # those behind a rid never added
+            self._write(self._waiting.pop(rid))
+        self._next = self._n
+        self._file.seek(0)
+        for line in self._file:
+            yield line[:-1].decode()
 
     def close(self) -> None:
         self._file.close()

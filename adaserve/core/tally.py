@@ -1,10 +1,15 @@
-"""Finished requests reduced to the numbers a run's summary needs (``metrics.summarize``).
+"""Finished requests reduced to the numbers a run's summary needs (``metrics.summarize``), in
+memory that does not grow with the trace.
 
 Why: a simulation of a long trace must not keep every ``Request`` (with one commit time per step)
-until the end. A ``Tally`` takes each request as it leaves the system and keeps a few numbers per
-request in typed arrays (about 55 bytes), and the inter-token latencies as distinct values with
-their counts (``ValueCounts``): all the requests of a step share its gap, so there are about as
-many distinct gaps as iterations, not as tokens. A run that holds its requests anyway (the engine,
+until the end, nor anything per request. A ``Tally`` takes each request as it leaves the system and
+keeps, per category, counters (completed, attained, tokens, ...) and three ``Sample``s (TTFT, TPOT,
+decode latency), plus the run's inter-token latencies as a ``ValueCounts``. Both are exact up to a
+limit of values (summaries of runs of up to ~65,000 requests per category are numpy's, bit for
+bit) and beyond it
+*binned*: each value replaced by the centre of its bin on a grid of relative width ``REL_ERROR``,
+so that their memory is bounded by the spread of the values, not by their number, and their
+statistics are within ``REL_ERROR`` (relative). A run that holds its requests anyway (the engine,
 the HTTP benchmark) tallies them at the end (``Tally.of``): one summary code path for both.
 """
 
@@ -13,46 +18,94 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from adaserve.core.request import Phase, Request, itl_gaps, tpot_ms, ttft_ms
 
-NAN = math.nan
-# a request's phase in the columns
-FINISHED, REJECTED, OTHER = 0, 1, 2  # OTHER: neither finished nor rejected (unfinished, cancelled)
-PHASE_CODE = {Phase.FINISHED: FINISHED, Phase.REJECTED: REJECTED}
+REL_ERROR = 1e-4  # a binned value is within this of the value it stands for (relative)
+EXACT_LIMIT = 1 << 16  # values a Sample keeps exactly (with their rids) before it bins them
+DISTINCT_LIMIT = 1 << 17  # distinct values a ValueCounts keeps exactly before it bins them
+
+
+def binned(values: np.ndarray) -> np.ndarray:
+    """Each value replaced by the centre of its bin: every binary octave [2^(e-1), 2^e) is cut
+    into 5,000 bins of width 2^e · ``REL_ERROR``, so a centre is within ``REL_ERROR`` of every value
+    in its bin (relative). Only exactly rounded operations (frexp, division, floor, ldexp): the same
+    bins on every machine. Zeros and non-finite values stay as they are."""
+    v = np.asarray(values, dtype=np.float64)
+    mantissa, exponent = np.frexp(np.abs(v))  # |v| = mantissa · 2^exponent, 0.5 <= mantissa < 1
+    centre = np.ldexp((np.floor(mantissa / REL_ERROR) + 0.5) * REL_ERROR, exponent)  # same octave
+    return np.where(np.isfinite(v) & (v != 0), np.copysign(centre, v), v)
 
 
 class ValueCounts:
     """A multiset of floats as sorted distinct values and counts, with the statistics numpy gives
     for the whole list: ``percentile`` (linear interpolation) and ``median`` equal numpy's bit for
     bit; ``mean`` and ``std`` differ from numpy's sums by rounding only (another summation order).
+    Past ``limit`` distinct values it bins them (``binned``; ``exact`` turns False) and every value
+    added after: the statistics are then within ``REL_ERROR``, and the distinct values are bounded
+    by the spread of the values (5,000 per octave), not by their number.
 
     Values are appended to a buffer and merged into the distinct ones when the buffer outgrows
     them (and at least ``MERGE_AT`` values): memory stays within a few times the distinct count."""
 
-    MERGE_AT = 1 << 20
+    MERGE_AT = 1 << 16
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float | None = None) -> None:
+        self.limit = DISTINCT_LIMIT if limit is None else limit
+        self._exact = True
         self._values = np.zeros(0)
         self._counts = np.zeros(0, np.int64)
         self._buffer = array("d")
 
     def add(self, values: np.ndarray) -> None:
-        self._buffer.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        self._buffer.frombytes((values if self._exact else binned(values)).tobytes())
         if len(self._buffer) >= max(self.MERGE_AT, len(self._values)):
             self._merge()
+
+    def add_counts(self, other: ValueCounts) -> None:
+        """Every value of ``other`` (which is left as it was), binned if either is."""
+        values, counts = other.distinct()
+        if other.exact and not self._exact:
+            values = binned(values)
+        self._merge()
+        self._fold(values, counts)
+        if not other.exact:
+            self._bin()
 
     def _merge(self) -> None:
         if not self._buffer:
             return
         new, counts = np.unique(np.frombuffer(self._buffer, dtype=np.float64), return_counts=True)
         self._buffer = array("d")
-        values = np.concatenate([self._values, new])
-        self._values, inverse = np.unique(values, return_inverse=True)
+        self._fold(new, counts)
+
+    def _fold(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Merge sorted distinct ``values`` with their ``counts`` into the distinct ones."""
+        self._values, inverse = np.unique(np.concatenate([self._values, values]), return_inverse=True)
         self._counts = np.bincount(inverse, weights=np.concatenate([self._counts, counts]),
                                    minlength=len(self._values)).astype(np.int64)
+        if self._exact and len(self._values) > self.limit:
+            self._bin()
+
+    def _bin(self) -> None:
+        """From now on, values are binned (``binned``)."""
+        if not self._exact:
+            return
+        self._exact = False
+        self._merge()
+        values, counts = self._values, self._counts
+        self._values, self._counts = np.zeros(0), np.zeros(0, np.int64)
+        self._fold(binned(values), counts)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every value is kept as it was (not binned)."""
+        self._merge()
+        return self._exact
 
     def distinct(self) -> tuple[np.ndarray, np.ndarray]:
         """The sorted distinct values and their counts."""
@@ -93,21 +146,149 @@ class ValueCounts:
         return float(np.sqrt(np.dot((values - self.mean()) ** 2, counts) / counts.sum()))
 
 
+class ExactValues:
+    """A list of values with ``ValueCounts``' statistics, computed by numpy over the list."""
+
+    exact = True
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    @property
+    def count(self) -> int:
+        return int(self.values.size)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.values, q))
+
+    def median(self) -> float:
+        return float(np.median(self.values))
+
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    def std(self) -> float:
+        return float(self.values.std())
+
+
+class Sample:
+    """One per-request quantity (TTFT, TPOT, decode latency) of the finished requests. Up to
+    ``limit`` values it keeps each with its request's rid, and ``stats`` are numpy's over the values
+    in rid order (the same bits as over a list of the requests); past ``limit`` it folds them into
+    a binned ``ValueCounts``."""
+
+    def __init__(self, limit: float | None = None) -> None:
+        self.limit = EXACT_LIMIT if limit is None else limit
+        self._rid, self._value = array("q"), array("d")
+        self._binned: ValueCounts | None = None
+
+    def add(self, rid: int, value: float) -> None:
+        self._rid.append(rid)
+        self._value.append(value)
+        if len(self._value) > self.limit:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._binned is None:
+            self._binned = ValueCounts(limit=0)
+        self._binned.add(np.frombuffer(self._value, np.float64))
+        self._rid, self._value = array("q"), array("d")
+
+    def stats(self) -> ValueCounts | ExactValues:
+        if self._binned is not None:
+            if self._value:
+                self._fold()
+            return self._binned
+        rids = np.frombuffer(self._rid, np.int64) if self._rid else np.zeros(0, np.int64)
+        values = np.frombuffer(self._value, np.float64) if self._value else np.zeros(0)
+        return ExactValues(values[np.argsort(rids, kind="stable")])
+
+    @classmethod
+    def union(cls, samples: Iterable[Sample]) -> Sample:
+        """Every value of ``samples``: exact if each of them is (however many), else binned."""
+        samples = list(samples)
+        out = cls(limit=math.inf)
+        if all(s._binned is None for s in samples):
+            for s in samples:
+                out._rid.extend(s._rid)
+                out._value.extend(s._value)
+            return out
+        out._binned = ValueCounts(limit=0)
+        for s in samples:
+            out._binned.add_counts(s.stats() if s._binned is not None else _counted(s._value))
+        return out
+
+
+def _counted(values: array) -> ValueCounts:
+    vc = ValueCounts()
+    vc.add(np.frombuffer(values, np.float64) if values else np.zeros(0))
+    return vc
+
+
+@dataclass
+class Group:
+    """The requests of one category (or of all): counts and latency samples."""
+
+    registered: int = 0
+    completed: int = 0
+    rejected: int = 0
+    unfinished: int = 0  # neither finished nor rejected (a run cut short, cancelled)
+    attained: int = 0
+    ttft_attained: int = 0
+    joint_attained: int = 0
+    total_tokens: int = 0  # output tokens of the completed requests
+    attained_tokens: int = 0
+    input_tokens: int = 0  # prompt tokens of the completed requests
+    ttft: Sample = field(default_factory=Sample)
+    tpot: Sample = field(default_factory=Sample)
+    decode: Sample = field(default_factory=Sample)
+
+    COUNTS = ("registered", "completed", "rejected", "unfinished", "attained", "ttft_attained",
+              "joint_attained", "total_tokens", "attained_tokens", "input_tokens")
+
+    def add(self, r: Request) -> None:
+        self.registered += 1
+        if r.phase == Phase.REJECTED:
+            self.rejected += 1
+        if r.phase != Phase.FINISHED:
+            self.unfinished += r.phase != Phase.REJECTED
+            return
+        self.completed += 1
+        self.total_tokens += r.generated
+        self.input_tokens += r.input_len
+        attained, ttft_ok = bool(r.attained), bool(r.ttft_attained)
+        self.attained += attained
+        self.attained_tokens += r.generated if attained else 0
+        self.ttft_attained += ttft_ok
+        self.joint_attained += attained and ttft_ok
+        for sample, value in ((self.ttft, ttft_ms(r)), (self.tpot, tpot_ms(r)), (self.decode, r.decode_latency_ms)):
+            if value is not None and not math.isnan(value):
+                sample.add(r.rid, value)
+
+    @classmethod
+    def union(cls, groups: Iterable[Group]) -> Group:
+        groups = list(groups)
+        out = cls(**{k: sum(getattr(g, k) for g in groups) for k in cls.COUNTS})
+        for name in ("ttft", "tpot", "decode"):
+            setattr(out, name, Sample.union(getattr(g, name) for g in groups))
+        return out
+
+    @property
+    def exact(self) -> bool:
+        return all(s.stats().exact for s in (self.ttft, self.tpot, self.decode))
+
+
 class Tally:
-    """Per request (``add``): rid, category, phase, whether it attained its SLO and its TTFT SLO,
-    output and prompt tokens, TTFT, TPOT and decode latency (NaN for none); per run: the first
-    admission, the last finish, the rejected requests and the finished requests' inter-token
-    latencies."""
+    """Per category (``groups``, in the order first met): a ``Group``; per run: the first
+    admission, the last finish, the rejected requests (rid, category, reason: a few bytes each)
+    and the finished requests' inter-token latencies."""
 
     def __init__(self) -> None:
-        self.categories: dict[str, int] = {}
-        self._rid, self._cat, self._phase = array("q"), array("h"), array("b")
-        self._attained, self._ttft_ok = array("b"), array("b")
-        self._generated, self._input_len = array("q"), array("q")
-        self._ttft, self._tpot, self._decode = array("d"), array("d"), array("d")
+        self.groups: dict[str, Group] = {}
         self.first_admitted = math.inf
         self.last_finish = -math.inf
-        self.rejected: list[dict] = []
+        self._rejected = array("q")  # rid, category index, reason index, for each rejected request
+        self._names: dict[str, int] = {}
         self.itls = ValueCounts()
 
     @classmethod
@@ -118,38 +299,34 @@ class Tally:
         return tally
 
     def __len__(self) -> int:
-        return len(self._rid)
+        return sum(g.registered for g in self.groups.values())
 
     def add(self, r: Request) -> None:
-        phase = PHASE_CODE.get(r.phase, OTHER)
-        cat = self.categories.setdefault(r.category, len(self.categories))
-        done = phase == FINISHED
-        self._rid.append(r.rid)
-        self._cat.append(cat)
-        self._phase.append(phase)
-        self._attained.append(done and r.attained)
-        self._ttft_ok.append(done and r.ttft_attained)
-        self._generated.append(r.generated)
-        self._input_len.append(r.input_len)
-        for col, v in ((self._ttft, ttft_ms(r)), (self._tpot, tpot_ms(r)), (self._decode, r.decode_latency_ms)):
-            col.append(NAN if v is None else v)
+        group = self.groups.get(r.category)
+        if group is None:
+            group = self.groups[r.category] = Group()
+        group.add(r)
         if r.admitted_ms is not None:
             self.first_admitted = min(self.first_admitted, r.admitted_ms)
-        if done:
+        if r.phase == Phase.FINISHED:
             if r.finish_ms is not None:
                 self.last_finish = max(self.last_finish, r.finish_ms)
             self.itls.add(itl_gaps(r))
-        elif phase == REJECTED:
-            self.rejected.append({"rid": r.rid, "category": r.category, "reason": r.finish_reason or "unknown"})
+        elif r.phase == Phase.REJECTED:
+            self._rejected.extend((r.rid, self._name(r.category), self._name(r.finish_reason or "unknown")))
 
-    def columns(self) -> dict[str, np.ndarray]:
-        """Every per-request column as an array, rows in rid order."""
-        order = np.argsort(np.frombuffer(self._rid, np.int64), kind="stable") if len(self) else np.zeros(0, np.int64)
-        cols = {"cat": (self._cat, np.int16), "phase": (self._phase, np.int8), "attained": (self._attained, np.int8),
-                "ttft_ok": (self._ttft_ok, np.int8), "generated": (self._generated, np.int64),
-                "input_len": (self._input_len, np.int64), "ttft": (self._ttft, np.float64),
-                "tpot": (self._tpot, np.float64), "decode": (self._decode, np.float64)}
-        return {k: np.frombuffer(a, dtype)[order] if len(a) else np.zeros(0, dtype) for k, (a, dtype) in cols.items()}
+    def _name(self, name: str) -> int:
+        return self._names.setdefault(name, len(self._names))
+
+    def rejected(self) -> list[dict]:
+        """The rejected requests' rid, category and reason, by rid."""
+        names = list(self._names)
+        rows = np.frombuffer(self._rejected, np.int64).reshape(-1, 3) if self._rejected else np.zeros((0, 3), np.int64)
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        return [{"rid": rid, "category": names[cat], "reason": names[why]} for rid, cat, why in rows.tolist()]
+
+    def overall(self) -> Group:
+        return Group.union(self.groups.values())
 
     def serving_time_ms(self) -> float:
         """Last finish among completed requests − first admission among all (0 if either is missing)."""

@@ -213,7 +213,16 @@ def load_trace(path: str | os.PathLike, *, keep_prompts: bool = True,
     to keep (e.g. a checked or corrected one); it may see a record twice when the file has to be
     read again to report what is wrong with it. A file that is not a plain JSON array of values
     is read whole by ``read_json``, whose errors name the problem."""
-    p = Path(path)
+    return _load(Path(path), each, keep_prompts)
+
+
+def scan_trace(path: str | os.PathLike, each: RecordHook) -> None:
+    """Validate a trace file as ``load_trace`` does, showing every record to ``each`` and keeping
+    none (``stream_trace`` reads them again)."""
+    _load(Path(path), lambda i, rec: each(i, rec) and None, keep_prompts=False)
+
+
+def _load(p: Path, each: RecordHook | None, keep_prompts: bool) -> list[TraceRecord]:
     if not p.is_file():
         raise TraceError(p, ["not found" if not p.exists() else "is not a file"])
     try:
@@ -230,6 +239,27 @@ def load_trace(path: str | os.PathLike, *, keep_prompts: bool = True,
     return _valid_records(data, p, each, keep_prompts)
 
 
+def stream_trace(path: str | os.PathLike) -> Iterator[TraceRecord]:
+    """The records of a file that ``scan_trace`` accepted, decoded again one at a time and without
+    their prompts: a caller that reads them as it goes (a long simulation) never holds them all.
+    (Every valid trace decodes record by record: ``load_trace`` reads a file whole only to name what
+    is wrong with it.) A file that no longer reads or validates (changed since) raises
+    ``TraceError``."""
+    p = Path(path)
+    prev: tuple[float, int] | None = None
+    changed = "the file changed after it was checked"
+    try:
+        with open(p, "rb") as f:
+            for i, obj in enumerate(_JsonArrayReader(f).items()):
+                problems, rec = _record_problems(i, obj, prev)
+                if rec is None:
+                    raise TraceError(p, problems + [changed])
+                prev = (rec.emission_time_ms, i)
+                yield replace(rec, prompt="")
+    except (_NotStreamable, OSError) as e:
+        raise TraceError(p, [f"{changed}: it no longer reads record by record ({type(e).__name__})"]) from None
+
+
 class _NotStreamable(Exception):
     """The file is not a UTF-8 JSON array that decodes element by element."""
 
@@ -239,7 +269,7 @@ class _JsonArrayReader:
     with the standard decoder. Anything else (another top-level value, invalid JSON or UTF-8,
     UTF-16, trailing data) raises ``_NotStreamable``: the caller reads the file whole then."""
 
-    CHUNK = 1 << 20
+    CHUNK = 1 << 16
     _SPACE = re.compile(r"[ \t\n\r]*")
 
     def __init__(self, f: BinaryIO):
@@ -402,9 +432,17 @@ class CompactRecords:
         return TraceRecord(self._time[i], self._input[i], self._output[i], "", self._ratio[i],
                            self._names[self._cat[i]], None if math.isnan(ttft) else ttft)
 
-    def arrival_order(self) -> np.ndarray:
-        """Indices by emission time, ties by index."""
+    def in_arrival_order(self) -> Iterator[tuple[int, TraceRecord]]:
+        """(index, record) by emission time, ties by index."""
+        order = self.arrival_order()
+        for i in range(len(self)) if order is None else order:
+            yield int(i), self[int(i)]
+
+    def arrival_order(self) -> np.ndarray | None:
+        """Indices by emission time, ties by index; None when that is the records' own order."""
         times = np.frombuffer(self._time, np.float64) if len(self) else np.zeros(0)
+        if bool(np.all(times[1:] >= times[:-1])):
+            return None
         return np.argsort(times, kind="stable")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adaserve.core.metrics import summarize
@@ -14,7 +14,8 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.core.results import RecordSpool, write_results
 from adaserve.core.tally import Tally
-from adaserve.core.trace import CompactRecords, TraceRecord, load_trace, prepare_record, to_request
+from adaserve.core.trace import (CompactRecords, TraceError, TraceRecord, prepare_record, scan_trace, stream_trace,
+                                 to_request)
 from adaserve.iteration import ServingLoop
 from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
@@ -47,19 +48,40 @@ def simulate_records(records: Sequence[TraceRecord], system: str, profile_name: 
                      baseline_ms=baseline_ms, scale_slos=scale_slos, keep=True)
 
 
-def _arrivals(records: CompactRecords, baseline_ms: float, scale_slos: bool) -> Iterator[Request]:
+def _arrivals(records: CompactRecords | StreamedRecords, baseline_ms: float, scale_slos: bool) -> Iterator[Request]:
     """The records' requests (rid = index) in arrival order, each made when the loop reads it."""
-    for i in records.arrival_order().tolist():
-        rec = prepare_record(records[i], baseline_ms=baseline_ms, scale_slos=scale_slos)
-        yield to_request(i, rec, baseline_ms)
+    for i, rec in records.in_arrival_order():
+        yield to_request(i, prepare_record(rec, baseline_ms=baseline_ms, scale_slos=scale_slos), baseline_ms)
 
 
-def _simulate(records: CompactRecords, system: str, profile: LatencyProfile, seed: int, acceptance,
+class StreamedRecords:
+    """A checked trace file's records, decoded again from the file as the loop reaches their
+    arrival (``stream_trace``): a simulation holds none of them beforehand. ``fixes``: record
+    index -> the input length that replaces the recorded one (``--fix-input-length``)."""
+
+    def __init__(self, path: str | Path, n: int, fixes: dict[int, int]):
+        self.path, self.n, self.fixes = Path(path), n, fixes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def in_arrival_order(self) -> Iterator[tuple[int, TraceRecord]]:
+        i = -1
+        for i, rec in enumerate(stream_trace(self.path)):
+            fixed = self.fixes.get(i)
+            yield i, rec if fixed is None else replace(rec, input_length=fixed)
+        if i + 1 != self.n:
+            raise TraceError(self.path, [f"holds {i + 1} records, not the {self.n} it held when it was checked"])
+
+
+def _simulate(records: CompactRecords | StreamedRecords, system: str, profile: LatencyProfile, seed: int, acceptance,
               progress: bool, policy_options: dict | None, *, baseline_ms: float | None, scale_slos: bool,
               keep: bool = False, spool: bool = False) -> SimResult:
     """The simulation loop. Each request is made when it arrives and tallied when it leaves
     (``core/tally.py``); with ``keep`` the requests are also kept, with ``spool`` their records
-    written to a ``RecordSpool``: memory grows by about a hundred bytes per request without either."""
+    written to a ``RecordSpool`` (in rid order, as they leave). Without ``keep``, nothing is kept per
+    request: a file's records are read again as they arrive (``StreamedRecords``), records given in
+    memory are held as ``CompactRecords`` (~40 bytes each)."""
     policy = make_policy(system, profile.family, **(policy_options or {}))
     executor = SimExecutor(profile, acceptance or acceptance_for(profile.family), seed,
                            draft_prefill=policy.drafts)
@@ -125,24 +147,17 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
 
 
 def load_sim_records(trace: str | Path, fix_input_lengths: bool = False,
-                     warn: Callable[[str], None] = lambda message: None) -> CompactRecords:
-    """The trace's records without their prompts (the simulator needs lengths and times only):
-    each prompt is checked against its record's ``input_length`` as it is read, then dropped, and
-    the record kept as a row of typed arrays, so memory grows by about 40 bytes per record, not
-    by the file's size."""
+                     warn: Callable[[str], None] = lambda message: None) -> StreamedRecords:
+    """The trace's records as the simulator reads them: lengths and times, no prompts. The file is
+    checked first, record by record (each prompt against its ``input_length``, then dropped), and
+    read again as the loop reaches each record: memory does not grow with the trace."""
     check = InputLengthCheck(fix=fix_input_lengths)
-    records = CompactRecords()
-
-    def keep(i: int, rec: TraceRecord) -> None:
-        if i == 0:  # the loader may read the file a second time (to name what is wrong with it)
-            records.clear()
-        records.append(check(i, rec))
-
-    load_trace(trace, keep_prompts=False, each=keep)
+    scan_trace(trace, check)
     warning = check.warning(str(trace))
     if warning:
         warn(warning)
-    return records
+    fixes = {i: est for i, (_, est) in check.bad.items()} if fix_input_lengths else {}
+    return StreamedRecords(trace, check.seen, fixes)
 
 
 def _stderr_warning(message: str) -> None:
