@@ -776,3 +776,30 @@ def test_slo_state_is_read_once_per_iteration():
     assert p.slo_state(decode, 140.0) is not a and p.slo_state(list(decode), 140.0) is not a
     fresh = SloState.of(decode, 100.0)
     assert np.array_equal(a.slack, fresh.slack) and np.array_equal(a.terms[0], fresh.terms[0])
+
+
+@pytest.mark.parametrize("ngram", [False, True])
+@pytest.mark.parametrize("step_model", ["table", "engine"])
+def test_one_shape_s_overhead_is_the_vector_s_element(step_model, ngram):
+    """``overhead_one_ms`` (what the plan and the selection ask a few times an iteration) gives the
+    bits of ``overhead_ms`` for every shape, with and without the host rows and the n-gram row."""
+    from adaserve.core.profile import Table
+    from adaserve.scheduling.adaserve_plus import overhead_ms, overhead_one_ms
+    from adaserve.scheduling.policies import context_tokens, draft_phase_ms
+
+    def table(ms):
+        return Table(np.array([1.0, 8.0, 64.0]), np.array(ms))
+
+    host = {"speculative": table([0.71, 1.13, 2.9]), "incremental": table([0.52, 0.67, 1.3]),
+            "draft": table([0.08, 0.13, 0.5])}
+    lat = replace(LLAMA, step_model=step_model, host=host,
+                  measured_with={"drafter": "ngram"} if ngram else {})
+    policy = AdaServePlus(make_policy("adaserve", "llama").config, "llama")
+    for n in (1, 3, 8, 40):
+        running = [decoding(i) for i in range(n)]
+        view = IterationView(10_000.0, [], running, lat, 10**7)
+        ctx = context_tokens(running)
+        for shape in policy.shape_options(n):
+            level = draft_phase_ms(view, shape, n, ctx)
+            want = overhead_ms(view, n, np.array([shape.depth]), np.array([level]))[0]
+            assert overhead_one_ms(view, n, shape, ctx) == want, (n, shape)

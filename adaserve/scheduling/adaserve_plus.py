@@ -203,7 +203,7 @@ class AdaServePlus(AdaServe):
         n, ctx = len(decode), context_tokens(decode)
         shapes = self.shape_options(n)
         if view.latency.ngram_drafter:
-            self._plain_ms = float(overhead_ms(view, n, np.zeros(1, np.int64), np.zeros(1))[0]
+            self._plain_ms = float(overhead_one_ms(view, n, shapes[0], ctx)
                                    + view.latency.verify_ms(n + prefill_tokens, ctx))
             return shapes[-1] if self.switch.draft() else shapes[0]
         self._plain_ms = None
@@ -244,7 +244,7 @@ class AdaServePlus(AdaServe):
             return 0
         n, ctx = len(decode), context_tokens(decode)
         base = min(n * (shape.depth + 1), lim.max_batch_tokens - self.config.min_prefill_chunk)
-        draft = float(overhead_ms(view, n, np.array([shape.depth]), draft_phase_ms(view, shape, n, ctx))[0])
+        draft = overhead_one_ms(view, n, shape, ctx)
         rooms = _room_options(view, self.config.min_prefill_chunk, lim.max_batch_tokens - base)
         if len(rooms) == 0:
             return self.config.min_prefill_chunk
@@ -286,8 +286,8 @@ class AdaServePlus(AdaServe):
         need = np.where(weight > 0, need_at(float(predict(b_rate))), -np.inf)
         wanted = n + int(slo_wants(sc, need, cap, self.config.spec.n_max(b_rate, n)).sum())
         top = min(max(wanted, b_rate), max_budget)
-        budgets = np.unique(np.linspace(n, top, BUDGET_GRID + 1).round().astype(np.int64))
-        budgets = np.unique(np.append(budgets, b_rate))
+        grid = np.linspace(n, top, BUDGET_GRID + 1).round().astype(np.int64).tolist()
+        budgets = np.array(sorted({*grid, b_rate}), np.int64)
         times = np.asarray(predict(budgets), np.float64)
         n_max = np.array([self.config.spec.n_max(int(b), n) for b in budgets], np.int64)
         masks, expected = select_budgets(cal, sc, budgets, times, terms, weight, cap, n_max)
@@ -352,7 +352,7 @@ def _verified_options(expected: np.ndarray, nodes: np.ndarray, slack: np.ndarray
 def _step_predictor(plan: Plan, view: IterationView, prefill_tokens: int):
     """Predicted iteration time as a function of the verification budget (vectorized)."""
     ctx, n = context_tokens(plan.decode), len(plan.decode)
-    draft = float(overhead_ms(view, n, np.array([plan.shape.depth]), draft_phase_ms(view, plan.shape, n, ctx))[0])
+    draft = overhead_one_ms(view, n, plan.shape, ctx)
     if prefill_tokens:
         prefilled = sum(r.prefilled for r, _ in plan.prefill)
         draft += float(draft_prefill_ms(view, prefill_tokens, prefilled))
@@ -375,6 +375,21 @@ def overhead_ms(view: IterationView, n: int, depth: np.ndarray, level_draft) -> 
     if lat.step_model != "engine":
         return draft
     return draft + np.where(speculative, lat.host_ms(n, True), lat.host_ms(n, False))
+
+
+def overhead_one_ms(view: IterationView, n: int, shape: SpecShape, ctx: int) -> float:
+    """``overhead_ms`` of one shape, whose drafting is ``draft_phase_ms`` (not looked up when the
+    profile's n-gram row replaces it): the same sums, without the arrays (this runs a few times
+    an iteration)."""
+    lat = view.latency
+    if shape.depth > 0:
+        draft = lat.draft_iteration_ms(n) if lat.ngram_drafter else None
+        draft = draft_phase_ms(view, shape, n, ctx) if draft is None else draft
+    else:
+        draft = 0.0
+    if lat.step_model != "engine":
+        return float(draft)
+    return float(draft + lat.host_ms(n, shape.depth > 0))
 
 
 def draft_prefill_ms(view: IterationView, tokens, prefilled: int = 0):

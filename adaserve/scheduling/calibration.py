@@ -242,20 +242,24 @@ class DepthAcceptance:
         if k <= 0 or not live.any():
             return
         self._cumulative.clear()
-        reach = (accepted[:, None] >= np.arange(1, k + 1)[None, :]) & live[:, None]
+        n_live = int(live.sum())
         self.width_sum[:k] += verified[live, :k].sum(axis=0)
-        self.width_n[:k] += int(live.sum())
-        rows: dict[str, list[int]] = {}
-        for i, c in enumerate(categories):
-            rows.setdefault(c, []).append(i)
-        for key, idx in rows.items():  # integer counts: the order of the categories does not matter
-            mine = np.array(idx)[live[idx]]
+        self.width_n[:k] += n_live
+        # per category, how many live requests reached each depth 1..k: a histogram of
+        # min(accepted, k) summed from the top (integer counts: no order of additions matters)
+        codes: dict[str, int] = {}
+        code = np.array([codes.setdefault(c, len(codes)) for c in categories], np.int64)
+        hist = np.zeros((len(codes), k + 1))
+        np.add.at(hist, (code[live], np.minimum(accepted[live], k)), 1.0)
+        reach = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]  # [c, j-1]: accepted >= j
+        count = hist.sum(axis=1)
+        for key, c in codes.items():
             reached, drafted = self._arrays(key)
-            reached[:k] += reach[mine].sum(axis=0)
-            drafted[:k] += len(mine)
+            reached[:k] += reach[c]
+            drafted[:k] += count[c]
         reached, drafted = self._arrays("")
         reached[:k] += reach.sum(axis=0)
-        drafted[:k] += int(live.sum())
+        drafted[:k] += n_live
 
     def mean_width(self) -> np.ndarray:
         """ν_k for k = 1..MAX_DEPTH."""
