@@ -163,6 +163,29 @@ def simulated_cells(run: Path, profile: Path) -> list[tuple[str, str]]:
     return cells
 
 
+def paged_comparison(floor: list[dict], paged: list[dict]) -> str:
+    """The graphed steps of the weight-floor table with gather + SDPA and with the paged attention
+    kernel side by side, and the verdict that decides the kernel's default: on only if it is
+    faster in every step (prefill chunks do not use it, so they are left out)."""
+    lines = ["| shape | step | gather + SDPA ms | paged ms | paged / gather |", "|---|---|---|---|---|"]
+    ratios = []
+    for base in floor:
+        other = next((r for r in paged if r["shape"] == base["shape"]), None)
+        steps = base["steps"].get("graphs on", {})
+        theirs = (other or {}).get("steps", {}).get("graphs on", {})
+        for label, ms in steps.items():
+            if label in theirs:
+                ratios.append(theirs[label] / ms)
+                lines.append(f"| {base['shape']} | {label} | {ms:.3f} | {theirs[label]:.3f} | {ratios[-1]:.2f} |")
+    if not ratios:
+        return "(paged attention: no graphed step measured both ways)"
+    faster = sum(r < 1 for r in ratios)
+    verdict = ("on by default" if faster == len(ratios) else "stays off by default")
+    lines += ["", f"Paged attention is faster in {faster} of {len(ratios)} graphed steps (median paged / gather "
+                  f"{statistics.median(ratios):.2f}): {verdict} (ADASERVE_PAGED_ATTENTION)."]
+    return "\n".join(lines)
+
+
 def table(work: Path) -> str:
     bench = sorted(p for p in work.iterdir() if BENCH.fullmatch(p.name))
     runs = sorted(p for p in work.iterdir() if RUN.fullmatch(p.name))
@@ -175,6 +198,8 @@ def table(work: Path) -> str:
     paged = _load(work / "floor-paged.json") if (work / "floor-paged.json").is_file() else None
     if paged:  # PAGED_AB: the same steps with the paged attention kernel
         head += "With ADASERVE_PAGED_ATTENTION=1:\n\n" + floor_table(paged) + "\n\n"
+        if floor:
+            head += paged_comparison(floor, paged) + "\n\n"
     masks = work / "mask-build.md"  # scripts/bench_mask_build.py's own table
     tail = "\n\n" + masks.read_text().strip() if masks.is_file() and masks.stat().st_size else ""
     if not bench and not runs:

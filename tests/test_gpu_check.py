@@ -427,10 +427,23 @@ def test_table_from_results(tmp_path):
     lines = gpu_check_table.table(tmp_path).splitlines()
     assert lines[0] == "| shape | step | graphs | ms | x floor | x 1-token step |"
     assert not any("PAGED" in x for x in lines)
-    (tmp_path / "floor-paged.json").write_text(json.dumps(floor))
+    paged_floor = json.loads(json.dumps(floor))
+    paged_floor[0]["steps"]["graphs on"]["decode 1 seq x 1 token"] = 2.5  # slower in one step of five
+    for label in ("decode 16 seqs x 1 token", "decode 64 seqs x 1 token"):
+        paged_floor[0]["steps"]["graphs on"][label] = 1.5
+    (tmp_path / "floor-paged.json").write_text(json.dumps(paged_floor))
     lines = gpu_check_table.table(tmp_path).splitlines()
     assert "With ADASERVE_PAGED_ATTENTION=1:" in lines
     assert lines.count("| shape | step | graphs | ms | x floor | x 1-token step |") == 2
+    assert "| llama-3.2-1b | decode 1 seq x 1 token | 2.000 | 2.500 | 1.25 |" in lines
+    assert "| llama-3.2-1b | decode 64 seqs x 1 token | 2.000 | 1.500 | 0.75 |" in lines
+    assert ("Paged attention is faster in 2 of 5 graphed steps (median paged / gather 1.00): stays off by default "
+            "(ADASERVE_PAGED_ATTENTION).") in lines
+    for label, *_ in STEPS:
+        paged_floor[0]["steps"]["graphs on"][label] = 1.5
+    (tmp_path / "floor-paged.json").write_text(json.dumps(paged_floor))
+    assert any(x.startswith("Paged attention is faster in 5 of 5") and "on by default" in x
+               for x in gpu_check_table.table(tmp_path).splitlines())
     (tmp_path / "floor-paged.json").unlink()
     lines = gpu_check_table.table(tmp_path).splitlines()
     assert "| llama-3.2-1b | decode 1 seq x 1 token | on | 2.000 | 3.33 | 1.00 |" in lines
