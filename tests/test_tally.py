@@ -138,6 +138,8 @@ def test_a_long_run_s_summary_is_binned_and_says_so(monkeypatch):
     assert all(len(s._value) <= 30 for g in tally.groups.values() for s in (g.ttft, g.tpot, g.decode))
     approx = summarize(tally, **kw)
     assert exact["exact_latency_stats"] and not approx["exact_latency_stats"]
+    from adaserve.core.results import format_text
+    assert "latency statistics binned" in format_text(approx, {}) and "binned" not in format_text(exact, {})
     for key in ("completed", "attained", "slo_attainment", "goodput", "total_tokens"):
         assert approx[key] == exact[key]
     for key in ("ttft_ms", "tpot_ms", "decode_latency_ms"):

@@ -70,6 +70,9 @@ def _category_lines(summary: Mapping[str, Any]) -> list[str]:
                      f"{_pct(summary.get('ttft_attainment'))}  joint {_pct(summary['joint_attainment'])}")
     if summary.get("rejected"):
         lines.append(f"  rejected: {summary['rejected']} {summary['rejected_reasons']}")
+    if summary.get("exact_latency_stats") is False:
+        lines.append("  latency statistics binned: within 0.01% of the exact ones (a long run: more than 65,536 "
+                     "requests in a category or 131,072 distinct inter-token latencies; docs/definitions.md §3)")
     return lines
 
 
