@@ -10,8 +10,8 @@ from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest, is_connected
 from adaserve.sim.acceptance import (FIG12_CHAIN, LLAMA_ACCEPTANCE, QWEN_ACCEPTANCE, PAD_PROB, AcceptanceParams,
                                      AcceptanceRecordError, RecordedAcceptance, SyntheticAcceptance,
-                                     accepted_lengths, acceptance_for, load_records, load_tree_sizes,
-                                     mean_committed, pad_trees)
+                                     accepted_lengths, acceptance_for, load_records, load_tree_confidences,
+                                     load_tree_sizes, mean_committed, pad_trees, with_confidences)
 from adaserve.sim.profiles import get_profile
 
 
@@ -183,6 +183,44 @@ def test_recorded_tree_sizes_pad_the_replayed_trees(tmp_path):
     assert model.tree_size(other) == -1
 
 
+def test_recorded_confidences_replace_the_replayed_trees_own_in_their_order(tmp_path):
+    """With the engine's node confidences recorded, a replayed tree's nodes take them, best first
+    in the replay's own order (a child stays at most its parent), padding nodes included: the
+    selection sees the engine's confidences; what is right (and so accepted) does not change."""
+    rows = [{"rid": 0, "category": "chat", "pos": p, "probs": [0.8, 0.1] if p % 3 == 0 else [0.0],
+             "rank": 0 if p % 3 == 0 else -1} for p in range(30)]
+    rows += [{"rid": 0, "category": "chat", "pos": 0, "tree": 4, "conf": [0.5, 0.9, 0.7, 0.6]},
+             {"rid": 0, "category": "chat", "pos": 9, "tree": 2}]  # an older line: no confidences
+    path = tmp_path / "acc.jsonl"
+    write_records(path, rows)
+    assert {k: {p: c.tolist() for p, c in v.items()} for k, v in load_tree_confidences(path).items()} == \
+        {("chat", 0): {0: [0.9, 0.7, 0.6, 0.5]}}
+    model = RecordedAcceptance.load(path)
+    plain = RecordedAcceptance(load_records(path, by_position=True), trees=load_tree_sizes(path))
+    r = reqs(1)[0]
+    r.generated = 3
+    f = model.draft([r], SpecShape.chain(3), np.random.default_rng(0))
+    g = plain.draft([r], SpecShape.chain(3), np.random.default_rng(0))
+    f.check()
+    assert sorted(f.prob[1:].tolist(), reverse=True) == [0.9, 0.7, 0.6]  # 3 nodes: the chain's shape holds 3
+    assert np.array_equal(np.argsort(-f.prob[1:], kind="stable"), np.argsort(-g.prob[1:], kind="stable"))
+    assert f.extra["correct"].tolist() == g.extra["correct"].tolist()
+    assert np.all(f.prob[1:] <= f.prob[f.parent[1:]])
+    r.generated = 9  # its latest draft recorded no confidences: as before
+    assert model.draft([r], SpecShape.chain(3), np.random.default_rng(0)).prob.tolist() == \
+        plain.draft([r], SpecShape.chain(3), np.random.default_rng(0)).prob.tolist()
+
+
+def test_with_confidences_caps_the_nodes_beyond_the_recording():
+    f = CandidateForest.from_lists([[(0, 5, 0.5), (1, 6, 0.25), (2, 7, 0.2)], [(0, 8, 0.9)]])
+    g = with_confidences(f, [np.array([0.8, 0.3]), None])
+    g.check()
+    assert g.prob.tolist() == [1.0, 0.8, 0.3, 0.2, 1.0, 0.9]  # the third node: its own 0.2 (< 0.3)
+    h = with_confidences(f, [np.array([0.8, 0.1]), np.array([])])
+    assert h.prob.tolist() == [1.0, 0.8, 0.1, 0.1, 1.0, 0.9]  # capped at the recording's smallest
+    assert with_confidences(f, [None, None]) is f
+
+
 def test_pad_trees_keeps_each_tree_and_appends_root_children():
     f = CandidateForest.from_lists([[(0, 5, 0.5), (1, 6, 0.25)], [], [(0, 7, 0.9)]])
     f.extra["correct"] = np.array([True, True, False, True, True, False])
@@ -199,6 +237,8 @@ def test_pad_trees_keeps_each_tree_and_appends_root_children():
     ('{"rid": 0, "category": "chat", "pos": 0, "tree": "x"}', "needs rid, category, pos, tree"),
     ('{"rid": 0, "category": "chat", "pos": -1, "tree": 2}', "pos and tree must be >= 0"),
     ('[1, 2]', "not a JSON object"),
+    ('{"rid": 0, "category": "chat", "pos": 0, "tree": 1, "conf": "x"}', "conf needs rid, category, pos and a list"),
+    ('{"rid": 0, "category": "chat", "pos": 0, "tree": 1, "conf": [1.5]}', "conf values must be in [0, 1]"),
 ])
 def test_bad_tree_lines_name_file_and_line(tmp_path, line, needle):
     path = tmp_path / "bad.jsonl"

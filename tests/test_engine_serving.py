@@ -482,7 +482,10 @@ def test_recorder_writes_one_line_per_decoded_position(target, workload, tmp_pat
     trees = [x for x in every if "tree" in x]
     assert len(lines) == rec.records > 0
     # one tree line per request and draft call: a chain of 4 grown where the draft model proposes
-    assert trees and all(set(x) == {"rid", "category", "pos", "tree"} and 0 <= x["tree"] <= 4 for x in trees)
+    assert trees and all(set(x) == {"rid", "category", "pos", "tree", "conf"} and 0 <= x["tree"] <= 4 for x in trees)
+    # each node's path confidence as the selection saw it, best first
+    assert all(len(x["conf"]) == x["tree"] and x["conf"] == sorted(x["conf"], reverse=True)
+               and all(0 <= c <= 1 for c in x["conf"]) for x in trees)
     assert len({(x["rid"], x["pos"]) for x in trees}) == len(trees) and max(x["tree"] for x in trees) == 4
     by_req = {}
     for x in lines:
@@ -496,9 +499,10 @@ def test_recorder_writes_one_line_per_decoded_position(target, workload, tmp_pat
         assert r.category == next(x["category"] for x in lines if x["rid"] == r.rid) if pos else True
     # a close draft mostly predicts the target's token as its top choice
     assert np.mean([x["rank"] == 0 for x in lines]) > 0.5
-    from adaserve.sim.acceptance import load_records, load_tree_sizes  # the simulator reads the file
+    from adaserve.sim.acceptance import load_records, load_tree_confidences, load_tree_sizes  # the simulator reads it
     assert sum(len(rank) for _, rank in load_records(path).values()) == len(lines)
     assert sum(len(pos) for pos, _ in load_tree_sizes(path).values()) == len(trees)
+    assert sum(len(c) for c in load_tree_confidences(path).values()) == len(trees)
 
 
 def test_recorder_marks_ngram_misses(tmp_path):

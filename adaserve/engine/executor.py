@@ -327,8 +327,9 @@ class TorchExecutor:
             return CandidateForest.roots_only(len(seqs), np.array([s.last for s in seqs], np.int64))
         forest = self.drafter.draft(seqs, shape)
         if self.recorder is not None:
-            for r, seq, size in zip(requests, seqs, np.diff(forest.offsets).tolist()):
-                self.recorder.record_tree(r.rid, r.category, seq.num_output, size - 1)
+            lo = forest.offsets[:-1].tolist()
+            for r, seq, a, b in zip(requests, seqs, lo, forest.offsets[1:].tolist()):
+                self.recorder.record_tree(r.rid, r.category, seq.num_output, b - a - 1, forest.prob[a + 1:b])
         return forest
 
     # ---- one target forward ---------------------------------------------------------------------

@@ -50,7 +50,7 @@ class AcceptanceRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
         self.records = 0
-        self._held: list[tuple] = []  # record_tree's (rid, category, pos, nodes) and record_batch's batches
+        self._held: list[tuple] = []  # record_tree's (rid, category, pos, nodes, conf) and record_batch's batches
         self._held_records = 0
 
     def record(self, rid: int, category: str, pos: int, probs, tokens, produced: int) -> None:
@@ -64,9 +64,12 @@ class AcceptanceRecorder:
                     np.asarray(produced).tolist()), len(rids))
         self.records += len(rids)
 
-    def record_tree(self, rid: int, category: str, pos: int, nodes: int) -> None:
-        """The drafter grew ``nodes`` non-root nodes for request ``rid`` at output length ``pos``."""
-        self._hold((int(rid), category, int(pos), int(nodes)), 1)
+    def record_tree(self, rid: int, category: str, pos: int, nodes: int, conf=None) -> None:
+        """The drafter grew ``nodes`` non-root nodes for request ``rid`` at output length ``pos``;
+        ``conf``: their path confidences (the drafter's, as the selection saw them; any order)."""
+        if conf is not None:
+            conf = sorted((round(float(c), 6) for c in np.asarray(conf).ravel()), reverse=True)
+        self._hold((int(rid), category, int(pos), int(nodes), conf), 1)
 
     def _hold(self, item: tuple, records: int) -> None:
         self._held.append(item)
@@ -77,9 +80,10 @@ class AcceptanceRecorder:
     @staticmethod
     def _lines(item: tuple):
         """The JSON lines of one held item."""
-        if len(item) == 4:
-            rid, category, pos, nodes = item
-            yield json.dumps({"rid": rid, "category": category, "pos": pos, "tree": nodes})
+        if len(item) == 5:
+            rid, category, pos, nodes, conf = item
+            line = {"rid": rid, "category": category, "pos": pos, "tree": nodes}
+            yield json.dumps(line if conf is None else {**line, "conf": conf})
             return
         rids, categories, pos, probs, tokens, produced = item
         for k, rid in enumerate(rids):

@@ -425,6 +425,50 @@ def load_tree_sizes(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray,
             for key, r in rows.items()}
 
 
+def load_tree_confidences(path: str | Path) -> dict[tuple[str, int], dict[int, np.ndarray]]:
+    """The recording's tree lines that carry their nodes' confidences (``conf``, written since
+    2026-11-27 night) → {(category, rid): {pos: the tree's confidences, descending}}; empty for a
+    recording without them."""
+    rows: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    for where, d in _record_lines(Path(path)):
+        if "conf" not in d:
+            continue
+        try:
+            key, pos = (str(d["category"]), int(d["rid"])), int(d["pos"])
+            conf = np.array(sorted((float(c) for c in d["conf"]), reverse=True), np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise AcceptanceRecordError(f"{where}: conf needs rid, category, pos and a list of numbers "
+                                        f"({e!r})") from None
+        if not np.all((conf >= 0) & (conf <= 1)):
+            raise AcceptanceRecordError(f"{where}: conf values must be in [0, 1]")
+        rows.setdefault(key, {})[pos] = conf
+    return rows
+
+
+def with_confidences(forest: CandidateForest, confs: list[np.ndarray | None]) -> CandidateForest:
+    """Request ``i``'s non-root nodes given the recorded confidences ``confs[i]`` (descending) in
+    the order of their own (stable, best first); nodes beyond the recording keep their own, capped
+    at its smallest. Order-preserving, so a child stays at most its parent. Why: the replay grows
+    its trees from the target's path, whose drafter distribution at a position is what the drafter
+    saw in the *true* context; the engine's drafter expands its own drafted tokens, and its nodes
+    off the path (a confident wrong continuation) are what the selection takes too. Their number
+    is padded in (``pad_trees``); their confidences come from here."""
+    if not any(c is not None and len(c) for c in confs):
+        return forest
+    prob = forest.prob.copy()
+    for i, conf in enumerate(confs):
+        lo, hi = int(forest.offsets[i]) + 1, int(forest.offsets[i + 1])
+        if conf is None or not len(conf) or hi <= lo:
+            continue
+        idx = lo + np.argsort(-forest.prob[lo:hi], kind="stable")
+        k = min(len(conf), len(idx))
+        prob[idx[:k]] = conf[:k]
+        prob[idx[k:]] = np.minimum(forest.prob[idx[k:]], conf[k - 1])
+    out = CandidateForest(forest.offsets, forest.parent, forest.token, prob, forest.depth)
+    out.extra = forest.extra
+    return out
+
+
 def _dense_by_position(rows: list[tuple[int, list[float], int]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """One request's records (sorted by pos) as arrays indexed by pos; missing positions: misses."""
     probs = np.zeros((rows[-1][0] + 1, k))
@@ -465,11 +509,14 @@ class RecordedAcceptance:
     holds only the target's path)."""
 
     def __init__(self, records: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], name: str = "recorded",
-                 trees: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
+                 trees: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None,
+                 confidences: dict[tuple[str, int], dict[int, np.ndarray]] | None = None):
         """``records``: as ``load_records(..., by_position=True)`` (row = output position);
-        ``trees``: as ``load_tree_sizes`` (none: trees are not padded)."""
+        ``trees``: as ``load_tree_sizes`` (none: trees are not padded); ``confidences``: as
+        ``load_tree_confidences`` (none: the nodes keep the replay's own)."""
         self.name = name
         self.trees = dict(trees or {})
+        self.confidences = dict(confidences or {})
         self.by_key = dict(records)
         self.by_category: dict[str, list] = {}
         for (cat, _), seq in sorted(records.items()):
@@ -478,7 +525,8 @@ class RecordedAcceptance:
 
     @classmethod
     def load(cls, path: str | Path) -> "RecordedAcceptance":
-        return cls(load_records(path, by_position=True), name=f"recorded:{path}", trees=load_tree_sizes(path))
+        return cls(load_records(path, by_position=True), name=f"recorded:{path}", trees=load_tree_sizes(path),
+                   confidences=load_tree_confidences(path))
 
     def sequence(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
         """The recorded (probs, rank) that ``request`` follows."""
@@ -496,17 +544,32 @@ class RecordedAcceptance:
         if not self.trees:
             return forest
         most = sum(shape.level_sizes())  # the engine drafted with this request's shape then
-        return pad_trees(forest, [min(self.tree_size(r), most) for r in requests])
+        forest = pad_trees(forest, [min(self.tree_size(r), most) for r in requests])
+        return with_confidences(forest, [self.tree_confidences(r) for r in requests])
+
+    def tree_confidences(self, request: Request) -> np.ndarray | None:
+        """The node confidences of the draft ``tree_size`` reads; None where it recorded none."""
+        key = (request.category, request.rid)
+        pos = self._draft_pos(key, request.generated)
+        return None if pos is None else self.confidences.get(key, {}).get(pos)
 
     def tree_size(self, request: Request) -> int:
         """The non-root nodes the engine's drafter grew for this request at its latest recorded
         draft at or before its current output length (the replay's steps need not fall on the
         engine's), or its first draft when none is that early; -1 without any."""
-        rec = self.trees.get((request.category, request.rid))
-        if rec is None:
+        key = (request.category, request.rid)
+        pos = self._draft_pos(key, request.generated)
+        if pos is None:
             return -1
-        i = int(np.searchsorted(rec[0], request.generated, side="right")) - 1
-        return int(rec[1][max(i, 0)])
+        positions, sizes = self.trees[key]
+        return int(sizes[int(np.searchsorted(positions, pos))])
+
+    def _draft_pos(self, key: tuple[str, int], generated: int) -> int | None:
+        rec = self.trees.get(key)
+        if rec is None:
+            return None
+        i = int(np.searchsorted(rec[0], generated, side="right")) - 1
+        return int(rec[0][max(i, 0)])
 
 
 def calibration_table(samples: int = 20000) -> list[dict]:
