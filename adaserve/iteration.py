@@ -38,6 +38,9 @@ class StepOutput:
     tokens: list[list[int]] | None = None        # per decoding request: the committed token ids
     first_tokens: list[int] | None = None        # per prefill chunk that completed a prompt: its token
     failed: dict[int, str] = field(default_factory=dict)  # rid -> why its own step failed (it ends)
+    # per decoding request: the forest index of the deepest accepted node (its root if none), from
+    # an executor that knows it without token ids (the simulator); the engine's ids say the same
+    accepted_nodes: np.ndarray | None = None
 
 
 class Executor(Protocol):

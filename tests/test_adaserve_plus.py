@@ -677,6 +677,34 @@ def test_server_refuses_bad_ttft_slo(srv, body, headers, param):
     assert err["param"] == param and err["code"] == "invalid_value"
 
 
+def test_the_simulator_reports_each_accepted_path_s_end_node():
+    """What the engine's token ids name, the simulator reports as a node: the selected node on the
+    target's path at the accepted depth, or the root; ``adaserve_plus`` then learns from exact
+    outcomes in both executors, never from the posterior."""
+    from adaserve.sim.acceptance import accepted_lengths, accepted_nodes
+
+    f = CandidateForest.from_lists([[(0, 5, 0.9), (0, 6, 0.5), (1, 7, 0.8)], [(0, 8, 0.9)], []])
+    f.extra["correct"] = np.array([True, True, False, True, True, False, True])
+    everything = np.ones(f.n_nodes, bool)
+    assert accepted_nodes(f, everything, accepted_lengths(f, everything)).tolist() == [3, 4, 6]
+    only_roots_and_first = np.array([True, True, False, False, True, False, True])
+    assert accepted_nodes(f, only_roots_and_first, accepted_lengths(f, only_roots_and_first)).tolist() == [1, 4, 6]
+    records = generate_trace("rps", rps=4.8, duration_s=20, seed=0)
+    seen = []
+    real = AdaServePlus.observe
+
+    def spy(self, *a):
+        real(self, *a)
+        seen.append(dict(self.outcomes))
+
+    AdaServePlus.observe = spy
+    try:
+        simulate_records(records, "adaserve_plus", "llama-3.1-70b")
+    finally:
+        AdaServePlus.observe = real
+    assert seen[-1]["exact"] > 0 and seen[-1]["posterior"] == 0
+
+
 # ------------------------------------------------------------------------------- engine
 
 def test_engine_outcomes_come_from_token_ids():

@@ -147,7 +147,7 @@ class AdaServePlus(AdaServe):
         self.calibrator = Calibrator()
         self.depths = DepthAcceptance(alpha=PAPER_CHAIN_ACCEPTANCE.get(family or "llama", 0.79))
         self._calibrated: tuple[int, np.ndarray, np.ndarray] | None = None  # (id(forest), p̂, F̂)
-        self.outcomes = {"exact": 0, "posterior": 0}  # steps learned from token ids / posteriors
+        self.outcomes = {"exact": 0, "posterior": 0}  # steps learned from exact ends / posteriors
         self.switch = DraftSwitch()
         self._plain_ms: float | None = None  # the planned iteration's predicted time without drafting
         self._state: tuple[list[Request], float, SloState] | None = None  # this iteration's, once read
@@ -314,6 +314,9 @@ class AdaServePlus(AdaServe):
         end = None
         if out.tokens is not None:
             end = exact_end_weights(forest, sel, out.tokens, accepted_depth)
+        elif out.accepted_nodes is not None:  # the simulator reports the node its ids would name
+            end = np.zeros(forest.n_nodes)
+            end[np.asarray(out.accepted_nodes)[live]] = 1.0
         self.outcomes["exact" if end is not None else "posterior"] += 1
         if end is None:
             end = end_weights(forest, sel, accepted_depth, cond, path)

@@ -225,6 +225,19 @@ def accepted_lengths(forest: CandidateForest, selected: np.ndarray) -> np.ndarra
 _NO_GAP = np.iinfo(np.int64).max
 
 
+def accepted_nodes(forest: CandidateForest, selected: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """Per request, the forest index of the node its accepted path ends at (``accepted``, from
+    ``accepted_lengths``): the selected node on the target's path at that depth, or the root. What
+    the engine's verification reports by token ids, so that a policy learning from outcomes
+    (``adaserve_plus``) learns the same in both executors."""
+    correct = forest.extra["correct"]
+    ends = forest.offsets[:-1].copy()
+    owner = np.repeat(np.arange(forest.n_requests), np.diff(forest.offsets))
+    hit = np.flatnonzero(np.asarray(selected, bool) & correct & (forest.depth == accepted[owner]) & (forest.depth > 0))
+    ends[owner[hit]] = hit  # at most one correct node per depth
+    return ends
+
+
 # ------------------------------------------------------------------------------ synthetic model
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.graph_shapes import graph_packs, query_rows
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
-from adaserve.sim.acceptance import accepted_lengths
+from adaserve.sim.acceptance import accepted_lengths, accepted_nodes
 
 
 # How our engine batches attention (adaserve/engine/batch.py; both read the constants from
@@ -184,9 +184,12 @@ class SimExecutor:
                 forest: CandidateForest, selected: np.ndarray, max_commit: np.ndarray) -> StepOutput:
         prefill_tokens = sum(c for _, c in prefill)
         self.clock += self._step_ms(prefill, decode, forest, selected)
+        ends = None
         if decode:
             if forest.n_nodes > forest.n_requests:
-                committed = accepted_lengths(forest, selected) + 1
+                accepted = accepted_lengths(forest, selected)
+                ends = accepted_nodes(forest, selected, accepted)
+                committed = accepted + 1
             else:
                 committed = np.ones(len(decode), np.int64)
             committed = np.minimum(committed, max_commit)
@@ -196,7 +199,7 @@ class SimExecutor:
             self.clock += float(self.latency.draft_ms(prefill_tokens,
                                                       sum(r.prefilled for r, _ in prefill)))
         completes = sum(1 for r, c in prefill if r.prefilled + c >= r.input_len)
-        return StepOutput(committed, np.zeros(len(decode), bool), [False] * completes)
+        return StepOutput(committed, np.zeros(len(decode), bool), [False] * completes, accepted_nodes=ends)
 
     def _step_ms(self, prefill: list[tuple[Request, int]], decode: list[Request],
                  forest: CandidateForest, selected: np.ndarray) -> float:
