@@ -233,7 +233,8 @@ def accepted_nodes(forest: CandidateForest, selected: np.ndarray, accepted: np.n
     correct = forest.extra["correct"]
     ends = forest.offsets[:-1].copy()
     owner = np.repeat(np.arange(forest.n_requests), np.diff(forest.offsets))
-    hit = np.flatnonzero(np.asarray(selected, bool) & correct & (forest.depth == accepted[owner]) & (forest.depth > 0))
+    at_end = (forest.depth == accepted[owner]) & (forest.depth > 0)
+    hit = np.flatnonzero(np.asarray(selected, bool) & correct & at_end)
     ends[owner[hit]] = hit  # at most one correct node per depth
     return ends
 
@@ -519,7 +520,8 @@ class RecordedAcceptance:
     token of a request that has generated ``g`` tokens is output position ``g`` (the record's
     ``pos``: 0 is the prefill's token), level ``l`` reads position ``g + l - 1``; positions past
     the end wrap around. Nodes off the target's path reuse the position's confidences (the record
-    holds only the target's path)."""
+    holds only the target's path); where the recording holds the engine's node confidences for
+    the draft, the tree's nodes take those instead (``with_confidences``)."""
 
     def __init__(self, records: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], name: str = "recorded",
                  trees: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None,
