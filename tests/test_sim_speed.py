@@ -14,7 +14,7 @@ from adaserve.core.request import Request
 from adaserve.core.trace import load_trace
 from adaserve.scheduling.plan import SpecShape
 from adaserve.sim.acceptance import (LLAMA_ACCEPTANCE, QWEN_ACCEPTANCE, AcceptanceParams,
-                                     RecordedAcceptance, SyntheticAcceptance, accepted_lengths)
+                                     RecordedAcceptance, SyntheticAcceptance, accepted_ends, accepted_lengths)
 from adaserve.sim.run import simulate_records
 
 pytest.importorskip("numba")
@@ -97,7 +97,12 @@ def test_compiled_accepted_lengths_equal_numpy(monkeypatch, shape):
         for flag in ("1", "0"):
             monkeypatch.setenv("ADASERVE_NUMBA", flag)
             out.append(accepted_lengths(forest, selected))
-        assert out[0].dtype == out[1].dtype and np.array_equal(*out)
+            out.append(accepted_ends(forest, selected))
+        assert out[0].dtype == out[2].dtype and np.array_equal(out[0], out[2])
+        assert all(np.array_equal(a, b) for a, b in zip(out[1], out[3]))  # lengths and end nodes
+        assert np.array_equal(out[1][0], out[0])
+        ends = out[1][1]
+        assert np.array_equal(forest.depth[ends], out[0]) and forest.extra["correct"][ends].all()
 
 
 def test_simulation_identical_with_and_without_numba(monkeypatch, artifact_traces):

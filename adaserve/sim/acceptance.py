@@ -225,6 +225,15 @@ def accepted_lengths(forest: CandidateForest, selected: np.ndarray) -> np.ndarra
 _NO_GAP = np.iinfo(np.int64).max
 
 
+def accepted_ends(forest: CandidateForest, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``accepted_lengths`` and ``accepted_nodes`` (one compiled pass, or the numpy twins)."""
+    sel = np.asarray(selected, bool)
+    if jit.enabled():
+        return _kernels().accepted_ends(forest.extra["correct"], sel, forest.depth, forest.offsets)
+    lengths = accepted_lengths(forest, sel)
+    return lengths, accepted_nodes(forest, sel, lengths)
+
+
 def accepted_nodes(forest: CandidateForest, selected: np.ndarray, accepted: np.ndarray) -> np.ndarray:
     """Per request, the forest index of the node its accepted path ends at (``accepted``, from
     ``accepted_lengths``): the selected node on the target's path at that depth, or the root. What

@@ -18,7 +18,7 @@ from adaserve.scheduling.attention_calls import padding_groups
 from adaserve.scheduling.graph_shapes import graph_packs, query_rows
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
-from adaserve.sim.acceptance import accepted_lengths, accepted_nodes
+from adaserve.sim.acceptance import accepted_ends
 
 
 # How our engine batches attention (adaserve/engine/batch.py; both read the constants from
@@ -187,8 +187,7 @@ class SimExecutor:
         ends = None
         if decode:
             if forest.n_nodes > forest.n_requests:
-                accepted = accepted_lengths(forest, selected)
-                ends = accepted_nodes(forest, selected, accepted)
+                accepted, ends = accepted_ends(forest, selected)
                 committed = accepted + 1
             else:
                 committed = np.ones(len(decode), np.int64)

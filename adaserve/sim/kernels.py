@@ -122,6 +122,21 @@ def _keep_best(c_prob, count, kept, out):  # pragma: no cover - compiled
 
 
 @njit
+def accepted_ends(correct, selected, depth, offsets):  # pragma: no cover - compiled
+    """``accepted_lengths`` and, per request, the node its accepted path ends at (the selected
+    correct node at that depth, or the root): ``acceptance.accepted_ends``."""
+    lengths = accepted_lengths(correct, selected, depth, offsets)
+    ends = offsets[:-1].copy()
+    for i in range(lengths.shape[0]):
+        if lengths[i] > 0:
+            for v in range(offsets[i], offsets[i + 1]):
+                if correct[v] and selected[v] and depth[v] == lengths[i]:
+                    ends[i] = v
+                    break
+    return lengths, ends
+
+
+@njit
 def accepted_lengths(correct, selected, depth, offsets):  # pragma: no cover - compiled
     """``acceptance.accepted_lengths`` per request: the deepest selected correct node, cut just
     above the shallowest correct node that is not selected."""
