@@ -194,6 +194,10 @@ class Sample:
         self._binned.add(np.frombuffer(self._value, np.float64))
         self._rid, self._value = array("q"), array("d")
 
+    @property
+    def exact(self) -> bool:
+        return self._binned is None
+
     def stats(self) -> ValueCounts | ExactValues:
         if self._binned is not None:
             if self._value:
@@ -208,14 +212,14 @@ class Sample:
         """Every value of ``samples``: exact if each of them is (however many), else binned."""
         samples = list(samples)
         out = cls(limit=math.inf)
-        if all(s._binned is None for s in samples):
+        if all(s.exact for s in samples):
             for s in samples:
                 out._rid.extend(s._rid)
                 out._value.extend(s._value)
             return out
         out._binned = ValueCounts(limit=0)
         for s in samples:
-            out._binned.add_counts(s.stats() if s._binned is not None else _counted(s._value))
+            out._binned.add_counts(_counted(s._value) if s.exact else s.stats())
         return out
 
 
@@ -275,7 +279,7 @@ class Group:
 
     @property
     def exact(self) -> bool:
-        return all(s.stats().exact for s in (self.ttft, self.tpot, self.decode))
+        return all(s.exact for s in (self.ttft, self.tpot, self.decode))
 
 
 class Tally:

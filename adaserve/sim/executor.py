@@ -118,7 +118,7 @@ def split_step_ms(latency: LatencyProfile, solo: list[tuple[int, int]], packs: l
     step of its own, each forward reading the weights again."""
     ms = sum(float(latency.prefill_ms(c, p)) for c, p in solo)
     for short, trees in packs:
-        ms += engine_step_ms(latency, [(c, p) for c, p in short], trees)  # one call: priced as a step of its own
+        ms += engine_step_ms(latency, short, trees)  # one call: priced as a step of its own
     return ms
 
 
