@@ -23,7 +23,9 @@ TPOT, mean TTFT and iterations, engine against simulator, with the simulator's e
 in points; the others: relative) and the mean per-request TPOT error.
 
 ``table --old-model`` prices the same runs as the simulator did before (one verify-table lookup
-per step at the total context, no host work, drafting from the per-level table).
+per step at the total context, no host work, drafting from the per-level table). ``table --replay
+records`` replays the per-position acceptance records even where a recording holds the run's token
+ids (by default the simulator then runs the n-gram drafter over them: ``adaserve.sim.ngram_replay``).
 
 ``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adaserve.core.profile import LatencyProfile  # noqa: E402
+from adaserve.sim.acceptance import AcceptanceRecordError, load_records  # noqa: E402
 from adaserve.sim.compare import engine_vs_sim, tpot_error  # noqa: E402
 from adaserve.sim.executor import engine_step_ms, table_step_ms  # noqa: E402
 
@@ -138,7 +141,10 @@ def table(a: argparse.Namespace) -> None:
                 if a.old_model:
                     profile = old_model(profile)
                 acc = js.with_suffix(".acc.jsonl")  # empty for systems that do not speculate
-                eng, sim = engine_vs_sim(js, profile, acc if acc.exists() and acc.stat().st_size else None)
+                acc = acc if acc.exists() and acc.stat().st_size else None
+                if acc is not None and a.replay == "records" and not load_records_or_none(acc):
+                    acc = None  # token lines only: a run that never drafted
+                eng, sim = engine_vs_sim(js, profile, acc, replay=a.replay)
                 pairs.append((eng, sim))
                 errs.append(tpot_error(eng, sim))
             cells = []
@@ -148,6 +154,14 @@ def table(a: argparse.Namespace) -> None:
             tp = _median(errs)
             print(f"| {d.name} | {system} | {len(pairs)} | " + " | ".join(cells)
                   + (f" | {100 * tp:.0f}% |" if tp is not None else " | - |"))
+
+
+def load_records_or_none(path: Path) -> dict | None:
+    """The recording's per-position records, None where it holds none (token lines only)."""
+    try:
+        return load_records(path)
+    except AcceptanceRecordError:
+        return None
 
 
 def _cell(metric: str, scale: float, unit: str, e: float | None, s: float | None) -> str:
@@ -254,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--profile", help="simulate every run with this profile instead of its repeat's")
     t.add_argument("--old-model", action="store_true",
                    help="price steps as before issue 14's item 6 (one table lookup, no host work)")
+    t.add_argument("--replay", choices=("auto", "records"), default="auto",
+                   help="auto: run the n-gram drafter over each run's recorded token ids where the "
+                        "recording has them; records: replay the per-position records (as before 2026-11-28)")
     s = sub.add_parser("steps")
     s.add_argument("profile")
     s.add_argument("steps")

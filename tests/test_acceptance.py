@@ -292,3 +292,65 @@ def test_accepted_lengths_match_a_walk_of_every_path(shape):
         f = LLAMA_ACCEPTANCE.draft(reqs(4), shape, rng)
         selected = rng.random(f.n_nodes) < rng.random()
         assert accepted_lengths(f, selected).tolist() == _accepted_by_walking(f, selected)
+
+
+# ---- replaying the n-gram drafter over a run's token ids (adaserve.sim.ngram_replay) ----------
+
+from dataclasses import replace  # noqa: E402
+
+from adaserve.core.trace import TraceRecord  # noqa: E402
+from adaserve.sim.ngram_replay import NgramReplay, load_tokens, recorded_acceptance, right_nodes  # noqa: E402
+
+
+def test_right_nodes_spell_the_output_from_the_root():
+    # request 0 has generated 2 of [5, 6, 7, 8, 9]: its next tokens are 7, 8, 9;
+    # request 1 has generated 1 of [1, 3]: its next token is 3, and nothing is right after it
+    f = CandidateForest.from_lists([[(0, 7, .5), (0, 4, .4), (1, 8, .3), (2, 8, .2), (3, 9, .1), (3, 1, .1)],
+                                    [(0, 3, .5), (1, 9, .4)]])
+    ok = right_nodes(f, [np.array([5, 6, 7, 8, 9]), np.array([1, 3])], [2, 1])
+    # a right token under a wrong parent (node 4) is wrong
+    assert ok.tolist() == [True, True, False, True, False, True, False, True, True, False]
+
+
+def _token_rows(drafter="ngram"):
+    return [{"rid": 0, "category": "chat", "pos": 1, "probs": [0.5], "rank": 0},
+            {"rid": 0, "category": "chat", "drafter": drafter, "prompt": [5, 6, 5], "output": [6, 5, 6]},
+            {"rid": 1, "category": "coding", "drafter": drafter, "prompt": [7], "output": [8, 9]}]
+
+
+def test_a_recording_with_the_ngram_drafters_token_ids_is_replayed_by_the_drafter(tmp_path):
+    path = tmp_path / "acc.jsonl"
+    write_records(path, _token_rows())
+    recs = [TraceRecord(0.0, 3, 3, "", 1.2, "chat"), TraceRecord(0.0, 1, 2, "", 1.2, "coding")]
+    model = recorded_acceptance(path, enumerate(recs))
+    assert isinstance(model, NgramReplay)
+    # after [5, 6, 5 | 6] the drafter's n-grams predict 5 then 6: both are the output's next tokens
+    r = Request(0, 0.0, 3, 3, 1.2, 30.0, "chat")
+    r.generated = 1
+    f = model.draft([r], SpecShape.chain(2), np.random.default_rng(0))
+    assert f.token.tolist() == [6, 5, 6] and accepted_lengths(f, np.ones(3, bool)).tolist() == [2]
+    model.release(r)
+    assert not model._seqs
+    # the per-position records otherwise: asked to, a request the recording lacks, an output longer
+    # than recorded, or a draft-model recording
+    assert isinstance(recorded_acceptance(path, enumerate(recs), replay="records"), RecordedAcceptance)
+    assert isinstance(recorded_acceptance(path, enumerate(recs + recs[:1])), RecordedAcceptance)
+    assert isinstance(recorded_acceptance(path, enumerate([recs[0], replace(recs[1], output_length=3)])),
+                      RecordedAcceptance)
+    write_records(path, _token_rows(drafter="model"))
+    assert load_tokens(path) == {} and isinstance(recorded_acceptance(path, enumerate(recs)), RecordedAcceptance)
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"rid": 0, "category": "chat", "drafter": "ngram", "output": [1]}', "needs rid, category, prompt and output"),
+    ('{"rid": 0, "category": "chat", "drafter": "ngram", "prompt": [1], "output": ["x"]}', "needs rid, category"),
+    ('{"rid": 0, "category": "chat", "drafter": "ngram", "prompt": [], "output": [1]}', "prompt must be non-empty"),
+    ('{"rid": 0, "category": "chat", "drafter": "ngram", "prompt": [1], "output": [-2]}', "token ids >= 0"),
+])
+def test_bad_token_lines_name_file_and_line(tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"rid": 0, "category": "chat", "pos": 1, "probs": [0.5], "rank": 0}\n' + line + "\n")
+    with pytest.raises(AcceptanceRecordError) as e:
+        load_tokens(path)
+    assert needle in str(e.value) and "bad.jsonl' line 2" in str(e.value)
+    assert RecordedAcceptance.load(path).by_key  # the per-position records skip token lines

@@ -12,12 +12,12 @@ PKG = Path(__file__).resolve().parents[1] / "adaserve"
 
 # layer of each top-level part; a module may import its own part and parts of a lower layer only
 LAYERS = {
-    "core": 0, "workload": 1, "scheduling": 2, "iteration": 3, "config": 3,
+    "core": 0, "workload": 1, "scheduling": 2, "iteration": 3, "config": 3, "drafting": 3,
     "sim": 4, "engine": 4, "runtime": 5,
     "bench": 6, "harness": 6, "server": 6,
     "cli": 7, "__main__": 8, "__init__": 8,
 }
-NO_TORCH = ("core", "workload", "scheduling", "iteration", "config", "sim", "harness", "cli")
+NO_TORCH = ("core", "workload", "scheduling", "iteration", "config", "drafting", "sim", "harness", "cli")
 
 
 def module_name(path: Path) -> str:

@@ -9,7 +9,8 @@ import torch
 from adaserve.core import jit
 from adaserve.engine import tiny_random_model
 from adaserve.engine.batch import BatchBuilder
-from adaserve.engine.drafters import RECORD_K, NgramIndex, NgramTable, TreeSet, level_plan
+from adaserve.drafting.ngram import NgramIndex, NgramTable
+from adaserve.drafting.trees import RECORD_K, TreeSet, level_plan
 from adaserve.engine.executor import select_trees
 from adaserve.engine.kv_cache import KVCache
 from adaserve.engine.verify import greedy_walk

@@ -16,7 +16,8 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Phase, Request
 from adaserve.engine import (AcceptanceRecorder, BatchBuilder, ModelDrafter, NgramDrafter, TorchExecutor,
                              tiny_random_model)
-from adaserve.engine.drafters import RECORD_K, NgramIndex
+from adaserve.drafting.ngram import NgramIndex
+from adaserve.drafting.trees import RECORD_K
 from adaserve.engine.executor import kv_capacity_tokens, selected_trees
 from adaserve.engine.sequence import SamplingOptions, SeqState
 from adaserve.engine.verify import greedy_walk, softmax, stochastic_walk, target_logits
@@ -478,8 +479,12 @@ def test_recorder_writes_one_line_per_decoded_position(target, workload, tmp_pat
         ex, loop, reqs = serve(target, "vllm_spec_4", ModelDrafter(noisy_copy(target), num_blocks=200),
                                prompts, recorder=rec)
     every = [json.loads(x) for x in path.read_text().splitlines()]
-    lines = [x for x in every if "tree" not in x]
+    lines = [x for x in every if "probs" in x]
     trees = [x for x in every if "tree" in x]
+    # one token line per request as it leaves: its prompt and output, and the drafter's name
+    assert sorted((x["rid"], x["category"], x["prompt"], x["output"], x["drafter"]) for x in every if "output" in x) == \
+        sorted((r.rid, r.category, prompts[r.rid], ref[r.rid], "model") for r in reqs)
+    assert len(lines) + len(trees) + len(reqs) == len(every)
     assert len(lines) == rec.records > 0
     # one tree line per request and draft call: a chain of 4 grown where the draft model proposes
     assert trees and all(set(x) == {"rid", "category", "pos", "tree", "conf"} and 0 <= x["tree"] <= 4 for x in trees)
@@ -503,6 +508,54 @@ def test_recorder_writes_one_line_per_decoded_position(target, workload, tmp_pat
     assert sum(len(rank) for _, rank in load_records(path).values()) == len(lines)
     assert sum(len(pos) for pos, _ in load_tree_sizes(path).values()) == len(trees)
     assert sum(len(c) for c in load_tree_confidences(path).values()) == len(trees)
+
+
+@pytest.mark.parametrize("system", ["specinfer", "vllm_spec_4", "adaserve"])
+def test_the_simulator_replays_the_engines_ngram_drafts_exactly(target, workload, system, tmp_path):
+    """With the run's token ids recorded, the simulator runs the engine's n-gram drafter itself
+    (``NgramReplay``): every simulated draft is the tree the engine's drafter grows at that output
+    length and shape, and its right nodes are the ones the engine's verification accepts. A static
+    tree's requests then commit exactly the engine's tokens at every step, whatever the batches."""
+    from adaserve.sim.executor import SimExecutor
+    from adaserve.sim.ngram_replay import NgramReplay, load_tokens
+
+    prompts, ref = workload
+
+    def commits(ex) -> dict[int, list[int]]:  # per request: tokens committed at each decode step
+        log: dict[int, list[int]] = {}
+        execute = ex.execute
+
+        def logged(prefill, decode, forest, selected, max_commit):
+            out = execute(prefill, decode, forest, selected, max_commit)
+            for r, c in zip(decode, np.asarray(out.committed).tolist()):
+                log.setdefault(r.rid, []).append(c)
+            return out
+        ex.execute = logged
+        return log
+
+    path = tmp_path / "acc.jsonl"
+    reqs = make_requests(len(prompts))[0]
+    with AcceptanceRecorder(path) as rec:
+        ex = TorchExecutor(target, tiny_profile(), NgramDrafter(), recorder=rec)
+        ex.set_prompts(prompts)
+        engine = commits(ex)
+        ServingLoop(make_policy(system, "tiny"), ex, reqs).run()
+    tokens = load_tokens(path)
+    assert {k: (p, o.tolist()) for k, (p, o) in tokens.items()} == \
+        {(r.category, r.rid): (prompts[r.rid], ref[r.rid]) for r in reqs}
+    sim_reqs = [Request(rid=r.rid, arrival_ms=r.arrival_ms, input_len=r.input_len, max_new_tokens=r.generated,
+                        slo_ratio=r.slo_ratio, slo_ms=r.slo_ms, category=r.category) for r in reqs]
+    replay = NgramReplay(tokens)
+    assert replay.covers(sim_reqs)
+    sim = SimExecutor(tiny_profile(), replay, seed=0)
+    simulated = commits(sim)
+    ServingLoop(make_policy(system, "tiny"), sim, sim_reqs).run()
+    assert not replay._seqs and not replay.drafter._index  # released as requests left
+    if system == "adaserve":  # its trees follow the batch and the clock: the same tokens, other steps
+        assert [r.generated for r in sim_reqs] == [r.generated for r in reqs]
+        assert sum(map(sum, simulated.values())) > sum(map(len, simulated.values()))  # it accepted drafts
+    else:
+        assert simulated == engine and sum(map(sum, engine.values())) > sum(map(len, engine.values()))
 
 
 def test_recorder_marks_ngram_misses(tmp_path):

@@ -19,7 +19,8 @@ from test_engine_host import (RefNgramIndex, RefTreeSet, connected_selection, ra
 from adaserve.core import jit
 from adaserve.engine import tiny_random_model
 from adaserve.engine.batch import BatchBuilder
-from adaserve.engine.drafters import RECORD_K, Filler, NgramDrafter, NgramTable, level_plan
+from adaserve.drafting.ngram import Filler, NgramDrafter, NgramTable
+from adaserve.drafting.trees import RECORD_K, level_plan
 from adaserve.engine.executor import argmax_rows, select_trees
 from adaserve.engine.kv_cache import KVCache
 from adaserve.engine.sequence import SeqState

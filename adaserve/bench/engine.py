@@ -44,7 +44,8 @@ from adaserve.config import EngineConfig
 from adaserve.core.errors import UserError
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Request
-from adaserve.engine.drafters import RECORD_K, Filler, NgramDrafter
+from adaserve.drafting.ngram import Filler, NgramDrafter
+from adaserve.drafting.trees import RECORD_K
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer

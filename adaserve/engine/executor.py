@@ -297,6 +297,9 @@ class TorchExecutor:
         seq = self.seqs.pop(request.rid, None)
         if seq is not None:
             self.outputs[request.rid] = seq.output
+            if self.recorder is not None:
+                self.recorder.record_tokens(request.rid, request.category, seq.ids, seq.n_prompt,
+                                            self.drafter.name if self.drafter is not None else None)
         self._free(request.rid)
 
     def forget(self, rid: int) -> None:

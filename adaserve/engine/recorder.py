@@ -71,6 +71,11 @@ class AcceptanceRecorder:
             conf = sorted((round(float(c), 6) for c in np.asarray(conf).ravel()), reverse=True)
         self._hold((int(rid), category, int(pos), int(nodes), conf), 1)
 
+    def record_tokens(self, rid: int, category: str, ids, n_prompt: int, drafter: str | None) -> None:
+        """Request ``rid`` left with token ids ``ids``: its prompt (the first ``n_prompt``), then its
+        committed output; ``drafter``: the drafter's name (None: the run drafted nothing)."""
+        self._hold(("tokens", int(rid), category, [int(t) for t in ids], int(n_prompt), drafter), 1)
+
     def _hold(self, item: tuple, records: int) -> None:
         self._held.append(item)
         self._held_records += records
@@ -80,6 +85,11 @@ class AcceptanceRecorder:
     @staticmethod
     def _lines(item: tuple):
         """The JSON lines of one held item."""
+        if item[0] == "tokens":
+            _, rid, category, ids, n_prompt, drafter = item
+            yield json.dumps({"rid": rid, "category": category, "drafter": drafter, "prompt": ids[:n_prompt],
+                              "output": ids[n_prompt:]})
+            return
         if len(item) == 5:
             rid, category, pos, nodes, conf = item
             line = {"rid": rid, "category": category, "pos": pos, "tree": nodes}

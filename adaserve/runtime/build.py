@@ -27,7 +27,8 @@ from adaserve.core.errors import UserError
 from adaserve.core.files import cache_dir
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Request
-from adaserve.engine.drafters import Drafter, ModelDrafter, NgramDrafter
+from adaserve.drafting.ngram import NgramDrafter
+from adaserve.engine.drafters import Drafter, ModelDrafter
 from adaserve.engine.executor import TorchExecutor, default_num_blocks, kv_capacity_tokens
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.loader import TINY_DRAFT_SEED, resolve_model

@@ -67,7 +67,7 @@ from adaserve.scheduling.plan import SpecShape
 from adaserve.core.progress import progress as progress_bar
 from adaserve.engine.batch import BatchBuilder
 from adaserve.engine.cuda_graphs import cache_with_scratch_block, graph_parts_setting, make_graph_runner
-from adaserve.engine.drafters import NgramDrafter
+from adaserve.drafting.ngram import NgramDrafter
 from adaserve.engine.kv_cache import BLOCK_SIZE
 from adaserve.engine.model import Transformer, cpu_decode_limit, linear_kernel
 from adaserve.engine.paged_attention import paged_attention_enabled

@@ -23,7 +23,9 @@ import torch
 
 from adaserve.core.request import Request
 from adaserve.core.slo import slo_ms
-from adaserve.engine.drafters import RECORD_K, Drafter, Filler, NgramDrafter
+from adaserve.drafting.ngram import Filler, NgramDrafter
+from adaserve.drafting.trees import RECORD_K
+from adaserve.engine.drafters import Drafter
 from adaserve.engine.cuda_graphs import CHUNK_QUERY_BUCKETS, QUERY_BUCKETS
 from adaserve.engine.executor import TorchExecutor
 from adaserve.engine.kv_cache import BLOCK_SIZE

@@ -374,7 +374,7 @@ class AcceptanceRecordError(UserError):
     pass
 
 
-def _record_lines(path: Path):
+def record_lines(path: Path):
     """(where, object) of every non-blank line of a recording; ``AcceptanceRecordError`` names the
     file and line of one that cannot be read or is not a JSON object."""
     try:
@@ -403,8 +403,8 @@ def load_records(path: str | Path, by_position: bool = False
     naming the file, line and field."""
     rows: dict[tuple[str, int], list[tuple[int, list[float], int]]] = {}
     path = Path(path)
-    for where, d in _record_lines(path):
-        if "tree" in d:
+    for where, d in record_lines(path):
+        if "tree" in d or "output" in d:
             continue
         try:
             key, pos = (str(d["category"]), int(d["rid"])), int(d["pos"])
@@ -434,7 +434,7 @@ def load_tree_sizes(path: str | Path) -> dict[tuple[str, int], tuple[np.ndarray,
     """The recording's tree-size lines → {(category, rid): (pos ascending, non-root nodes)}; empty
     for a recording without them (made before they were written)."""
     rows: dict[tuple[str, int], dict[int, int]] = {}
-    for where, d in _record_lines(Path(path)):
+    for where, d in record_lines(Path(path)):
         if "tree" not in d:
             continue
         try:
@@ -453,7 +453,7 @@ def load_tree_confidences(path: str | Path) -> dict[tuple[str, int], dict[int, n
     2026-11-27 night) → {(category, rid): {pos: the tree's confidences, descending}}; empty for a
     recording without them."""
     rows: dict[tuple[str, int], dict[int, np.ndarray]] = {}
-    for where, d in _record_lines(Path(path)):
+    for where, d in record_lines(Path(path)):
         if "conf" not in d:
             continue
         try:

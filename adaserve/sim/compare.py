@@ -94,12 +94,14 @@ def run_numbers(summary: dict, requests: list[dict], iterations: int) -> dict:
 
 
 def engine_vs_sim(result_path: str | Path, profile: str | Path, acceptance: str | Path | None,
-                  seed: int = 0) -> tuple[dict, dict]:
+                  seed: int = 0, replay: str = "auto") -> tuple[dict, dict]:
     """The engine's numbers and the simulator's for the same requests, profile and (recorded)
-    acceptance: ``(engine, sim)`` as ``run_numbers``."""
+    acceptance: ``(engine, sim)`` as ``run_numbers``. ``replay``: "auto" runs the n-gram drafter
+    over the run's recorded token ids where the recording has them (``NgramReplay``), "records"
+    replays the per-position records (``RecordedAcceptance``)."""
     from adaserve.core.files import JsonFileError, read_json
     from adaserve.core.metrics import request_record
-    from adaserve.sim.acceptance import RecordedAcceptance
+    from adaserve.sim.ngram_replay import recorded_acceptance
 
     try:
         doc = read_json(result_path)
@@ -107,8 +109,9 @@ def engine_vs_sim(result_path: str | Path, profile: str | Path, acceptance: str 
         raise UserError(f"engine result {e}") from None
     meta = doc.get("meta", {})
     engine = run_numbers(doc["summary"], doc["requests"], int(meta.get("iterations", 0)))
-    model = RecordedAcceptance.load(acceptance) if acceptance else None
-    sim = simulate_records(records_of_result(doc), meta["system"], str(profile), seed=seed,
+    records = records_of_result(doc)
+    model = recorded_acceptance(acceptance, enumerate(records), replay) if acceptance else None
+    sim = simulate_records(records, meta["system"], str(profile), seed=seed,
                            baseline_ms=float(meta["baseline_ms"]), acceptance=model)
     return engine, run_numbers(sim.summary, [request_record(r) for r in sim.requests], sim.iterations)
 

@@ -217,4 +217,6 @@ class SimExecutor:
         return ms
 
     def release(self, request: Request) -> None:
-        pass
+        release = getattr(self.acceptance, "release", None)  # a model that keeps per-request state
+        if release is not None:
+            release(request)

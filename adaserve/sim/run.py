@@ -19,8 +19,9 @@ from adaserve.core.trace import (CompactRecords, TraceError, TraceRecord, prepar
 from adaserve.iteration import ServingLoop
 from adaserve.sim import SIM_MODEL
 from adaserve.scheduling.policies import make_policy
-from adaserve.sim.acceptance import RecordedAcceptance, acceptance_for
+from adaserve.sim.acceptance import acceptance_for
 from adaserve.sim.executor import SimExecutor
+from adaserve.sim.ngram_replay import NgramReplay, recorded_acceptance
 from adaserve.sim.profiles import split_calls_missing, system_profile
 from adaserve.workload.tokens import InputLengthCheck
 
@@ -126,7 +127,7 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
     stale = split_calls_missing(profile)
     if stale:
         warn(stale)
-    model = RecordedAcceptance.load(acceptance) if acceptance else None
+    model = recorded_acceptance(acceptance, records.in_arrival_order()) if acceptance else None
     result = _simulate(records, system, profile, seed, model, progress, policy_options, baseline_ms=baseline_ms,
                        scale_slos=scale_slos, spool=out is not None)
     if out is not None:
@@ -137,6 +138,8 @@ def simulate_file(trace: str | Path, system: str, profile_name: str, out: str | 
                 "policy_options": policy_options or {},
                 "fixed_input_lengths": fix_input_lengths, "pricing": pricing,
                 "acceptance": str(acceptance) if acceptance else "synthetic (calibrated)",
+                "acceptance_replay": (None if model is None else "ngram drafter" if isinstance(model, NgramReplay)
+                                      else "records"),
                 "simulation_wall_s": round(result.wall_s, 3),
                 "note": "simulated: latency from the profile, acceptance from the acceptance model; "
                         "scheduling overhead is measured CPU time of the selection code, other "
