@@ -203,8 +203,11 @@ def main(argv: list[str]) -> int:
     log = StepLog(argv[0])
     original_replay, original_step = replay_mod.replay, iteration.ServingLoop.step
 
+    serving: list = []  # the run's executor, once instrumented (the warm-up's iterations are not logged)
+
     def replay(cfg, ex, requests):
         instrument(ex, log)
+        serving.append(ex)
         if use_cpu_clock:
             cpu_clock(ex)
         if sync_debug and ex.cache.device.type == "cuda":
@@ -212,6 +215,8 @@ def main(argv: list[str]) -> int:
         return original_replay(cfg, ex, requests)
 
     def step(self):
+        if self.executor not in serving:  # the serving warm-up's throwaway requests
+            return original_step(self)
         traced = bool(self.waiting) and len(traces) < trace_prefill
         prof = profiled(self.executor) if traced else None
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -230,6 +235,7 @@ def main(argv: list[str]) -> int:
     try:
         return cli_main(argv[argv.index("--") + 1:])
     finally:
+        replay_mod.replay, iteration.ServingLoop.step = original_replay, original_step
         log.f.close()
         if traces:
             print_traces(traces)

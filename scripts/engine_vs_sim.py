@@ -189,6 +189,8 @@ def steps(a: argparse.Namespace) -> None:
     kinds: dict[str, dict[str, float]] = {}
     for line in open(a.steps, encoding="utf-8"):
         r = json.loads(line)
+        if "prefill" not in r and "decode" not in r:  # the serving warm-up (logs before 2026-11-28)
+            continue
         if cpu:
             r = {k[:-7] + "_ms" if k.endswith("_cpu_ms") else k: v for k, v in r.items() if not k.endswith("_ms")
                  or k.endswith("_cpu_ms")}
@@ -227,7 +229,7 @@ def retime(a: argparse.Namespace) -> None:
     if prof.measured_with.get("clock") == "cpu":
         os.environ["ADASERVE_PROFILE_CLOCK"] = "cpu"
     key = "forward_cpu_ms" if prof.measured_with.get("clock") == "cpu" else "forward_ms"
-    logged = [r for r in map(json.loads, open(a.steps, encoding="utf-8")) if r["decode"] and not r["prefill"]]
+    logged = [r for r in map(json.loads, open(a.steps, encoding="utf-8")) if r.get("decode") and not r.get("prefill")]
     if not logged:
         raise SystemExit(f"{a.steps}: no decode-only step")
     pick = np.random.default_rng(a.seed).choice(len(logged), min(a.sample, len(logged)), replace=False)

@@ -69,6 +69,34 @@ def test_run_writes_results(tmp_path, tiny_profile_file, system, extra):
         assert rec.read_text().strip()
 
 
+def test_a_recorded_ngram_run_is_replayed_by_the_drafter_and_its_iterations_logged(tmp_path, tiny_profile_file):
+    """``adaserve run --record-acceptance`` through scripts/engine_steps.py (as
+    scripts/engine_vs_sim.py runs it), then ``adaserve simulate`` of the same trace with that
+    recording: the step log holds the run's iterations only (not the serving warm-up's), and the
+    simulator replays the n-gram drafter over the recorded token ids."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "engine_steps_script", Path(__file__).resolve().parent.parent / "scripts" / "engine_steps.py")
+    steps_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps_mod)
+    trace = small_trace(tmp_path / "t.json")
+    rec, out, steps = tmp_path / "acc.jsonl", tmp_path / "run", tmp_path / "steps.jsonl"
+    assert steps_mod.main([str(steps), "--cpu-clock", "--", "run", "--trace", str(trace), "--system", "adaserve",
+                           "--model", "tiny-llama", "--drafter", "ngram", "--profile", str(tiny_profile_file),
+                           "--out", str(out), "--threads", "1", "--no-progress", "--ignore-eos",
+                           "--record-acceptance", str(rec)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    logged = [json.loads(x) for x in steps.read_text().splitlines()]
+    assert doc["meta"]["warmup"]["serving_s"] > 0  # the warm-up ran, and is not in the log
+    assert len(logged) == doc["meta"]["iterations"] and all("prefill" in x and "decode" in x for x in logged)
+    sim = tmp_path / "sim"
+    assert main(["simulate", "--trace", str(trace), "--system", "adaserve", "--profile", str(tiny_profile_file),
+                 "--acceptance", str(rec), "--out", str(sim), "--no-progress"]) == 0
+    meta = json.loads(sim.with_suffix(".json").read_text())["meta"]
+    assert meta["acceptance_replay"] == "ngram drafter"
+
+
 def test_run_without_profile_measures_a_quick_one(tmp_path):
     trace = small_trace(tmp_path / "t.json", n=2)
     out = tmp_path / "r"

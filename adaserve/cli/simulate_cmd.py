@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scale absolute SLOs by baseline_ms / 30 (hardware-scaled SLOs, docs/definitions.md)")
     p.add_argument("--acceptance", metavar="FILE",
                    help="replay acceptance recorded by `adaserve run --record-acceptance` (JSONL) "
-                        "instead of the calibrated synthetic model")
+                        "instead of the calibrated synthetic model; when the trace's requests are the "
+                        "recording's own and it holds their token ids from the n-gram drafter, the "
+                        "simulator runs that drafter over them (exact replay, docs/simulator.md)")
     p.add_argument("--prefill-mode", choices=("eager", "buffer", "slack"),
                    help="AdaServe's prefill mixing (default eager; see docs/scheduler.md)")
     p.add_argument("--pricing", choices=("per-engine", "shared"), default="per-engine",

@@ -21,6 +21,13 @@ predict), ``tree``: the tree's nodes without its root. The records above hold on
 path; the simulator's replay grows its trees from them and pads each to this size
 (``sim/acceptance.py``), so that a replayed step verifies as many nodes as the engine's did.
 
+And one line per request as it leaves (``record_tokens``, from ``TorchExecutor.release``)::
+
+    {"rid": 3, "category": "coding", "drafter": "ngram", "prompt": [...], "output": [...]}
+
+its token ids and the drafter's name: the simulator runs the n-gram drafter over them to replay
+the engine's drafts exactly (``sim/ngram_replay.py``).
+
 The serving loop only keeps the records (a step's committed positions in one ``record_batch``): formatting
 each line in the loop (~5 us) made an AdaServe iteration that records 0.02-0.04 ms slower at 2
 requests and 0.2-0.4 ms at 16 (tiny model, this VM, two alternating runs of 200 iterations), serving time

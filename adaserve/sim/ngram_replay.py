@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from adaserve.core.request import Request
+from adaserve.core.slo import category_of
 from adaserve.core.trace import TraceRecord
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
@@ -56,24 +57,16 @@ class NgramReplay:
     """Acceptance replayed by running the n-gram drafter over an engine run's token ids.
 
     ``tokens``: (category, rid) -> (prompt ids, output ids), the run's token lines (``load_tokens``).
-    Only the recording's own requests can be simulated (``covers``), each for at most the output it
-    recorded."""
+    Only the recording's own requests can be simulated, each for at most the output it recorded
+    (``recorded_acceptance`` checks)."""
 
     def __init__(self, tokens: dict[tuple[str, int], tuple[list[int], np.ndarray]], name: str = "ngram replay"):
-        self.name = name
         from adaserve.drafting.ngram import NgramDrafter  # here: importing it imports numba (jit.njit)
 
+        self.name = name
         self.tokens = tokens
         self.drafter = NgramDrafter()
         self._seqs: dict[int, _Seq] = {}
-
-    def covers(self, requests) -> bool:
-        """Whether every request is one the recording holds, with its whole output."""
-        for r in requests:
-            rec = self.tokens.get((r.category, r.rid))
-            if rec is None or len(rec[1]) < r.max_new_tokens:
-                return False
-        return True
 
     def draft(self, requests: list[Request], shape: SpecShape, rng: np.random.Generator) -> CandidateForest:
         seqs, outputs = [], []
@@ -127,7 +120,7 @@ def recorded_acceptance(path: str | Path, requests: Iterable[tuple[int, TraceRec
         raise ValueError(f"replay must be 'auto' or 'records', got {replay!r}")
     if replay == "auto" and requests is not None:
         tokens = load_tokens(path)
-        if tokens and all(len(tokens.get((rec.category, rid), ((), ()))[1]) >= rec.output_length
-                          for rid, rec in requests):
+        if tokens and all(len(tokens.get((category_of(rec.slo_ratio, rec.category), rid), ((), ()))[1])
+                          >= rec.output_length for rid, rec in requests):
             return NgramReplay(tokens, name=f"ngram replay:{path}")
     return RecordedAcceptance.load(path)
