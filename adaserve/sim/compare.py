@@ -110,7 +110,8 @@ def engine_vs_sim(result_path: str | Path, profile: str | Path, acceptance: str 
     meta = doc.get("meta", {})
     engine = run_numbers(doc["summary"], doc["requests"], int(meta.get("iterations", 0)))
     records = records_of_result(doc)
-    model = recorded_acceptance(acceptance, enumerate(records), replay) if acceptance else None
+    decoded = [(rid, rec) for rid, (rec, r) in enumerate(zip(records, doc["requests"])) if r.get("generated")]
+    model = recorded_acceptance(acceptance, decoded, replay) if acceptance else None  # rejected ones draft nothing
     sim = simulate_records(records, meta["system"], str(profile), seed=seed,
                            baseline_ms=float(meta["baseline_ms"]), acceptance=model)
     return engine, run_numbers(sim.summary, [request_record(r) for r in sim.requests], sim.iterations)

@@ -71,7 +71,10 @@ class NgramReplay:
     def draft(self, requests: list[Request], shape: SpecShape, rng: np.random.Generator) -> CandidateForest:
         seqs, outputs = [], []
         for r in requests:
-            prompt, output = self.tokens[(r.category, r.rid)]
+            rec = self.tokens.get((r.category, r.rid))
+            if rec is None:
+                raise ValueError(f"request {r.rid} ({r.category}) has no token line in {self.name}")
+            prompt, output = rec
             if r.generated > len(output):
                 raise ValueError(f"request {r.rid} has {r.generated} tokens, its recording {len(output)}")
             s = self._seqs.get(r.rid)
