@@ -13,6 +13,12 @@ writing DIR/x<scale>/<system>-k.{json,txt,acc.jsonl,steps.jsonl}. The load avera
 after each measurement goes to DIR/load.jsonl: on a shared machine the load moves step times by
 more than the systems differ, so profile and runs must be taken under the same load.
 
+``run --bracket``: the repeat's profile is measured again after its runs (DIR/profile-k-after.json),
+and ``table`` prices those runs with the per-point mean of the two (DIR/profile-k-bracket.json;
+``--before-only``: the first alone). Why: the VM's speed drifts by several percent within the
+minutes a repeat takes (docs/fidelity.md), so a profile measured only before the runs prices the
+later ones with the speed of the past.
+
 ``run --cpu-clock``: the profile and the engine runs on the CPU-time clock (scripts/engine_steps.py):
 on a shared machine, the time spent waiting for a core is left out of both.
 
@@ -105,6 +111,54 @@ def run(a: argparse.Namespace) -> None:
                            "--record-acceptance", f"{prefix}.acc.jsonl", "--out", str(prefix)],
                           steps=Path(f"{prefix}.steps.jsonl"), cpu_clock=a.cpu_clock)
                 _log_load(out, str(prefix), "after")
+        if a.bracket:  # the same profile again, after the runs: ``table`` prices them with the mean of the two
+            after = out / f"profile-{k}-after.json"
+            _log_load(out, after.name, "before")
+            _adaserve(["profile", *common, "--out", str(after), "--no-progress", "--passes", str(a.profile_passes)],
+                      cpu_clock=a.cpu_clock)
+            _log_load(out, after.name, "after")
+
+
+AXES = ("tokens", "context_tokens")  # a profile table's grid: equal in profiles that are averaged
+
+
+def mean_profile(docs: list[dict], where: str = "profile") -> dict:
+    """The per-point mean of profiles measured on the same grid (their JSON): every timing (a float,
+    or a list of them that is not an axis) averaged; axes, limits and labels must agree, else
+    ``ValueError`` names the field."""
+    first = docs[0]
+    if isinstance(first, dict):
+        if any(not isinstance(d, dict) or d.keys() != first.keys() for d in docs):
+            raise ValueError(f"{where}: the profiles have different fields")
+        return {k: mean_profile([d[k] for d in docs], f"{where}/{k}") for k in first}
+    if isinstance(first, list):
+        if any(not isinstance(d, list) or len(d) != len(first) for d in docs):
+            raise ValueError(f"{where}: the profiles' grids differ")
+        if where.rsplit("/", 1)[-1] in AXES:
+            if any(d != first for d in docs):
+                raise ValueError(f"{where}: the profiles' grids differ")
+            return first
+        return [mean_profile(list(col), f"{where}[{i}]") for i, col in enumerate(zip(*docs))]
+    if isinstance(first, float):
+        return sum(docs) / len(docs)
+    if any(d != first for d in docs):
+        raise ValueError(f"{where}: the profiles differ ({first!r} against {next(d for d in docs if d != first)!r})")
+    return first
+
+
+def repeat_profile(out: Path, k: str, a: argparse.Namespace) -> Path:
+    """The profile that prices repeat ``k``: ``--profile``, else the mean of the profiles measured
+    before and after its runs where ``run --bracket`` measured both (written beside them), else the
+    one before."""
+    if a.profile:
+        return Path(a.profile)
+    before, after = out / f"profile-{k}.json", out / f"profile-{k}-after.json"
+    if not after.exists() or a.before_only:
+        return before
+    both = out / f"profile-{k}-bracket.json"
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in (before, after)]
+    both.write_text(json.dumps(mean_profile(docs)), encoding="utf-8")
+    return both
 
 
 def _median(xs: list) -> float | None:
@@ -137,7 +191,7 @@ def table(a: argparse.Namespace) -> None:
             pairs, errs = [], []
             for js in runs:
                 k = js.stem.rsplit("-", 1)[1]
-                profile = Path(a.profile) if a.profile else out / f"profile-{k}.json"
+                profile = repeat_profile(out, k, a)
                 if a.old_model:
                     profile = old_model(profile)
                 acc = js.with_suffix(".acc.jsonl")  # empty for systems that do not speculate
@@ -263,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--first", type=int, default=0, help="index of the first repeat (to add repeats)")
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--profile-passes", type=int, default=1, help="adaserve profile --passes (median per point)")
+    r.add_argument("--bracket", action="store_true",
+                   help="measure the profile again after each repeat's runs (profile-K-after.json); "
+                        "table prices the runs with the mean of the two")
     r.add_argument("--cpu-clock", action="store_true",
                    help="profile and engine on this thread's CPU time (waits for a core left out)")
     t = sub.add_parser("table")
@@ -270,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--profile", help="simulate every run with this profile instead of its repeat's")
     t.add_argument("--old-model", action="store_true",
                    help="price steps as before issue 14's item 6 (one table lookup, no host work)")
+    t.add_argument("--before-only", action="store_true",
+                   help="price each repeat with the profile measured before its runs even where "
+                        "run --bracket measured one after them too")
     t.add_argument("--replay", choices=("auto", "records"), default="auto",
                    help="auto: run the n-gram drafter over each run's recorded token ids where the "
                         "recording has them; records: replay the per-position records (as before 2026-11-28)")

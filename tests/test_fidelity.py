@@ -433,6 +433,55 @@ def test_table_covers_adaserve_plus_and_reports_attainment_in_points(tmp_path, c
     assert len(row) == 1 and "(+0.0 pt)" in row[0] and "(+0%)" in row[0] and row[0].endswith("| 0% |")
 
 
+def test_table_prices_a_bracketed_repeat_with_the_mean_of_its_two_profiles(tmp_path, capsys):
+    """``run --bracket`` measures the profile again after a repeat's runs; ``table`` then prices them
+    with the per-point mean of the two (``--before-only``: the first). Profiles of other grids or
+    settings are refused, naming the field."""
+    import importlib.util
+    from pathlib import Path
+
+    from adaserve.core.results import write_results
+    from adaserve.core.trace import TraceRecord
+    from adaserve.sim.run import simulate_records
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
+    spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    engine_profile().save(tmp_path / "profile-0.json")
+    before = json.loads((tmp_path / "profile-0.json").read_text())
+    after = json.loads(json.dumps(before))
+    after["verify"]["ms"] = [3 * x for x in after["verify"]["ms"]]
+    after["verify"]["ms_by_context"] = [[3 * x for x in row] for row in after["verify"]["ms_by_context"]]
+    (tmp_path / "x4").mkdir()
+    records = [TraceRecord(0.0, 40, 6, "", 1.5, "coding"), TraceRecord(30.0, 300, 5, "", 3.0, "chat")]
+    res = simulate_records(records, "vllm", str(tmp_path / "profile-0.json"), baseline_ms=11.0)
+    write_results(tmp_path / "x4" / "vllm-0", res.summary, res.requests,
+                  {"system": "vllm", "baseline_ms": 11.0, "iterations": res.iterations})
+
+    def tpot_cell(*flags) -> str:
+        mod.main(["table", str(tmp_path), *flags])
+        [row] = [line for line in capsys.readouterr().out.splitlines() if "| vllm |" in line]
+        return row.split("|")[7]
+
+    assert "(+0%)" in tpot_cell()  # no profile after the runs: the one before
+    (tmp_path / "profile-0-after.json").write_text(json.dumps(after))
+    mean = json.loads(json.dumps(before))
+    mean["verify"]["ms"] = [2 * x for x in before["verify"]["ms"]]
+    assert "(+0%)" not in tpot_cell() and "(+0%)" in tpot_cell("--before-only")
+    bracket = json.loads((tmp_path / "profile-0-bracket.json").read_text())
+    assert bracket["verify"]["ms"] == pytest.approx(mean["verify"]["ms"])
+    assert bracket["verify"]["tokens"] == before["verify"]["tokens"] and bracket["limits"] == before["limits"]
+    other = json.loads(json.dumps(before))
+    other["verify"]["tokens"][-1] += 1
+    with pytest.raises(ValueError, match="profile/verify/tokens: the profiles' grids differ"):
+        mod.mean_profile([before, other])
+    other = json.loads(json.dumps(before))
+    other["limits"]["max_batch_requests"] += 1
+    with pytest.raises(ValueError, match="profile/limits/max_batch_requests: the profiles differ"):
+        mod.mean_profile([before, other])
+
+
 def test_retime_times_logged_steps_alone_beside_their_price(tmp_path, capsys):
     """``scripts/engine_vs_sim.py retime`` on a tiny model: one line per sampled decode-only step
     (prefill and mixed steps are skipped) with the logged, re-timed and priced ms, then the means."""
