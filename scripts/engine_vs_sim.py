@@ -93,12 +93,15 @@ def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--model", a.model, "--drafter", "ngram", "--threads", "1"]
-    for k in range(a.first, a.first + a.repeat):
-        profile = out / f"profile-{k}.json"
+    def measure(profile: Path) -> None:
         _log_load(out, profile.name, "before")
         _adaserve(["profile", *common, "--out", str(profile), "--no-progress", "--passes", str(a.profile_passes)],
                   cpu_clock=a.cpu_clock)
         _log_load(out, profile.name, "after")
+
+    for k in range(a.first, a.first + a.repeat):
+        profile = out / f"profile-{k}.json"
+        measure(profile)
         for scale in a.scales.split(","):
             d = out / f"x{scale}"
             d.mkdir(exist_ok=True)
@@ -112,11 +115,7 @@ def run(a: argparse.Namespace) -> None:
                           steps=Path(f"{prefix}.steps.jsonl"), cpu_clock=a.cpu_clock)
                 _log_load(out, str(prefix), "after")
         if a.bracket:  # the same profile again, after the runs: ``table`` prices them with the mean of the two
-            after = out / f"profile-{k}-after.json"
-            _log_load(out, after.name, "before")
-            _adaserve(["profile", *common, "--out", str(after), "--no-progress", "--passes", str(a.profile_passes)],
-                      cpu_clock=a.cpu_clock)
-            _log_load(out, after.name, "after")
+            measure(out / f"profile-{k}-after.json")
 
 
 AXES = ("tokens", "context_tokens")  # a profile table's grid: equal in profiles that are averaged
@@ -183,6 +182,7 @@ def table(a: argparse.Namespace) -> None:
     print("| load | system | runs | " + " | ".join(f"{m} engine / sim (err)" for m, _, _ in METRICS)
           + " | per-request TPOT err |")
     print("|---|---|---|" + "---|" * (len(METRICS) + 1))
+    profiles: dict[str, Path] = {}  # per repeat, made once (a bracketing mean is written to a file)
     for d in sorted(out.glob("x*"), key=lambda p: -float(p.name[1:])):
         systems: dict[str, list[Path]] = {}
         for js in sorted(d.glob("*.json")):
@@ -191,10 +191,11 @@ def table(a: argparse.Namespace) -> None:
             pairs, errs = [], []
             for js in runs:
                 k = js.stem.rsplit("-", 1)[1]
-                profile = repeat_profile(out, k, a)
-                if a.old_model:
-                    profile = old_model(profile)
-                acc = js.with_suffix(".acc.jsonl")  # empty for systems that do not speculate
+                if k not in profiles:
+                    profile = repeat_profile(out, k, a)
+                    profiles[k] = old_model(profile) if a.old_model else profile
+                profile = profiles[k]
+                acc = js.with_suffix(".acc.jsonl")  # token lines only for systems that do not speculate
                 acc = acc if acc.exists() and acc.stat().st_size else None
                 if acc is not None and a.replay == "records" and not load_records_or_none(acc):
                     acc = None  # token lines only: a run that never drafted
