@@ -210,3 +210,28 @@ def test_greedy_speculation_stays_lossless_with_fused_decoding(monkeypatch, kern
     for system, drafter in (("adaserve", NgramDrafter()), ("vllm", None)):
         ex, _, done = serve(target, system, drafter, prompts, reqs=make_requests(6, seed=2)[0])
         assert all(ex.outputs[r.rid] == ref[r.rid] for r in done), system
+
+
+def test_prefetch_hints_compile_for_contiguous_arrays_only():
+    """``jit.prefetch`` (the compiled decode's read-ahead hints) runs inside compiled code on a
+    C-contiguous array of any rank and changes nothing; other layouts are refused when compiled."""
+    import numba
+
+    from adaserve.core.jit import prefetch
+
+    @numba.njit
+    def hinted_sum(flat, grid):
+        for i in range(0, len(flat), 16):
+            prefetch(flat, i)
+            prefetch(grid, i)  # counted flat
+        return flat.sum()
+
+    flat = np.arange(64, dtype=np.float32)
+    assert hinted_sum(flat, flat.reshape(4, 4, 4)) == flat.sum()
+
+    @numba.njit
+    def strided(a):
+        prefetch(a[::2], 0)
+
+    with pytest.raises(numba.core.errors.TypingError):
+        strided(flat)

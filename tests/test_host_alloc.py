@@ -131,6 +131,29 @@ def test_allocator_refuses_bad_input_and_reuses_rows(on):
         assert alloc.block_table("d") == [] and alloc.length("d") == 0
 
 
+@pytest.mark.parametrize("on", PATHS)
+def test_a_shuffled_pool_hands_out_every_free_block_once_in_a_seeded_order(on):
+    """``shuffle_free`` (the profiler's pool, laid out as a server's after a while): the blocks
+    still free are handed out once each, not in id order, the same order for the same seed; the
+    blocks a sequence already holds stay its own."""
+    with compiled(on):
+        def tables(seed):
+            alloc = BlockAllocator(64, 4)
+            alloc.add("held")
+            alloc.reserve("held", 8)
+            alloc.shuffle_free(np.random.default_rng(seed))
+            alloc.add("a")
+            alloc.reserve("a", 4 * 40)
+            alloc.add("b")
+            alloc.reserve("b", 4 * 22)
+            return alloc.block_table("held"), alloc.block_table("a"), alloc.block_table("b"), alloc.free_blocks
+        held, a, b, free = tables(0)
+        assert held == [0, 1] and free == 0
+        assert sorted(a + b) == list(range(2, 64))
+        assert sum(y == x + 1 for x, y in zip(a, a[1:])) < 10  # scattered, not a run of ids
+        assert tables(0) == (held, a, b, free) and tables(1)[1] != a
+
+
 def random_walks(rng, n: int) -> Walks:
     walks = []
     for _ in range(n):

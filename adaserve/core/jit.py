@@ -67,3 +67,47 @@ def njit(fn: F | None = None, *, fastmath: bool = False):
     if numba is None:
         return fn
     return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
+
+
+def _no_prefetch(array, index) -> None:
+    """``prefetch`` where numba is not importable: the interpreted kernels have nothing to hint."""
+
+
+def _make_prefetch():
+    """``prefetch(array, index)`` for compiled kernels: LLVM's prefetch hint (read, keep in every
+    cache level) for element ``index`` of a C-contiguous ``array`` (counted flat). A kernel that
+    reads small scattered pieces of a large array (the paged KV cache's blocks) stalls on each
+    piece's first cache miss; hinting the next piece while it works on this one overlaps the two."""
+    numba = _numba()
+    if numba is None:
+        return _no_prefetch
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(index, types.Integer)):
+            return None
+        i32 = ir.IntType(32)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            idx = context.cast(builder, args[1], signature.args[1], types.intp)
+            ptr = builder.gep(ary.data, [idx])  # C-contiguous: element ``index`` counted flat
+            hint = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0")
+            builder.call(hint, [ptr, i32(0), i32(3), i32(1)])  # read, high locality, data cache
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    return prefetch
+
+
+def __getattr__(name: str):
+    """``prefetch`` is made on first use, so that importing this module does not import numba."""
+    if name == "prefetch":
+        globals()["prefetch"] = fn = _make_prefetch()
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

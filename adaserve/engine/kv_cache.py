@@ -204,6 +204,12 @@ class BlockAllocator:
             self._nfree += total
             self.nblocks[rows] = keep
 
+    def shuffle_free(self, rng: np.random.Generator) -> None:
+        """Hand the free blocks out in a random order from now on: a pool laid out as a server's is
+        after it has run for a while (sequences that grew side by side and left in any order), where
+        a sequence's blocks are rarely consecutive. The profiler times its steps over such a pool."""
+        rng.shuffle(self._free[:self._nfree])
+
     def free(self, seq_id: Hashable) -> None:
         row = self.row_of(seq_id)
         self.truncate_rows(np.array([row]), np.array([0]))

@@ -198,6 +198,13 @@ def _sync(model: Transformer) -> None:
 class StepBench:
     """Timed forwards of synthetic batches on a scratch KV cache.
 
+    The cache hands its blocks out in a random order (``BlockAllocator.shuffle_free``), as a
+    server's pool does after a while: a sequence's blocks are then scattered, and on a CPU reading
+    scattered blocks costs more than reading consecutive ones (a 1-token SmolLM2 step over 1,024
+    keys 24.3-25.3 ms against 18.8-19.4 ms before the compiled decode hinted its reads ahead, and
+    still ~10% more after; docs/engine.md). A profile over a fresh pool's consecutive blocks priced
+    the light-load decode steps of real runs 3-6% low (docs/fidelity.md).
+
     ``graphs``: the steps run as the engine runs them with CUDA graphs on (engine/cuda_graphs.py),
     with buckets sized by these limits: a step replays the graph of its bucket (decode tokens,
     trees and prefill chunks of up to 1,024 tokens), captured during the point's warm-up call; longer
@@ -219,6 +226,7 @@ class StepBench:
         self.device = model.lm_head.weight.device
         self.rng = np.random.default_rng(seed)
         self.vocab = model.config.vocab_size
+        self.cache.alloc.shuffle_free(np.random.default_rng([seed, 1]))  # its own draws: the token ids stay as they were
 
     def _ids(self, n: int) -> list[int]:
         return self.rng.integers(3, self.vocab, n).tolist()
