@@ -90,8 +90,8 @@ def _attend(qkv, k_cache, v_cache, table, keys, heads, kv_heads, out):
 
     Both passes hint the K or V row of the key ``AHEAD`` positions on (``_prefetch_position``): a
     sequence's blocks lie anywhere in the pool, and without the hints each block's first read
-    stalled on its cache and TLB misses (a 1-token SmolLM2 step over 250 keys took 7% longer with
-    its blocks scattered than with them consecutive, docs/engine.md)."""
+    stalled on its cache misses (a 1-token SmolLM2 step over 250 keys took 7-9% longer with its
+    blocks scattered than with them consecutive, over 1,000 keys 28-31%; docs/engine.md)."""
     bs, hd = k_cache.shape[1], k_cache.shape[3]
     row = k_cache.shape[2] * hd
     kf, vf = k_cache.reshape(-1), v_cache.reshape(-1)

@@ -466,7 +466,9 @@ def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
     ``cuda_graphs`` is recorded on CUDA only (on the CPU the engine never captures graphs), and
     with graphs the most graphed forwards a step may run as (``ADASERVE_GRAPH_PARTS``), which the
     simulator prices steps by; on CUDA whether decode and tree attention ran the paged kernel
-    (``ADASERVE_PAGED_ATTENTION``)."""
+    (``ADASERVE_PAGED_ATTENTION``). ``kv_blocks``: how the timed steps' KV blocks lay in the pool
+    (``StepBench``: scattered since 2026-11-28; profiles without the field timed consecutive
+    blocks, and their cache entries are not reused)."""
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
@@ -474,7 +476,8 @@ def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
             "tensor_parallel": getattr(model, "world_size", 1),
             "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None,
             "graph_parts": graph_parts_setting() if cuda_graphs and w.device.type == "cuda" else None,
-            "paged_attention": paged_attention_enabled(w.device) if w.device.type == "cuda" else None}
+            "paged_attention": paged_attention_enabled(w.device) if w.device.type == "cuda" else None,
+            "kv_blocks": "scattered"}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
