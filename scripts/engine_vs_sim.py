@@ -4,7 +4,7 @@
         [--scales 4,1] [--requests 16] [--output-len 48] [--repeat 1] [--model smollm2-135m]
     python scripts/engine_vs_sim.py table DIR [--profile P]
     python scripts/engine_vs_sim.py steps PROFILE STEPS.jsonl
-    python scripts/engine_vs_sim.py retime PROFILE STEPS.jsonl [--sample 16]
+    python scripts/engine_vs_sim.py retime PROFILE STEPS.jsonl [--sample 16] [--kind decode|prefill]
 
 ``run``, per repeat ``k``: measures a profile (``adaserve profile``, DIR/profile-k.json) right
 before that repeat's engine runs, then for every time scale and system runs ``adaserve run``
@@ -37,10 +37,11 @@ ids (by default the simulator then runs the n-gram drafter over them: ``adaserve
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
 
 ``retime``: a sample of the logged decode-only steps timed again in isolation (``StepBench``: a
-fresh KV cache, the same contexts and tree sizes, each tree as a chain; median of 5 after a
+fresh KV cache with its blocks scattered, the same contexts and tree sizes, each tree as a chain; median of 5 after a
 warm-up, on the profile's clock), beside the forward the engine logged in its run and the profile's price: which
 part of an error is the profile's pricing of a step (re-timed vs priced) and which the step costing
-more inside the run than alone (logged vs re-timed).
+more inside the run than alone (logged vs re-timed). ``--kind prefill``: the steps of one prompt's
+first chunk alone instead, re-timed as the profile times its prefill table.
 """
 
 from __future__ import annotations
@@ -284,20 +285,30 @@ def retime(a: argparse.Namespace) -> None:
     if prof.measured_with.get("clock") == "cpu":
         os.environ["ADASERVE_PROFILE_CLOCK"] = "cpu"
     key = "forward_cpu_ms" if prof.measured_with.get("clock") == "cpu" else "forward_ms"
-    logged = [r for r in map(json.loads, open(a.steps, encoding="utf-8")) if r.get("decode") and not r.get("prefill")]
+    records = list(map(json.loads, open(a.steps, encoding="utf-8")))
+    if a.kind == "decode":
+        logged = [r for r in records if r.get("decode") and not r.get("prefill")]
+    else:  # a prompt's first chunk alone: the profile's prefill table times that shape
+        logged = [r for r in records if not r.get("decode") and len(r.get("prefill") or []) == 1
+                  and r["prefill"][0][1] == 0]
     if not logged:
-        raise SystemExit(f"{a.steps}: no decode-only step")
+        raise SystemExit(f"{a.steps}: no {'decode-only' if a.kind == 'decode' else 'first-chunk prefill'} step")
     pick = np.random.default_rng(a.seed).choice(len(logged), min(a.sample, len(logged)), replace=False)
     model, _, _ = load_models(EngineConfig(model=a.model, drafter="ngram", threads=1), say=lambda _: None)
     rows = []
     print(f"{'requests':>8} {'tokens':>6} {'context':>7} {'logged ms':>10} {'re-timed':>9} {'priced':>7}")
     with torch.inference_mode():
         for i in sorted(pick.tolist()):
-            trees = [tuple(t) for t in logged[i]["decode"]]
-            bench = StepBench(model, sum(c + n + BLOCK_SIZE for c, n in trees))
-            alone = bench.chains_ms([c for c, _ in trees], [n for _, n in trees], 5)
-            rows.append((len(trees), sum(n for _, n in trees), sum(c for c, _ in trees), logged[i][key], alone,
-                         engine_step_ms(prof, [], trees)))
+            if a.kind == "prefill":
+                (chunk, _), = logged[i]["prefill"]
+                alone = StepBench(model, chunk + BLOCK_SIZE).prefill_ms(chunk, 5)
+                rows.append((1, chunk, 0, logged[i][key], alone, engine_step_ms(prof, [(chunk, 0)], [])))
+            else:
+                trees = [tuple(t) for t in logged[i]["decode"]]
+                bench = StepBench(model, sum(c + n + BLOCK_SIZE for c, n in trees))
+                alone = bench.chains_ms([c for c, _ in trees], [n for _, n in trees], 5)
+                rows.append((len(trees), sum(n for _, n in trees), sum(c for c, _ in trees), logged[i][key], alone,
+                             engine_step_ms(prof, [], trees)))
             print("{:8d} {:6d} {:7d} {:10.1f} {:9.1f} {:7.1f}".format(*rows[-1]), flush=True)
     m = np.array(rows, float)[:, 3:].mean(0)
     print(f"means: logged {m[0]:.1f}, re-timed {m[1]:.1f} ({100 * (m[1] / m[0] - 1):+.0f}%), "
@@ -341,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     rt = sub.add_parser("retime")
     rt.add_argument("profile")
     rt.add_argument("steps")
-    rt.add_argument("--sample", type=int, default=16, help="decode-only steps drawn from the log")
+    rt.add_argument("--sample", type=int, default=16, help="steps drawn from the log")
+    rt.add_argument("--kind", choices=("decode", "prefill"), default="decode",
+                    help="decode-only steps, or steps of one prompt's first chunk alone")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--model", default="smollm2-135m")
     a = ap.parse_args(argv)

@@ -484,7 +484,8 @@ def test_table_prices_a_bracketed_repeat_with_the_mean_of_its_two_profiles(tmp_p
 
 def test_retime_times_logged_steps_alone_beside_their_price(tmp_path, capsys):
     """``scripts/engine_vs_sim.py retime`` on a tiny model: one line per sampled decode-only step
-    (prefill and mixed steps are skipped) with the logged, re-timed and priced ms, then the means."""
+    (prefill and mixed steps are skipped) with the logged, re-timed and priced ms, then the means;
+    with ``--kind prefill``, the steps of a prompt's first chunk alone."""
     import importlib.util
     from pathlib import Path
 
@@ -503,6 +504,12 @@ def test_retime_times_logged_steps_alone_beside_their_price(tmp_path, capsys):
     rows = [line.split() for line in lines[1:-1]]
     assert [r[:3] for r in rows] == [["2", "4", "47"], ["1", "1", "100"]] and lines[-1].startswith("means: logged")
     assert float(rows[0][5]) == pytest.approx(engine_step_ms(engine_profile(), [], [(40, 3), (7, 1)]), abs=0.05)
+    mod.main(["retime", str(tmp_path / "p.json"), str(tmp_path / "s.jsonl"), "--kind", "prefill",
+              "--model", "tiny-llama"])  # a prompt's first chunk alone: the first step only
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:-1]]
+    assert [r[:4] for r in rows] == [["1", "16", "0", "9.0"]]
+    assert float(rows[0][5]) == pytest.approx(engine_step_ms(engine_profile(), [(16, 0)], []), abs=0.05)
 
 
 def test_negative_record_position_is_a_user_error(tmp_path):
