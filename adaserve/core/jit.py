@@ -82,6 +82,7 @@ def _make_prefetch():
     if numba is None:
         return _no_prefetch
     from llvmlite import ir
+    from llvmlite.binding import llvm_version_info
     from numba.core import cgutils, types
     from numba.extending import intrinsic
 
@@ -95,8 +96,12 @@ def _make_prefetch():
             ary = context.make_array(signature.args[0])(context, builder, args[0])
             idx = context.cast(builder, args[1], signature.args[1], types.intp)
             ptr = builder.gep(ary.data, [idx])  # C-contiguous: element ``index`` counted flat
+            name = "llvm.prefetch.p0"  # LLVM 17 on has opaque pointers only
+            if llvm_version_info < (17,):  # llvmlite of numba 0.60: the name mangles the pointer's type
+                ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+                name = "llvm.prefetch." + ptr.type.intrinsic_name
             hint = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0")
+                builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), name)
             builder.call(hint, [ptr, i32(0), i32(3), i32(1)])  # read, high locality, data cache
             return context.get_dummy_value()
 
