@@ -5,7 +5,8 @@ vectorization of the same work pays a few microseconds per array call, thousands
 iteration. ``njit(fn)`` returns the compiled function when numba is importable and not disabled
 (``ADASERVE_NUMBA=0``), else ``fn`` unchanged, and ``enabled()`` says which: a caller that has a
 vectorized numpy path for machines without numba (e.g. a GPU box with a fixed software stack)
-chooses it when ``enabled()`` is false.
+chooses it when ``enabled()`` is false. ``prefetch(array, index)`` is a read-ahead hint for
+compiled kernels (an LLVM intrinsic, made on first use; a no-op interpreted).
 """
 
 from __future__ import annotations
