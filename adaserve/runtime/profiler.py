@@ -200,7 +200,7 @@ class StepBench:
 
     The cache hands its blocks out in a random order (``BlockAllocator.shuffle_free``), as a
     server's pool does after a while: a sequence's blocks are then scattered, and on a CPU reading
-    scattered blocks costs more than reading consecutive ones (a 1-token SmolLM2 step over 1,024
+    scattered blocks costs more than reading consecutive ones (a 1-token SmolLM2 step over 1,000
     keys 24.3-25.3 ms against 18.8-19.4 ms before the compiled decode hinted its reads ahead, and
     still ~10% more after; docs/engine.md). A profile over a fresh pool's consecutive blocks priced
     the light-load decode steps of real runs 3-6% low (docs/fidelity.md).
