@@ -154,6 +154,42 @@ def test_pool_sized_by_reservations_holds_the_largest_trees(target):
     assert ex.cache.alloc.free_blocks == 10
 
 
+def _served_jumps(target, system: str, claims: bool) -> tuple[int, int, TorchExecutor]:
+    """Serve 30 requests; after every iteration count, over the live sequences' block tables,
+    the neighbouring blocks that are not consecutive in the pool (jumps) and all neighbours."""
+    reqs, prompts = make_requests(30, max_new=(4, 80))
+    ex = TorchExecutor(target, tiny_profile(), NgramDrafter())
+    if not claims:
+        ex._claim = lambda r: ex.cache.alloc.add(r.rid)  # blocks popped step by step, as before
+    ex.set_prompts(prompts)
+    loop = ServingLoop(make_policy(system, "tiny"), ex, reqs)
+    alloc, jumps, pairs = ex.cache.alloc, 0, 0
+    while loop.busy:
+        if not loop.run_once() and loop.pending:
+            ex.wait_until(loop.pending[0].arrival_ms)
+        for s in alloc.seq_ids():
+            table = np.array(alloc.block_table(s))
+            jumps += int(np.sum(np.diff(table) != 1))
+            pairs += max(len(table) - 1, 0)
+    assert all(ex.outputs[r.rid] == plain_greedy(target, prompts[r.rid], r.max_new_tokens, (EOS,)) for r in reqs)
+    return jumps, pairs, ex
+
+
+@pytest.mark.parametrize("system", ["vllm", "adaserve"])
+def test_sequences_keep_consecutive_blocks_while_growing_side_by_side(target, system):
+    """Each request claims its KV reservation when its prompt starts (``TorchExecutor._claim``):
+    while requests decode side by side and their trees come and go, a sequence's next block is
+    the one after its last far more often than when blocks are popped step by step (a claim
+    breaks only where it spans runs freed by different requests: 3-10% of neighbours here,
+    depending on the order requests finished in; 66-76% without claims); serving stays lossless
+    and every block comes back."""
+    jumps, pairs, ex = _served_jumps(target, system, claims=True)
+    assert ex.cache.alloc.free_blocks == ex.num_blocks
+    jumps_unclaimed, pairs_unclaimed, _ = _served_jumps(target, system, claims=False)
+    assert pairs > 1000 and jumps_unclaimed >= 0.5 * pairs_unclaimed, (jumps_unclaimed, pairs_unclaimed)
+    assert jumps <= 0.25 * jumps_unclaimed, (jumps, jumps_unclaimed)
+
+
 def test_step_output_carries_the_committed_token_ids(target, workload):
     """Front ends read new tokens from the step (on_commit), never from executor state."""
     prompts, ref = workload

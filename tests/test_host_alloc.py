@@ -26,26 +26,57 @@ PATHS = [False] + ([True] if jit._numba() is not None else [])
 
 
 class RefAllocator:
-    """The per-sequence list allocator the 2-D table replaced (free blocks: a list used as a stack)."""
+    """The per-sequence list allocator the 2-D table replaced (free blocks: a list used as a stack),
+    with claims: ``held[s]`` are the blocks the sequence holds, the first ``used[s]`` of them its
+    table, and ``claimed[s]`` of them stay held whatever it truncates to."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.bs = block_size
         self.free = list(range(num_blocks - 1, -1, -1))
-        self.tables: dict[int, list[int]] = {}
+        self.held: dict[int, list[int]] = {}
+        self.used: dict[int, int] = {}
+        self.claimed: dict[int, int] = {}
         self.lengths: dict[int, int] = {}
 
-    def reserve(self, s: int, num_tokens: int) -> None:
-        need = -(-num_tokens // self.bs) - len(self.tables[s])
+    @property
+    def tables(self) -> dict[int, list[int]]:
+        return {s: h[:self.used[s]] for s, h in self.held.items()}
+
+    def add(self, s: int) -> None:
+        self.held[s], self.used[s], self.claimed[s], self.lengths[s] = [], 0, 0, 0
+
+    def _hold(self, s: int, blocks: int) -> None:
+        need = blocks - len(self.held[s])
         if need > len(self.free):
             raise OutOfBlocks(s)
         for _ in range(need):
-            self.tables[s].append(self.free.pop())
+            self.held[s].append(self.free.pop())
+
+    def reserve(self, s: int, num_tokens: int) -> None:
+        want = max(-(-num_tokens // self.bs), self.used[s])
+        self._hold(s, want)
+        self.used[s] = want
+
+    def claim(self, s: int, num_tokens: int) -> None:
+        want = max(-(-num_tokens // self.bs), self.claimed[s])
+        self._hold(s, want)
+        self.claimed[s] = want
+
+    def lacks(self, s: int, num_tokens: int) -> int:
+        """Blocks ``reserve(s, num_tokens)`` pops."""
+        return max(-(-num_tokens // self.bs) - len(self.held[s]), 0)
 
     def truncate(self, s: int, length: int) -> None:
         self.lengths[s] = length
-        table = self.tables[s]
-        while len(table) > -(-length // self.bs):
-            self.free.append(table.pop())
+        keep = -(-length // self.bs)
+        while len(self.held[s]) > max(keep, self.claimed[s]):
+            self.free.append(self.held[s].pop())
+        self.used[s] = keep
+
+    def release(self, s: int) -> None:
+        self.claimed[s] = 0
+        self.truncate(s, 0)
+        del self.held[s], self.used[s], self.claimed[s], self.lengths[s]
 
 
 def same(alloc: BlockAllocator, ref: RefAllocator) -> None:
@@ -54,10 +85,13 @@ def same(alloc: BlockAllocator, ref: RefAllocator) -> None:
         assert alloc.block_table(s) == ref.tables[s], s
         assert alloc.length(s) == ref.lengths[s]
         assert alloc.capacity(s) == len(ref.tables[s]) * ref.bs
+        row = alloc.row_of(s)
+        held = max(alloc.nblocks[row], alloc.nclaim[row])
+        assert alloc.tables[row, :held].tolist() == ref.held[s], s  # claimed blocks too
     assert alloc.free_blocks == len(ref.free)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["add", "reserve", "truncate", "free", "batch"]), st.integers(0, 7),
+ops = st.lists(st.tuples(st.sampled_from(["add", "reserve", "claim", "truncate", "free", "batch"]), st.integers(0, 3),
                          st.integers(0, 60), st.lists(st.integers(0, 60), min_size=1, max_size=8)), max_size=40)
 
 
@@ -65,27 +99,27 @@ ops = st.lists(st.tuples(st.sampled_from(["add", "reserve", "truncate", "free", 
 @given(ops, st.sampled_from(PATHS))
 def test_allocator_batch_and_single_operations_match_the_list_allocator(steps, on):
     """Same block ids in the same order (the stack hands out low ids first, a released block comes
-    back first) through adds, reserves, truncations, frees and batch reserve + truncate; tables
-    widen past their first width; a reservation that does not fit raises and changes nothing."""
+    back first) through adds, reserves, claims, truncations, frees and batch reserve + truncate;
+    claimed blocks are grown into and survive truncation; tables widen past their first width; a
+    reservation or claim that does not fit raises and changes nothing."""
     with compiled(on):
         alloc, ref = BlockAllocator(40, 4), RefAllocator(40, 4)
         for op, s, n, ns in steps:
-            if op == "add" and s not in ref.tables:
+            if op == "add" and s not in ref.held:
                 alloc.add(s)
-                ref.tables[s], ref.lengths[s] = [], 0
-            elif op == "free" and s in ref.tables:
+                ref.add(s)
+            elif op == "free" and s in ref.held:
                 alloc.free(s)
-                ref.truncate(s, 0)
-                del ref.tables[s], ref.lengths[s]
-            elif op in ("reserve", "truncate") and s in ref.tables:
-                if op == "reserve":
+                ref.release(s)
+            elif op in ("reserve", "claim", "truncate") and s in ref.held:
+                if op in ("reserve", "claim"):
                     try:
-                        ref.reserve(s, n)
+                        getattr(ref, op)(s, n)
                     except OutOfBlocks:
                         with pytest.raises(OutOfBlocks, match=f"sequence {s} needs"):
-                            alloc.reserve(s, n)
+                            getattr(alloc, op)(s, n)
                     else:
-                        alloc.reserve(s, n)
+                        getattr(alloc, op)(s, n)
                 else:
                     n = min(n, len(ref.tables[s]) * ref.bs)
                     alloc.truncate(s, n)
@@ -94,7 +128,7 @@ def test_allocator_batch_and_single_operations_match_the_list_allocator(steps, o
                 seqs = sorted(ref.tables)
                 tokens = np.array([ns[i % len(ns)] for i in range(len(seqs))], np.int64)
                 rows = alloc.rows(seqs)
-                need = sum(max(-(-int(t) // 4) - len(ref.tables[q]), 0) for q, t in zip(seqs, tokens))
+                need = sum(ref.lacks(q, int(t)) for q, t in zip(seqs, tokens))
                 if need > len(ref.free):
                     with pytest.raises(OutOfBlocks):
                         alloc.reserve_rows(rows, tokens, seqs)
@@ -129,29 +163,6 @@ def test_allocator_refuses_bad_input_and_reuses_rows(on):
         alloc.add("d")
         assert alloc.row_of("d") == int(rows[1])  # the freed row is reused, its table empty
         assert alloc.block_table("d") == [] and alloc.length("d") == 0
-
-
-@pytest.mark.parametrize("on", PATHS)
-def test_a_shuffled_pool_hands_out_every_free_block_once_in_a_seeded_order(on):
-    """``shuffle_free`` (the profiler's pool, laid out as a server's after a while): the blocks
-    still free are handed out once each, not in id order, the same order for the same seed; the
-    blocks a sequence already holds stay its own."""
-    with compiled(on):
-        def tables(seed):
-            alloc = BlockAllocator(64, 4)
-            alloc.add("held")
-            alloc.reserve("held", 8)
-            alloc.shuffle_free(np.random.default_rng(seed))
-            alloc.add("a")
-            alloc.reserve("a", 4 * 40)
-            alloc.add("b")
-            alloc.reserve("b", 4 * 22)
-            return alloc.block_table("held"), alloc.block_table("a"), alloc.block_table("b"), alloc.free_blocks
-        held, a, b, free = tables(0)
-        assert held == [0, 1] and free == 0
-        assert sorted(a + b) == list(range(2, 64))
-        assert sum(y == x + 1 for x, y in zip(a, a[1:])) < 10  # scattered, not a run of ids
-        assert tables(0) == (held, a, b, free) and tables(1)[1] != a
 
 
 def random_walks(rng, n: int) -> Walks:
@@ -206,3 +217,39 @@ def test_bulk_tree_entries_are_made_when_read_and_equal_single_tree_entries(on):
                                                                           b.context_len, b.key_len)
         assert a.tree_parents is None or a.tree_parents.tolist() == b.tree_parents.tolist()
     assert [e.seq_id for e in lazy[1:3]] == [0, 1]
+@pytest.mark.parametrize("on", PATHS)
+def test_claimed_blocks_stay_consecutive_as_sequences_grow_side_by_side(on):
+    """Two sequences growing a block at a time in turn: without claims their blocks interleave;
+    with claims each grows into its own run, truncation keeps the claim, growth past it pops
+    from the stack, and ``free`` gives every held block back (the next claim gets a freed run in
+    order)."""
+    with compiled(on):
+        for claim in (False, True):
+            alloc = BlockAllocator(32, 4)
+            for s in "ab":
+                alloc.add(s)
+                if claim:
+                    alloc.claim(s, 4 * 6)
+            for n in range(1, 7):
+                for s in "ab":
+                    alloc.reserve(s, 4 * n)
+            a, b = alloc.block_table("a"), alloc.block_table("b")
+            if not claim:
+                assert a == [0, 2, 4, 6, 8, 10] and b == [1, 3, 5, 7, 9, 11]
+                continue
+            assert a == list(range(6)) and b == list(range(6, 12)) and alloc.free_blocks == 20
+            alloc.truncate("a", 5)  # two blocks in use, four held
+            assert alloc.block_table("a") == [0, 1] and alloc.free_blocks == 20
+            alloc.reserve("a", 4 * 8)  # past the claim: two popped
+            assert alloc.block_table("a") == [0, 1, 2, 3, 4, 5, 12, 13] and alloc.free_blocks == 18
+            alloc.truncate("a", 0)  # the popped ones go back, the claimed stay
+            assert alloc.free_blocks == 20 and alloc.capacity("a") == 0
+            alloc.free("a")
+            assert alloc.free_blocks == 26
+            alloc.add("c")
+            alloc.claim("c", 4 * 6)
+            assert alloc.tables[alloc.row_of("c"), :6].tolist() == list(range(6))
+            with pytest.raises(OutOfBlocks, match="sequence 'd' needs 21 more KV blocks"):
+                alloc.add("d")
+                alloc.claim("d", 4 * 21)
+            assert alloc.free_blocks == 20 and alloc.nclaim[alloc.row_of("d")] == 0

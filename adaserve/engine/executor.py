@@ -38,14 +38,14 @@ from adaserve.core import jit
 from adaserve.core.profile import LatencyProfile, Limits
 from adaserve.core.request import Request
 from adaserve.iteration import StepOutput
-from adaserve.scheduling.admission import SPEC_HEADROOM
+from adaserve.scheduling.admission import SPEC_HEADROOM, kv_reservation
 from adaserve.scheduling.plan import SpecShape
 from adaserve.scheduling.trees import CandidateForest
 
 from .batch import BatchBuilder, FlatBatch
 from .cuda_graphs import GraphedModel, GraphRunner, cache_with_scratch_block, make_graph_runner
 from .drafters import Drafter
-from .kv_cache import BLOCK_SIZE
+from .kv_cache import BLOCK_SIZE, OutOfBlocks
 from .model import Transformer
 from .recorder import AcceptanceRecorder
 from .sequence import SamplingOptions, SeqState
@@ -358,6 +358,8 @@ class TorchExecutor:
         try:
             prefill_rows = []
             for r, chunk in prefill:
+                if r.rid not in self.cache.alloc:
+                    self._claim(r)
                 seq = self._seq(r)
                 end = r.prefilled + chunk  # the loop owns prefill progress; it advances after the step
                 prefill_rows.append(b.add_prefill(r.rid, seq.ids[r.prefilled:end],
@@ -369,6 +371,19 @@ class TorchExecutor:
             b.abort()
             raise
         return _Step(batch, prefill_rows, tree_rows, trees)
+
+    def _claim(self, r: Request) -> None:
+        """Register a request's sequence in the KV pool holding its whole admission reservation
+        (prompt, output and tree headroom) in one pop, so that its blocks lie consecutive however
+        it grows (``BlockAllocator.claim``). The loop admits a request only where its reservation
+        fits, so the claims never starve a running sequence; a caller that drives the executor
+        without that accounting and runs short gets no claim (the blocks come one by one)."""
+        alloc = self.cache.alloc
+        alloc.add(r.rid)
+        try:
+            alloc.claim(r.rid, kv_reservation(r, self.latency.limits.max_seq_len))
+        except OutOfBlocks:
+            pass
 
     def _verify(self, decode: list[Request], seqs: list[SeqState], step: _Step, logits: torch.Tensor,
                 failed: dict[int, str]) -> tuple[np.ndarray, Walks]:

@@ -34,7 +34,15 @@ class BlockAllocator:
     (``rows``, ``reserve_rows``, ``truncate_rows``) change many sequences with a few array
     operations; the per-sequence methods are the same operations on one row. Free blocks are a
     stack (``_free[:_nfree]``, top last): the lowest ids are handed out first, and released blocks
-    are pushed last-first so that a sequence that gets them back gets them in the same order."""
+    are pushed last-first so that a sequence that gets them back gets them in the same order.
+
+    A row may *claim* blocks ahead of its use (``claim``: ``tables[row, :nclaim[row]]`` are its
+    whether or not ``nblocks`` covers them): growing into claimed blocks pops nothing, and
+    truncating keeps them. The executor claims each request's KV reservation when its prompt
+    starts, in one pop, so a sequence's blocks stay consecutive in the pool however it grows and
+    whatever grows beside it; blocks popped one step at a time by sequences growing side by side
+    interleave, and on a CPU a step reading scattered blocks costs more (docs/engine.md, "KV
+    blocks claimed ahead")."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
@@ -46,7 +54,8 @@ class BlockAllocator:
         self._row: dict[Hashable, int] = {}
         self._spare: list[int] = []  # rows of freed sequences, reused by add()
         self.tables = np.zeros((4, 4), np.int64)  # [rows, width]: the block ids of each row
-        self.nblocks = np.zeros(4, np.int64)  # blocks each row owns
+        self.nblocks = np.zeros(4, np.int64)  # blocks each row uses (positions it may write)
+        self.nclaim = np.zeros(4, np.int64)  # blocks each row holds at least (claimed ahead of use)
         self.lengths = np.zeros(4, np.int64)  # committed KV tokens of each row
 
     # ---- queries -----------------------------------------------------------------------------
@@ -113,7 +122,7 @@ class BlockAllocator:
             if row == len(self.lengths):
                 self._grow(2 * row, self.tables.shape[1])
         self._row[seq_id] = row
-        self.nblocks[row] = self.lengths[row] = 0
+        self.nblocks[row] = self.lengths[row] = self.nclaim[row] = 0
 
     def _grow(self, n_rows: int, width: int) -> None:
         """Room for ``n_rows`` rows of ``width`` blocks (the arrays are reallocated)."""
@@ -122,6 +131,7 @@ class BlockAllocator:
         tables[:r, :w] = self.tables
         self.tables = tables
         self.nblocks = np.concatenate([self.nblocks, np.zeros(n_rows - r, np.int64)])
+        self.nclaim = np.concatenate([self.nclaim, np.zeros(n_rows - r, np.int64)])
         self.lengths = np.concatenate([self.lengths, np.zeros(n_rows - r, np.int64)])
 
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
@@ -132,17 +142,35 @@ class BlockAllocator:
         """``reserve`` for distinct rows at once, in order (raises ``OutOfBlocks`` naming the first
         sequence that does not fit, changing nothing)."""
         if jit.enabled():
-            nfree, bad, width = _reserve_kernel(self._free, self._nfree, self.tables, self.nblocks, rows, num_tokens,
-                                                self.block_size)
+            nfree, bad, width = _reserve_kernel(self._free, self._nfree, self.tables, self.nblocks, self.nclaim, rows,
+                                                num_tokens, self.block_size)
             if bad == -2:  # the table is too narrow: widen it, then reserve
                 self._grow(len(self.lengths), max(width, 2 * self.tables.shape[1]))
-                nfree, bad, _ = _reserve_kernel(self._free, self._nfree, self.tables, self.nblocks, rows, num_tokens,
-                                                self.block_size)
+                nfree, bad, _ = _reserve_kernel(self._free, self._nfree, self.tables, self.nblocks, self.nclaim, rows,
+                                                num_tokens, self.block_size)
             self._nfree = nfree
             if bad < 0:
                 return
-        have = self.nblocks[rows]
-        need = np.maximum(-(-num_tokens // self.block_size) - have, 0)
+        use = np.maximum(-(-num_tokens // self.block_size), self.nblocks[rows])
+        self._hold(rows, use, num_tokens, seq_ids)
+        self.nblocks[rows] = use
+
+    def claim(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Hold blocks for ``num_tokens`` positions of the sequence ahead of their use, in one pop
+        (consecutive where the top of the free stack is): later ``reserve`` calls grow into them and
+        ``truncate`` keeps them; ``free`` releases them. Raises ``OutOfBlocks``, changing nothing."""
+        row = self.row_of(seq_id)
+        want = max(self.blocks_for(num_tokens), int(self.nclaim[row]))
+        self._hold(np.array([row]), np.array([want]), np.array([num_tokens]), [seq_id])
+        self.nclaim[row] = want
+
+    def _hold(self, rows: np.ndarray, blocks: np.ndarray, num_tokens: np.ndarray,
+              seq_ids: Sequence[Hashable] | None) -> None:
+        """Pop what each of the distinct ``rows`` lacks to hold ``blocks[i]`` blocks (table columns
+        filled in order), or raise ``OutOfBlocks`` naming the first that does not fit (for
+        ``num_tokens[i]`` tokens), changing nothing."""
+        held = np.maximum(self.nblocks[rows], self.nclaim[rows])
+        need = np.maximum(blocks - held, 0)
         total = int(need.sum())
         if total == 0:
             return
@@ -152,16 +180,15 @@ class BlockAllocator:
             raise OutOfBlocks(
                 f"sequence {seq!r} needs {int(need[i])} more KV blocks for {int(num_tokens[i])} tokens; "
                 f"{self._nfree - int(need[:i].sum())} free of {self.num_blocks} (block size {self.block_size})")
-        top = int((have + need).max())
+        top = int((held + need).max())
         if top > self.tables.shape[1]:
             self._grow(len(self.lengths), max(top, 2 * self.tables.shape[1]))
         lo = self._nfree - total
         got = self._free[lo:self._nfree][::-1]  # popped: the top of the stack first
         self._nfree = lo
         owner = np.repeat(np.arange(len(rows)), need)
-        col = np.repeat(have - (np.cumsum(need) - need), need) + np.arange(total)
+        col = np.repeat(held - (np.cumsum(need) - need), need) + np.arange(total)
         self.tables[rows[owner], col] = got
-        self.nblocks[rows] = have + need
 
     def append(self, seq_id: Hashable, n: int) -> list[int]:
         """Reserve and commit ``n`` more positions; returns their slots."""
@@ -184,8 +211,8 @@ class BlockAllocator:
     def truncate_rows(self, rows: np.ndarray, lengths: np.ndarray) -> None:
         """``truncate`` for distinct rows at once, in order (lengths must lie inside each row's blocks)."""
         if jit.enabled():
-            self._nfree, bad = _truncate_kernel(self._free, self._nfree, self.tables, self.nblocks, self.lengths, rows,
-                                                lengths, self.block_size)
+            self._nfree, bad = _truncate_kernel(self._free, self._nfree, self.tables, self.nblocks, self.nclaim,
+                                                self.lengths, rows, lengths, self.block_size)
             if bad < 0:
                 return
         have = self.nblocks[rows]
@@ -195,55 +222,53 @@ class BlockAllocator:
                              f"in row {int(rows[i])}")
         self.lengths[rows] = lengths
         keep = -(-lengths // self.block_size)
-        drop = have - keep
+        drop = np.maximum(have - np.maximum(keep, self.nclaim[rows]), 0)  # claimed blocks stay held
         total = int(drop.sum())
         if total:  # each row's dropped blocks pushed last first
             owner = np.repeat(np.arange(len(rows)), drop)
             col = np.repeat(have + (np.cumsum(drop) - drop), drop) - 1 - np.arange(total)
             self._free[self._nfree:self._nfree + total] = self.tables[rows[owner], col]
             self._nfree += total
-            self.nblocks[rows] = keep
-
-    def shuffle_free(self, rng: np.random.Generator) -> None:
-        """Hand the free blocks out in a random order from now on: a pool laid out as a server's is
-        after it has run for a while (sequences that grew side by side and left in any order), where
-        a sequence's blocks are rarely consecutive. The profiler times its steps over such a pool."""
-        rng.shuffle(self._free[:self._nfree])
+        self.nblocks[rows] = np.minimum(keep, have)
 
     def free(self, seq_id: Hashable) -> None:
         row = self.row_of(seq_id)
+        self.nblocks[row] = max(self.nblocks[row], self.nclaim[row])  # every held block, claimed or used
+        self.nclaim[row] = 0
         self.truncate_rows(np.array([row]), np.array([0]))
         del self._row[seq_id]
         self._spare.append(row)
 
 
 @jit.njit
-def _reserve_kernel(free, nfree, tables, nblocks, rows, num_tokens, bs):
+def _reserve_kernel(free, nfree, tables, nblocks, nclaim, rows, num_tokens, bs):
     """``BlockAllocator.reserve_rows`` compiled: (free blocks left, -1) once done; (unchanged, i)
     if row ``i`` does not fit (nothing changed); (unchanged, -2, width) if ``tables`` must first be
-    widened to ``width`` columns."""
+    widened to ``width`` columns. Blocks a row claimed are used before any is popped."""
     total, width = 0, 0
     for i in range(len(rows)):
-        need = max(-(-num_tokens[i] // bs) - nblocks[rows[i]], 0)
-        total += need
+        row = rows[i]
+        use = max(-(-num_tokens[i] // bs), nblocks[row])
+        total += max(use - max(nblocks[row], nclaim[row]), 0)
         if total > nfree:
             return nfree, i, 0
-        width = max(width, nblocks[rows[i]] + need)
+        width = max(width, use)
     if width > tables.shape[1]:
         return nfree, -2, width
     for i in range(len(rows)):
         row = rows[i]
-        for _ in range(max(-(-num_tokens[i] // bs) - nblocks[row], 0)):
+        use = max(-(-num_tokens[i] // bs), nblocks[row])
+        for col in range(max(nblocks[row], nclaim[row]), use):
             nfree -= 1
-            tables[row, nblocks[row]] = free[nfree]
-            nblocks[row] += 1
+            tables[row, col] = free[nfree]
+        nblocks[row] = use
     return nfree, -1, 0
 
 
 @jit.njit
-def _truncate_kernel(free, nfree, tables, nblocks, lengths, rows, new_lengths, bs):
+def _truncate_kernel(free, nfree, tables, nblocks, nclaim, lengths, rows, new_lengths, bs):
     """``BlockAllocator.truncate_rows`` compiled: (free blocks, -1) once done; (unchanged, i) if
-    row ``i``'s length lies outside its blocks (nothing changed)."""
+    row ``i``'s length lies outside its blocks (nothing changed). Claimed blocks stay held."""
     for i in range(len(rows)):
         if new_lengths[i] < 0 or new_lengths[i] > nblocks[rows[i]] * bs:
             return nfree, i
@@ -251,10 +276,10 @@ def _truncate_kernel(free, nfree, tables, nblocks, lengths, rows, new_lengths, b
         row = rows[i]
         lengths[row] = new_lengths[i]
         keep = -(-new_lengths[i] // bs)
-        while nblocks[row] > keep:
-            nblocks[row] -= 1
-            free[nfree] = tables[row, nblocks[row]]
+        for col in range(nblocks[row] - 1, max(keep, nclaim[row]) - 1, -1):
+            free[nfree] = tables[row, col]
             nfree += 1
+        nblocks[row] = min(keep, nblocks[row])
     return nfree, -1
 
 

@@ -48,8 +48,9 @@ MARGIN = 0.95  # prepacked must take at most this fraction of plain's time to be
 UNSURE = (0.9, 1.11)
 UNSURE_REPEAT = 9
 LAYER_BYTES = 128 * 2**20  # decoder-layer weights timed per pass (plus the LM head): several times any L3
-CACHE_VERSION = 5  # 4: the compiled attention got faster (2026-11-27), so whole-step ratios changed;
-# 5: its reads of scattered blocks are hinted ahead, and the steps are timed over scattered blocks (2026-11-28)
+CACHE_VERSION = 6  # 4: the compiled attention got faster (2026-11-27), so whole-step ratios changed;
+# 5: its reads of scattered blocks are hinted ahead, and the steps are timed over scattered blocks (2026-11-28);
+# 6: the steps are timed over blocks claimed as the engine claims them (consecutive; 2026-11-28)
 COMPILED_ROWS = tuple(r for r in (2, 4) if r <= MAX_COMPILED_ROWS)  # step sizes tried once one row wins
 
 

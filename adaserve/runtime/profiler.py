@@ -198,12 +198,12 @@ def _sync(model: Transformer) -> None:
 class StepBench:
     """Timed forwards of synthetic batches on a scratch KV cache.
 
-    The cache hands its blocks out in a random order (``BlockAllocator.shuffle_free``), as a
-    server's pool does after a while: a sequence's blocks are then scattered, and on a CPU reading
-    scattered blocks costs more than reading consecutive ones (a 1-token SmolLM2 step over 1,000
-    keys 24.3-25.3 ms against 18.8-19.4 ms before the compiled decode hinted its reads ahead, and
-    still ~10% more after; docs/engine.md). A profile over a fresh pool's consecutive blocks priced
-    the light-load decode steps of real runs 3-6% low (docs/fidelity.md).
+    Each sequence claims its context and its new tokens in one pop (``BlockAllocator.claim``), as
+    the engine claims a request's reservation: its blocks are consecutive, its chain's after its
+    context's, as in a server's pool. On a CPU that layout matters: a 1-token SmolLM2 step over
+    1,000 keys cost ~10% more with every block elsewhere in the pool (docs/engine.md, "KV blocks
+    claimed ahead"), and profiles timed over such scattered blocks priced the long-context steps of
+    real runs 6-13% high (docs/fidelity.md).
 
     ``graphs``: the steps run as the engine runs them with CUDA graphs on (engine/cuda_graphs.py),
     with buckets sized by these limits: a step replays the graph of its bucket (decode tokens,
@@ -226,7 +226,6 @@ class StepBench:
         self.device = model.lm_head.weight.device
         self.rng = np.random.default_rng(seed)
         self.vocab = model.config.vocab_size
-        self.cache.alloc.shuffle_free(np.random.default_rng([seed, 1]))  # its own draws: the token ids stay as they were
 
     def _ids(self, n: int) -> list[int]:
         return self.rng.integers(3, self.vocab, n).tolist()
@@ -254,8 +253,9 @@ class StepBench:
     def chains_ms(self, ctxs: list[int], news: list[int], repeat: int) -> float:
         """Sequence ``s`` holding ``ctxs[s]`` KV tokens with a chain of ``news[s]`` new tokens."""
         n_seqs = len(ctxs)
-        for s, c in enumerate(ctxs):
+        for s, (c, n) in enumerate(zip(ctxs, news)):
             self.cache.add(s)
+            self.cache.alloc.claim(s, c + n)
             self.cache.alloc.append(s, c)
         chains = [(self._ids(n), list(range(-1, n - 1))) for n in news]
 
@@ -467,8 +467,9 @@ def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
     with graphs the most graphed forwards a step may run as (``ADASERVE_GRAPH_PARTS``), which the
     simulator prices steps by; on CUDA whether decode and tree attention ran the paged kernel
     (``ADASERVE_PAGED_ATTENTION``). ``kv_blocks``: how the timed steps' KV blocks lay in the pool
-    (``StepBench``: scattered since 2026-11-28; profiles without the field timed consecutive
-    blocks, and their cache entries are not reused)."""
+    (``StepBench``: each sequence's claimed in one pop, as the engine claims them; "scattered" for
+    a few hours of 2026-11-28, and profiles without the field timed consecutive blocks without
+    claims: their cache entries are not reused)."""
     w = model.lm_head.weight
     return {"device": w.device.type, "dtype": str(w.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads() if w.device.type == "cpu" else None,
@@ -477,7 +478,7 @@ def measured_with(model: Transformer, cuda_graphs: bool = False) -> dict:
             "cuda_graphs": bool(cuda_graphs) if w.device.type == "cuda" else None,
             "graph_parts": graph_parts_setting() if cuda_graphs and w.device.type == "cuda" else None,
             "paged_attention": paged_attention_enabled(w.device) if w.device.type == "cuda" else None,
-            "kv_blocks": "scattered"}
+            "kv_blocks": "claimed"}
 
 
 def assemble(name: str, points: dict[str, float], grid: Grid, limits: Limits, model: Transformer,
