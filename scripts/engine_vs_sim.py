@@ -37,7 +37,7 @@ ids (by default the simulator then runs the n-gram drafter over them: ``adaserve
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
 
 ``retime``: a sample of the logged decode-only steps timed again in isolation (``StepBench``: a
-fresh KV cache with its blocks scattered, the same contexts and tree sizes, each tree as a chain; median of 5 after a
+fresh KV cache, each sequence's blocks claimed as the engine claims them, the same contexts and tree sizes, each tree as a chain; median of 5 after a
 warm-up, on the profile's clock), beside the forward the engine logged in its run and the profile's price: which
 part of an error is the profile's pricing of a step (re-timed vs priced) and which the step costing
 more inside the run than alone (logged vs re-timed). ``--kind prefill``: the steps of one prompt's

@@ -42,6 +42,8 @@
 # finds what random weights never offer; same shapes, so the same profile; as run-<system>-cycles.
 # The trace's prompts all end with '.', so every request enters that token's cycle: with 32 and
 # 64-token outputs AdaServe committed 1.75 tokens per step on the tiny shape, 2.9 with 16),
+# PLAIN_RUNS (0, with CYCLES: the runs on the cycling checkpoint only, not on the plain random
+# one, whose drafts rarely hit; the serving runs then take half the time),
 # SYNC_DEBUG (1: after the runs, a 10-request adaserve run with torch's sync debug mode, which prints
 # where the host waited for the GPU, and its first 3 iterations with a prompt waiting profiled by
 # operator; its timings are not comparable), SPLIT_AB (1, on CUDA: one more adaserve run, of the
@@ -77,6 +79,11 @@ RUN_SCALES=${RUN_SCALES:-1}
 CYCLES=${CYCLES:-}
 if [[ -n $CYCLES && ! $CYCLES =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]]; then
   echo "gpu-check: CYCLES must be positive cycle lengths separated by commas (e.g. 8,16,32,64,128), got '$CYCLES'" >&2
+  exit 2
+fi
+PLAIN_RUNS=${PLAIN_RUNS:-1}
+if [[ $PLAIN_RUNS != 0 && $PLAIN_RUNS != 1 ]] || [[ $PLAIN_RUNS == 0 && -z $CYCLES ]]; then
+  echo "gpu-check: PLAIN_RUNS is 1 (default) or 0, and 0 needs CYCLES (else no run is left), got '$PLAIN_RUNS'" >&2
   exit 2
 fi
 SKIP=${SKIP:-}
@@ -193,7 +200,8 @@ if wanted runs; then
   step "trace generate" - "${ADASERVE[@]}" trace generate --kind rps --rps 4.8 --pool synthetic-text --out "$trace"
   with_profile=()
   if ((DRY)) || [[ -f $profile ]]; then with_profile=(--profile "$profile"); fi  # else a quick profile
-  models=("$first")
+  models=()
+  [[ $PLAIN_RUNS == 1 ]] && models+=("$first")
   if [[ -n $CYCLES ]]; then
     step "checkpoint $first cycles" - "$PY" -m adaserve.runtime.random_checkpoint --shape "$first" \
       --cycles "$CYCLES" --out "$WORK/ckpt-$first-cycles"

@@ -326,6 +326,15 @@ def test_dry_run_with_cycles_runs_every_system_again_on_a_cycling_checkpoint():
     p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "CYCLES": "8,,16"})
     assert p.returncode == 2 and "CYCLES must be positive cycle lengths" in p.stderr
+    # PLAIN_RUNS=0: the cycling checkpoint's runs only (the profile still measures the plain one)
+    lines = dry_run(CYCLES="32", PLAIN_RUNS="0", SKIP="tests floor bench host")
+    runs = [x for x in lines if " run --trace " in x]
+    assert len(runs) == 3 and all("ckpt-llama-3.2-1b-cycles" in r for r in runs)
+    assert any("profile --model /w/ckpt-llama-3.2-1b " in x + " " for x in lines)
+    for bad in ({"PLAIN_RUNS": "0"}, {"PLAIN_RUNS": "no", "CYCLES": "32"}):
+        p = subprocess.run([str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, **bad})
+        assert p.returncode == 2 and "PLAIN_RUNS is 1 (default) or 0" in p.stderr
     # SPLIT_AB: the last model's adaserve run again at the first scale, without split steps
     lines = dry_run(CYCLES="32", RUN_SCALES="0.25 1", SPLIT_AB="1", SKIP="tests floor bench host")
     [ab] = [x for x in lines if "ADASERVE_GRAPH_PARTS=1" in x]
