@@ -36,9 +36,9 @@ class BlockAllocator:
     stack (``_free[:_nfree]``, top last): the lowest ids are handed out first, and released blocks
     are pushed last-first so that a sequence that gets them back gets them in the same order.
 
-    A row may *claim* blocks ahead of its use (``claim``: ``tables[row, :nclaim[row]]`` are its
-    whether or not ``nblocks`` covers them): growing into claimed blocks pops nothing, and
-    truncating keeps them. The executor claims each request's KV reservation when its prompt
+    A row may *claim* blocks ahead of its use (``claim``): ``tables[row, :nclaim[row]]`` stay its
+    own whether or not ``nblocks`` covers them, so growing into them pops nothing and truncating
+    keeps them. The executor claims each request's KV reservation when its prompt
     starts, in one pop, so a sequence's blocks stay consecutive in the pool however it grows and
     whatever grows beside it; blocks popped one step at a time by sequences growing side by side
     interleave, and on a CPU a step reading scattered blocks costs more (docs/engine.md, "KV
