@@ -22,6 +22,16 @@ later ones with the speed of the past.
 ``run --cpu-clock``: the profile and the engine runs on the CPU-time clock (scripts/engine_steps.py):
 on a shared machine, the time spent waiting for a core is left out of both.
 
+``run --reference``: right after each profile and right before and after each run, a fresh process
+times two reference steps (``reference``: a one-token decode step over 128 context tokens, which
+reads every weight once, and a 256-token prefill chunk, bound by arithmetic) into
+DIR/reference.jsonl. ``table --drift`` then prices each run with its repeat's profile scaled by how
+much slower or faster the machine ran the references around that run than around the profile: the
+decode tables (``verify``, the compiled steps, attention queries, the baseline) by the decode
+reference's ratio, the prefill table by the prefill reference's; host work and drafting as
+measured. Why: a profile is measured minutes before or after a run, and this VM's speed moves by
+several percent within minutes; the references separate that from the step model's own error.
+
 ``table``: simulates every engine run (``adaserve.sim.compare.engine_vs_sim``: same requests, SLOs,
 baseline, the repeat's profile unless ``--profile``, the run's recorded acceptance) and prints, per
 time scale and system, the medians over repeats of attainment, goodput, tokens per step, mean
@@ -35,6 +45,8 @@ ids (by default the simulator then runs the n-gram drafter over them: ``adaserve
 
 ``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
 (prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
+
+``reference``: times the two reference steps once and prints them as one JSON line.
 
 ``retime``: a sample of the logged decode-only steps timed again in isolation (``StepBench``: a
 fresh KV cache, each sequence's blocks claimed as the engine claims them, the same contexts and tree sizes, each tree as a chain; median of 5 after a
@@ -99,6 +111,8 @@ def run(a: argparse.Namespace) -> None:
         _adaserve(["profile", *common, "--out", str(profile), "--no-progress", "--passes", str(a.profile_passes)],
                   cpu_clock=a.cpu_clock)
         _log_load(out, profile.name, "after")
+        if a.reference:
+            _reference(out, profile.name, "after", a)
 
     for k in range(a.first, a.first + a.repeat):
         profile = out / f"profile-{k}.json"
@@ -109,17 +123,101 @@ def run(a: argparse.Namespace) -> None:
             for system in a.systems.split(","):
                 prefix = d / f"{system}-{k}"
                 _log_load(out, str(prefix), "before")
+                if a.reference:
+                    _reference(out, f"{d.name}/{prefix.name}", "before", a)
                 _adaserve(["run", "--trace", a.trace, "--system", system, *common, "--profile", str(profile),
                            "--max-requests", str(a.requests), "--output-len-cap", str(a.output_len),
                            "--time-scale", scale, "--scale-slos", "--ignore-eos", "--no-progress",
                            "--record-acceptance", f"{prefix}.acc.jsonl", "--out", str(prefix)],
                           steps=Path(f"{prefix}.steps.jsonl"), cpu_clock=a.cpu_clock)
                 _log_load(out, str(prefix), "after")
+                if a.reference:
+                    _reference(out, f"{d.name}/{prefix.name}", "after", a)
         if a.bracket:  # the same profile again, after the runs: ``table`` prices them with the mean of the two
             measure(out / f"profile-{k}-after.json")
 
 
 AXES = ("tokens", "context_tokens")  # a profile table's grid: equal in profiles that are averaged
+REFERENCE_DECODE = (1, 1, 128)  # sequences, new tokens, context tokens: reads every weight once
+REFERENCE_PREFILL = 256  # tokens of one prefill chunk: bound by arithmetic
+# the profile's timings each reference scales (``table --drift``): field paths, lists or numbers
+DECODE_FIELDS = ("baseline_ms", "verify/ms", "verify/ms_by_context", "attention_queries/ms", "compiled_steps/keys/ms")
+PREFILL_FIELDS = ("prefill/ms", "prefill/ms_by_context")
+
+
+def reference(a: argparse.Namespace) -> None:
+    import torch
+
+    from adaserve.config import EngineConfig
+    from adaserve.runtime.build import load_models
+    from adaserve.runtime.profiler import StepBench
+
+    model, _, _ = load_models(EngineConfig(model=a.model, drafter="ngram", threads=1), say=lambda _: None)
+    with torch.inference_mode():
+        bench = StepBench(model, 2 * REFERENCE_PREFILL)
+        decode = bench.step_ms(*REFERENCE_DECODE, repeat=15)
+        prefill = bench.prefill_ms(REFERENCE_PREFILL, repeat=5)
+    print(json.dumps({"decode_ms": round(decode, 4), "prefill_ms": round(prefill, 4)}))
+
+
+def _reference(out: Path, what: str, phase: str, a: argparse.Namespace) -> None:
+    """The reference steps timed in a fresh process (on the profile's clock), appended to
+    DIR/reference.jsonl for ``what`` (a profile's file name or a run's ``x<scale>/<system>-<k>``)."""
+    env = {**os.environ, "ADASERVE_PROFILE_CLOCK": "cpu" if a.cpu_clock else "wall"}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "reference", "--model", a.model],
+                          check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    line = {"what": what, "phase": phase, "time": time.strftime("%H:%M:%S"),
+            **json.loads(done.stdout.strip().splitlines()[-1])}
+    with open(out / "reference.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def reference_ms(out: Path, what: list[str]) -> tuple[float, float]:
+    """Mean decode and prefill reference ms over every line of DIR/reference.jsonl for ``what``."""
+    path = out / "reference.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path}: missing; --drift needs runs made with run --reference")
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    mine = [x for x in lines if x["what"] in what]
+    missing = set(what) - {x["what"] for x in mine}
+    if missing:
+        raise SystemExit(f"{path}: no reference for {', '.join(sorted(missing))}")
+    return (statistics.fmean(x["decode_ms"] for x in mine), statistics.fmean(x["prefill_ms"] for x in mine))
+
+
+def scaled_profile(doc: dict, decode: float, prefill: float) -> dict:
+    """A copy of the profile JSON ``doc`` with its decode timings times ``decode`` and its prefill
+    timings times ``prefill`` (``DECODE_FIELDS``, ``PREFILL_FIELDS``; fields it lacks are skipped)."""
+    doc = json.loads(json.dumps(doc))
+
+    def scale(x, f):
+        return [scale(v, f) for v in x] if isinstance(x, list) else x * f
+
+    for fields, f in ((DECODE_FIELDS, decode), (PREFILL_FIELDS, prefill)):
+        for path in fields:
+            *parents, leaf = path.split("/")
+            node = doc
+            for key in parents:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                node[leaf] = scale(node[leaf], f)
+    return doc
+
+
+def drift_profile(out: Path, k: str, run: str, profile: Path, a: argparse.Namespace) -> Path:
+    """``profile`` (repeat ``k``'s, as ``repeat_profile`` chose it) scaled by the reference steps
+    around ``run`` (``x<scale>/<system>-<k>``) over those right after the profile(s) it averages."""
+    if a.profile:
+        raise SystemExit("--drift scales each repeat's own profile: it cannot be used with --profile")
+    bracketed = profile.name.endswith("-bracket.json")
+    names = [f"profile-{k}.json"] + ([f"profile-{k}-after.json"] if bracketed else [])
+    at_profile, at_run = reference_ms(out, names), reference_ms(out, [run])
+    decode, prefill = at_run[0] / at_profile[0], at_run[1] / at_profile[1]
+    scaled = out / "drift" / f"{run.replace('/', '-')}.json"
+    scaled.parent.mkdir(exist_ok=True)
+    doc = scaled_profile(json.loads(profile.read_text(encoding="utf-8")), decode, prefill)
+    scaled.write_text(json.dumps(doc), encoding="utf-8")
+    return scaled
 
 
 def mean_profile(docs: list[dict], where: str = "profile") -> dict:
@@ -196,6 +294,8 @@ def table(a: argparse.Namespace) -> None:
                     profile = repeat_profile(out, k, a)
                     profiles[k] = old_model(profile) if a.old_model else profile
                 profile = profiles[k]
+                if a.drift:
+                    profile = drift_profile(out, k, f"{d.name}/{js.stem}", profile, a)
                 acc = js.with_suffix(".acc.jsonl")  # token lines only for systems that do not speculate
                 acc = acc if acc.exists() and acc.stat().st_size else None
                 if acc is not None and a.replay == "records" and not load_records_or_none(acc):
@@ -334,11 +434,16 @@ def main(argv: list[str] | None = None) -> int:
                         "table prices the runs with the mean of the two")
     r.add_argument("--cpu-clock", action="store_true",
                    help="profile and engine on this thread's CPU time (waits for a core left out)")
+    r.add_argument("--reference", action="store_true",
+                   help="time two reference steps after each profile and around each run (reference.jsonl)")
     t = sub.add_parser("table")
     t.add_argument("dir")
     t.add_argument("--profile", help="simulate every run with this profile instead of its repeat's")
     t.add_argument("--old-model", action="store_true",
                    help="price steps as before issue 14's item 6 (one table lookup, no host work)")
+    t.add_argument("--drift", action="store_true",
+                   help="scale each run's profile by the reference steps around the run over those "
+                        "around the profile (runs made with run --reference)")
     t.add_argument("--before-only", action="store_true",
                    help="price each repeat with the profile measured before its runs even where "
                         "run --bracket measured one after them too")
@@ -349,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("profile")
     s.add_argument("steps")
     s.add_argument("--old-model", action="store_true", help="price as before item 6 (one table lookup)")
+    ref = sub.add_parser("reference")
+    ref.add_argument("--model", default="smollm2-135m")
     rt = sub.add_parser("retime")
     rt.add_argument("profile")
     rt.add_argument("steps")
@@ -358,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--model", default="smollm2-135m")
     a = ap.parse_args(argv)
-    {"run": run, "table": table, "steps": steps, "retime": retime}[a.cmd](a)
+    {"run": run, "table": table, "steps": steps, "retime": retime, "reference": reference}[a.cmd](a)
     return 0
 
 

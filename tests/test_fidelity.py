@@ -407,20 +407,27 @@ def test_context_axis_resolves_small_contexts():
     assert float(old.verify_ms(1, 500)) == pytest.approx(11.0 + 5.0)
 
 
-def test_table_covers_adaserve_plus_and_reports_attainment_in_points(tmp_path, capsys):
-    """``scripts/engine_vs_sim.py table`` on a run directory holding an adaserve_plus result (here
-    the simulator's own, so every error is zero); adaserve_plus is among the default systems."""
+def engine_vs_sim_script():
+    """scripts/engine_vs_sim.py as a module."""
     import importlib.util
     from pathlib import Path
-
-    from adaserve.core.results import write_results
-    from adaserve.core.trace import TraceRecord
-    from adaserve.sim.run import simulate_records
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
     spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_table_covers_adaserve_plus_and_reports_attainment_in_points(tmp_path, capsys):
+    """``scripts/engine_vs_sim.py table`` on a run directory holding an adaserve_plus result (here
+    the simulator's own, so every error is zero); adaserve_plus is among the default systems."""
+
+    from adaserve.core.results import write_results
+    from adaserve.core.trace import TraceRecord
+    from adaserve.sim.run import simulate_records
+
+    mod = engine_vs_sim_script()
     assert "adaserve_plus" in mod.SYSTEMS.split(",")
     engine_profile().save(tmp_path / "profile-0.json")
     (tmp_path / "x4").mkdir()
@@ -437,17 +444,12 @@ def test_table_prices_a_bracketed_repeat_with_the_mean_of_its_two_profiles(tmp_p
     """``run --bracket`` measures the profile again after a repeat's runs; ``table`` then prices them
     with the per-point mean of the two (``--before-only``: the first). Profiles of other grids or
     settings are refused, naming the field."""
-    import importlib.util
-    from pathlib import Path
 
     from adaserve.core.results import write_results
     from adaserve.core.trace import TraceRecord
     from adaserve.sim.run import simulate_records
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
-    spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = engine_vs_sim_script()
     engine_profile().save(tmp_path / "profile-0.json")
     before = json.loads((tmp_path / "profile-0.json").read_text())
     after = json.loads(json.dumps(before))
@@ -482,17 +484,64 @@ def test_table_prices_a_bracketed_repeat_with_the_mean_of_its_two_profiles(tmp_p
         mod.mean_profile([before, other])
 
 
+def test_table_drift_scales_each_runs_profile_by_the_reference_steps_around_it(tmp_path, capsys):
+    """``run --reference`` times a decode and a prefill reference step after each profile and
+    around each run; ``table --drift`` prices each run with its repeat's profile scaled by the
+    ratio of the references around the run to those after the profile: the decode timings by the
+    decode reference's, the prefill table by the prefill one's, host work left as measured."""
+
+    from adaserve.core.results import write_results
+    from adaserve.core.trace import TraceRecord
+    from adaserve.sim.run import simulate_records
+
+    mod = engine_vs_sim_script()
+    engine_profile().save(tmp_path / "profile-0.json")
+    doc = json.loads((tmp_path / "profile-0.json").read_text())
+    scaled = mod.scaled_profile(doc, 2.0, 3.0)
+    assert scaled["verify"]["ms"] == pytest.approx([2 * x for x in doc["verify"]["ms"]])
+    assert scaled["prefill"]["ms"] == pytest.approx([3 * x for x in doc["prefill"]["ms"]])
+    assert scaled["baseline_ms"] == pytest.approx(2 * doc["baseline_ms"])
+    assert scaled["verify"]["tokens"] == doc["verify"]["tokens"] and scaled.get("host") == doc.get("host")
+    assert scaled["limits"] == doc["limits"] and doc == json.loads((tmp_path / "profile-0.json").read_text())
+
+    (tmp_path / "x4").mkdir()
+    records = [TraceRecord(0.0, 40, 6, "", 1.5, "coding"), TraceRecord(30.0, 300, 5, "", 3.0, "chat")]
+    res = simulate_records(records, "vllm", str(tmp_path / "profile-0.json"), baseline_ms=11.0)
+    write_results(tmp_path / "x4" / "vllm-0", res.summary, res.requests,
+                  {"system": "vllm", "baseline_ms": 11.0, "iterations": res.iterations})
+
+    def tpot_cell(refs: list[tuple[str, float, float]]) -> str:
+        (tmp_path / "reference.jsonl").write_text("".join(
+            json.dumps({"what": w, "phase": "after", "decode_ms": dec, "prefill_ms": pre}) + "\n"
+            for w, dec, pre in refs))
+        mod.main(["table", str(tmp_path), "--drift"])
+        [row] = [line for line in capsys.readouterr().out.splitlines() if "| vllm |" in line]
+        return row.split("|")[7]
+
+    assert "(+0%)" in tpot_cell([("profile-0.json", 20.0, 100.0), ("x4/vllm-0", 20.0, 100.0)])
+    slower = tpot_cell([("profile-0.json", 20.0, 100.0), ("x4/vllm-0", 19.0, 100.0), ("x4/vllm-0", 25.0, 100.0)])
+    assert float(slower.split("(")[1].rstrip("%) ")) > 0  # the run's machine 10% slower: its price too
+    drifted = json.loads((tmp_path / "drift" / "x4-vllm-0.json").read_text())
+    assert drifted["verify"]["ms"] == pytest.approx([1.1 * x for x in doc["verify"]["ms"]])
+    assert drifted["prefill"]["ms"] == pytest.approx(doc["prefill"]["ms"])
+    with pytest.raises(SystemExit, match="no reference for x4/vllm-0"):
+        tpot_cell([("profile-0.json", 20.0, 100.0)])
+
+
+def test_reference_steps_print_one_json_line(capsys):
+    """``engine_vs_sim.py reference``: the two reference steps, timed once, as one JSON line."""
+    mod = engine_vs_sim_script()
+    mod.main(["reference", "--model", "tiny-llama"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"decode_ms", "prefill_ms"} and 0 < out["decode_ms"] < out["prefill_ms"]
+
+
 def test_retime_times_logged_steps_alone_beside_their_price(tmp_path, capsys):
     """``scripts/engine_vs_sim.py retime`` on a tiny model: one line per sampled decode-only step
     (prefill and mixed steps are skipped) with the logged, re-timed and priced ms, then the means;
     with ``--kind prefill``, the steps of a prompt's first chunk alone."""
-    import importlib.util
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "engine_vs_sim.py"
-    spec = importlib.util.spec_from_file_location("engine_vs_sim_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = engine_vs_sim_script()
     engine_profile().save(tmp_path / "p.json")
     steps = [{"prefill": [[16, 0]], "decode": [], "forward_ms": 9.0},
              {"prefill": [], "decode": [[40, 3], [7, 1]], "forward_ms": 2.0},
