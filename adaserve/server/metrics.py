@@ -41,7 +41,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENGINE_ROWS = (
     ("num_requests_running", "gauge", "Requests decoding.", "running"),
     ("num_requests_waiting", "gauge", "Requests queued or prefilling.", "waiting"),
-    ("kv_blocks_in_use", "gauge", "Target KV cache blocks allocated.", "kv_blocks_in_use"),
+    ("kv_blocks_in_use", "gauge", "Target KV cache blocks held by requests (their claimed reservations).",
+     "kv_blocks_in_use"),
     ("kv_blocks_total", "gauge", "Target KV cache blocks.", "kv_blocks_total"),
     ("kv_reserved_tokens", "gauge", "KV tokens reserved by admitted requests.", "kv_reserved_tokens"),
     ("iterations", "counter", "Engine iterations.", "iterations"),
