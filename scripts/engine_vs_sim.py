@@ -30,7 +30,9 @@ much slower or faster the machine ran the references around that run than around
 decode tables (``verify``, the compiled steps, attention queries, the baseline) by the decode
 reference's ratio, the prefill table by the prefill reference's; host work and drafting as
 measured. Why: a profile is measured minutes before or after a run, and this VM's speed moves by
-several percent within minutes; the references separate that from the step model's own error.
+several percent within minutes. On the 2-core VM the references turned out about as noisy as the
+drift they measure (docs/fidelity.md, "Claimed KV blocks"): ``--drift`` is a second reading, not
+the verdict, and reference.jsonl shows when a run met a slow machine.
 
 ``table``: simulates every engine run (``adaserve.sim.compare.engine_vs_sim``: same requests, SLOs,
 baseline, the repeat's profile unless ``--profile``, the run's recorded acceptance) and prints, per
@@ -49,8 +51,8 @@ ids (by default the simulator then runs the n-gram drafter over them: ``adaserve
 ``reference``: times the two reference steps once and prints them as one JSON line.
 
 ``retime``: a sample of the logged decode-only steps timed again in isolation (``StepBench``: a
-fresh KV cache, each sequence's blocks claimed as the engine claims them, the same contexts and tree sizes, each tree as a chain; median of 5 after a
-warm-up, on the profile's clock), beside the forward the engine logged in its run and the profile's price: which
+fresh KV cache, each sequence's blocks claimed as the engine claims them, the same contexts and
+tree sizes, each tree as a chain; median of 5 after a warm-up, on the profile's clock), beside the forward the engine logged in its run and the profile's price: which
 part of an error is the profile's pricing of a step (re-timed vs priced) and which the step costing
 more inside the run than alone (logged vs re-timed). ``--kind prefill``: the steps of one prompt's
 first chunk alone instead, re-timed as the profile times its prefill table.
@@ -98,8 +100,20 @@ def _adaserve(args: list[str], steps: Path | None = None, cpu_clock: bool = Fals
                *(["--cpu-clock"] if cpu_clock else []), "--"]
     else:
         cmd = [str(Path(sys.executable).parent / "adaserve")]
-    env = {**os.environ, "ADASERVE_PROFILE_CLOCK": "cpu" if cpu_clock else "wall"}
-    subprocess.run(cmd + args, check=True, cwd=ROOT, env=env)
+    subprocess.run(cmd + args, check=True, cwd=ROOT, env=_clock_env(cpu_clock))
+
+
+def _clock_env(cpu_clock: bool) -> dict[str, str]:
+    """This process's environment with the profiler's clock set (``ADASERVE_PROFILE_CLOCK``)."""
+    return {**os.environ, "ADASERVE_PROFILE_CLOCK": "cpu" if cpu_clock else "wall"}
+
+
+def _model(name: str):
+    """The target model alone, as ``adaserve run --threads 1`` loads it."""
+    from adaserve.config import EngineConfig
+    from adaserve.runtime.build import load_models
+
+    return load_models(EngineConfig(model=name, drafter="ngram", threads=1), say=lambda _: None)[0]
 
 
 def run(a: argparse.Namespace) -> None:
@@ -148,11 +162,9 @@ PREFILL_FIELDS = ("prefill/ms", "prefill/ms_by_context")
 def reference(a: argparse.Namespace) -> None:
     import torch
 
-    from adaserve.config import EngineConfig
-    from adaserve.runtime.build import load_models
     from adaserve.runtime.profiler import StepBench
 
-    model, _, _ = load_models(EngineConfig(model=a.model, drafter="ngram", threads=1), say=lambda _: None)
+    model = _model(a.model)
     with torch.inference_mode():
         bench = StepBench(model, 2 * REFERENCE_PREFILL)
         decode = bench.step_ms(*REFERENCE_DECODE, repeat=15)
@@ -163,9 +175,8 @@ def reference(a: argparse.Namespace) -> None:
 def _reference(out: Path, what: str, phase: str, a: argparse.Namespace) -> None:
     """The reference steps timed in a fresh process (on the profile's clock), appended to
     DIR/reference.jsonl for ``what`` (a profile's file name or a run's ``x<scale>/<system>-<k>``)."""
-    env = {**os.environ, "ADASERVE_PROFILE_CLOCK": "cpu" if a.cpu_clock else "wall"}
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "reference", "--model", a.model],
-                          check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+                          check=True, cwd=ROOT, env=_clock_env(a.cpu_clock), capture_output=True, text=True)
     line = {"what": what, "phase": phase, "time": time.strftime("%H:%M:%S"),
             **json.loads(done.stdout.strip().splitlines()[-1])}
     with open(out / "reference.jsonl", "a", encoding="utf-8") as f:
@@ -376,9 +387,7 @@ def retime(a: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from adaserve.config import EngineConfig
     from adaserve.engine.kv_cache import BLOCK_SIZE
-    from adaserve.runtime.build import load_models
     from adaserve.runtime.profiler import StepBench
 
     prof = LatencyProfile.load(a.profile)
@@ -394,7 +403,7 @@ def retime(a: argparse.Namespace) -> None:
     if not logged:
         raise SystemExit(f"{a.steps}: no {'decode-only' if a.kind == 'decode' else 'first-chunk prefill'} step")
     pick = np.random.default_rng(a.seed).choice(len(logged), min(a.sample, len(logged)), replace=False)
-    model, _, _ = load_models(EngineConfig(model=a.model, drafter="ngram", threads=1), say=lambda _: None)
+    model = _model(a.model)
     rows = []
     print(f"{'requests':>8} {'tokens':>6} {'context':>7} {'logged ms':>10} {'re-timed':>9} {'priced':>7}")
     with torch.inference_mode():
