@@ -3,7 +3,7 @@
     python scripts/engine_vs_sim.py run --trace T --out DIR [--systems adaserve,vllm,...]
         [--scales 4,1] [--requests 16] [--output-len 48] [--repeat 1] [--model smollm2-135m]
     python scripts/engine_vs_sim.py table DIR [--profile P]
-    python scripts/engine_vs_sim.py steps PROFILE STEPS.jsonl
+    python scripts/engine_vs_sim.py steps PROFILE STEPS.jsonl [--system S]
     python scripts/engine_vs_sim.py retime PROFILE STEPS.jsonl [--sample 16] [--kind decode|prefill]
 
 ``run``, per repeat ``k``: measures a profile (``adaserve profile``, DIR/profile-k.json) right
@@ -46,7 +46,8 @@ records`` replays the per-position acceptance records even where a recording hol
 ids (by default the simulator then runs the n-gram drafter over them: ``adaserve.sim.ngram_replay``).
 
 ``steps``: prices each logged iteration with the profile's step model and prints, per kind of step
-(prefill only, decode only, mixed), the measured forward / drafting / host time against the price.
+(prefill only, decode only, mixed), the measured forward / drafting / host time against the price
+(the host at the system's own row where the profile has one: ``LatencyProfile.for_system``).
 
 ``reference``: times the two reference steps once and prints them as one JSON line.
 
@@ -281,6 +282,7 @@ def old_model(profile: Path) -> Path:
     d = json.loads(profile.read_text(encoding="utf-8"))
     d["step_model"] = "table"
     d.pop("host", None)
+    d.pop("host_systems", None)
     d.get("measured_with", {}).pop("drafter", None)
     path = profile.with_suffix(".old-model.json")
     path.write_text(json.dumps(d), encoding="utf-8")
@@ -350,7 +352,8 @@ def _decode_kind(trees: list[tuple]) -> str:
 
 
 def steps(a: argparse.Namespace) -> None:
-    prof = LatencyProfile.load(a.profile)
+    system = a.system or Path(a.steps).name.split(".", 1)[0].rsplit("-", 1)[0]  # x4/adaserve_plus-2.steps.jsonl
+    prof = LatencyProfile.load(a.profile).for_system(system)
     cpu = prof.measured_with.get("clock") == "cpu"  # compare like with like: the step log has both
     print(f"clock: {'thread CPU time' if cpu else 'wall'} (the profile's)")
     kinds: dict[str, dict[str, float]] = {}
@@ -463,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("profile")
     s.add_argument("steps")
     s.add_argument("--old-model", action="store_true", help="price as before item 6 (one table lookup)")
+    s.add_argument("--system", help="whose host row prices the host work (default: from the file name, "
+                                    "SYSTEM-K.steps.jsonl as run writes it)")
     ref = sub.add_parser("reference")
     ref.add_argument("--model", default="smollm2-135m")
     rt = sub.add_parser("retime")

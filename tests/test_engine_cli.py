@@ -12,6 +12,7 @@ from adaserve.core.profile import LatencyProfile
 from adaserve.core.request import Request
 from adaserve.engine import NgramDrafter, TorchExecutor
 from adaserve.engine.loader import ModelNotFound, builtin_gguf, load_model
+from adaserve.runtime.profiler import HOST_SYSTEMS
 from adaserve.iteration import ServingLoop
 from engine_util import plain_greedy
 from adaserve.scheduling.policies import make_policy
@@ -49,6 +50,7 @@ def test_profile_writes_a_loadable_measured_profile(tiny_profile_file):
     assert p.limits.max_batch_requests == 4 and p.limits.kv_capacity_tokens > 0
     assert p.prefill is not None and p.draft.tokens[0] == 1
     assert p.attention_calls == (170.0, 0.11)  # a CPU profile: the engine splits its attention call
+    assert set(p.host_systems) == set(HOST_SYSTEMS) and p.host_systems["adaserve_plus"].tokens[-1] == 4
 
 
 @pytest.mark.parametrize("system,extra", [("adaserve", []), ("vllm", []),
@@ -207,10 +209,24 @@ def test_baseline_counts_the_host_work_of_one_request(monkeypatch):
             yield f"draft:{t}", 0.1
         for n in g.host:
             yield from ((f"hostspec:{n}", 0.9 * n), (f"hostdraft:{n}", 0.1), (f"hostincr:{n}", 0.6 * n))
+    seen = []
+
+    def fake_systems(model, profile, draft, systems, sizes):  # after the passes, on the profile they made
+        seen.append(profile.host_ms(1, speculative=False))
+        for system in systems:
+            yield from ((f"hostsys:{system}:{n}", (2.0 if system == "adaserve_plus" else 1.0) * n + len(seen))
+                        for n in sizes)
     monkeypatch.setattr(profiler, "measure", fake_measure)
-    p = profiler.measure_profile("fake", tiny_random_model("llama"), CPU_LIMITS, grid)
+    monkeypatch.setattr(profiler, "measure_host_systems", fake_systems)
+    p = profiler.measure_profile("fake", tiny_random_model("llama"), CPU_LIMITS, grid, passes=3)
     assert p.baseline_ms == pytest.approx(3.0) and p.measured_with["baseline"] == "forward + host"
     assert p.host_ms(1, speculative=False) == pytest.approx(0.6)
+    assert seen == [pytest.approx(0.6)] * 3  # one pass each, priced with the assembled profile
+    assert set(p.host_systems) == set(profiler.HOST_SYSTEMS)
+    n = grid.host[-1]
+    assert p.for_system("adaserve_plus").host_ms(n, True) == pytest.approx(2.0 * n + 2)  # median of +1, +2, +3
+    assert p.for_system("vllm_spec_6").host_ms(n, True) == pytest.approx(n + 2.0)
+    assert p.for_system("adaserve").host_ms(n, True) == pytest.approx(0.9 * n)
 
 
 def test_quick_profile_tables_never_decrease():

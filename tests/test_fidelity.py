@@ -200,8 +200,43 @@ def test_profile_fields_round_trip_and_old_profiles_still_load():
     assert "step_model" not in o.to_dict() and "host" not in o.to_dict()
 
 
+def test_a_system_pays_its_own_host_row():
+    """``host_systems``: a system with its own row pays it for its speculative iterations, in the
+    simulator (``system_profile``) and in the engine (``resolve_profile``); vLLM-Spec(k) takes the
+    measured k's row; systems without a row, and incremental iterations, the shared tables."""
+    host = {"speculative": {"tokens": [1, 16], "ms": [1.0, 1.0]}, "incremental": {"tokens": [1, 16], "ms": [0.5, 0.5]}}
+    rows = {"adaserve_plus": {"tokens": [1, 16], "ms": [2.0, 5.0]}, "vllm_spec_4": {"tokens": [1, 16], "ms": [3.0, 3.0]}}
+    p = LatencyProfile.from_dict(json.loads(json.dumps(engine_profile(host=host, host_systems=rows).to_dict())))
+    assert p.host_systems["adaserve_plus"](16) == 5.0  # round trip
+    plus = p.for_system("adaserve_plus")
+    assert plus.host_ms(16, True) == 5.0 and plus.host_ms(16, False) == 0.5
+    assert p.host_ms(16, True) == 1.0  # the profile itself is unchanged
+    assert p.for_system("vllm_spec_8").host_ms(1, True) == 3.0
+    assert p.for_system("adaserve") is p and p.for_system("vllm") is p
+    assert engine_profile().for_system("adaserve_plus").host == {}
+
+
+def test_simulator_and_engine_read_the_systems_host_row(tmp_path):
+    from adaserve.config import EngineConfig
+    from adaserve.engine.loader import tiny_random_model
+    from adaserve.runtime.build import resolve_profile
+    from adaserve.sim.profiles import system_profile
+
+    host = {"speculative": {"tokens": [1, 16], "ms": [1.0, 1.0]}}
+    path = tmp_path / "p.json"
+    engine_profile(host=host, host_systems={"specinfer": {"tokens": [1, 16], "ms": [4.0, 4.0]}}).save(path)
+    assert system_profile(path, "specinfer").host_ms(2, True) == 4.0
+    assert system_profile(path, "adaserve").host_ms(2, True) == 1.0
+    cfg = EngineConfig("tiny-llama", profile=str(path))
+    model = tiny_random_model("llama")
+    assert resolve_profile(cfg, model, None, say=lambda _: None, system="specinfer").host_ms(2, True) == 4.0
+    assert resolve_profile(cfg, model, None, say=lambda _: None).host_ms(2, True) == 1.0
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("step_model", "fast", "step_model"),
+    ("host_systems", [1], "'host_systems'"),
+    ("host_systems", {"adaserve_plus": {"tokens": [1], "ms": [1]}}, "host_systems.adaserve_plus"),
     ("host", {"busy": {"tokens": [1, 2], "ms": [1, 2]}}, "'host'"),
     ("host", {"speculative": {"tokens": [2, 1], "ms": [1, 2]}}, "host.speculative"),
     ("attention_queries", {"tokens": [1], "ms": [1]}, "attention_queries"),

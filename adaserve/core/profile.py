@@ -24,6 +24,8 @@ Format (all times in ms)::
      "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
               "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
               "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
+     "host_systems": {"adaserve_plus": {"tokens": [...], "ms": [...]}, ...},  # optional: a system's
+                                                     # own host ms per speculative iteration
      "limits":  {"max_batch_requests": int, "max_batch_tokens": int, "prefill_chunk": int,
                  "max_seq_len": int, "kv_capacity_tokens": int}}
 
@@ -36,7 +38,8 @@ Format (all times in ms)::
   its prefilled length), plus the attention of the one padded attention call that holds the trees
   and short chunks, read from the verify table's context axis at the *padded* key slots (requests
   x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
-  the host work per iteration (``host``). Drafting stays in ``draft``. With ``attention_calls``
+  the host work per iteration (``host``; a system with its own row in ``host_systems`` pays that
+  row for its speculative iterations, ``LatencyProfile.for_system``). Drafting stays in ``draft``. With ``attention_calls``
   (measured on a CPU) the engine cuts that call into several as
   ``scheduling/attention_calls.padding_groups`` decides, and each is priced so. With
   ``compiled_steps`` (a CPU engine whose steps of a few tokens run one compiled call per layer,
@@ -51,7 +54,7 @@ import bisect
 import functools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +210,7 @@ class LatencyProfile:
     attention_calls: tuple[float, float] | None = None  # (fixed_keys, query_key) of padding_groups
     compiled_tokens: int = 0  # steps of up to this many new tokens run compiled layers (0: none)
     compiled_keys: Table | None = None  # extra ms of one row of such a step vs the keys it attends
+    host_systems: dict[str, Table] = field(default_factory=dict)  # system -> its speculative host row
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -221,6 +225,18 @@ class LatencyProfile:
         """Host work of one iteration with ``requests`` decoding requests (0 without a host table)."""
         table = self.host.get("speculative" if speculative else "incremental")
         return float(table(max(requests, 1))) if table is not None else 0.0
+
+    def for_system(self, system: str) -> "LatencyProfile":
+        """This profile as ``system`` pays it: the host row measured for that system's policy
+        (``host_systems``; vLLM-Spec(k) takes the row of the k that was measured) in place of the
+        ``speculative`` host table, which was measured with the adaserve policy. Why: policies
+        differ in host work (on the CPU engine ``adaserve_plus`` planned ~0.4 ms more per iteration
+        of 2-8 requests than adaserve: docs/fidelity.md, "Host work per system"). Without a row
+        for ``system``, this profile itself."""
+        row = self.host_systems.get(system)
+        if row is None and system.startswith("vllm_spec_"):
+            row = next((t for s, t in sorted(self.host_systems.items()) if s.startswith("vllm_spec_")), None)
+        return self if row is None else replace(self, host={**self.host, "speculative": row})
 
     @property
     def graphed(self) -> bool:
@@ -288,6 +304,7 @@ class LatencyProfile:
             attention_queries=(Table.from_dict(d["attention_queries"], f"{where}: attention_queries")
                                if d.get("attention_queries") else None),
             host=_host_tables(d.get("host"), where),
+            host_systems=_host_system_tables(d.get("host_systems"), where),
             attention_calls=_attention_calls(d.get("attention_calls"), where),
             **_compiled_steps(d.get("compiled_steps"), where),
         )
@@ -308,6 +325,8 @@ class LatencyProfile:
             d["attention_queries"] = self.attention_queries.to_dict()
         if self.host:
             d["host"] = {mode: t.to_dict() for mode, t in self.host.items()}
+        if self.host_systems:
+            d["host_systems"] = {system: t.to_dict() for system, t in self.host_systems.items()}
         if self.attention_calls is not None:
             d["attention_calls"] = dict(zip(("fixed_keys", "query_key"), self.attention_calls))
         if self.compiled_keys is not None:
@@ -345,6 +364,15 @@ def _host_tables(d, where: str) -> dict[str, Table]:
     if not isinstance(d, dict) or set(d) - set(HOST_MODES):
         raise UserError(f"{where}: 'host' must be an object with keys among {', '.join(HOST_MODES)}")
     return {mode: Table.from_dict(t, f"{where}: host.{mode}") for mode, t in d.items()}
+
+
+def _host_system_tables(d, where: str) -> dict[str, Table]:
+    """The optional ``host_systems`` field: system name -> its host table (``for_system``)."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or not all(isinstance(k, str) and k for k in d):
+        raise UserError(f"{where}: 'host_systems' must be an object of system name -> table")
+    return {system: Table.from_dict(t, f"{where}: host_systems.{system}") for system, t in d.items()}
 
 
 def _attention_calls(d, where: str) -> tuple[float, float] | None:

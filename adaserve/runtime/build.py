@@ -156,14 +156,17 @@ def _hardware(model: Transformer) -> str:
 
 
 def resolve_profile(cfg: EngineConfig, model: Transformer, draft: Transformer | None, *,
-                    say: Say = log.info, progress: bool = True) -> LatencyProfile:
+                    say: Say = log.info, progress: bool = True, system: str | None = None) -> LatencyProfile:
     """The profile file or built-in profile named by ``--profile`` (with the configuration's limits
-    applied), else the cached or freshly measured quick profile. ``draft``: the draft model of the
+    applied; as ``system`` pays it, ``LatencyProfile.for_system``, the simulator's view of the same
+    file), else the cached or freshly measured quick profile. ``draft``: the draft model of the
     model drafter (None for the n-gram drafter)."""
     if cfg.profile is not None:
         from adaserve.sim.profiles import get_profile
 
         profile = get_profile(cfg.profile)
+        if system is not None:
+            profile = profile.for_system(system)
         warn_if_measured_elsewhere(profile, model, say, cfg.use_cuda_graphs)
         profile.limits = sized_limits(cfg, profile.limits, model, draft)
         return profile
@@ -242,15 +245,16 @@ def warm_up(model: Transformer) -> None:
 
 def build_engine(cfg: EngineConfig, *, baseline_ms: float | None = None, temperature: float = 0.0,
                  seed: int = 0, ignore_eos: bool = False, recorder: AcceptanceRecorder | None = None,
-                 say: Say = log.info, progress: bool = True) -> Engine:
-    """Models, profile, baseline, executor, warmed up: everything ``run`` and ``serve`` need."""
+                 say: Say = log.info, progress: bool = True, system: str | None = None) -> Engine:
+    """Models, profile, baseline, executor, warmed up: everything ``run`` and ``serve`` need;
+    ``system``: the one the engine serves (its own host row of a measured profile)."""
     kind = cfg.validate().drafter_kind()
     t0 = time.perf_counter()
     model, tok, draft = load_models(cfg, say)
     c = model.config
     say(f"loaded {cfg.model} ({c.family}, {c.num_layers} layers, vocab {c.vocab_size}, {cfg.dtype_name}, "
         f"{cfg.device}, {torch.get_num_threads()} thread(s)) in {time.perf_counter() - t0:.1f} s; drafter {kind}")
-    profile = resolve_profile(cfg, model, draft, say=say, progress=progress)
+    profile = resolve_profile(cfg, model, draft, say=say, progress=progress, system=system)
     where = f"profile {cfg.profile}" if cfg.profile else "the quick profile"
     baseline, source = resolve_baseline(profile, model, baseline_ms, where)
     executor = make_executor(model, tok, draft, kind, profile, temperature=temperature, seed=seed,

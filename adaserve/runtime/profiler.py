@@ -38,6 +38,10 @@ computed (its values do not change the time), so long contexts cost nothing to s
   adaserve policy. For the n-gram drafter the simulator charges that per iteration instead of the
   per-level ``draft`` table: its cost is mostly per call (index update, beam bookkeeping), which a
   one-level expansion does not see.
+* ``host_systems`` (``adaserve profile`` only, not the quick profile): the same host work per
+  iteration under each policy of ``HOST_SYSTEMS``, planned with this profile's own tables (after
+  the passes above; median over as many passes). The simulator and the engine charge a system its
+  own row for its speculative iterations (``LatencyProfile.for_system``).
 * ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens, plus the host
   work of an iteration of one request (``host``'s ``incremental`` point at 1) where that was measured:
   the decode iteration one request meets in this engine (docs/definitions.md §1). On a CPU the host
@@ -84,6 +88,9 @@ QUERY_CONTEXT = 8192
 HOST_REQUESTS = (1, 2, 4, 8, 16, 32, 64)
 HOST_STEPS = 5
 HOST_PROMPT = 64  # tokens: a 16-token pattern repeated, so the n-gram drafter finds continuations
+# speculative policies whose host work differs from adaserve's: each gets its own host row in a full
+# profile (``host_systems``); vLLM-Spec(6/8) take vLLM-Spec(4)'s, the AdaServe ablations adaserve's
+HOST_SYSTEMS = ("adaserve_plus", "specinfer", "vllm_spec_4")
 CONTEXT_SEQS = 8
 BASELINE_CONTEXT = 128
 DRAFT_CONTEXT = 64  # per sequence, for draft-model steps
@@ -374,6 +381,16 @@ def measure_host(model: Transformer, limits: Limits, grid: Grid, draft: Transfor
         yield f"hostincr:{n}", host_step_ms(model, profile, draft, n, "vllm")[0]
 
 
+def measure_host_systems(model: Transformer, profile: LatencyProfile, draft: Transformer | None,
+                         systems: tuple[str, ...], sizes: list[int]) -> Iterator[tuple[str, float]]:
+    """``hostsys:SYSTEM:n``: the host ms per decode iteration of ``n`` requests under each of
+    ``systems``' policies, planned with ``profile``'s own tables (the profile ``host_systems``
+    rows; ``LatencyProfile.for_system``)."""
+    for system in systems:
+        for n in sizes:
+            yield f"hostsys:{system}:{n}", host_step_ms(model, profile, draft, n, system)[0]
+
+
 def host_step_ms(model: Transformer, profile: LatencyProfile, draft: Transformer | None, n: int,
                  system: str, steps: int = HOST_STEPS) -> tuple[float, float]:
     """Median host ms of ``steps`` decode iterations of ``n`` requests under ``system``'s policy
@@ -570,14 +587,23 @@ def measure_profile(name: str, model: Transformer, limits: Limits, grid: Grid,
         raise UserError(f"--passes must be >= 1, got {passes}")
     samples: dict[str, list[float]] = {}
     grid = grid.for_model(model, graph_rows(limits.max_batch_tokens) if cuda_graphs else None)
-    with progress_bar(passes * grid.size, f"profiling {name}", "pt", enabled=progress) as bar:
-        for _ in range(passes):
-            for label, ms in measure(model, limits, grid, draft, cuda_graphs):
+    systems = HOST_SYSTEMS if grid.host else ()
+    with progress_bar(passes * (grid.size + len(systems) * len(grid.host)), f"profiling {name}", "pt",
+                      enabled=progress) as bar:
+        def sampled(points: Iterator[tuple[str, float]]) -> None:
+            for label, ms in points:
                 samples.setdefault(label, []).append(ms)
                 bar.set_postfix_str(f"{label} {ms:.1f} ms")
                 bar.update()
-    points = {label: statistics.median(v) for label, v in samples.items()}
-    return assemble(name, points, grid, limits, model, "model" if draft is not None else "ngram", cuda_graphs)
+        for _ in range(passes):
+            sampled(measure(model, limits, grid, draft, cuda_graphs))
+        profile = assemble(name, {label: statistics.median(v) for label, v in samples.items()}, grid, limits,
+                           model, "model" if draft is not None else "ngram", cuda_graphs)
+        for _ in range(passes):
+            sampled(measure_host_systems(model, profile, draft, systems, grid.host))
+    profile.host_systems = {system: Table(np.array(grid.host, float), np.array(
+        [max(statistics.median(samples[f"hostsys:{system}:{n}"]), 0.0) for n in grid.host])) for system in systems}
+    return profile
 
 
 # ---- the quick profile of `adaserve run` / `adaserve serve` without --profile ----------------------

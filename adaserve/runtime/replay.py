@@ -87,7 +87,7 @@ def run_engine(cfg: RunConfig, say=None) -> EngineResult:
     try:
         eng = build_engine(cfg.engine, baseline_ms=cfg.baseline_ms, temperature=cfg.temperature, seed=cfg.seed,
                            ignore_eos=cfg.ignore_eos, recorder=recorder, say=say or (lambda s: None),
-                           progress=cfg.progress)
+                           progress=cfg.progress, system=cfg.system)
         records = prepare_records(trace, baseline_ms=eng.baseline_ms, scale_slos=cfg.scale_slos,
                                   max_requests=cfg.max_requests, time_scale=cfg.time_scale,
                                   output_len_cap=cfg.output_len_cap)

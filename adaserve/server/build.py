@@ -55,7 +55,7 @@ def build_server_engine(cfg: EngineConfig, system: str, *, baseline_ms: float | 
     if not temperature >= 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     eng = build_engine(cfg, baseline_ms=baseline_ms, temperature=temperature, seed=seed, ignore_eos=ignore_eos,
-                       say=say)
+                       say=say, system=system)
     profile, ex = eng.profile, eng.executor
     profile.baseline_ms = eng.baseline_ms
     codec = codec_for(cfg.model, eng.tokenizer)

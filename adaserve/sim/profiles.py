@@ -119,14 +119,15 @@ def system_profile(name_or_path: str | Path, system: str, pricing: str = "per-en
     """The profile ``system`` is simulated with. ``pricing="per-engine"`` (default): a built-in
     profile's vLLM variant for the systems the paper ran on vLLM (``runs_on_vllm``);
     ``"shared"``: every system on the named profile (the artifact's FlexFlow table), for
-    comparison. A profile file is always used as is: it describes one engine, ours."""
+    comparison. A profile file is always used as is (it describes one engine, ours), with
+    ``system``'s own host row where it has one (``LatencyProfile.for_system``)."""
     if pricing not in PRICINGS:
         raise UserError(f"unknown pricing {pricing!r}; valid: {', '.join(PRICINGS)}")
     key = str(name_or_path)
     if pricing == "per-engine" and key in _builders() and runs_on_vllm(system):
         d = _built_vllm(key, system)
         return LatencyProfile.from_dict(d, d["name"])
-    return get_profile(name_or_path)
+    return get_profile(name_or_path).for_system(system)
 
 
 def split_calls_missing(profile: LatencyProfile) -> str | None:
