@@ -201,19 +201,31 @@ def test_profile_fields_round_trip_and_old_profiles_still_load():
 
 
 def test_a_system_pays_its_own_host_row():
-    """``host_systems``: a system with its own row pays it for its speculative iterations, in the
-    simulator (``system_profile``) and in the engine (``resolve_profile``); vLLM-Spec(k) takes the
-    measured k's row; systems without a row, and incremental iterations, the shared tables."""
+    """``host_systems``: a system with its own row pays it for its iterations that verify drafted
+    nodes; vLLM-Spec(k) takes the measured k's row; its other speculative iterations, its
+    incremental ones and systems without a row pay the shared tables."""
     host = {"speculative": {"tokens": [1, 16], "ms": [1.0, 1.0]}, "incremental": {"tokens": [1, 16], "ms": [0.5, 0.5]}}
     rows = {"adaserve_plus": {"tokens": [1, 16], "ms": [2.0, 5.0]}, "vllm_spec_4": {"tokens": [1, 16], "ms": [3.0, 3.0]}}
     p = LatencyProfile.from_dict(json.loads(json.dumps(engine_profile(host=host, host_systems=rows).to_dict())))
     assert p.host_systems["adaserve_plus"](16) == 5.0  # round trip
     plus = p.for_system("adaserve_plus")
-    assert plus.host_ms(16, True) == 5.0 and plus.host_ms(16, False) == 0.5
-    assert p.host_ms(16, True) == 1.0  # the profile itself is unchanged
-    assert p.for_system("vllm_spec_8").host_ms(1, True) == 3.0
+    assert plus.host_ms(16, True, tree=True) == 5.0
+    assert plus.host_ms(16, True) == 1.0 and plus.host_ms(16, False, tree=True) == 0.5
+    assert p.host_ms(16, True, tree=True) == 1.0  # the profile itself is unchanged
+    assert p.for_system("vllm_spec_8").host_ms(1, True, tree=True) == 3.0
     assert p.for_system("adaserve") is p and p.for_system("vllm") is p
-    assert engine_profile().for_system("adaserve_plus").host == {}
+    assert engine_profile().for_system("adaserve_plus").host_ms(4, True, tree=True) == 0.0
+
+
+def test_the_simulator_charges_a_systems_row_for_steps_that_verify_drafted_nodes():
+    host = {"speculative": {"tokens": [1, 16], "ms": [2.0, 2.0]}, "incremental": {"tokens": [1, 16], "ms": [1.0, 1.0]}}
+    p = engine_profile(host=host, host_systems={"specinfer": {"tokens": [1, 16], "ms": [7.0, 7.0]}}).for_system("specinfer")
+    decode = [_decoding(0, 1000), _decoding(1, 16)]
+    ex = SimExecutor(p, acceptance_for(None))
+    ex._speculated = True
+    assert _step(ex, decode, [3, 1]) == pytest.approx(engine_step_ms(p, [], [(1000, 3), (16, 1)]) + 7.0)
+    ex._speculated = True
+    assert _step(ex, decode, [1, 1]) == pytest.approx(engine_step_ms(p, [], [(1000, 1), (16, 1)]) + 2.0)  # roots only
 
 
 def test_simulator_and_engine_read_the_systems_host_row(tmp_path):
@@ -225,12 +237,12 @@ def test_simulator_and_engine_read_the_systems_host_row(tmp_path):
     host = {"speculative": {"tokens": [1, 16], "ms": [1.0, 1.0]}}
     path = tmp_path / "p.json"
     engine_profile(host=host, host_systems={"specinfer": {"tokens": [1, 16], "ms": [4.0, 4.0]}}).save(path)
-    assert system_profile(path, "specinfer").host_ms(2, True) == 4.0
-    assert system_profile(path, "adaserve").host_ms(2, True) == 1.0
+    assert system_profile(path, "specinfer").host_ms(2, True, tree=True) == 4.0
+    assert system_profile(path, "adaserve").host_ms(2, True, tree=True) == 1.0
     cfg = EngineConfig("tiny-llama", profile=str(path))
     model = tiny_random_model("llama")
-    assert resolve_profile(cfg, model, None, say=lambda _: None, system="specinfer").host_ms(2, True) == 4.0
-    assert resolve_profile(cfg, model, None, say=lambda _: None).host_ms(2, True) == 1.0
+    assert resolve_profile(cfg, model, None, say=lambda _: None, system="specinfer").host_ms(2, True, tree=True) == 4.0
+    assert resolve_profile(cfg, model, None, say=lambda _: None).host_ms(2, True, tree=True) == 1.0
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -284,6 +296,8 @@ def test_host_step_ms_measures_a_real_loop():
         host, drafting = host_step_ms(model, prof, None, 2, system, steps=2)
         assert 0.0 < host < 5000.0
         assert (drafting > 0.0) == (system == "adaserve")  # vllm does not speculate
+    host, drafting = host_step_ms(model, prof, None, 2, "adaserve", steps=2, trees_only=True)
+    assert 0.0 < host < 5000.0 and drafting > 0.0  # iterations with trees: they drafted
 
 
 def _engine_result(tmp_path, profile_path) -> str:

@@ -24,8 +24,8 @@ Format (all times in ms)::
      "host": {"speculative": {"tokens": [...], "ms": [...]},   # optional: host ms per iteration
               "incremental": {"tokens": [...], "ms": [...]},   # vs decoding requests ("tokens");
               "draft": {"tokens": [...], "ms": [...]}},        # drafting per iteration (n-gram)
-     "host_systems": {"adaserve_plus": {"tokens": [...], "ms": [...]}, ...},  # optional: a system's
-                                                     # own host ms per speculative iteration
+     "host_systems": {"adaserve_plus": {"tokens": [...], "ms": [...]}, ...},  # optional: a system's own
+                                                     # host ms per iteration verifying drafted nodes
      "limits":  {"max_batch_requests": int, "max_batch_tokens": int, "prefill_chunk": int,
                  "max_seq_len": int, "kv_capacity_tokens": int}}
 
@@ -39,7 +39,7 @@ Format (all times in ms)::
   and short chunks, read from the verify table's context axis at the *padded* key slots (requests
   x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
   the host work per iteration (``host``; a system with its own row in ``host_systems`` pays that
-  row for its speculative iterations, ``LatencyProfile.for_system``). Drafting stays in ``draft``. With ``attention_calls``
+  row for its iterations that verify drafted nodes, ``LatencyProfile.for_system``). Drafting stays in ``draft``. With ``attention_calls``
   (measured on a CPU) the engine cuts that call into several as
   ``scheduling/attention_calls.padding_groups`` decides, and each is priced so. With
   ``compiled_steps`` (a CPU engine whose steps of a few tokens run one compiled call per layer,
@@ -210,7 +210,8 @@ class LatencyProfile:
     attention_calls: tuple[float, float] | None = None  # (fixed_keys, query_key) of padding_groups
     compiled_tokens: int = 0  # steps of up to this many new tokens run compiled layers (0: none)
     compiled_keys: Table | None = None  # extra ms of one row of such a step vs the keys it attends
-    host_systems: dict[str, Table] = field(default_factory=dict)  # system -> its speculative host row
+    host_systems: dict[str, Table] = field(default_factory=dict)  # system -> its host row (tree iterations)
+    tree_host: Table | None = None  # set by ``for_system`` (not saved): that system's row
 
     def verify_ms(self, tokens, context_tokens: float | None = None):
         return self.verify(tokens, context_tokens)
@@ -221,22 +222,28 @@ class LatencyProfile:
     def prefill_ms(self, tokens, context_tokens: float | None = None):
         return (self.prefill or self.verify)(tokens, context_tokens)
 
-    def host_ms(self, requests: int, speculative: bool) -> float:
-        """Host work of one iteration with ``requests`` decoding requests (0 without a host table)."""
+    def host_ms(self, requests: int, speculative: bool, tree: bool = False) -> float:
+        """Host work of one iteration with ``requests`` decoding requests (0 without a host table);
+        ``tree``: a speculative iteration that verifies drafted nodes, priced by the system's own
+        row where ``for_system`` set one."""
+        if speculative and tree and self.tree_host is not None:
+            return float(self.tree_host(max(requests, 1)))
         table = self.host.get("speculative" if speculative else "incremental")
         return float(table(max(requests, 1))) if table is not None else 0.0
 
     def for_system(self, system: str) -> "LatencyProfile":
         """This profile as ``system`` pays it: the host row measured for that system's policy
-        (``host_systems``; vLLM-Spec(k) takes the row of the k that was measured) in place of the
-        ``speculative`` host table, which was measured with the adaserve policy. Why: policies
-        differ in host work (on the CPU engine ``adaserve_plus`` planned ~0.4 ms more per iteration
-        of 2-8 requests than adaserve: docs/fidelity.md, "Host work per system"). Without a row
-        for ``system``, this profile itself."""
+        (``host_systems``; vLLM-Spec(k) takes the row of the k that was measured) prices its
+        speculative iterations that verify drafted nodes (``host_ms(..., tree=True)``); the others
+        keep the shared tables, measured with the adaserve and vllm policies. Why: policies differ
+        in host work, and mostly when there is a tree to choose from: on the CPU engine
+        ``adaserve_plus``, which scores ten budgets per iteration, paid ~0.45 ms more than adaserve
+        in iterations that verified drafted nodes and about as much where the drafter found none
+        (docs/fidelity.md, "Host work per system"). Without a row for ``system``, this profile itself."""
         row = self.host_systems.get(system)
         if row is None and system.startswith("vllm_spec_"):
             row = next((t for s, t in sorted(self.host_systems.items()) if s.startswith("vllm_spec_")), None)
-        return self if row is None else replace(self, host={**self.host, "speculative": row})
+        return self if row is None else replace(self, tree_host=row)
 
     @property
     def graphed(self) -> bool:

@@ -38,9 +38,10 @@ computed (its values do not change the time), so long contexts cost nothing to s
   adaserve policy. For the n-gram drafter the simulator charges that per iteration instead of the
   per-level ``draft`` table: its cost is mostly per call (index update, beam bookkeeping), which a
   one-level expansion does not see.
+  The speculative rows count the iterations that verified drafted nodes only (``host_step_ms``).
 * ``host_systems`` (``adaserve profile`` only, not the quick profile): the same host work per
-  iteration under each policy of ``HOST_SYSTEMS``, planned with this profile's own tables (after
-  the passes above; median over as many passes). The simulator and the engine charge a system its
+  iteration verifying drafted nodes under each policy of ``HOST_SYSTEMS``, planned with this profile's own tables
+  (after the passes above; median over as many passes). The simulator and the engine charge a system its
   own row for its speculative iterations (``LatencyProfile.for_system``).
 * ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens, plus the host
   work of an iteration of one request (``host``'s ``incremental`` point at 1) where that was measured:
@@ -87,6 +88,7 @@ QUERY_POINTS = (1, 4, 16)
 QUERY_CONTEXT = 8192
 HOST_REQUESTS = (1, 2, 4, 8, 16, 32, 64)
 HOST_STEPS = 5
+TREE_SEARCH = 8  # iterations run per speculative host row point: up to this many times HOST_STEPS
 HOST_PROMPT = 64  # tokens: a 16-token pattern repeated, so the n-gram drafter finds continuations
 # speculative policies whose host work differs from adaserve's: each gets its own host row in a full
 # profile (``host_systems``); vLLM-Spec(6/8) take vLLM-Spec(4)'s, the AdaServe ablations adaserve's
@@ -375,7 +377,7 @@ def measure_host(model: Transformer, limits: Limits, grid: Grid, draft: Transfor
     flat = Table(np.array([1.0, float(limits.max_batch_tokens)]), np.ones(2))
     profile = LatencyProfile("host", verify=flat, draft=flat, prefill=flat, baseline_ms=1.0, limits=limits)
     for n in grid.host:
-        host, drafting = host_step_ms(model, profile, draft, n, "adaserve")
+        host, drafting = host_step_ms(model, profile, draft, n, "adaserve", trees_only=True)
         yield f"hostspec:{n}", host
         yield f"hostdraft:{n}", drafting
         yield f"hostincr:{n}", host_step_ms(model, profile, draft, n, "vllm")[0]
@@ -388,20 +390,29 @@ def measure_host_systems(model: Transformer, profile: LatencyProfile, draft: Tra
     rows; ``LatencyProfile.for_system``)."""
     for system in systems:
         for n in sizes:
-            yield f"hostsys:{system}:{n}", host_step_ms(model, profile, draft, n, system)[0]
+            yield f"hostsys:{system}:{n}", host_step_ms(model, profile, draft, n, system, trees_only=True)[0]
 
 
 def host_step_ms(model: Transformer, profile: LatencyProfile, draft: Transformer | None, n: int,
-                 system: str, steps: int = HOST_STEPS) -> tuple[float, float]:
+                 system: str, steps: int = HOST_STEPS, trees_only: bool = False) -> tuple[float, float]:
     """Median host ms of ``steps`` decode iterations of ``n`` requests under ``system``'s policy
-    (forward and drafting excluded), and the median ms of the drafting (``speculate``) itself."""
+    (forward and drafting excluded), and the median ms of the drafting (``speculate``) itself.
+
+    ``trees_only`` (the speculative rows): only iterations that verified drafted nodes count; up to
+    ``TREE_SEARCH`` x ``steps`` iterations are run to find them, and where none did, those that
+    drafted (else every one) count. Why: host work differs most with a tree to choose from. With
+    one request ``adaserve_plus`` drafted nothing, or nothing that its selection kept, in most of
+    the first iterations (its drafting switch; the n-gram drafter's misses), which cost it 0.6-0.8
+    ms against 1.1-1.35 ms for iterations with a tree (SmolLM2, this VM): a median over all of
+    them priced its tree iterations as empty ones."""
     from adaserve.core.request import Request
     from adaserve.engine.drafters import ModelDrafter
     from adaserve.engine.executor import TorchExecutor
     from adaserve.iteration import ServingLoop
     from adaserve.scheduling.policies import make_policy
 
-    new = (steps + 3) * 16
+    iterations = steps * TREE_SEARCH if trees_only else steps
+    new = (iterations + 3) * 16
     per_seq = -(-(HOST_PROMPT + new + 128) // BLOCK_SIZE) + 2
     blocks = n * per_seq + profile.limits.max_batch_requests
     drafter = ModelDrafter(draft, blocks, BLOCK_SIZE) if draft is not None else NgramDrafter()
@@ -414,25 +425,40 @@ def host_step_ms(model: Transformer, profile: LatencyProfile, draft: Transformer
     loop = ServingLoop(make_policy(system, model.config.family), ex, requests)
     forward_s: list[float] = []
     draft_s: list[float] = []
+    verified: list[bool] = []  # this iteration's step verified drafted nodes
     ex.model = _Timed(ex.model, forward_s)
     ex.speculate = _Timed(ex.speculate, draft_s)
-    times, drafting = [], []
+    execute = ex.execute
+
+    def noting_trees(prefill, decode, forest, selected, max_commit):
+        sel = np.asarray(selected, bool)
+        verified.append(bool(decode) and int(sel.sum()) > int(sel[forest.offsets[:-1]].sum()))
+        return execute(prefill, decode, forest, selected, max_commit)
+    ex.execute = noting_trees
+    every, drafted, trees = [], [], []  # (host, drafting) seconds per iteration
     with torch.inference_mode():
         while loop.waiting or loop.pending:  # prefill, then one warm-up decode step
             loop.run_once()
         loop.step()
-        for _ in range(steps):
+        for _ in range(iterations):
             if len(loop.running) < n:
                 break
             forward_s.clear()
             draft_s.clear()
+            verified.clear()
             t0 = clock()
             loop.step()
-            times.append(clock() - t0 - sum(forward_s) - sum(draft_s))
-            drafting.append(sum(draft_s))
-    if not times:
+            every.append((clock() - t0 - sum(forward_s) - sum(draft_s), sum(draft_s)))
+            if draft_s:
+                drafted.append(every[-1])
+            if any(verified):
+                trees.append(every[-1])
+            if len(trees if trees_only else every) >= steps:
+                break
+    timed = (trees or drafted or every) if trees_only else every
+    if not timed:
         raise RuntimeError(f"host work of {n} requests: no decode iteration was timed")
-    return 1e3 * statistics.median(times), 1e3 * statistics.median(drafting)
+    return 1e3 * statistics.median(t[0] for t in timed), 1e3 * statistics.median(t[1] for t in timed)
 
 
 class _Timed:

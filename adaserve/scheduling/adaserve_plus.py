@@ -366,7 +366,7 @@ def overhead_ms(view: IterationView, n: int, depth: np.ndarray, level_draft) -> 
     """What an iteration of ``n`` decoding requests costs besides the target step, per tree depth of
     ``depth``, as the engine pays it: the drafting (``level_draft``, the draft table's steps; a
     profile measured with the n-gram drafter has its measured per-iteration call instead) and the
-    host work of its kind (speculative or incremental) where the simulator charges it too: profiles
+    host work of its kind (speculative, a tree being verified, or incremental) where the simulator charges it too: profiles
     of the engine step model (measured by ``adaserve profile``; the paper's tables have none). On a
     GPU, where a step of 1 or 64 tokens costs about the same, the host work of a speculative
     iteration (drafting, selection, tree batch, verification walk) is most of what speculating
@@ -377,7 +377,7 @@ def overhead_ms(view: IterationView, n: int, depth: np.ndarray, level_draft) -> 
     draft = np.where(speculative, np.asarray(level_draft, np.float64) if per_iteration is None else per_iteration, 0.0)
     if lat.step_model != "engine":
         return draft
-    return draft + np.where(speculative, lat.host_ms(n, True), lat.host_ms(n, False))
+    return draft + np.where(speculative, lat.host_ms(n, True, tree=True), lat.host_ms(n, False))
 
 
 def overhead_one_ms(view: IterationView, n: int, shape: SpecShape, ctx: int) -> float:
@@ -392,7 +392,7 @@ def overhead_one_ms(view: IterationView, n: int, shape: SpecShape, ctx: int) -> 
         draft = 0.0
     if lat.step_model != "engine":
         return float(draft)
-    return float(draft + lat.host_ms(n, shape.depth > 0))
+    return float(draft + lat.host_ms(n, shape.depth > 0, tree=True))
 
 
 def draft_prefill_ms(view: IterationView, tokens, prefilled: int = 0):
