@@ -376,7 +376,8 @@ def steps(a: argparse.Namespace) -> None:
         k["draft"] += r.get("speculate_ms", 0.0)
         k["host"] += r["iteration_ms"] - r.get("forward_ms", 0.0) - r.get("speculate_ms", 0.0)
         # as the simulator: every iteration, prefill-only ones too (host_ms at one request)
-        k["host_price"] += 0.0 if a.old_model else prof.host_ms(len(trees), "speculate_ms" in r)
+        k["host_price"] += 0.0 if a.old_model else prof.host_ms(len(trees), "speculate_ms" in r,
+                                                                 tree=any(n > 1 for _, n in trees))
     print(f"{'step kind':30} {'steps':>5} {'forward ms':>11} {'priced':>8} {'err':>6} {'draft ms':>9} "
           f"{'host ms':>8} {'host priced':>12}  (means per step)")
     for kind, k in sorted(kinds.items()):
