@@ -39,8 +39,8 @@ Format (all times in ms)::
   and short chunks, read from the verify table's context axis at the *padded* key slots (requests
   x the longest key length) and scaled by ``attention_queries`` for trees of several tokens, plus
   the host work per iteration (``host``; a system with its own row in ``host_systems`` pays that
-  row for its iterations that verify drafted nodes, ``LatencyProfile.for_system``). Drafting stays in ``draft``. With ``attention_calls``
-  (measured on a CPU) the engine cuts that call into several as
+  row for its iterations that verify drafted nodes, ``LatencyProfile.for_system``). Drafting stays
+  in ``draft``. With ``attention_calls`` (measured on a CPU) the engine cuts that call into several as
   ``scheduling/attention_calls.padding_groups`` decides, and each is priced so. With
   ``compiled_steps`` (a CPU engine whose steps of a few tokens run one compiled call per layer,
   ``engine/cpu_decode.py``) a step of at most ``max_tokens`` new tokens makes no attention call:

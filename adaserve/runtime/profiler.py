@@ -40,9 +40,10 @@ computed (its values do not change the time), so long contexts cost nothing to s
   one-level expansion does not see.
   The speculative rows count the iterations that verified drafted nodes only (``host_step_ms``).
 * ``host_systems`` (``adaserve profile`` only, not the quick profile): the same host work per
-  iteration verifying drafted nodes under each policy of ``HOST_SYSTEMS``, planned with this profile's own tables
-  (after the passes above; median over as many passes). The simulator and the engine charge a system its
-  own row for its speculative iterations (``LatencyProfile.for_system``).
+  iteration verifying drafted nodes under each policy of ``HOST_SYSTEMS``, planned with this
+  profile's own tables (after the passes above; median over as many passes). The simulator and the
+  engine charge a system its own row for its iterations that verify drafted nodes
+  (``LatencyProfile.for_system``).
 * ``baseline_ms``: one sequence decoding one token over ``BASELINE_CONTEXT`` tokens, plus the host
   work of an iteration of one request (``host``'s ``incremental`` point at 1) where that was measured:
   the decode iteration one request meets in this engine (docs/definitions.md §1). On a CPU the host

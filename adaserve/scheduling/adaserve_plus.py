@@ -366,11 +366,11 @@ def overhead_ms(view: IterationView, n: int, depth: np.ndarray, level_draft) -> 
     """What an iteration of ``n`` decoding requests costs besides the target step, per tree depth of
     ``depth``, as the engine pays it: the drafting (``level_draft``, the draft table's steps; a
     profile measured with the n-gram drafter has its measured per-iteration call instead) and the
-    host work of its kind (speculative, a tree being verified, or incremental) where the simulator charges it too: profiles
-    of the engine step model (measured by ``adaserve profile``; the paper's tables have none). On a
-    GPU, where a step of 1 or 64 tokens costs about the same, the host work of a speculative
-    iteration (drafting, selection, tree batch, verification walk) is most of what speculating
-    costs: without it the policy saw speculation as nearly free."""
+    host work of its kind (speculative with a tree to verify, or incremental) where the simulator
+    charges it too: profiles of the engine step model (measured by ``adaserve profile``; the
+    paper's tables have none). On a GPU, where a step of 1 or 64 tokens costs about the same, the
+    host work of a speculative iteration (drafting, selection, tree batch, verification walk) is
+    most of what speculating costs: without it the policy saw speculation as nearly free."""
     lat = view.latency
     speculative = np.asarray(depth) > 0
     per_iteration = lat.draft_iteration_ms(n) if lat.ngram_drafter else None
