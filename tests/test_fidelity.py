@@ -228,6 +228,14 @@ def test_the_simulator_charges_a_systems_row_for_steps_that_verify_drafted_nodes
     assert _step(ex, decode, [1, 1]) == pytest.approx(engine_step_ms(p, [], [(1000, 1), (16, 1)]) + 2.0)  # roots only
 
 
+def test_a_selection_verifies_drafted_nodes_only_beyond_the_roots():
+    forest = CandidateForest.from_lists([[(0, 5, 0.9)], []])  # request 0: root + one node; request 1: root
+    assert forest.verifies_drafted(np.array([True, True, True]))
+    assert not forest.verifies_drafted(np.array([True, False, True]))  # roots only
+    assert not forest.verifies_drafted(np.zeros(3, bool))
+    assert forest.verifies_drafted(np.array([False, True, False]))  # a node without its root marked
+
+
 def test_simulator_and_engine_read_the_systems_host_row(tmp_path):
     from adaserve.config import EngineConfig
     from adaserve.engine.loader import tiny_random_model

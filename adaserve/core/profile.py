@@ -237,7 +237,7 @@ class LatencyProfile:
         speculative iterations that verify drafted nodes (``host_ms(..., tree=True)``); the others
         keep the shared tables, measured with the adaserve and vllm policies. Why: policies differ
         in host work, and mostly when there is a tree to choose from: on the CPU engine
-        ``adaserve_plus``, which scores ten budgets per iteration, paid ~0.45 ms more than adaserve
+        ``adaserve_plus``, which scores up to ten budgets per iteration, paid 0.35-0.5 ms more than adaserve
         in iterations that verified drafted nodes and about as much where the drafter found none
         (docs/fidelity.md, "Host work per system"). Without a row for ``system``, this profile itself."""
         row = self.host_systems.get(system)

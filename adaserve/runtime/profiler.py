@@ -432,8 +432,7 @@ def host_step_ms(model: Transformer, profile: LatencyProfile, draft: Transformer
     execute = ex.execute
 
     def noting_trees(prefill, decode, forest, selected, max_commit):
-        sel = np.asarray(selected, bool)
-        verified.append(bool(decode) and int(sel.sum()) > int(sel[forest.offsets[:-1]].sum()))
+        verified.append(bool(decode) and forest.verifies_drafted(selected))
         return execute(prefill, decode, forest, selected, max_commit)
     ex.execute = noting_trees
     every, drafted, trees = [], [], []  # (host, drafting) seconds per iteration

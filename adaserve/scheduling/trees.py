@@ -37,6 +37,12 @@ class CandidateForest:
     def roots(self) -> np.ndarray:
         return self.offsets[:-1]
 
+    def verifies_drafted(self, selected: np.ndarray) -> bool:
+        """Whether the selection ``selected`` (a mask over the nodes) holds a drafted, non-root node:
+        what the host rows of a profile tell apart (``LatencyProfile.host_ms(..., tree=...)``)."""
+        sel = np.asarray(selected, bool)
+        return bool(sel.any()) and int(sel.sum()) > int(sel[self.roots].sum())
+
     @property
     def owner(self) -> np.ndarray:
         """Request index of every node."""

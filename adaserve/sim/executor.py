@@ -209,12 +209,10 @@ class SimExecutor:
                                  int(selected.sum()) if decode else None, sum(r.context_len for r in decode))
         chunks = [(c, r.prefilled) for r, c in prefill]
         trees = []
-        drafted = False  # the step verifies drafted (non-root) nodes
         if decode:
-            sel = np.asarray(selected, np.int64)
-            sizes = np.add.reduceat(sel, forest.offsets[:-1])
+            sizes = np.add.reduceat(np.asarray(selected, np.int64), forest.offsets[:-1])
             trees = [(r.context_len, max(int(n), 1)) for r, n in zip(decode, sizes.tolist())]
-            drafted = int(sel.sum()) > int(sel[forest.offsets[:-1]].sum())
+        drafted = bool(decode) and forest.verifies_drafted(selected)
         ms = engine_step_ms(self.latency, chunks, trees) + self.latency.host_ms(len(decode), self._speculated, drafted)
         self._speculated = False
         return ms
